@@ -1,0 +1,1 @@
+"""The code dmcall's services share: contracts, bus, Redis, settings, auth, telemetry."""

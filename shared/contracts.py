@@ -1,0 +1,388 @@
+"""Event contracts: one pydantic model per event of CONTRACT.md, and the enums they use.
+
+Every event has the envelope ``event_id`` (UUID), ``type``, ``version`` (int) and
+``occurred_at`` (UTC). The event type is the routing key. A consumer tolerates fields
+it does not know (a newer producer may add one) but refuses a missing or mistyped one.
+
+Versions: each model's ``version`` default is the current one. An older payload is
+upcast in one place, :data:`UPCASTERS`, before it is validated; see :func:`parse_event`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared.ids import CallId, UserId
+
+# --------------------------------------------------------------------------- enums
+
+
+class MediaKind(StrEnum):
+    AUDIO = "audio"
+    VIDEO = "video"
+
+
+class CallState(StrEnum):
+    REQUESTED = "requested"
+    RINGING = "ringing"
+    ACCEPTED = "accepted"
+    ACTIVE = "active"
+    ENDED = "ended"
+    REJECTED = "rejected"
+    DECLINED = "declined"
+    CANCELLED = "cancelled"
+    MISSED = "missed"
+    BUSY = "busy"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset(
+    {
+        CallState.ENDED,
+        CallState.REJECTED,
+        CallState.DECLINED,
+        CallState.CANCELLED,
+        CallState.MISSED,
+        CallState.BUSY,
+    }
+)
+
+
+class EndReason(StrEnum):
+    USER_HANGUP = "user_hangup"
+    DECLINED = "declined"
+    CANCELLED = "cancelled"
+    MISSED = "missed"
+    BUSY = "busy"
+    ANSWERED_ELSEWHERE = "answered_elsewhere"
+    ICE_FAILED = "ice_failed"
+    MEDIA_TIMEOUT = "media_timeout"
+    REJECTED_BY_POLICY = "rejected_by_policy"
+
+
+class RejectReason(StrEnum):
+    """What a caller may be told about a denial (caller-safe)."""
+
+    CALLER_NOT_PREMIUM = "caller_not_premium"
+    NO_PRIOR_DM = "no_prior_dm"
+    CALLEE_UNAVAILABLE = "callee_unavailable"
+    SELF_CALL = "self_call"
+
+
+class DenialDetail(StrEnum):
+    """Why policy really denied a call: for logs, traces and support, never for the caller."""
+
+    SELF_CALL = "self_call"
+    CALLER_NOT_PREMIUM = "caller_not_premium"
+    NO_PRIOR_DM = "no_prior_dm"
+    CALLS_DISABLED = "calls_disabled"
+    NOT_ALLOWED_BY_SETTINGS = "not_allowed_by_settings"
+    CALLEE_BLOCKED_CALLER = "callee_blocked_caller"
+    CALLER_BLOCKED_CALLEE = "caller_blocked_callee"
+
+
+class MediaFailure(StrEnum):
+    ICE_FAILED = "ice_failed"
+    MEDIA_TIMEOUT = "media_timeout"
+
+
+class ReportReason(StrEnum):
+    SPAM = "spam"
+    HARASSMENT = "harassment"
+    IMPERSONATION = "impersonation"
+    OTHER = "other"
+
+
+class EventType(StrEnum):
+    """Routing keys. Call events go to the ``calls`` exchange, platform facts to ``platform``."""
+
+    CALL_REQUESTED = "call_requested"
+    CALL_AUTHORIZED = "call_authorized"
+    CALL_REJECTED = "call_rejected"
+    CALL_RINGING = "call_ringing"
+    CALL_ACCEPTED = "call_accepted"
+    CALL_DECLINED = "call_declined"
+    CALL_CANCELLED = "call_cancelled"
+    CALL_MISSED = "call_missed"
+    CALL_ENDED = "call_ended"
+    CALL_MEDIA_CONNECTED = "call_media_connected"
+    CALL_MEDIA_FAILED = "call_media_failed"
+    CALL_REPORTED = "call_reported"
+
+    USER_UPDATED = "user.updated"
+    FOLLOW_CREATED = "follow.created"
+    FOLLOW_DELETED = "follow.deleted"
+    CONTACT_ADDED = "contact.added"
+    CONTACT_REMOVED = "contact.removed"
+    BLOCK_CREATED = "block.created"
+    BLOCK_DELETED = "block.deleted"
+    DM_SENT = "dm.sent"
+
+
+class Exchange(StrEnum):
+    CALLS = "calls"
+    PLATFORM = "platform"
+
+
+# --------------------------------------------------------------------------- envelope
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    """The envelope every event shares."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, use_enum_values=False)
+
+    exchange: ClassVar[Exchange] = Exchange.CALLS
+
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    type: EventType
+    version: int = 1
+    occurred_at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _aware_utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("occurred_at must carry a timezone (UTC ISO-8601)")
+        return value.astimezone(UTC)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class CallEvent(Event):
+    call_id: CallId
+    caller: UserId
+    callee: UserId
+
+
+class CallRequested(CallEvent):
+    type: Literal[EventType.CALL_REQUESTED] = EventType.CALL_REQUESTED
+    media: MediaKind
+
+
+class CallAuthorized(CallEvent):
+    type: Literal[EventType.CALL_AUTHORIZED] = EventType.CALL_AUTHORIZED
+    media: MediaKind
+
+
+class CallRejected(CallEvent):
+    type: Literal[EventType.CALL_REJECTED] = EventType.CALL_REJECTED
+    reason: RejectReason
+    detail: DenialDetail | None = None
+    """Internal: the real reason, for support. Signaling never forwards it to the caller."""
+
+
+class CallRinging(CallEvent):
+    type: Literal[EventType.CALL_RINGING] = EventType.CALL_RINGING
+    media: MediaKind
+    ring_deadline: datetime
+
+
+class CallAccepted(CallEvent):
+    type: Literal[EventType.CALL_ACCEPTED] = EventType.CALL_ACCEPTED
+    device_id: str
+
+
+class CallDeclined(CallEvent):
+    type: Literal[EventType.CALL_DECLINED] = EventType.CALL_DECLINED
+
+
+class CallCancelled(CallEvent):
+    type: Literal[EventType.CALL_CANCELLED] = EventType.CALL_CANCELLED
+
+
+class CallMissed(CallEvent):
+    type: Literal[EventType.CALL_MISSED] = EventType.CALL_MISSED
+    media: MediaKind
+
+
+class CallEnded(CallEvent):
+    type: Literal[EventType.CALL_ENDED] = EventType.CALL_ENDED
+    version: int = 2
+    reason: EndReason
+    duration_s: float = Field(ge=0)
+
+
+class CallMediaConnected(Event):
+    type: Literal[EventType.CALL_MEDIA_CONNECTED] = EventType.CALL_MEDIA_CONNECTED
+    call_id: CallId
+    node_id: str
+
+
+class CallMediaFailed(Event):
+    type: Literal[EventType.CALL_MEDIA_FAILED] = EventType.CALL_MEDIA_FAILED
+    call_id: CallId
+    node_id: str
+    reason: MediaFailure
+
+
+class CallReported(Event):
+    type: Literal[EventType.CALL_REPORTED] = EventType.CALL_REPORTED
+    call_id: CallId
+    reporter: UserId
+    reported_user: UserId
+    reason: ReportReason
+
+
+# --------------------------------------------------------------------------- platform facts
+
+
+class PlatformEvent(Event):
+    exchange: ClassVar[Exchange] = Exchange.PLATFORM
+
+
+class UserUpdated(PlatformEvent):
+    type: Literal[EventType.USER_UPDATED] = EventType.USER_UPDATED
+    user_id: UserId
+    premium: bool
+    verified: bool
+
+
+class RelationEvent(PlatformEvent):
+    """``user_id`` follows / has in contacts / blocks ``other_id``."""
+
+    user_id: UserId
+    other_id: UserId
+
+
+class FollowCreated(RelationEvent):
+    type: Literal[EventType.FOLLOW_CREATED] = EventType.FOLLOW_CREATED
+
+
+class FollowDeleted(RelationEvent):
+    type: Literal[EventType.FOLLOW_DELETED] = EventType.FOLLOW_DELETED
+
+
+class ContactAdded(RelationEvent):
+    type: Literal[EventType.CONTACT_ADDED] = EventType.CONTACT_ADDED
+
+
+class ContactRemoved(RelationEvent):
+    type: Literal[EventType.CONTACT_REMOVED] = EventType.CONTACT_REMOVED
+
+
+class BlockCreated(RelationEvent):
+    type: Literal[EventType.BLOCK_CREATED] = EventType.BLOCK_CREATED
+
+
+class BlockDeleted(RelationEvent):
+    type: Literal[EventType.BLOCK_DELETED] = EventType.BLOCK_DELETED
+
+
+class DmSent(PlatformEvent):
+    type: Literal[EventType.DM_SENT] = EventType.DM_SENT
+    sender: UserId
+    recipient: UserId
+
+
+# --------------------------------------------------------------------------- registry
+
+EVENT_MODELS: dict[EventType, type[Event]] = {
+    model.model_fields["type"].default: model
+    for model in (
+        CallRequested,
+        CallAuthorized,
+        CallRejected,
+        CallRinging,
+        CallAccepted,
+        CallDeclined,
+        CallCancelled,
+        CallMissed,
+        CallEnded,
+        CallMediaConnected,
+        CallMediaFailed,
+        CallReported,
+        UserUpdated,
+        FollowCreated,
+        FollowDeleted,
+        ContactAdded,
+        ContactRemoved,
+        BlockCreated,
+        BlockDeleted,
+        DmSent,
+    )
+}
+
+
+def current_version(event_type: EventType) -> int:
+    default = EVENT_MODELS[event_type].model_fields["version"].default
+    assert isinstance(default, int)
+    return default
+
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _call_ended_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 (pre-release) carried ``duration_ms`` as an int; v2 carries ``duration_s``."""
+    out = dict(payload)
+    duration_ms = out.pop("duration_ms", 0)
+    out["duration_s"] = round(float(duration_ms) / 1000.0, 3)
+    return out
+
+
+UPCASTERS: dict[tuple[EventType, int], Upcaster] = {
+    # (type, from_version) -> payload of from_version + 1
+    (EventType.CALL_ENDED, 1): _call_ended_v1_to_v2,
+}
+"""The one place old versions become new ones. Add an entry when a version is bumped."""
+
+
+class EventDecodeError(ValueError):
+    """A payload that can never become a valid event (poison): wrong JSON, type or fields."""
+
+
+def upcast(payload: dict[str, Any]) -> dict[str, Any]:
+    try:
+        event_type = EventType(payload["type"])
+    except (KeyError, ValueError) as exc:
+        raise EventDecodeError(f"unknown or missing event type: {payload.get('type')!r}") from exc
+    version = payload.get("version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise EventDecodeError(f"bad version {version!r} for {event_type}")
+    target = current_version(event_type)
+    if version > target:
+        # A newer producer: its extra fields are tolerated, the known ones must still parse.
+        return payload
+    while version < target:
+        step = UPCASTERS.get((event_type, version))
+        if step is None:
+            raise EventDecodeError(f"no upcaster for {event_type} v{version}")
+        payload = step(payload)
+        version += 1
+        payload["version"] = version
+    return payload
+
+
+def parse_event(raw: bytes | str | dict[str, Any]) -> Event:
+    """Decode, upcast and validate one event. Raises EventDecodeError with a clear message."""
+    if isinstance(raw, dict):
+        payload = dict(raw)
+    else:
+        try:
+            payload = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise EventDecodeError(f"event is not JSON: {exc}") from exc
+        if not isinstance(payload, dict):
+            raise EventDecodeError("event must be a JSON object")
+    payload = upcast(payload)
+    model = EVENT_MODELS[EventType(payload["type"])]
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise EventDecodeError(f"invalid {payload['type']}: {exc}") from exc

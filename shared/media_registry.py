@@ -1,0 +1,103 @@
+"""The media node registry: how media nodes announce themselves and signaling finds one.
+
+A media node (one process, one core) registers itself with a heartbeat; signaling puts
+both legs of a call on the least-loaded live node. Keys (``<p>`` is the deployment's
+Redis prefix, see shared/redis.py):
+
+- ``<p>:media:node:<node_id>``: hash ``{node_id, url, capacity, load, updated_at}``;
+  expires ``ttl_s`` after the last heartbeat, so a dead node disappears by itself.
+  ``url`` is the node's public HTTP base (what a client POSTs its SDP offer to);
+  ``capacity`` is how many calls it takes; ``load`` how many rooms it has now.
+- ``<p>:media:nodes``: set of node ids that have registered (pruned of expired ones on read).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from shared.redis import KeySpace
+from shared.settings import CommonSettings
+
+
+@dataclass(frozen=True, slots=True)
+class MediaNode:
+    node_id: str
+    url: str
+    capacity: int
+    load: int
+
+    @property
+    def utilisation(self) -> float:
+        return self.load / self.capacity if self.capacity > 0 else float("inf")
+
+    def session_url(self, call_id: str) -> str:
+        """Where a party POSTs its SDP offer for ``call_id`` (the contract's ``media_url``)."""
+        return f"{self.url.rstrip('/')}/v1/rooms/{call_id}/sessions"
+
+
+class MediaRegistry:
+    def __init__(self, redis: Redis, settings: CommonSettings) -> None:
+        self._redis = redis
+        self._keys = KeySpace(settings, "media")
+
+    def _node_key(self, node_id: str) -> str:
+        return self._keys("node", node_id)
+
+    async def heartbeat(self, node: MediaNode, ttl_s: int) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                self._node_key(node.node_id),
+                mapping={
+                    "node_id": node.node_id,
+                    "url": node.url,
+                    "capacity": node.capacity,
+                    "load": node.load,
+                    "updated_at": f"{time.time():.3f}",
+                },
+            )
+            pipe.expire(self._node_key(node.node_id), ttl_s)
+            pipe.sadd(self._keys("nodes"), node.node_id)
+            await pipe.execute()
+
+    async def deregister(self, node_id: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._node_key(node_id))
+            pipe.srem(self._keys("nodes"), node_id)
+            await pipe.execute()
+
+    async def live_nodes(self) -> list[MediaNode]:
+        members = await self._redis.smembers(self._keys("nodes"))  # type: ignore[misc]
+        ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+        if not ids:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for node_id in ids:
+                pipe.hgetall(self._node_key(node_id))
+            rows = await pipe.execute()
+        nodes: list[MediaNode] = []
+        gone: list[str] = []
+        for node_id, row in zip(ids, rows, strict=True):
+            if not row:
+                gone.append(node_id)
+                continue
+            nodes.append(
+                MediaNode(
+                    node_id=row[b"node_id"].decode(),
+                    url=row[b"url"].decode(),
+                    capacity=int(row[b"capacity"]),
+                    load=int(row[b"load"]),
+                )
+            )
+        if gone:
+            await self._redis.srem(self._keys("nodes"), *gone)
+        return nodes
+
+    async def pick(self) -> MediaNode | None:
+        """The least-utilised live node with room left, or None."""
+        candidates = [n for n in await self.live_nodes() if n.load < n.capacity]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda n: (n.utilisation, n.node_id))

@@ -1,0 +1,155 @@
+"""Settings: one pydantic-settings class per service, sharing the common fields here.
+
+Common settings are read from unprefixed variables (``RABBITMQ_URL``, ``REDIS_URL``,
+``AUTH_JWT_SECRET`` ...) because every service of one deployment shares them. A
+service's own settings use its prefix (``POLICY_``, ``SIGNALING_``, ...); see each
+service's ``settings.py``. Nothing is read at import time: ``Settings()`` reads the
+environment when a service starts.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_JWT_SECRET = "dmcall-development-secret-do-not-deploy"
+DEV_MEDIA_TOKEN_SECRET = "dmcall-development-media-secret-do-not-deploy"
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+def _default_instance_id() -> str:
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class CommonSettings(BaseSettings):
+    """What every service needs: where the broker and Redis are, how tokens are checked."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    environment: Environment = Field(Environment.DEVELOPMENT, validation_alias=_env("DMCALL_ENV"))
+    namespace: str = Field(
+        "",
+        pattern=r"^[a-z0-9-]{0,40}$",
+        validation_alias=_env("DMCALL_NAMESPACE"),
+        description="Prefix for exchanges, queues and Redis keys; empty in a real deployment. "
+        "Tests use a unique one each so they share the servers without touching each other.",
+    )
+    instance_id: str = Field(
+        default_factory=_default_instance_id, validation_alias=_env("DMCALL_INSTANCE_ID")
+    )
+
+    rabbitmq_url: str = Field(
+        "amqp://guest:guest@127.0.0.1:5672/", validation_alias=_env("RABBITMQ_URL")
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("REDIS_URL"))
+
+    auth_jwt_secret: str = Field(DEV_JWT_SECRET, validation_alias=_env("AUTH_JWT_SECRET"))
+    auth_jwt_public_key: str | None = Field(
+        None,
+        validation_alias=_env("AUTH_JWT_PUBLIC_KEY"),
+        description="PEM of an RS256 public key; when set, user tokens are RS256 only.",
+    )
+    auth_jwt_issuer: str | None = Field(None, validation_alias=_env("AUTH_JWT_ISSUER"))
+    auth_jwt_audience: str | None = Field(None, validation_alias=_env("AUTH_JWT_AUDIENCE"))
+    media_token_secret: str = Field(
+        DEV_MEDIA_TOKEN_SECRET, validation_alias=_env("MEDIA_TOKEN_SECRET")
+    )
+
+    bus_prefetch: int = Field(64, ge=1, le=10_000, validation_alias=_env("BUS_PREFETCH"))
+    bus_max_attempts: int = Field(5, ge=1, le=100, validation_alias=_env("BUS_MAX_ATTEMPTS"))
+    bus_retry_delay_ms: int = Field(
+        500, ge=1, le=3_600_000, validation_alias=_env("BUS_RETRY_DELAY_MS")
+    )
+    bus_dedup_ttl_s: int = Field(
+        86_400,
+        ge=1,
+        validation_alias=_env("BUS_DEDUP_TTL_S"),
+        description="How long a handled event id is remembered per consumer.",
+    )
+    bus_claim_ttl_ms: int = Field(
+        30_000,
+        ge=100,
+        validation_alias=_env("BUS_CLAIM_TTL_MS"),
+        description="How long an event being handled stays claimed if its handler dies.",
+    )
+
+    bus_queue_type: Literal["classic", "quorum"] = Field(
+        "classic",
+        validation_alias=_env("BUS_QUEUE_TYPE"),
+        description="Type of the services' durable queues: quorum on a RabbitMQ cluster "
+        "(replicated); classic on one broker. Set it before the queues first exist.",
+    )
+
+    bus_queue_expires_ms: int | None = Field(
+        None,
+        ge=1000,
+        validation_alias=_env("BUS_QUEUE_EXPIRES_MS"),
+        description="Delete queues after this long unused (tests; unset in production).",
+    )
+
+    cors_allow_origins: list[str] = Field(
+        default_factory=lambda: ["*"],
+        validation_alias=_env("CORS_ALLOW_ORIGINS"),
+        description="Origins allowed to call the APIs from a browser (JSON list). Tokens are "
+        "bearer tokens, never cookies, so no credentials are allowed cross-origin.",
+    )
+
+    max_body_bytes: int = Field(64 * 1024, ge=1024, validation_alias=_env("MAX_BODY_BYTES"))
+    host: str = Field("127.0.0.1", validation_alias=_env("DMCALL_HOST"))
+    tls_cert_file: str | None = Field(
+        None,
+        validation_alias=_env("DMCALL_TLS_CERT_FILE"),
+        description="PEM certificate chain: serve HTTPS (with DMCALL_TLS_KEY_FILE). For a "
+        "process clients reach directly, as media nodes are; others sit behind the ingress.",
+    )
+    tls_key_file: str | None = Field(None, validation_alias=_env("DMCALL_TLS_KEY_FILE"))
+    log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"))
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None, validation_alias=_env("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets(self) -> CommonSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both DMCALL_TLS_CERT_FILE and DMCALL_TLS_KEY_FILE, or neither")
+        if self.environment is not Environment.PRODUCTION:
+            return self
+        if self.auth_jwt_public_key is None and self.auth_jwt_secret == DEV_JWT_SECRET:
+            raise ValueError(
+                "AUTH_JWT_SECRET is the development default; set a real secret "
+                "(or AUTH_JWT_PUBLIC_KEY) outside development"
+            )
+        if self.media_token_secret == DEV_MEDIA_TOKEN_SECRET:
+            raise ValueError(
+                "MEDIA_TOKEN_SECRET is the development default; set a real secret "
+                "outside development"
+            )
+        if self.auth_jwt_public_key is None and len(self.auth_jwt_secret) < 32:
+            raise ValueError("AUTH_JWT_SECRET must be at least 32 characters")
+        return self
+
+    @property
+    def is_development(self) -> bool:
+        return self.environment is not Environment.PRODUCTION
+
+    def prefixed(self, name: str) -> str:
+        """An exchange or queue name in this deployment's namespace."""
+        return f"{self.namespace}.{name}" if self.namespace else name
+
+    @property
+    def redis_prefix(self) -> str:
+        return f"dmcall:{self.namespace}" if self.namespace else "dmcall"

@@ -1,0 +1,135 @@
+"""Telemetry: logs, OpenTelemetry traces, Prometheus metrics.
+
+One trace follows a call across services and the broker: HTTP spans come from the
+FastAPI instrumentation, and the bus carries the W3C ``traceparent`` in AMQP headers
+(see shared/bus.py), so a consumer's span is a child of the publisher's.
+
+Spans are exported over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; otherwise
+they are still made (so trace ids reach logs and events) but go nowhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+
+_provider: TracerProvider | None = None
+
+# --------------------------------------------------------------------------- metrics
+# One registry per process; the ``service`` label tells services apart where tests run
+# several in one process.
+
+HTTP_REQUESTS = Counter(
+    "dmcall_http_requests_total",
+    "HTTP requests handled",
+    ["service", "method", "route", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "dmcall_http_request_duration_seconds",
+    "HTTP request latency",
+    ["service", "method", "route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+BUS_PUBLISHED = Counter("dmcall_bus_published_total", "Events published", ["service", "event_type"])
+BUS_HANDLED = Counter(
+    "dmcall_bus_handled_total",
+    "Deliveries handled, by outcome (ok, duplicate, retried, dead_lettered)",
+    ["service", "queue", "event_type", "outcome"],
+)
+BUS_HANDLER_LATENCY = Histogram(
+    "dmcall_bus_handler_duration_seconds",
+    "Event handler latency",
+    ["service", "queue"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+)
+
+
+def metrics_payload(registry: CollectorRegistry = REGISTRY) -> tuple[bytes, str]:
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+# --------------------------------------------------------------------------- logs
+
+
+class _TraceIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = trace.get_current_span().get_span_context()
+        record.trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else "-"
+        return True
+
+
+def setup_logging(service: str, level: str = "INFO") -> None:
+    root = logging.getLogger()
+    if any(getattr(h, "_dmcall", False) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler._dmcall = True  # type: ignore[attr-defined]
+    handler.addFilter(_TraceIdFilter())
+    handler.setFormatter(
+        logging.Formatter(
+            f"%(asctime)s %(levelname)s {service} %(name)s trace=%(trace_id)s %(message)s"
+        )
+    )
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # aiormq and aio_pika log every reconnect attempt at warning+; that is useful, keep it.
+
+
+# --------------------------------------------------------------------------- traces
+
+
+def setup_tracing(
+    service: str, otlp_endpoint: str | None, *, extra_processor: SpanProcessor | None = None
+) -> TracerProvider:
+    """Install the process's tracer provider once; later calls return the same one."""
+    global _provider
+    if _provider is None:
+        _provider = TracerProvider(resource=Resource.create({"service.name": f"dmcall-{service}"}))
+        if otlp_endpoint:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            endpoint = otlp_endpoint.rstrip("/")
+            if not endpoint.endswith("/v1/traces"):
+                endpoint += "/v1/traces"
+            _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        trace.set_tracer_provider(_provider)
+    if extra_processor is not None:
+        _provider.add_span_processor(extra_processor)
+    return _provider
+
+
+def tracer(name: str) -> trace.Tracer:
+    return trace.get_tracer(name)
+
+
+def inject_headers(headers: MutableMapping[str, Any]) -> None:
+    """Write the current trace context (``traceparent``) into a carrier."""
+    propagate.inject(headers)
+
+
+def extract_context(headers: Mapping[str, Any] | None) -> otel_context.Context:
+    carrier = {
+        k: v.decode() if isinstance(v, bytes) else str(v) for k, v in (headers or {}).items()
+    }
+    return propagate.extract(carrier)
+
+
+def current_trace_id() -> str | None:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
