@@ -1,0 +1,427 @@
+"""HTTP routes of the policy service: settings, permissions, blocks, reports, platform facts.
+
+Users act only as themselves (the token's ``sub``); the ``/v1/platform`` routes take only
+the platform's service identity (``scope: platform``).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, Query, Response, status
+from opentelemetry import trace
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool
+
+from services.policy.consumers import FactFromTheFuture, check_not_future
+from services.policy.deps import CurrentUser, EventBus, PlatformPrincipal, Settings, Store
+from services.policy.domain import CallSettings, Verdict, decide
+from services.policy.fastpath import permission_json
+from services.policy.settings import PolicySettings
+from services.policy.store import PolicyStore, Relation
+from shared.bus import BusUnavailable
+from shared.contracts import (
+    CallReported,
+    DenialDetail,
+    MediaKind,
+    RejectReason,
+    ReportReason,
+)
+from shared.ids import USER_ID_PATTERN, CallId, UserId
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+UserPath = Annotated[str, Path(pattern=USER_ID_PATTERN, description="A user id")]
+OccurredAt = Annotated[
+    AwareDatetime | None,
+    Query(
+        description="When the fact happened (UTC ISO-8601); default now. An older fact "
+        "never overwrites a newer one."
+    ),
+]
+
+
+# --------------------------------------------------------------------------- models
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AllowFrom(_Strict):
+    address_book: StrictBool = True
+    following: StrictBool = True
+    verified: StrictBool = False
+
+
+class CallSettingsBody(_Strict):
+    """Who may call me (CONTRACT.md ``CallSettings``)."""
+
+    enabled: StrictBool = True
+    allow_from: AllowFrom = Field(default_factory=AllowFrom)
+
+    @classmethod
+    def of(cls, settings: CallSettings) -> CallSettingsBody:
+        return cls(
+            enabled=settings.enabled,
+            allow_from=AllowFrom(
+                address_book=settings.allow_address_book,
+                following=settings.allow_following,
+                verified=settings.allow_verified,
+            ),
+        )
+
+    def to_domain(self) -> CallSettings:
+        return CallSettings(
+            enabled=self.enabled,
+            allow_address_book=self.allow_from.address_book,
+            allow_following=self.allow_from.following,
+            allow_verified=self.allow_from.verified,
+        )
+
+
+class Permission(BaseModel):
+    callee: str
+    allowed: bool
+    media: list[MediaKind]
+    reason: RejectReason | None
+
+
+class Block(BaseModel):
+    user: str
+    blocked: bool
+
+
+class BlockList(BaseModel):
+    blocked: list[str]
+
+
+class ReportBody(_Strict):
+    call_id: CallId
+    reported_user: UserId
+    reason: ReportReason
+
+
+class Report(BaseModel):
+    call_id: str
+    reporter: str
+    reported_user: str
+    reason: ReportReason
+    reported_at: datetime
+    blocked: bool = True
+    """The reported user can no longer call the reporter."""
+
+
+class UserFactsBody(_Strict):
+    premium: StrictBool
+    verified: StrictBool
+    occurred_at: AwareDatetime | None = None
+
+
+class UserFactsOut(BaseModel):
+    user_id: str
+    premium: bool
+    verified: bool
+    updated_at: datetime | None
+    applied: bool
+    """False when a newer update was already recorded (this one was older)."""
+
+
+class RelationOut(BaseModel):
+    user_id: str
+    other_id: str
+    relation: Relation
+    present: bool
+    """Whether the relation holds after this request."""
+    applied: bool
+    """False when a newer change to this relation was already recorded."""
+
+
+class DmBody(_Strict):
+    sender: UserId
+    recipient: UserId
+    occurred_at: AwareDatetime | None = None
+
+
+class DmOut(BaseModel):
+    sender: str
+    recipient: str
+    first: bool
+    """The first DM from sender to recipient policy knows of."""
+
+
+class Decision(BaseModel):
+    """The full decision for support: the caller-safe reason and the real one."""
+
+    caller: str
+    callee: str
+    allowed: bool
+    reason: RejectReason | None
+    detail: DenialDetail | None
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@router.get("/v1/settings", response_model=CallSettingsBody, tags=["settings"])
+async def get_settings(user: CurrentUser, store: Store) -> CallSettingsBody:
+    """The token user's call settings (the defaults if never set)."""
+    return CallSettingsBody.of(await store.get_settings(user))
+
+
+@router.put("/v1/settings", response_model=CallSettingsBody, tags=["settings"])
+async def put_settings(body: CallSettingsBody, user: CurrentUser, store: Store) -> CallSettingsBody:
+    """Replace the token user's call settings; omitted fields take their defaults."""
+    await store.put_settings(user, body.to_domain())
+    return body
+
+
+# --------------------------------------------------------------------------- permissions
+
+
+def _note(verdict: Verdict, caller: str, callee: str) -> None:
+    if verdict.detail is None:
+        return
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("dmcall.policy.detail", verdict.detail.value)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("permission %s -> %s denied: %s", caller, callee, verdict.detail.value)
+
+
+@router.get("/v1/permissions/{callee}", response_model=Permission, tags=["permissions"])
+async def get_permission(
+    callee: UserPath, user: CurrentUser, store: Store, settings: Settings
+) -> Response:
+    """May the token user call ``callee`` now? Drives the phone icon in a DM conversation."""
+    verdict = decide(await store.facts(user, callee), require_premium=settings.require_premium)
+    _note(verdict, user, callee)
+    # The common case is answered by fastpath.py before it gets here; same answer.
+    return Response(permission_json(callee, verdict.reason), media_type="application/json")
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+@router.get("/v1/blocks", response_model=BlockList, tags=["blocks"])
+async def list_blocks(user: CurrentUser, store: Store) -> BlockList:
+    """The users the token user blocked from calling them (here, not on the platform)."""
+    return BlockList(blocked=await store.call_blocks(user))
+
+
+@router.put("/v1/blocks/{other}", response_model=Block, tags=["blocks"])
+async def block(other: UserPath, user: CurrentUser, store: Store) -> Block:
+    """Block calls from ``other`` to the token user. Idempotent."""
+    if other == user:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "you cannot block yourself")
+    await store.block_calls(user, other)
+    return Block(user=other, blocked=True)
+
+
+@router.delete("/v1/blocks/{other}", response_model=Block, tags=["blocks"])
+async def unblock(other: UserPath, user: CurrentUser, store: Store) -> Block:
+    """Allow calls from ``other`` again (platform blocks still apply). Idempotent."""
+    await store.unblock_calls(user, other)
+    return Block(user=other, blocked=False)
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@router.post(
+    "/v1/reports",
+    response_model=Report,
+    status_code=status.HTTP_201_CREATED,
+    tags=["reports"],
+    responses={200: {"description": "This call was already reported by this user"}},
+)
+async def report_call(
+    body: ReportBody, user: CurrentUser, store: Store, bus: EventBus, response: Response
+) -> Report:
+    """Report a call: trust and safety get ``call_reported``, and the reported user can no
+    longer call the reporter. One report per reporter and call; a repeat returns it."""
+    if body.reported_user == user:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "you cannot report yourself")
+    known = await store.get_verdict(body.call_id)
+    if known is not None:
+        parties = {known.event.caller, known.event.callee}
+        if user not in parties or body.reported_user not in parties:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, "only a party to a call can report the other party"
+            )
+    event = CallReported(
+        call_id=body.call_id, reporter=user, reported_user=body.reported_user, reason=body.reason
+    )
+    stored = await store.record_report(event, user, body.call_id)
+    assert isinstance(stored, CallReported)
+    if stored.event_id != event.event_id:
+        response.status_code = status.HTTP_200_OK
+    await store.block_calls(user, stored.reported_user)
+    if not await store.report_published(user, body.call_id):
+        try:
+            await bus.publish(stored)
+        except BusUnavailable as exc:
+            # Recorded and blocked; a retry of this request publishes the same event.
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE, "broker unavailable; retry the report"
+            ) from exc
+        await store.mark_report_published(stored, user, body.call_id)
+    return Report(
+        call_id=stored.call_id,
+        reporter=stored.reporter,
+        reported_user=stored.reported_user,
+        reason=stored.reason,
+        reported_at=stored.occurred_at,
+    )
+
+
+# --------------------------------------------------------------------------- platform
+
+
+def _when(at: datetime | None, settings: PolicySettings) -> datetime:
+    if at is None:
+        return datetime.now(UTC)
+    try:
+        check_not_future(at, settings)
+    except FactFromTheFuture as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+    return at.astimezone(UTC)
+
+
+@router.put("/v1/platform/users/{user_id}", response_model=UserFactsOut, tags=["platform"])
+async def put_user(
+    user_id: UserPath,
+    body: UserFactsBody,
+    platform: PlatformPrincipal,
+    store: Store,
+    settings: Settings,
+) -> UserFactsOut:
+    """The user's subscription and verification, as of ``occurred_at`` (default now)."""
+    applied = await store.update_user(
+        user_id, premium=body.premium, verified=body.verified, at=_when(body.occurred_at, settings)
+    )
+    facts = await store.get_user(user_id)
+    return UserFactsOut(
+        user_id=user_id,
+        premium=facts.premium,
+        verified=facts.verified,
+        updated_at=facts.updated_at,
+        applied=applied,
+    )
+
+
+@router.get("/v1/platform/users/{user_id}", response_model=UserFactsOut, tags=["platform"])
+async def get_user(user_id: UserPath, platform: PlatformPrincipal, store: Store) -> UserFactsOut:
+    """What policy knows of the user's subscription and verification."""
+    facts = await store.get_user(user_id)
+    return UserFactsOut(
+        user_id=user_id,
+        premium=facts.premium,
+        verified=facts.verified,
+        updated_at=facts.updated_at,
+        applied=True,
+    )
+
+
+def _relation_routes(relation: Relation, meaning: str) -> None:
+    path = f"/v1/platform/users/{{user_id}}/{relation.value}/{{other_id}}"
+
+    async def change_relation(
+        present: bool,
+        user_id: str,
+        other_id: str,
+        store: PolicyStore,
+        settings: PolicySettings,
+        occurred_at: datetime | None,
+    ) -> RelationOut:
+        change = await store.set_relation(
+            relation, user_id, other_id, present=present, at=_when(occurred_at, settings)
+        )
+        return RelationOut(
+            user_id=user_id,
+            other_id=other_id,
+            relation=relation,
+            present=change.present,
+            applied=change.applied,
+        )
+
+    async def put_relation(
+        user_id: UserPath,
+        other_id: UserPath,
+        platform: PlatformPrincipal,
+        store: Store,
+        settings: Settings,
+        occurred_at: OccurredAt = None,
+    ) -> RelationOut:
+        return await change_relation(True, user_id, other_id, store, settings, occurred_at)
+
+    async def delete_relation(
+        user_id: UserPath,
+        other_id: UserPath,
+        platform: PlatformPrincipal,
+        store: Store,
+        settings: Settings,
+        occurred_at: OccurredAt = None,
+    ) -> RelationOut:
+        return await change_relation(False, user_id, other_id, store, settings, occurred_at)
+
+    async def get_relation(
+        user_id: UserPath, other_id: UserPath, platform: PlatformPrincipal, store: Store
+    ) -> RelationOut:
+        present = await store.has_relation(relation, user_id, other_id)
+        return RelationOut(
+            user_id=user_id, other_id=other_id, relation=relation, present=present, applied=True
+        )
+
+    for endpoint, method, summary in (
+        (put_relation, "PUT", f"Record: {meaning}"),
+        (delete_relation, "DELETE", f"Record: no longer {meaning}"),
+        (get_relation, "GET", f"Is {meaning}?"),
+    ):
+        router.add_api_route(
+            path,
+            endpoint,
+            methods=[method],
+            summary=summary,
+            response_model=RelationOut,
+            tags=["platform"],
+            name=f"{method.lower()}_{relation.value}",
+        )
+
+
+_relation_routes(Relation.FOLLOWING, "user_id follows other_id")
+_relation_routes(Relation.CONTACTS, "other_id is in user_id's address book")
+_relation_routes(Relation.BLOCKS, "user_id blocks other_id")
+
+
+@router.post("/v1/platform/dms", response_model=DmOut, tags=["platform"])
+async def post_dm(body: DmBody, platform: PlatformPrincipal, store: Store) -> DmOut:
+    """A DM was sent from ``sender`` to ``recipient`` (so recipient may now call sender)."""
+    first = await store.record_dm(body.sender, body.recipient)
+    return DmOut(sender=body.sender, recipient=body.recipient, first=first)
+
+
+@router.get("/v1/platform/decisions/{caller}/{callee}", response_model=Decision, tags=["platform"])
+async def get_decision(
+    caller: UserPath,
+    callee: UserPath,
+    platform: PlatformPrincipal,
+    store: Store,
+    settings: Settings,
+) -> Decision:
+    """For support: whether caller may call callee now, with the real reason of a denial."""
+    verdict = decide(await store.facts(caller, callee), require_premium=settings.require_premium)
+    return Decision(
+        caller=caller,
+        callee=callee,
+        allowed=verdict.allowed,
+        reason=verdict.reason,
+        detail=verdict.detail,
+    )

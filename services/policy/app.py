@@ -1,0 +1,77 @@
+"""Builds the policy app from its settings; clients are made in the lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.types import ASGIApp
+
+from services.policy.api import router
+from services.policy.consumers import PolicyConsumers
+from services.policy.deps import CachingVerifier
+from services.policy.fastpath import PermissionFastPath
+from services.policy.settings import PolicySettings
+from services.policy.store import PolicyStore
+from shared.auth import TokenVerifier
+from shared.service import Runtime, create_service_app, error_body
+
+SERVICE = "policy"
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: PolicySettings | None = None) -> FastAPI:
+    settings = settings or PolicySettings()
+
+    @contextlib.asynccontextmanager
+    async def setup(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
+        store = PolicyStore(runtime.redis, settings)
+        app.state.policy_store = store
+        app.state.policy_verifier = CachingVerifier(
+            TokenVerifier(settings), settings.token_cache_size
+        )
+        PolicyConsumers(store, runtime.bus, settings).register()
+        try:
+            yield
+        finally:
+            store.close()
+
+    app = create_service_app(
+        service=SERVICE,
+        settings=settings,
+        routers=[router],
+        setup=setup,
+        title="dmcall policy",
+        description="decides who may call whom, from settings and the platform's facts.",
+    )
+    for error in (ConnectionError, TimeoutError, RedisConnectionError, RedisTimeoutError):
+        app.add_exception_handler(error, _store_unavailable)
+    _put_fast_path_in_front(app, settings)
+    return app
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """Redis (or the broker) does not answer: a JSON 503 the client may retry, not a 500."""
+    log.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    return JSONResponse(
+        error_body(503, "a backing service does not answer; retry shortly"),
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
+
+
+def _put_fast_path_in_front(app: FastAPI, settings: PolicySettings) -> None:
+    """The permission query's fast path goes in front of the whole middleware stack
+    (tracing included), the way the tracing instrumentation itself wraps it."""
+    build_stack = app.build_middleware_stack
+
+    def build_with_fast_path() -> ASGIApp:
+        return PermissionFastPath(build_stack(), service=SERVICE, settings=settings)
+
+    app.build_middleware_stack = build_with_fast_path  # type: ignore[method-assign]

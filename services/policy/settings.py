@@ -1,0 +1,37 @@
+"""Settings of the policy service (env prefix ``POLICY_``, plus the common ones)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import CommonSettings
+
+
+class PolicySettings(CommonSettings):
+    model_config = SettingsConfigDict(env_prefix="POLICY_", extra="ignore", populate_by_name=True)
+
+    port: int = Field(8002, ge=1, le=65535)
+    require_premium: bool = Field(
+        True,
+        description="Placing a call is a premium feature (PRODUCT.md rule 5). Off opens "
+        "calling to everyone; every other rule still applies.",
+    )
+    verdict_ttl_s: int = Field(
+        86_400,
+        ge=60,
+        description="How long the verdict on a call is remembered, so a redelivered "
+        "call_requested gets the same single verdict instead of a second one.",
+    )
+    max_clock_skew_s: int = Field(
+        300,
+        ge=0,
+        description="A platform fact whose occurred_at is further in the future than this "
+        "is refused: it would otherwise freeze the relation against every later change.",
+    )
+    token_cache_size: int = Field(
+        10_000,
+        ge=0,
+        description="Verified bearer tokens remembered (until they expire) so a permission "
+        "query does not verify the same JWT again; 0 turns the cache off.",
+    )

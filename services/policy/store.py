@@ -1,0 +1,373 @@
+"""Policy's Redis state: settings, the platform's facts, user blocks, reports, verdicts.
+
+Every key is ``<prefix>:policy:...`` (``dmcall:policy:...``, or ``dmcall:<ns>:policy:...``
+in tests). Relations are sets, so "does B follow A" is one ``SISMEMBER`` however many
+people B follows. Facts from the platform carry ``occurred_at``; each one remembers the
+time of the last change it took, and a change older than that is ignored, so reordered and
+redelivered facts end in the state of the newest one. A remove and an add with the same
+time resolve to the remove, whichever arrives first.
+
+The permission query reads everything the rule needs in one round trip (one Lua script,
+:data:`_PERMISSION_LUA`), on a lean pipelined connection of its own
+(:mod:`services.policy.redis_pipe`): the queries of one event-loop turn share one write. The scripts
+touch several users' keys, so a Redis Cluster deployment would need hash tags; a single
+primary (with replicas) is what docs/operations.md describes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from redis.asyncio import Redis
+
+from services.policy import redis_pipe
+from services.policy.domain import DEFAULT_SETTINGS, CallSettings, Facts
+from services.policy.redis_pipe import RedisPipe
+from shared.contracts import CallAuthorized, CallRejected, Event, parse_event
+from shared.redis import KeySpace
+from shared.settings import CommonSettings
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_micros(at: datetime) -> int:
+    """An aware datetime as integer microseconds since the epoch (exact, Lua-safe < 2^53)."""
+    return (at.astimezone(UTC) - EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(value: int) -> datetime:
+    return EPOCH + timedelta(microseconds=value)
+
+
+class Relation(StrEnum):
+    """A directed relation ``user -> other`` that the platform reports."""
+
+    FOLLOWING = "following"
+    """user follows other."""
+    CONTACTS = "contacts"
+    """other is in user's address book."""
+    BLOCKS = "blocks"
+    """user blocks other on the platform."""
+
+
+class Keys:
+    """The key shapes, each with what it holds."""
+
+    __slots__ = ("_k",)
+
+    def __init__(self, settings: CommonSettings) -> None:
+        self._k = KeySpace(settings, "policy")
+
+    def user(self, user: str) -> str:
+        # policy:user:<user> -> hash {premium: "0"|"1", verified: "0"|"1",
+        #   at: <µs occurred_at of the user.updated that set them>}; absent = defaults
+        return self._k("user", user)
+
+    def settings(self, user: str) -> str:
+        # policy:settings:<user> -> hash {enabled, address_book, following, verified}
+        #   each "0"|"1"; absent = the defaults (on; address book + following)
+        return self._k("settings", user)
+
+    def relation(self, relation: Relation, user: str) -> str:
+        # policy:following:<user> -> set of user ids <user> follows
+        # policy:contacts:<user>  -> set of user ids in <user>'s address book
+        # policy:blocks:<user>    -> set of user ids <user> blocked on the platform
+        return self._k(relation.value, user)
+
+    def relation_clock(self, relation: Relation, user: str) -> str:
+        # policy:clock:<relation>:<user> -> hash {<other>: <µs occurred_at of the last
+        #   change applied to the edge user -> other>}; kept after a removal (a tombstone)
+        #   so an older "add" that arrives late cannot bring the edge back
+        return self._k("clock", relation.value, user)
+
+    def dm_senders(self, recipient: str) -> str:
+        # policy:dm_senders:<recipient> -> set of user ids who ever sent <recipient> a DM
+        return self._k("dm_senders", recipient)
+
+    def call_blocks(self, user: str) -> str:
+        # policy:call_blocks:<user> -> set of user ids <user> blocked from calling them
+        #   (PUT /v1/blocks/{user}, or by reporting a call); separate from platform blocks
+        return self._k("call_blocks", user)
+
+    def reports(self, reporter: str) -> str:
+        # policy:reports:<reporter> -> hash {<call_id>: JSON of the report (the
+        #   call_reported event, and "published": bool)}
+        return self._k("reports", reporter)
+
+    def verdict(self, call_id: str) -> str:
+        # policy:verdict:<call_id> -> hash {event: JSON of the call_authorized/call_rejected
+        #   event decided for the call, owner: event id of the call_requested that decided
+        #   it (the only one that publishes it), published: "1" once the broker confirmed};
+        #   expires after POLICY_VERDICT_TTL_S
+        return self._k("verdict", call_id)
+
+
+# KEYS[1] relation set, KEYS[2] its clock hash; ARGV: other, occurred_at µs, "1" add | "0" remove
+# -> {applied 0|1, present 0|1}
+_RELATION_LUA = """
+local last = redis.call('HGET', KEYS[2], ARGV[1])
+local at = tonumber(ARGV[2])
+if last then
+  last = tonumber(last)
+  if at < last or (at == last and ARGV[3] == '1') then
+    return {0, redis.call('SISMEMBER', KEYS[1], ARGV[1])}
+  end
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+if ARGV[3] == '1' then
+  redis.call('SADD', KEYS[1], ARGV[1])
+  return {1, 1}
+end
+redis.call('SREM', KEYS[1], ARGV[1])
+return {1, 0}
+"""
+
+# KEYS[1] user hash; ARGV: occurred_at µs, premium, verified -> applied 0|1
+_USER_LUA = """
+local last = redis.call('HGET', KEYS[1], 'at')
+if last and tonumber(ARGV[1]) <= tonumber(last) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'premium', ARGV[2], 'verified', ARGV[3], 'at', ARGV[1])
+return 1
+"""
+
+# KEYS: user(caller), settings(callee), dm_senders(caller), contacts(callee),
+#       following(callee), blocks(callee), blocks(caller), call_blocks(callee),
+#       call_blocks(caller); ARGV: caller, callee
+_PERMISSION_LUA = """
+local u = redis.call('HMGET', KEYS[1], 'premium', 'verified')
+local s = redis.call('HMGET', KEYS[2], 'enabled', 'address_book', 'following', 'verified')
+return {u[1], u[2], s[1], s[2], s[3], s[4],
+  redis.call('SISMEMBER', KEYS[3], ARGV[2]),
+  redis.call('SISMEMBER', KEYS[4], ARGV[1]),
+  redis.call('SISMEMBER', KEYS[5], ARGV[1]),
+  redis.call('SISMEMBER', KEYS[6], ARGV[1]) + redis.call('SISMEMBER', KEYS[8], ARGV[1]),
+  redis.call('SISMEMBER', KEYS[7], ARGV[2]) + redis.call('SISMEMBER', KEYS[9], ARGV[2])}
+"""
+
+
+def _flag(raw: Any, default: bool) -> bool:
+    if raw is None:
+        return default
+    return raw == b"1"
+
+
+def _bit(value: bool) -> str:
+    return "1" if value else "0"
+
+
+@dataclass(frozen=True, slots=True)
+class UserFacts:
+    premium: bool = False
+    verified: bool = False
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RelationChange:
+    applied: bool
+    """False when a newer change to the same edge was already recorded."""
+    present: bool
+    """Whether the edge exists after this change."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVerdict:
+    event: CallAuthorized | CallRejected
+    published: bool
+    owned: bool = False
+    """This call_requested (by event id) recorded the verdict, so it is the one to publish."""
+
+
+class PolicyStore:
+    """Reads and writes policy's keys; every write is idempotent."""
+
+    def __init__(self, redis: Redis, settings: CommonSettings) -> None:
+        self.redis = redis
+        self.keys = Keys(settings)
+        self._relation = redis.register_script(_RELATION_LUA)
+        self._user = redis.register_script(_USER_LUA)
+        self._permission = redis.register_script(_PERMISSION_LUA)
+        self._pipe = (
+            RedisPipe(settings, _PERMISSION_LUA)
+            if redis_pipe.supports(settings.redis_url)
+            else None
+        )
+
+    def close(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close()
+
+    # ---------------------------------------------------------------- facts for the rule
+
+    async def facts(self, caller: str, callee: str) -> Facts:
+        """Everything the rule needs about caller -> callee, in one round trip."""
+        k = self.keys
+        keys = [
+            k.user(caller),
+            k.settings(callee),
+            k.dm_senders(caller),
+            k.relation(Relation.CONTACTS, callee),
+            k.relation(Relation.FOLLOWING, callee),
+            k.relation(Relation.BLOCKS, callee),
+            k.relation(Relation.BLOCKS, caller),
+            k.call_blocks(callee),
+            k.call_blocks(caller),
+        ]
+        if self._pipe is not None:
+            raw = await self._pipe.evalsha(keys, [caller, callee])
+        else:
+            raw = await self._permission(keys=keys, args=[caller, callee])
+        return Facts(
+            caller=caller,
+            callee=callee,
+            caller_premium=_flag(raw[0], False),
+            caller_verified=_flag(raw[1], False),
+            callee_settings=_settings_from(raw[2:6]),
+            callee_messaged_caller=bool(raw[6]),
+            caller_in_callee_contacts=bool(raw[7]),
+            callee_follows_caller=bool(raw[8]),
+            callee_blocked_caller=bool(raw[9]),
+            caller_blocked_callee=bool(raw[10]),
+        )
+
+    # ---------------------------------------------------------------- settings
+
+    async def get_settings(self, user: str) -> CallSettings:
+        raw = await self.redis.hmget(
+            self.keys.settings(user), ["enabled", "address_book", "following", "verified"]
+        )
+        return _settings_from(raw)
+
+    async def put_settings(self, user: str, settings: CallSettings) -> None:
+        await self.redis.hset(
+            self.keys.settings(user),
+            mapping={
+                "enabled": _bit(settings.enabled),
+                "address_book": _bit(settings.allow_address_book),
+                "following": _bit(settings.allow_following),
+                "verified": _bit(settings.allow_verified),
+            },
+        )
+
+    # ---------------------------------------------------------------- platform facts
+
+    async def update_user(self, user: str, *, premium: bool, verified: bool, at: datetime) -> bool:
+        applied = await self._user(
+            keys=[self.keys.user(user)], args=[to_micros(at), _bit(premium), _bit(verified)]
+        )
+        return bool(applied)
+
+    async def get_user(self, user: str) -> UserFacts:
+        premium, verified, at = await self.redis.hmget(
+            self.keys.user(user), ["premium", "verified", "at"]
+        )
+        return UserFacts(
+            premium=_flag(premium, False),
+            verified=_flag(verified, False),
+            updated_at=from_micros(int(at)) if at is not None else None,
+        )
+
+    async def set_relation(
+        self, relation: Relation, user: str, other: str, *, present: bool, at: datetime
+    ) -> RelationChange:
+        applied, now_present = await self._relation(
+            keys=[self.keys.relation(relation, user), self.keys.relation_clock(relation, user)],
+            args=[other, to_micros(at), "1" if present else "0"],
+        )
+        return RelationChange(applied=bool(applied), present=bool(now_present))
+
+    async def has_relation(self, relation: Relation, user: str, other: str) -> bool:
+        return bool(await self.redis.sismember(self.keys.relation(relation, user), other))
+
+    async def record_dm(self, sender: str, recipient: str) -> bool:
+        """A DM was sent; True if it is the first from sender to recipient that we know of."""
+        return bool(await self.redis.sadd(self.keys.dm_senders(recipient), sender))
+
+    # ---------------------------------------------------------------- user blocks
+
+    async def block_calls(self, user: str, other: str) -> bool:
+        return bool(await self.redis.sadd(self.keys.call_blocks(user), other))
+
+    async def unblock_calls(self, user: str, other: str) -> bool:
+        return bool(await self.redis.srem(self.keys.call_blocks(user), other))
+
+    async def call_blocks(self, user: str) -> list[str]:
+        members = await self.redis.smembers(self.keys.call_blocks(user))
+        return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+
+    # ---------------------------------------------------------------- reports
+
+    async def record_report(self, event: Event, reporter: str, call_id: str) -> Event:
+        """Record the report once; returns the stored one (the first, on a repeat)."""
+        key = self.keys.reports(reporter)
+        stored = {"event": event.model_dump(mode="json"), "published": False}
+        if await self.redis.hsetnx(key, call_id, json.dumps(stored)):
+            return event
+        existing = await self.redis.hget(key, call_id)
+        assert existing is not None
+        return parse_event(json.loads(existing)["event"])
+
+    async def report_published(self, reporter: str, call_id: str) -> bool:
+        raw = await self.redis.hget(self.keys.reports(reporter), call_id)
+        return raw is not None and bool(json.loads(raw)["published"])
+
+    async def mark_report_published(self, event: Event, reporter: str, call_id: str) -> None:
+        stored = {"event": event.model_dump(mode="json"), "published": True}
+        await self.redis.hset(self.keys.reports(reporter), call_id, json.dumps(stored))
+
+    # ---------------------------------------------------------------- verdicts
+
+    async def claim_verdict(
+        self, event: CallAuthorized | CallRejected, request_id: str, ttl_s: int
+    ) -> StoredVerdict:
+        """Record the verdict on a call unless one is recorded; returns the one that stands.
+
+        The first ``call_requested`` (by event id) to record it owns its publication: only
+        a delivery of that same event publishes, so two requests for one call handled at
+        once never both publish.
+        """
+        key = self.keys.verdict(event.call_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(key, "event", event.to_json())
+            pipe.hsetnx(key, "owner", request_id)
+            pipe.expire(key, ttl_s, nx=True)
+            pipe.hmget(key, ["event", "published", "owner"])
+            *_, (raw, published, owner) = await pipe.execute()
+        stored = parse_event(raw)
+        assert isinstance(stored, CallAuthorized | CallRejected)
+        return StoredVerdict(
+            event=stored, published=published == b"1", owned=owner == request_id.encode()
+        )
+
+    async def get_verdict(self, call_id: str) -> StoredVerdict | None:
+        raw, published = await self.redis.hmget(self.keys.verdict(call_id), ["event", "published"])
+        if raw is None:
+            return None
+        stored = parse_event(raw)
+        assert isinstance(stored, CallAuthorized | CallRejected)
+        return StoredVerdict(event=stored, published=published == b"1")
+
+    async def mark_verdict_published(self, call_id: str, ttl_s: int) -> None:
+        key = self.keys.verdict(call_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, "published", "1")
+            pipe.expire(key, ttl_s, nx=True)  # never a key without expiry
+            await pipe.execute()
+
+
+def _settings_from(raw: list[Any]) -> CallSettings:
+    enabled, address_book, following, verified = raw
+    if enabled is None and address_book is None and following is None and verified is None:
+        return DEFAULT_SETTINGS
+    return CallSettings(
+        enabled=_flag(enabled, DEFAULT_SETTINGS.enabled),
+        allow_address_book=_flag(address_book, DEFAULT_SETTINGS.allow_address_book),
+        allow_following=_flag(following, DEFAULT_SETTINGS.allow_following),
+        allow_verified=_flag(verified, DEFAULT_SETTINGS.allow_verified),
+    )
