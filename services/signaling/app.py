@@ -1,0 +1,62 @@
+"""Builds the signaling app from its settings; clients are made in the lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from services.signaling import consumers, timers, web
+from services.signaling.api import router
+from services.signaling.calls import CallService
+from services.signaling.presence import Hub
+from services.signaling.settings import SignalingSettings
+from services.signaling.store import CallStore
+from services.signaling.ws import router as ws_router
+from shared.media_registry import MediaRegistry
+from shared.service import Runtime, create_service_app
+
+SERVICE = "signaling"
+WEB_DIR = Path(__file__).resolve().parent / "web"
+
+
+def create_app(settings: SignalingSettings | None = None) -> FastAPI:
+    settings = settings or SignalingSettings()
+
+    @contextlib.asynccontextmanager
+    async def setup(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
+        store = CallStore(runtime.redis, settings, outbox_lease_ms=settings.outbox_lease_ms)
+        hub = Hub(store, runtime.bus, settings.instance_id)
+        calls = CallService(
+            settings, store, hub, runtime.bus, MediaRegistry(runtime.redis, settings)
+        )
+        app.state.hub = hub
+        app.state.calls = calls
+        consumers.register(runtime.bus, calls)
+        runtime.bus.on_instance_message(hub.on_instance_message)
+        runtime.tasks.spawn(timers.heartbeat_loop(store, settings), name="presence-heartbeat")
+        runtime.tasks.spawn(
+            timers.ring_timer_loop(calls, store, settings.timer_poll_ms), name="ring-timers"
+        )
+        runtime.tasks.spawn(timers.outbox_relay_loop(calls, store), name="outbox-relay")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # Redis may be gone at shutdown
+                await hub.close_all()
+                await store.instance_gone(settings.instance_id)
+
+    app = create_service_app(
+        service=SERVICE,
+        settings=settings,
+        routers=[router, ws_router, web.router],
+        setup=setup,
+        title="dmcall signaling",
+        description="owns every call's state and the devices on WebSockets.",
+    )
+    # After every API route, so the web client never shadows one.
+    app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
+    return app

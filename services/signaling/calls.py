@@ -1,0 +1,643 @@
+"""The call operations: each reads the call, lets the transition table decide, commits
+atomically (a version check in one Redis script, retried on a conflict), then publishes
+the events the commit put in the outbox and pushes the new state to the devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from prometheus_client import Histogram
+
+from services.signaling.domain import (
+    IN_CALL_STATES,
+    SIGNAL_STATES,
+    Call,
+    CallAction,
+    IllegalTransition,
+    Role,
+    allowed,
+    glare_winner,
+    utcnow,
+)
+from services.signaling.presence import Hub, Push
+from services.signaling.settings import SignalingSettings
+from services.signaling.store import CallStore, Commit, Conflict, IdempotentReplay
+from shared.auth import MediaGrant, issue_media_token
+from shared.bus import Bus
+from shared.contracts import (
+    CallAccepted,
+    CallAuthorized,
+    CallCancelled,
+    CallDeclined,
+    CallEnded,
+    CallMediaConnected,
+    CallMediaFailed,
+    CallMissed,
+    CallRejected,
+    CallRequested,
+    CallRinging,
+    CallState,
+    EndReason,
+    Event,
+    MediaKind,
+)
+from shared.ids import new_call_id
+from shared.media_registry import MediaNode, MediaRegistry
+
+log = logging.getLogger(__name__)
+
+MAX_COMMIT_ATTEMPTS = 20
+GLARE_DEVICE = "glare"
+"""``device_id`` of a glare accept when the answering party's device is not known."""
+
+CURSOR_RE = re.compile(r"^[0-9a-f]{1,64}$")
+
+MISSED_LATENESS = Histogram(
+    "dmcall_signaling_missed_lateness_seconds",
+    "How long after its ring deadline a call was marked missed",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5),
+)
+
+
+class NotFound(Exception):
+    pass
+
+
+class NoMediaNode(Exception):
+    pass
+
+
+class RateLimited(Exception):
+    def __init__(self, retry_after_ms: int) -> None:
+        super().__init__(f"retry after {retry_after_ms} ms")
+        self.retry_after_ms = retry_after_ms
+
+
+class BadCursor(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class MediaOffer:
+    call_id: str
+    state: CallState
+    media_url: str
+    media_token: str
+    node_id: str
+
+    def public(self) -> dict[str, str]:
+        return {
+            "call_id": self.call_id,
+            "state": self.state.value,
+            "media_url": self.media_url,
+            "media_token": self.media_token,
+            "node_id": self.node_id,
+        }
+
+
+@dataclass
+class Step:
+    """What one decision commits and what happens after: events are in the commit."""
+
+    commit: Commit = field(default_factory=Commit)
+    pushes: list[Push] = field(default_factory=list)
+    result: Any = None
+
+
+Decide = Callable[[Call], Awaitable[Step]]
+
+
+def _state_message(call: Call, now: datetime, **extra: Any) -> dict[str, Any]:
+    return {"type": "call.state", **call.public(now), "answered_elsewhere": False, **extra}
+
+
+class CallService:
+    def __init__(
+        self,
+        settings: SignalingSettings,
+        store: CallStore,
+        hub: Hub,
+        bus: Bus,
+        registry: MediaRegistry,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.hub = hub
+        self.bus = bus
+        self.registry = registry
+
+    # ------------------------------------------------------------------ the machinery
+
+    async def _run(self, call_id: str, decide: Decide) -> Step:
+        """Read, decide, commit with a version check; on a conflict, read again."""
+        for _ in range(MAX_COMMIT_ATTEMPTS):
+            call = await self.store.get(call_id)
+            if call is None:
+                raise NotFound(call_id)
+            step = await decide(call)
+            try:
+                await self.store.commit(step.commit)
+            except Conflict:
+                continue
+            await self._after(step)
+            return step
+        raise RuntimeError(f"call {call_id}: too many concurrent changes")
+
+    async def _after(self, step: Step) -> None:
+        # Both only after the commit; the devices need not wait for the broker's confirm.
+        # The commit stands whatever happens here: an unpublished event stays in the
+        # outbox for the relay, and a lost push is read back through the ring state.
+        results = await asyncio.gather(
+            self.publish(step.commit.events), self.hub.deliver(step.pushes), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("after-commit work failed: %r", result)
+
+    async def publish(self, events: Sequence[Event]) -> None:
+        """Publish committed events, then clear them from the outbox (else a relay will)."""
+        done: list[str] = []
+        for event in events:
+            try:
+                await self.bus.publish(event)
+            except Exception as exc:  # BusUnavailable or a broken channel
+                log.warning("could not publish %s now (%s); the outbox relay will", event.type, exc)
+                continue
+            done.append(str(event.event_id))
+        await self.store.outbox_done(done)
+
+    def _mint(self, call: Call, user: str, node_id: str, url: str) -> MediaOffer:
+        token = issue_media_token(
+            self.settings,
+            MediaGrant(call_id=call.call_id, user_id=user, node_id=node_id),
+            ttl_s=self.settings.media_token_ttl_s,
+        )
+        return MediaOffer(call.call_id, call.state, url, token, node_id)
+
+    def _media_fields(self, offer: MediaOffer) -> dict[str, str]:
+        return {
+            "media_url": offer.media_url,
+            "media_token": offer.media_token,
+            "node_id": offer.node_id,
+        }
+
+    def _fanout(self, call: Call, now: datetime, *, callee_too: bool, **extra: Any) -> list[Push]:
+        """``call.state`` to the caller's devices and (if it rang for them) the callee's."""
+        message = _state_message(call, now, **extra)
+        pushes = [Push(call.caller, message)]
+        if callee_too:
+            if call.answered_device and call.answered_device != GLARE_DEVICE:
+                pushes.append(Push(call.callee, message, devices=frozenset({call.answered_device})))
+            else:
+                pushes.append(Push(call.callee, message))
+        return pushes
+
+    def _accepted_pushes(self, call: Call, now: datetime) -> tuple[list[Push], MediaOffer]:
+        """Accepted: each party its own media; the callee's other devices: answered elsewhere."""
+        assert call.media_node and call.media_url
+        caller_offer = self._mint(call, call.caller, call.media_node, call.media_url)
+        callee_offer = self._mint(call, call.callee, call.media_node, call.media_url)
+        base = _state_message(call, now)
+        pushes = [Push(call.caller, {**base, **self._media_fields(caller_offer)})]
+        callee_message = {**base, **self._media_fields(callee_offer)}
+        if call.answered_device and call.answered_device != GLARE_DEVICE:
+            device = call.answered_device
+            pushes.append(Push(call.callee, callee_message, devices=frozenset({device})))
+            elsewhere = {
+                **base,
+                "answered_elsewhere": True,
+                "end_reason": EndReason.ANSWERED_ELSEWHERE.value,
+            }
+            pushes.append(Push(call.callee, elsewhere, except_devices=frozenset({device})))
+        else:
+            pushes.append(Push(call.callee, callee_message))
+        return pushes, callee_offer
+
+    async def _pick_node(self) -> MediaNode:
+        node = await self.registry.pick()
+        if node is None:
+            raise NoMediaNode()
+        return node
+
+    # ------------------------------------------------------------------ placing
+
+    async def place(
+        self,
+        caller: str,
+        callee: str,
+        media: MediaKind,
+        *,
+        device_id: str | None,
+        idempotency_key: str | None,
+    ) -> Call:
+        if idempotency_key:
+            existing = await self.store.idempotent_call(caller, idempotency_key)
+            if existing:
+                call = await self.store.get(existing)
+                if call is not None:
+                    return call
+        verdict = await self.store.take_rate_slot(caller, self.settings.calls_per_minute)
+        if not verdict.allowed:
+            raise RateLimited(verdict.retry_after_ms)
+        call = Call(
+            call_id=new_call_id(),
+            caller=caller,
+            callee=callee,
+            media=media,
+            state=CallState.REQUESTED,
+            created_at=utcnow(),
+            caller_device=device_id,
+        )
+        commit = Commit()
+        self.store.stage(commit, None, call)
+        commit.events.append(
+            CallRequested(call_id=call.call_id, caller=caller, callee=callee, media=media)
+        )
+        if idempotency_key:
+            commit.claim = [
+                self.store.idem_key(caller, idempotency_key),
+                call.call_id,
+                str(self.settings.idempotency_ttl_s * 1000),
+            ]
+        try:
+            await self.store.commit(commit)
+        except IdempotentReplay as replay:
+            earlier = await self.store.get(replay.call_id)
+            if earlier is None:
+                raise NotFound(replay.call_id) from None
+            return earlier
+        await self.publish(commit.events)
+        return call
+
+    # ------------------------------------------------------------------ policy's verdict
+
+    async def authorized(self, event: CallAuthorized) -> None:
+        async def decide(call: Call) -> Step:
+            step = Step()
+            if not allowed(call.state, CallAction.AUTHORIZE):
+                raise IllegalTransition(call.state, CallAction.AUTHORIZE, call.call_id)
+            now = utcnow()
+            callee_all, caller_all = await asyncio.gather(
+                self.store.live_calls(call.callee), self.store.live_calls(call.caller)
+            )
+            callee_live = [c for c in callee_all if c.call_id != call.call_id]
+            caller_live = [c for c in caller_all if c.call_id != call.call_id]
+            self.store.check(step.commit, callee_live)
+            if any(c.state in IN_CALL_STATES for c in callee_live):
+                busy = call.step(CallAction.CALLEE_BUSY, at=now)
+                self.store.stage(step.commit, call, busy)
+                step.commit.events.append(
+                    CallEnded(
+                        call_id=call.call_id,
+                        caller=call.caller,
+                        callee=call.callee,
+                        reason=EndReason.BUSY,
+                        duration_s=0.0,
+                    )
+                )
+                step.pushes = self._fanout(busy, now, callee_too=False)
+                return step
+            reverse = [
+                c
+                for c in caller_live
+                if c.caller == call.callee
+                and c.callee == call.caller
+                and c.state is CallState.RINGING
+            ]
+            if reverse:
+                node = await self.registry.pick()
+                if node is not None:
+                    return self._glare(step, call, reverse[0], node, now, caller_live)
+            ringing = call.step(
+                CallAction.AUTHORIZE,
+                at=now,
+                ring_deadline=now + timedelta(seconds=self.settings.ring_timeout_s),
+            )
+            assert ringing.ring_deadline is not None
+            self.store.stage(step.commit, call, ringing)
+            step.commit.events.append(
+                CallRinging(
+                    call_id=call.call_id,
+                    caller=call.caller,
+                    callee=call.callee,
+                    media=call.media,
+                    ring_deadline=ringing.ring_deadline,
+                )
+            )
+            step.pushes = [
+                Push(call.caller, _state_message(ringing, now)),
+                Push(call.callee, {"type": "call.incoming", **ringing.public(now)}),
+            ]
+            return step
+
+        await self._consume(event.call_id, decide)
+
+    def _glare(
+        self,
+        step: Step,
+        call: Call,
+        other: Call,
+        node: MediaNode,
+        now: datetime,
+        caller_live: list[Call],
+    ) -> Step:
+        """``call`` was just authorized while ``other`` (the reverse direction) rings."""
+        self.store.check(step.commit, caller_live)
+        if glare_winner(call.call_id, other.call_id) == other.call_id:
+            winner, loser = other, call
+        else:
+            winner, loser = call, other
+        # The winner's callee is the loser's caller: the device they called from answers.
+        device = loser.caller_device or GLARE_DEVICE
+        won = winner.step(
+            CallAction.GLARE_WIN,
+            at=now,
+            answered_device=device,
+            media_node=node.node_id,
+            media_url=node.session_url(winner.call_id),
+        )
+        lost = loser.step(CallAction.GLARE_LOSE, at=now, replaced_by=winner.call_id)
+        self.store.stage(step.commit, loser, lost)
+        self.store.stage(step.commit, winner, won)
+        step.commit.events.append(
+            CallCancelled(call_id=lost.call_id, caller=lost.caller, callee=lost.callee)
+        )
+        step.commit.events.append(
+            CallAccepted(
+                call_id=won.call_id, caller=won.caller, callee=won.callee, device_id=device
+            )
+        )
+        lost_rang = loser.state is CallState.RINGING
+        step.pushes = self._fanout(lost, now, callee_too=lost_rang)
+        accepted_pushes, _ = self._accepted_pushes(won, now)
+        step.pushes.extend(accepted_pushes)
+        log.info("glare: %s survives, %s ends", won.call_id, lost.call_id)
+        return step
+
+    async def rejected(self, event: CallRejected) -> None:
+        async def decide(call: Call) -> Step:
+            step = Step()
+            now = utcnow()
+            after = call.step(CallAction.REJECT, at=now, reject_reason=event.reason)
+            self.store.stage(step.commit, call, after)
+            step.pushes = self._fanout(after, now, callee_too=False)
+            log.info(
+                "call %s rejected: %s (detail %s)",
+                call.call_id,
+                event.reason.value,
+                event.detail.value if event.detail else "-",
+            )
+            return step
+
+        await self._consume(event.call_id, decide)
+
+    async def media_connected(self, event: CallMediaConnected) -> None:
+        async def decide(call: Call) -> Step:
+            _from_the_calls_node(call, CallAction.MEDIA_CONNECTED, event.node_id)
+            step = Step()
+            now = utcnow()
+            after = call.step(CallAction.MEDIA_CONNECTED, at=now)
+            self.store.stage(step.commit, call, after)
+            step.pushes = self._fanout(after, now, callee_too=True)
+            return step
+
+        await self._consume(event.call_id, decide)
+
+    async def media_failed(self, event: CallMediaFailed) -> None:
+        async def decide(call: Call) -> Step:
+            _from_the_calls_node(call, CallAction.MEDIA_FAILED, event.node_id)
+            step = Step()
+            now = utcnow()
+            after = call.step(
+                CallAction.MEDIA_FAILED, at=now, media_failure=EndReason(event.reason.value)
+            )
+            self.store.stage(step.commit, call, after)
+            step.commit.events.append(self._ended(after, now))
+            step.pushes = self._fanout(after, now, callee_too=True)
+            return step
+
+        await self._consume(event.call_id, decide)
+
+    async def _consume(self, call_id: str, decide: Decide) -> None:
+        """Events may come twice or out of order: a step the table refuses is dropped."""
+        try:
+            await self._run(call_id, decide)
+        except NotFound:
+            log.warning("event for unknown call %s dropped", call_id)
+        except IllegalTransition as exc:
+            log.info("event dropped: %s", exc)
+
+    def _ended(self, call: Call, now: datetime) -> CallEnded:
+        assert call.end_reason is not None
+        return CallEnded(
+            call_id=call.call_id,
+            caller=call.caller,
+            callee=call.callee,
+            reason=call.end_reason,
+            duration_s=call.duration_s(now),
+        )
+
+    # ------------------------------------------------------------------ the parties
+
+    async def visible(self, user: str, call_id: str) -> Call:
+        call = await self.store.get(call_id)
+        if call is None or not call.visible_to(user):
+            raise NotFound(call_id)
+        return call
+
+    async def accept(self, user: str, call_id: str, device_id: str) -> MediaOffer:
+        offer_box: list[MediaOffer] = []
+
+        async def decide(call: Call) -> Step:
+            if not call.visible_to(user):
+                raise NotFound(call_id)
+            if (
+                call.role_of(user) is Role.CALLEE
+                and call.state in IN_CALL_STATES
+                and call.answered_device == device_id
+            ):
+                return Step(result="again")
+            if call.role_of(user) is not Role.CALLEE:
+                raise IllegalTransition(call.state, CallAction.ACCEPT, call.call_id)
+            if not allowed(call.state, CallAction.ACCEPT):
+                raise IllegalTransition(call.state, CallAction.ACCEPT, call.call_id)
+            node = await self._pick_node()
+            step = Step()
+            now = utcnow()
+            after = call.step(
+                CallAction.ACCEPT,
+                at=now,
+                answered_device=device_id,
+                media_node=node.node_id,
+                media_url=node.session_url(call.call_id),
+            )
+            self.store.stage(step.commit, call, after)
+            step.commit.events.append(
+                CallAccepted(
+                    call_id=call.call_id,
+                    caller=call.caller,
+                    callee=call.callee,
+                    device_id=device_id,
+                )
+            )
+            step.pushes, offer = self._accepted_pushes(after, now)
+            offer_box.append(offer)
+            return step
+
+        step = await self._run(call_id, decide)
+        if step.result == "again" or not offer_box:
+            return await self.media_for(user, call_id)
+        return offer_box[-1]
+
+    async def media_for(self, user: str, call_id: str) -> MediaOffer:
+        call = await self.visible(user, call_id)
+        if call.state not in IN_CALL_STATES or not call.media_node or not call.media_url:
+            raise IllegalTransition(call.state, CallAction.ACCEPT, call.call_id)
+        return self._mint(call, user, call.media_node, call.media_url)
+
+    async def decline(self, user: str, call_id: str) -> Call:
+        async def decide(call: Call) -> Step:
+            if not call.visible_to(user):
+                raise NotFound(call_id)
+            if call.role_of(user) is not Role.CALLEE:
+                raise IllegalTransition(call.state, CallAction.DECLINE, call.call_id)
+            return self._end_before_answer(call, CallAction.DECLINE)
+
+        step = await self._run(call_id, decide)
+        return step.result  # type: ignore[no-any-return]
+
+    async def hangup(self, user: str, call_id: str) -> Call:
+        async def decide(call: Call) -> Step:
+            if not call.visible_to(user):
+                raise NotFound(call_id)
+            role = call.role_of(user)
+            if call.state in (CallState.REQUESTED, CallState.RINGING):
+                action = CallAction.CANCEL if role is Role.CALLER else CallAction.DECLINE
+                return self._end_before_answer(call, action)
+            step = Step()
+            now = utcnow()
+            after = call.step(CallAction.HANGUP, at=now)
+            self.store.stage(step.commit, call, after)
+            step.commit.events.append(self._ended(after, now))
+            step.pushes = self._fanout(after, now, callee_too=True)
+            step.result = after
+            return step
+
+        step = await self._run(call_id, decide)
+        return step.result  # type: ignore[no-any-return]
+
+    def _end_before_answer(self, call: Call, action: CallAction) -> Step:
+        step = Step()
+        now = utcnow()
+        rang = call.state is CallState.RINGING
+        after = call.step(action, at=now)
+        self.store.stage(step.commit, call, after)
+        ids = {"call_id": call.call_id, "caller": call.caller, "callee": call.callee}
+        if action is CallAction.DECLINE:
+            step.commit.events.append(CallDeclined(**ids))
+        elif action is CallAction.CANCEL:
+            step.commit.events.append(CallCancelled(**ids))
+        elif action is CallAction.RING_TIMEOUT:
+            step.commit.events.append(CallMissed(**ids, media=call.media))
+        step.pushes = self._fanout(after, now, callee_too=rang)
+        step.result = after
+        return step
+
+    # ------------------------------------------------------------------ ring timers
+
+    async def ring_timeout(self, call_id: str) -> bool:
+        """Mark a ringing call missed if its deadline passed; True if this instance did."""
+
+        async def decide(call: Call) -> Step:
+            if call.state is not CallState.RINGING:
+                raise IllegalTransition(call.state, CallAction.RING_TIMEOUT, call.call_id)
+            if call.ring_deadline is None or call.ring_deadline > utcnow():
+                raise IllegalTransition(call.state, CallAction.RING_TIMEOUT, call.call_id)
+            return self._end_before_answer(call, CallAction.RING_TIMEOUT)
+
+        try:
+            step = await self._run(call_id, decide)
+        except NotFound:
+            await self.store.drop_ring(call_id)
+            return False
+        except IllegalTransition as exc:
+            if exc.state is not CallState.RINGING:
+                await self.store.drop_ring(call_id)
+            return False
+        missed: Call = step.result
+        if missed.ring_deadline is not None and missed.ended_at is not None:
+            lateness = (missed.ended_at - missed.ring_deadline).total_seconds()
+            MISSED_LATENESS.observe(max(lateness, 0.0))
+            log.info("call %s missed, %.0f ms after its deadline", call_id, lateness * 1000)
+        return True
+
+    # ------------------------------------------------------------------ reading
+
+    async def history(
+        self, user: str, *, limit: int, before: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        if before is not None and not CURSOR_RE.fullmatch(before):
+            raise BadCursor(before)
+        calls, next_cursor = await self.store.history(user, limit=limit, before=before)
+        now = utcnow()
+        items = []
+        for call in calls:
+            if not call.visible_to(user):
+                continue
+            incoming = call.callee == user and call.caller != user
+            items.append(
+                {
+                    **call.public(now),
+                    "direction": "incoming" if incoming else "outgoing",
+                    "missed": incoming and call.state in (CallState.MISSED, CallState.BUSY),
+                }
+            )
+        return items, next_cursor
+
+    async def ring_state(self, user: str) -> list[dict[str, Any]]:
+        now = utcnow()
+        out = []
+        for call in await self.store.live_calls(user):
+            if call.callee == user and call.state is CallState.RINGING:
+                out.append({**call.public(now), "direction": "incoming"})
+            elif call.caller == user and call.state in (CallState.REQUESTED, CallState.RINGING):
+                out.append({**call.public(now), "direction": "outgoing"})
+        out.sort(key=lambda c: str(c["call_id"]), reverse=True)
+        return out
+
+    # ------------------------------------------------------------------ call.signal
+
+    async def relay_signal(
+        self, user: str, device_id: str, call_id: str, payload: dict[str, Any]
+    ) -> None:
+        call = await self.visible(user, call_id)
+        if call.state not in SIGNAL_STATES:
+            raise IllegalTransition(call.state, CallAction.HANGUP, call.call_id)
+        other = call.other(user)
+        devices: frozenset[str] | None = None
+        if other == call.callee and call.state in IN_CALL_STATES:
+            if call.answered_device and call.answered_device != GLARE_DEVICE:
+                devices = frozenset({call.answered_device})
+        elif other == call.caller and call.caller_device:
+            devices = frozenset({call.caller_device})
+        message = {
+            "type": "call.signal",
+            "call_id": call_id,
+            "from": user,
+            "from_device": device_id,
+            "payload": payload,
+        }
+        await self.hub.deliver([Push(other, message, devices=devices)])
+
+
+def _from_the_calls_node(call: Call, action: CallAction, node_id: str) -> None:
+    """A media event counts only from the node that hosts the call's room."""
+    if call.media_node and call.media_node != node_id:
+        raise IllegalTransition(call.state, action, call.call_id)

@@ -1,0 +1,81 @@
+"""Settings of the signaling service (env prefix ``SIGNALING_``, plus the common ones).
+
+``RING_TIMEOUT_S`` and ``CALLS_PER_MINUTE`` are read unprefixed (the product's names),
+or with the prefix.
+"""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import CommonSettings
+
+
+class SignalingSettings(CommonSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SIGNALING_", extra="ignore", populate_by_name=True
+    )
+
+    port: int = Field(8001, ge=1, le=65535)
+    ring_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        validation_alias=AliasChoices("RING_TIMEOUT_S", "SIGNALING_RING_TIMEOUT_S"),
+        description="Seconds a call rings before it is missed.",
+    )
+    calls_per_minute: int = Field(
+        10,
+        ge=1,
+        le=100_000,
+        validation_alias=AliasChoices("CALLS_PER_MINUTE", "SIGNALING_CALLS_PER_MINUTE"),
+        description="Calls one caller may place in any sliding minute (429 beyond).",
+    )
+    timer_poll_ms: int = Field(
+        50,
+        ge=5,
+        le=5000,
+        description="Longest sleep between two looks at the ring deadlines (every instance).",
+    )
+    presence_ttl_s: int = Field(
+        15,
+        ge=3,
+        le=600,
+        description="An instance's heartbeat key lives this long; refreshed every third of it.",
+    )
+    outbox_lease_ms: int = Field(
+        10_000,
+        ge=500,
+        description="After this long an event its committer has not published is published "
+        "by any instance.",
+    )
+    media_token_ttl_s: int = Field(120, ge=10, le=3600)
+    idempotency_ttl_s: int = Field(86_400, ge=60)
+    ws_max_message_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    ws_messages_per_s: int = Field(
+        50,
+        ge=1,
+        le=100_000,
+        description="Client frames a socket may send per second on average (twice that in "
+        "a burst); beyond, each frame gets an error and is dropped.",
+    )
+
+    # The web client (services/signaling/web/) runs in the browser and calls the other
+    # services directly: these are their public base URLs, served to it in /config.json.
+    policy_url: str = Field(
+        "http://127.0.0.1:8002",
+        description="Public base URL of the policy service, as the browser reaches it.",
+    )
+    notifications_url: str = Field(
+        "http://127.0.0.1:8003",
+        description="Public base URL of the notifications service, as the browser reaches it.",
+    )
+    demo_users: list[str] = Field(
+        default_factory=lambda: ["alice", "bob", "carol", "dave", "erin", "frank"],
+        description="Users the web client offers to sign in as, and lists as DM "
+        "conversations (development only; JSON list).",
+    )
+    dev_token_ttl_s: int = Field(
+        12 * 3600, ge=60, le=7 * 86_400, description="Lifetime of a development sign-in token."
+    )

@@ -1,0 +1,447 @@
+"""Signaling's Redis keys, and the one script that commits every change to a call.
+
+Keys (``<p>`` is the deployment's prefix, ``dmcall`` or ``dmcall:<namespace>``; then
+``signaling``). Single Redis, not Cluster: one commit touches several calls' keys.
+
+- ``<p>:signaling:call:<call_id>``: HASH, one call: ``call_id caller callee media state
+  created_at version`` and, when set, ``end_reason reject_reason ring_deadline answered_at
+  ended_at answered_device caller_device media_node media_url replaced_by`` (times ISO-8601
+  UTC). ``version`` grows by one with every commit; a commit names the version it read.
+- ``<p>:signaling:live:<user>``: SET of the user's calls that are not final: as caller from
+  creation, as callee from ringing (or a glare accept). Busy and glare are read from it.
+- ``<p>:signaling:history:<user>``: ZSET, all scores 0, members call ids; call ids are
+  time-ordered hex, so lexicographic order is time order (newest = greatest). The callee's
+  entry appears when the call rings (never for a call policy rejected).
+- ``<p>:signaling:ring_deadlines``: ZSET call_id -> ring deadline (Unix ms). Every live
+  instance polls it; the commit that moves the call to ``missed`` removes the entry, and
+  the version check lets exactly one instance make that commit.
+- ``<p>:signaling:outbox``: HASH event_id -> event JSON, written in the same commit as the
+  transition that produced the event; removed once the event is published.
+- ``<p>:signaling:outbox_due``: ZSET event_id -> Unix ms after which any instance may
+  publish it (the committer publishes at once; this is for a committer that died).
+- ``<p>:signaling:idem:<user>:<key>``: STRING call_id of the call placed with that
+  ``Idempotency-Key``; expires after ``SIGNALING_IDEMPOTENCY_TTL_S``.
+- ``<p>:signaling:rate:<user>``: ZSET of placement ids scored by Unix ms, the last 60 s
+  (sliding-window rate limit); expires 60 s after the last placement.
+- ``<p>:signaling:presence:<user>``: HASH device_id -> instance_id holding its socket.
+- ``<p>:signaling:instance:<instance_id>``: STRING ``alive`` with a TTL of
+  ``SIGNALING_PRESENCE_TTL_S``, refreshed by the instance's heartbeat; a device whose
+  instance key is gone is gone too (pruned from presence on read).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from redis.asyncio import Redis
+
+from services.signaling.domain import LIVE_STATES, Call
+from shared.contracts import CallState, EndReason, Event, MediaKind, RejectReason
+from shared.redis import KeySpace
+from shared.settings import CommonSettings
+
+RATE_WINDOW_MS = 60_000
+_RANG_STATES = frozenset({CallState.RINGING, CallState.BUSY, CallState.ACCEPTED})
+"""A call enters the callee's history when it reaches one of these (it reached the callee)."""
+
+_COMMIT = """
+local plan = cjson.decode(ARGV[1])
+for _, c in ipairs(plan.calls) do
+  local v = tonumber(redis.call('HGET', c.key, 'version') or '0')
+  if v ~= tonumber(c.expect) then return {0, c.key, v} end
+end
+if plan.claim then
+  local cur = redis.call('GET', plan.claim[1])
+  if cur then return {2, cur} end
+  redis.call('SET', plan.claim[1], plan.claim[2], 'PX', plan.claim[3])
+end
+for _, c in ipairs(plan.calls) do
+  if c.fields then
+    local args = {}
+    for k, val in pairs(c.fields) do
+      args[#args + 1] = k
+      args[#args + 1] = val
+    end
+    args[#args + 1] = 'version'
+    args[#args + 1] = tostring(tonumber(c.expect) + 1)
+    redis.call('HSET', c.key, unpack(args))
+    if #c.del > 0 then redis.call('HDEL', c.key, unpack(c.del)) end
+  end
+end
+for _, op in ipairs(plan.sadd) do redis.call('SADD', op[1], op[2]) end
+for _, op in ipairs(plan.srem) do redis.call('SREM', op[1], op[2]) end
+for _, op in ipairs(plan.zadd) do redis.call('ZADD', op[1], op[2], op[3]) end
+for _, op in ipairs(plan.zrem) do redis.call('ZREM', op[1], op[2]) end
+for _, o in ipairs(plan.outbox) do
+  redis.call('HSET', KEYS[1], o[1], o[2])
+  redis.call('ZADD', KEYS[2], o[3], o[1])
+end
+return {1}
+"""
+
+_CLAIM_OUTBOX = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(ids) do
+  local body = redis.call('HGET', KEYS[1], id)
+  if body then
+    redis.call('ZADD', KEYS[2], ARGV[2], id)
+    out[#out + 1] = id
+    out[#out + 1] = body
+  else
+    redis.call('ZREM', KEYS[2], id)
+  end
+end
+return out
+"""
+
+_RATE = """
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local count = redis.call('ZCARD', KEYS[1])
+if count >= limit then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {0, tonumber(oldest[2]) + window - now}
+end
+redis.call('ZADD', KEYS[1], now, ARGV[4])
+redis.call('PEXPIRE', KEYS[1], window)
+return {1, 0}
+"""
+
+_UNREGISTER_DEVICE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
+class Conflict(Exception):
+    """Another commit changed one of the calls first; re-read and decide again."""
+
+
+class IdempotentReplay(Exception):
+    """The idempotency key was used before; ``call_id`` is the call it made."""
+
+    def __init__(self, call_id: str) -> None:
+        super().__init__(call_id)
+        self.call_id = call_id
+
+
+@dataclass(frozen=True, slots=True)
+class RateVerdict:
+    allowed: bool
+    retry_after_ms: int
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _ms(value: datetime) -> int:
+    return int(value.timestamp() * 1000)
+
+
+_TIME_FIELDS = ("created_at", "ring_deadline", "answered_at", "ended_at")
+_OPTIONAL_TEXT = ("answered_device", "caller_device", "media_node", "media_url", "replaced_by")
+
+
+def encode_call(call: Call) -> tuple[dict[str, str], list[str]]:
+    """Hash fields to set and field names to delete (None values)."""
+    values: dict[str, str | None] = {
+        "call_id": call.call_id,
+        "caller": call.caller,
+        "callee": call.callee,
+        "media": call.media.value,
+        "state": call.state.value,
+        "end_reason": call.end_reason.value if call.end_reason else None,
+        "reject_reason": call.reject_reason.value if call.reject_reason else None,
+    }
+    for name in _TIME_FIELDS:
+        when: datetime | None = getattr(call, name)
+        values[name] = when.isoformat() if when else None
+    for name in _OPTIONAL_TEXT:
+        values[name] = getattr(call, name)
+    fields = {k: v for k, v in values.items() if v is not None}
+    deletes = [k for k, v in values.items() if v is None]
+    return fields, deletes
+
+
+def decode_call(row: Mapping[Any, Any]) -> Call:
+    get = {_text(k): _text(v) for k, v in row.items()}
+
+    def when(name: str) -> datetime | None:
+        return datetime.fromisoformat(get[name]) if name in get else None
+
+    created = when("created_at")
+    assert created is not None
+    return Call(
+        call_id=get["call_id"],
+        caller=get["caller"],
+        callee=get["callee"],
+        media=MediaKind(get["media"]),
+        state=CallState(get["state"]),
+        created_at=created,
+        version=int(get.get("version", "0")),
+        end_reason=EndReason(get["end_reason"]) if "end_reason" in get else None,
+        reject_reason=RejectReason(get["reject_reason"]) if "reject_reason" in get else None,
+        ring_deadline=when("ring_deadline"),
+        answered_at=when("answered_at"),
+        ended_at=when("ended_at"),
+        answered_device=get.get("answered_device"),
+        caller_device=get.get("caller_device"),
+        media_node=get.get("media_node"),
+        media_url=get.get("media_url"),
+        replaced_by=get.get("replaced_by"),
+    )
+
+
+@dataclass
+class Commit:
+    """Everything one atomic step writes: calls (with the versions read), indexes, events."""
+
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    sadd: list[list[str]] = field(default_factory=list)
+    srem: list[list[str]] = field(default_factory=list)
+    zadd: list[list[str]] = field(default_factory=list)
+    zrem: list[list[str]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    claim: list[str] | None = None
+
+
+class CallStore:
+    """Calls, their indexes, the outbox, presence and rate limits in Redis."""
+
+    def __init__(self, redis: Redis, settings: CommonSettings, *, outbox_lease_ms: int) -> None:
+        self.redis = redis
+        self.keys = KeySpace(settings, "signaling")
+        self._outbox_lease_ms = outbox_lease_ms
+        self._commit = redis.register_script(_COMMIT)
+        self._claim_outbox = redis.register_script(_CLAIM_OUTBOX)
+        self._rate = redis.register_script(_RATE)
+        self._unregister = redis.register_script(_UNREGISTER_DEVICE)
+
+    # ------------------------------------------------------------------ keys
+
+    def call_key(self, call_id: str) -> str:
+        return self.keys("call", call_id)
+
+    def live_key(self, user: str) -> str:
+        return self.keys("live", user)
+
+    def history_key(self, user: str) -> str:
+        return self.keys("history", user)
+
+    @property
+    def ring_key(self) -> str:
+        return self.keys("ring_deadlines")
+
+    @property
+    def outbox_key(self) -> str:
+        return self.keys("outbox")
+
+    @property
+    def outbox_due_key(self) -> str:
+        return self.keys("outbox_due")
+
+    def idem_key(self, user: str, key: str) -> str:
+        return self.keys("idem", user, key)
+
+    def rate_key(self, user: str) -> str:
+        return self.keys("rate", user)
+
+    def presence_key(self, user: str) -> str:
+        return self.keys("presence", user)
+
+    def instance_key(self, instance_id: str) -> str:
+        return self.keys("instance", instance_id)
+
+    # ------------------------------------------------------------------ calls
+
+    async def get(self, call_id: str) -> Call | None:
+        row = await self.redis.hgetall(self.call_key(call_id))  # type: ignore[misc]
+        return decode_call(row) if row else None
+
+    async def get_many(self, call_ids: Sequence[str]) -> list[Call]:
+        if not call_ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for call_id in call_ids:
+                pipe.hgetall(self.call_key(call_id))
+            rows = await pipe.execute()
+        return [decode_call(row) for row in rows if row]
+
+    async def live_calls(self, user: str) -> list[Call]:
+        members = await self.redis.smembers(self.live_key(user))  # type: ignore[misc]
+        return await self.get_many(sorted(_text(m) for m in members))
+
+    async def history(
+        self, user: str, *, limit: int, before: str | None
+    ) -> tuple[list[Call], str | None]:
+        """Up to ``limit`` calls older than ``before``, newest first, and the next cursor."""
+        upper = f"({before}" if before else "+"
+        raw = await self.redis.zrevrangebylex(
+            self.history_key(user), upper, "-", start=0, num=limit
+        )
+        ids = [_text(i) for i in raw]
+        cursor = ids[-1] if len(ids) == limit else None
+        return await self.get_many(ids), cursor
+
+    async def idempotent_call(self, user: str, key: str) -> str | None:
+        value = await self.redis.get(self.idem_key(user, key))
+        return _text(value) if value else None
+
+    # ------------------------------------------------------------------ commits
+
+    def stage(self, commit: Commit, before: Call | None, after: Call) -> None:
+        """Add one call's change, and the index changes its state change implies."""
+        fields, deletes = encode_call(after)
+        commit.calls.append(
+            {
+                "key": self.call_key(after.call_id),
+                "expect": str(before.version if before else 0),
+                "fields": fields,
+                "del": deletes,
+            }
+        )
+        cid = after.call_id
+        if after.state in LIVE_STATES:
+            commit.sadd.append([self.live_key(after.caller), cid])
+            if after.state is not CallState.REQUESTED:
+                commit.sadd.append([self.live_key(after.callee), cid])
+        else:
+            commit.srem.append([self.live_key(after.caller), cid])
+            commit.srem.append([self.live_key(after.callee), cid])
+        if after.replaced_by:
+            commit.zrem.append([self.history_key(after.caller), cid])
+            commit.zrem.append([self.history_key(after.callee), cid])
+        else:
+            commit.zadd.append([self.history_key(after.caller), "0", cid])
+            if after.state in _RANG_STATES:
+                commit.zadd.append([self.history_key(after.callee), "0", cid])
+        if after.state is CallState.RINGING and after.ring_deadline is not None:
+            commit.zadd.append([self.ring_key, str(_ms(after.ring_deadline)), cid])
+        elif before is not None and before.state is CallState.RINGING:
+            commit.zrem.append([self.ring_key, cid])
+
+    def check(self, commit: Commit, unchanged: Iterable[Call]) -> None:
+        """The commit fails if any of these calls changed since they were read."""
+        staged = {c["key"] for c in commit.calls}
+        for call in unchanged:
+            key = self.call_key(call.call_id)
+            if key not in staged:
+                commit.calls.append({"key": key, "expect": str(call.version)})
+
+    async def commit(self, commit: Commit) -> None:
+        """Apply atomically, or raise Conflict / IdempotentReplay; nothing is half-written."""
+        due = str(int(time.time() * 1000) + self._outbox_lease_ms)
+        plan = {
+            "calls": commit.calls,
+            "sadd": commit.sadd,
+            "srem": commit.srem,
+            "zadd": commit.zadd,
+            "zrem": commit.zrem,
+            "outbox": [[str(e.event_id), e.model_dump_json(), due] for e in commit.events],
+        }
+        if commit.claim is not None:
+            plan["claim"] = commit.claim
+        result = await self._commit(
+            keys=[self.outbox_key, self.outbox_due_key], args=[json.dumps(plan)]
+        )
+        status = int(result[0])
+        if status == 0:
+            raise Conflict(_text(result[1]))
+        if status == 2:
+            raise IdempotentReplay(_text(result[1]))
+
+    # ------------------------------------------------------------------ outbox
+
+    async def outbox_done(self, event_ids: Sequence[str]) -> None:
+        if not event_ids:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.outbox_key, *event_ids)
+            pipe.zrem(self.outbox_due_key, *event_ids)
+            await pipe.execute()
+
+    async def claim_outbox(self, limit: int = 50) -> list[tuple[str, bytes]]:
+        """Events whose committer did not publish them in time; leased to this instance."""
+        now = int(time.time() * 1000)
+        flat = await self._claim_outbox(
+            keys=[self.outbox_key, self.outbox_due_key],
+            args=[now, now + self._outbox_lease_ms, limit],
+        )
+        return [(_text(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    # ------------------------------------------------------------------ ring timers
+
+    async def due_rings(self, now_ms: int, limit: int = 100) -> list[str]:
+        ids = await self.redis.zrangebyscore(self.ring_key, "-inf", now_ms, start=0, num=limit)
+        return [_text(i) for i in ids]
+
+    async def next_ring_deadline_ms(self) -> int | None:
+        first = await self.redis.zrange(self.ring_key, 0, 0, withscores=True)
+        return int(first[0][1]) if first else None
+
+    async def drop_ring(self, call_id: str) -> None:
+        await self.redis.zrem(self.ring_key, call_id)
+
+    # ------------------------------------------------------------------ rate limit
+
+    async def take_rate_slot(self, user: str, limit: int) -> RateVerdict:
+        now = int(time.time() * 1000)
+        allowed, retry = await self._rate(
+            keys=[self.rate_key(user)], args=[now, RATE_WINDOW_MS, limit, uuid.uuid4().hex]
+        )
+        return RateVerdict(bool(int(allowed)), int(retry))
+
+    # ------------------------------------------------------------------ presence
+
+    async def heartbeat_instance(self, instance_id: str, ttl_s: int) -> None:
+        await self.redis.set(self.instance_key(instance_id), b"alive", ex=ttl_s)
+
+    async def instance_gone(self, instance_id: str) -> None:
+        await self.redis.delete(self.instance_key(instance_id))
+
+    async def register_device(self, user: str, device_id: str, instance_id: str) -> None:
+        await self.redis.hset(self.presence_key(user), device_id, instance_id)  # type: ignore[misc]
+
+    async def unregister_device(self, user: str, device_id: str, instance_id: str) -> None:
+        await self._unregister(keys=[self.presence_key(user)], args=[device_id, instance_id])
+
+    async def devices(self, user: str) -> dict[str, str]:
+        """device_id -> instance_id of the user's devices on live instances."""
+        return (await self.devices_of([user]))[user]
+
+    async def devices_of(self, users: Sequence[str]) -> dict[str, dict[str, str]]:
+        """:meth:`devices` of several users in two round trips, whatever their number."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user in users:
+                pipe.hgetall(self.presence_key(user))
+            rows = await pipe.execute()
+        found = {
+            user: {_text(k): _text(v) for k, v in row.items()}
+            for user, row in zip(users, rows, strict=True)
+        }
+        instances = sorted({i for devices in found.values() for i in devices.values()})
+        if not instances:
+            return found
+        alive = await self.redis.mget([self.instance_key(i) for i in instances])
+        dead = {i for i, flag in zip(instances, alive, strict=True) if flag is None}
+        if dead:
+            for user, devices in found.items():
+                for device_id, instance_id in list(devices.items()):
+                    if instance_id in dead:
+                        await self._unregister(
+                            keys=[self.presence_key(user)], args=[device_id, instance_id]
+                        )
+                        devices.pop(device_id)
+        return found

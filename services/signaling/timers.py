@@ -1,0 +1,78 @@
+"""What every signaling instance runs in the background.
+
+- The ring timer: every live instance watches ``ring_deadlines`` (store.py) and moves a
+  call whose deadline passed to ``missed``. All may try at once; the versioned commit lets
+  exactly one succeed, so ``call_missed`` is published once, and a killed instance costs
+  nothing but its share of the polling.
+- The outbox relay: an event committed by an instance that died before publishing it is
+  published by whichever instance claims it once its lease is over.
+- The presence heartbeat: this instance's key, whose expiry makes its devices vanish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from services.signaling.calls import CallService
+from services.signaling.settings import SignalingSettings
+from services.signaling.store import CallStore
+from shared.contracts import parse_event
+
+log = logging.getLogger(__name__)
+
+OUTBOX_POLL_S = 1.0
+
+
+async def ring_timer_loop(service: CallService, store: CallStore, poll_ms: int) -> None:
+    poll_s = poll_ms / 1000
+    while True:
+        try:
+            now_ms = int(time.time() * 1000)
+            due = await store.due_rings(now_ms)
+            if due:
+                # A burst of deadlines is worked through together, not one after another:
+                # each is a read, a commit and a publish, mostly waiting on Redis/RabbitMQ.
+                results = await asyncio.gather(
+                    *(service.ring_timeout(call_id) for call_id in due), return_exceptions=True
+                )
+                for call_id, result in zip(due, results, strict=True):
+                    if isinstance(result, Exception):
+                        log.error("ring timeout of %s failed: %r", call_id, result)
+            upcoming = await store.next_ring_deadline_ms()
+            wait = poll_s
+            if upcoming is not None:
+                wait = min(poll_s, max(upcoming - int(time.time() * 1000), 0) / 1000)
+            await asyncio.sleep(max(wait, 0.002))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("ring timer pass failed; trying again")
+            await asyncio.sleep(poll_s * 4)
+
+
+async def outbox_relay_loop(service: CallService, store: CallStore) -> None:
+    while True:
+        await asyncio.sleep(OUTBOX_POLL_S)
+        try:
+            claimed = await store.claim_outbox()
+            for event_id, body in claimed:
+                log.warning("publishing event %s its committer did not", event_id)
+                await service.publish([parse_event(body)])
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("outbox relay pass failed; trying again")
+
+
+async def heartbeat_loop(store: CallStore, settings: SignalingSettings) -> None:
+    interval = settings.presence_ttl_s / 3
+    while True:
+        try:
+            await store.heartbeat_instance(settings.instance_id, settings.presence_ttl_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("presence heartbeat failed")
+        await asyncio.sleep(interval)

@@ -1,0 +1,133 @@
+// HTTP clients for the four services. Tokens are bearer tokens (never cookies).
+
+export class ApiError extends Error {
+  constructor(status, body) {
+    super((body && body.message) || `HTTP ${status}`);
+    this.status = status;
+    this.body = body || {};
+  }
+}
+
+export async function loadConfig() {
+  const response = await fetch("/config.json", { cache: "no-store" });
+  const config = await response.json();
+  // Query parameters override, e.g. ?policy=http://host:8002 (handy behind odd proxies).
+  const params = new URLSearchParams(location.search);
+  for (const name of ["policy", "notifications"]) {
+    if (params.get(name)) config[`${name}_url`] = params.get(name).replace(/\/$/, "");
+  }
+  // Empty: the same origin (one ingress routing every service by path prefix).
+  for (const name of ["policy", "notifications"]) {
+    if (!config[`${name}_url`]) config[`${name}_url`] = location.origin;
+  }
+  config.signaling_url = location.origin;
+  return config;
+}
+
+export function tokenSubject(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(atob(part));
+    if (typeof claims.sub !== "string") return null;
+    if (claims.exp && claims.exp * 1000 < Date.now()) return null;
+    return claims.sub;
+  } catch {
+    return null;
+  }
+}
+
+export async function devToken(user) {
+  const response = await fetch("/v1/dev/token", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ user }),
+  });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new ApiError(response.status, body);
+  return body.token;
+}
+
+export class Api {
+  constructor(config, token) {
+    this.config = config;
+    this.token = token;
+  }
+
+  async request(base, path, { method = "GET", json, body, headers = {} } = {}) {
+    const init = { method, headers: { Authorization: `Bearer ${this.token}`, ...headers } };
+    if (json !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(json);
+    } else if (body !== undefined) {
+      init.body = body;
+    }
+    const response = await fetch(base + path, init);
+    const text = await response.text();
+    let parsed = null;
+    try { parsed = text ? JSON.parse(text) : null; } catch { parsed = { message: text }; }
+    if (!response.ok) throw new ApiError(response.status, parsed);
+    return parsed;
+  }
+
+  signaling(path, options) { return this.request(this.config.signaling_url, path, options); }
+  policy(path, options) { return this.request(this.config.policy_url, path, options); }
+  notifications(path, options) { return this.request(this.config.notifications_url, path, options); }
+
+  // signaling
+  placeCall(callee, media, deviceId) {
+    return this.signaling("/v1/calls", {
+      method: "POST", json: { callee, media, device_id: deviceId },
+      headers: { "Idempotency-Key": crypto.randomUUID() },
+    });
+  }
+  getCall(callId) { return this.signaling(`/v1/calls/${callId}`); }
+  accept(callId, deviceId) {
+    return this.signaling(`/v1/calls/${callId}/accept`, { method: "POST", json: { device_id: deviceId } });
+  }
+  decline(callId, deviceId) {
+    return this.signaling(`/v1/calls/${callId}/decline`, { method: "POST", json: { device_id: deviceId } });
+  }
+  hangup(callId) { return this.signaling(`/v1/calls/${callId}/hangup`, { method: "POST", json: {} }); }
+  history(limit = 50) { return this.signaling(`/v1/calls?limit=${limit}`); }
+  ringState() { return this.signaling("/v1/ring-state"); }
+
+  // policy
+  permission(callee) { return this.policy(`/v1/permissions/${encodeURIComponent(callee)}`); }
+  getSettings() { return this.policy("/v1/settings"); }
+  putSettings(settings) { return this.policy("/v1/settings", { method: "PUT", json: settings }); }
+  report(callId, reportedUser, reason) {
+    return this.policy("/v1/reports", {
+      method: "POST", json: { call_id: callId, reported_user: reportedUser, reason },
+    });
+  }
+  block(user) { return this.policy(`/v1/blocks/${encodeURIComponent(user)}`, { method: "PUT" }); }
+  unblock(user) { return this.policy(`/v1/blocks/${encodeURIComponent(user)}`, { method: "DELETE" }); }
+
+  // notifications
+  listNotifications() { return this.notifications("/v1/notifications"); }
+  markRead(id) { return this.notifications(`/v1/notifications/${id}/read`, { method: "POST" }); }
+  streamUrl() {
+    return `${this.config.notifications_url}/v1/notifications/stream?token=${encodeURIComponent(this.token)}`;
+  }
+
+  // media (SFU): the SDP offer goes to the media node with the media token
+  async joinMedia(mediaUrl, mediaToken, offerSdp) {
+    const response = await fetch(mediaUrl, {
+      method: "POST",
+      headers: { Authorization: `Bearer ${mediaToken}`, "Content-Type": "application/sdp" },
+      body: offerSdp,
+    });
+    const text = await response.text();
+    if (!response.ok) {
+      let parsed = null;
+      try { parsed = JSON.parse(text); } catch { parsed = { message: text }; }
+      throw new ApiError(response.status, parsed);
+    }
+    const location = response.headers.get("Location");
+    return { answer: text, location: location ? new URL(location, mediaUrl).href : null };
+  }
+  leaveMedia(sessionUrl, mediaToken) {
+    return fetch(sessionUrl, { method: "DELETE", headers: { Authorization: `Bearer ${mediaToken}` } })
+      .catch(() => {});
+  }
+}

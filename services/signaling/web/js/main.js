@@ -1,0 +1,684 @@
+// The dmcall web client: sign-in, DM inbox with the phone icon, DM settings, incoming
+// calls on every tab, missed calls (live over SSE), call history, and the call screen.
+
+import { Api, ApiError, devToken, loadConfig, tokenSubject } from "./api.js";
+import { CallSession } from "./call.js";
+import { SignalingSocket } from "./signaling.js";
+
+const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "dmcall.token";
+const CONVERSATIONS_KEY = "dmcall.conversations";
+const PERMISSION_REFRESH_MS = 3000;
+const FINAL_STATES = new Set(["ended", "rejected", "declined", "cancelled", "missed", "busy"]);
+
+// What the caller may be told when the phone icon is hidden (never which rule it was).
+const REASON_HINTS = {
+  caller_not_premium: "Subscribe to call",
+  no_prior_dm: "They need to message you first",
+  callee_unavailable: "Not taking calls from you",
+  self_call: "",
+};
+const END_TEXT = {
+  declined: "Declined",
+  cancelled: "Cancelled",
+  missed: "No answer",
+  busy: "Busy on another call",
+  rejected: "Can't call",
+  answered_elsewhere: "Answered on another device",
+  ice_failed: "Connection failed",
+  media_timeout: "Connection lost",
+  user_hangup: "Call ended",
+};
+
+const state = {
+  config: null,
+  api: null,
+  me: null,
+  deviceId: null,
+  socket: null,
+  events: null,
+  conversations: [],
+  permissions: new Map(),
+  ringing: new Map(), // call_id -> incoming call ringing this device
+  shownIncoming: null,
+  session: null,
+  recentStates: new Map(), // call_id -> last call.state, for calls we have not met yet
+  pendingSignals: new Map(), // call_id -> [call.signal] that came before the session
+  notifications: new Map(),
+  history: [],
+  view: "inbox",
+  timers: [],
+};
+
+// ------------------------------------------------------------------ helpers
+
+const PALETTE = ["#1d9bf0", "#7856ff", "#f91880", "#00ba7c", "#ff7a00", "#ffd400", "#e0245e"];
+function avatar(el, user) {
+  el.textContent = (user || "?").slice(0, 1);
+  let h = 0;
+  for (const c of user || "") h = (h * 31 + c.charCodeAt(0)) >>> 0;
+  el.style.background = PALETTE[h % PALETTE.length];
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "on") for (const [ev, fn] of Object.entries(v)) node.addEventListener(ev, fn);
+    else if (k.startsWith("data-") || k === "title" || k === "type" || k === "aria-label") node.setAttribute(k, v);
+    else node[k] = v;
+  }
+  for (const child of children.flat()) if (child != null) node.append(child);
+  return node;
+}
+
+function icon(name) {
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("viewBox", "0 0 24 24");
+  const use = document.createElementNS("http://www.w3.org/2000/svg", "use");
+  use.setAttribute("href", `#i-${name}`);
+  svg.append(use);
+  return svg;
+}
+
+let toastTimer = null;
+function toast(text) {
+  const box = $("toast");
+  box.textContent = text;
+  box.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => { box.hidden = true; }, 4000);
+}
+
+function when(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  const sameDay = d.toDateString() === new Date().toDateString();
+  return sameDay ? d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }) : d.toLocaleDateString();
+}
+
+function duration(seconds) {
+  const s = Math.max(0, Math.round(seconds || 0));
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+}
+
+function deviceId() {
+  // One device per tab: every open tab rings.
+  let id = sessionStorage.getItem("dmcall.device");
+  if (!id) {
+    id = `web-${crypto.randomUUID().replace(/-/g, "").slice(0, 16)}`;
+    sessionStorage.setItem("dmcall.device", id);
+  }
+  return id;
+}
+
+// ------------------------------------------------------------------ sign-in
+
+function showSignIn(message = "") {
+  $("app").hidden = true;
+  $("signin").hidden = false;
+  $("signin-error").textContent = message;
+  const list = $("demo-users");
+  list.replaceChildren();
+  if (state.config.dev_sign_in) {
+    for (const user of state.config.demo_users) {
+      const a = el("span", { class: "avatar small" });
+      avatar(a, user);
+      list.append(el("button", {
+        "data-testid": `signin-${user}`,
+        on: { click: () => signIn(() => devToken(user)) },
+      }, a, user));
+    }
+  }
+}
+
+async function signIn(getToken) {
+  try {
+    const token = await getToken();
+    if (!tokenSubject(token)) throw new Error("That token is not valid (or has expired)");
+    localStorage.setItem(TOKEN_KEY, token);
+    startApp(token);
+  } catch (error) {
+    $("signin-error").textContent = error.message;
+  }
+}
+
+function signOut() {
+  localStorage.removeItem(TOKEN_KEY);
+  location.reload();
+}
+
+// ------------------------------------------------------------------ app
+
+function startApp(token) {
+  state.api = new Api(state.config, token);
+  state.me = tokenSubject(token);
+  state.deviceId = deviceId();
+  $("signin").hidden = true;
+  $("app").hidden = false;
+  $("me-name").textContent = state.me;
+  avatar($("me-avatar"), state.me);
+  document.title = `dmcall · ${state.me}`;
+
+  const saved = JSON.parse(localStorage.getItem(CONVERSATIONS_KEY) || "[]");
+  state.conversations = [...new Set([...state.config.demo_users, ...saved])].filter((u) => u !== state.me);
+  renderInbox();
+  showView("inbox");
+
+  connectSocket();
+  connectNotifications();
+  refreshPermissions();
+  loadSettings();
+  loadHistory();
+  state.timers.push(setInterval(() => {
+    if (state.view === "inbox" && document.visibilityState === "visible") refreshPermissions();
+  }, PERMISSION_REFRESH_MS));
+  state.timers.push(setInterval(renderCallClock, 1000));
+}
+
+function showView(view) {
+  state.view = view;
+  for (const name of ["inbox", "history", "settings"]) $(`view-${name}`).hidden = name !== view;
+  for (const tab of document.querySelectorAll(".tab")) tab.setAttribute("aria-selected", String(tab.dataset.view === view));
+  if (view === "inbox") refreshPermissions();
+  if (view === "history") { loadHistory(); markMissedRead(); }
+  if (view === "settings") loadSettings();
+}
+
+// ------------------------------------------------------------------ inbox
+
+function renderInbox() {
+  const list = $("conversations");
+  list.replaceChildren(...state.conversations.map((user) => {
+    const a = el("span", { class: "avatar" });
+    avatar(a, user);
+    return el("li", { class: "conversation", "data-testid": `conv-${user}` },
+      a,
+      el("div", { class: "conv-main" },
+        el("div", { class: "conv-name" }, user),
+        el("div", { class: "conv-sub" }, `@${user}`)),
+      el("div", { class: "call-actions", "data-testid": `call-actions-${user}` }));
+  }));
+  for (const user of state.conversations) renderCallActions(user);
+}
+
+function renderCallActions(user) {
+  const box = document.querySelector(`[data-testid="call-actions-${user}"]`);
+  if (!box) return;
+  const permission = state.permissions.get(user);
+  if (!permission) { box.replaceChildren(); return; }
+  if (permission.allowed) {
+    const buttons = (permission.media || ["audio", "video"]).map((media) => el("button", {
+      class: "icon-btn",
+      title: media === "video" ? `Video call ${user}` : `Audio call ${user}`,
+      "aria-label": media === "video" ? `Video call ${user}` : `Audio call ${user}`,
+      "data-testid": `call-${media}-${user}`,
+      on: { click: () => placeCall(user, media) },
+    }, icon(media === "video" ? "video" : "phone")));
+    box.replaceChildren(el("div", { class: "call-icons" }, buttons));
+  } else {
+    const hint = REASON_HINTS[permission.reason] ?? "Calls unavailable";
+    box.replaceChildren(el("span", { class: "call-hint", "data-testid": `call-hint-${user}` }, hint));
+  }
+}
+
+async function refreshPermissions() {
+  if (!state.api) return;
+  await Promise.all(state.conversations.map(async (user) => {
+    try {
+      state.permissions.set(user, await state.api.permission(user));
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 401) return signOut();
+      state.permissions.set(user, { allowed: false, reason: null });
+    }
+    renderCallActions(user);
+  }));
+}
+
+$("new-dm").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const user = $("new-dm-user").value.trim();
+  if (!user || user === state.me) return;
+  if (!state.conversations.includes(user)) {
+    state.conversations.unshift(user);
+    const saved = JSON.parse(localStorage.getItem(CONVERSATIONS_KEY) || "[]");
+    localStorage.setItem(CONVERSATIONS_KEY, JSON.stringify([user, ...saved.filter((u) => u !== user)]));
+  }
+  $("new-dm-user").value = "";
+  renderInbox();
+  refreshPermissions();
+});
+
+// ------------------------------------------------------------------ settings
+
+async function loadSettings() {
+  try {
+    renderSettings(await state.api.getSettings());
+  } catch (error) {
+    $("settings-status").textContent = `Could not load settings: ${error.message}`;
+  }
+}
+
+function renderSettings(settings) {
+  $("set-enabled").checked = settings.enabled;
+  $("set-address-book").checked = settings.allow_from.address_book;
+  $("set-following").checked = settings.allow_from.following;
+  $("set-verified").checked = settings.allow_from.verified;
+  $("allow-from").disabled = !settings.enabled;
+}
+
+async function saveSettings() {
+  const settings = {
+    enabled: $("set-enabled").checked,
+    allow_from: {
+      address_book: $("set-address-book").checked,
+      following: $("set-following").checked,
+      verified: $("set-verified").checked,
+    },
+  };
+  $("allow-from").disabled = !settings.enabled;
+  $("settings-status").textContent = "Saving…";
+  try {
+    renderSettings(await state.api.putSettings(settings) || settings);
+    $("settings-status").textContent = "Saved";
+  } catch (error) {
+    $("settings-status").textContent = `Not saved: ${error.message}`;
+  }
+}
+for (const id of ["set-enabled", "set-address-book", "set-following", "set-verified"]) {
+  $(id).addEventListener("change", saveSettings);
+}
+$("settings-form").addEventListener("submit", (event) => event.preventDefault());
+
+// ------------------------------------------------------------------ history
+
+async function loadHistory() {
+  try {
+    const page = await state.api.history(50);
+    state.history = page.calls || [];
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 401) return signOut();
+  }
+  renderHistory();
+}
+
+let historyTimer = null;
+function loadHistorySoon() {
+  clearTimeout(historyTimer);
+  historyTimer = setTimeout(loadHistory, 300);
+}
+
+function describe(call) {
+  if (call.missed) return "Missed";
+  if (call.state === "ended" && call.answered_at) return duration(call.duration_s);
+  return END_TEXT[call.end_reason] || END_TEXT[call.state] || call.state;
+}
+
+function renderHistory() {
+  const list = $("history-list");
+  if (!state.history.length) {
+    list.replaceChildren(el("li", { class: "empty" }, "No calls yet"));
+    return;
+  }
+  list.replaceChildren(...state.history.map((call) => {
+    const peer = call.direction === "outgoing" ? call.callee : call.caller;
+    const a = el("span", { class: "avatar" });
+    avatar(a, peer);
+    const dir = call.missed ? "missed" : call.direction === "outgoing" ? "out" : "in";
+    return el("li", {
+      class: `history-item${call.missed ? " missed" : ""}`,
+      "data-testid": "history-item", "data-call-id": call.call_id, "data-peer": peer,
+      "data-state": call.state,
+    },
+      a,
+      el("div", { class: "conv-main" },
+        el("div", { class: "conv-name" }, peer),
+        el("div", { class: "conv-sub" },
+          el("span", { class: "dir" }, icon(dir)), ` ${call.direction === "outgoing" ? "Outgoing" : "Incoming"} ${call.media} · `,
+          el("span", { "data-testid": "history-outcome" }, describe(call)), ` · ${when(call.created_at)}`)),
+      el("div", { class: "history-actions" },
+        el("button", { class: "icon-btn", title: "Call back", "data-testid": "history-call-back",
+          on: { click: () => placeCall(peer, call.media) } }, icon(call.media === "video" ? "video" : "phone")),
+        el("button", { class: "icon-btn plain", title: `Report ${peer}`, "data-testid": "history-report",
+          on: { click: () => report(call.call_id, peer) } }, icon("flag")),
+        el("button", { class: "icon-btn plain", title: `Block ${peer}`, "data-testid": "history-block",
+          on: { click: () => block(peer) } }, icon("block"))));
+  }));
+}
+
+function report(callId, user) {
+  const dialog = $("report-dialog");
+  $("report-user").textContent = user;
+  dialog.returnValue = "";
+  dialog.onclose = async () => {
+    const reason = dialog.returnValue;
+    if (!reason || reason === "cancel") return;
+    try {
+      await state.api.report(callId, user, reason);
+      toast(`Reported ${user}. They can no longer call you.`);
+      refreshPermissions();
+    } catch (error) {
+      toast(`Could not report: ${error.message}`);
+    }
+  };
+  dialog.showModal();
+}
+
+async function block(user) {
+  try {
+    await state.api.block(user);
+    toast(`Blocked ${user}: they can no longer call you`);
+    if (state.session && state.session.peer === user) state.session.hangup();
+    refreshPermissions();
+  } catch (error) {
+    toast(`Could not block: ${error.message}`);
+  }
+}
+
+// ------------------------------------------------------------------ missed calls (SSE)
+
+function loadNotifications() {
+  state.api.listNotifications().then((items) => {
+    for (const item of Array.isArray(items) ? items : items.notifications || []) onNotification(item, false);
+  }).catch(() => {});
+}
+
+function connectNotifications() {
+  loadNotifications();
+  // EventSource reconnects by itself, resuming after the last id it saw (Last-Event-ID).
+  const events = new EventSource(state.api.streamUrl());
+  state.events = events;
+  // Some of what we missed while away is no longer kept: read the inbox again.
+  events.addEventListener("resync", loadNotifications);
+  const handle = (event) => {
+    try { onNotification(JSON.parse(event.data), true); } catch { /* keep-alive or junk */ }
+  };
+  for (const name of ["message", "notification", "missed_call", "incoming_call", "ring_stopped"]) {
+    events.addEventListener(name, handle);
+  }
+}
+
+function onNotification(item, live) {
+  if (!item || !item.kind) return;
+  if (item.kind === "ring_stopped") { stopRinging(item.call_id); return; }
+  if (item.kind !== "missed_call" || !item.id) return;
+  const known = state.notifications.has(item.id);
+  state.notifications.set(item.id, { ...state.notifications.get(item.id), ...item });
+  stopRinging(item.call_id);
+  if (live && !known && !item.read) toast(`Missed ${item.media || ""} call from ${item.from}`);
+  renderMissed();
+  if (live) loadHistorySoon();
+}
+
+function renderMissed() {
+  const missed = [...state.notifications.values()].filter((n) => n.kind === "missed_call")
+    .sort((a, b) => String(b.created_at).localeCompare(String(a.created_at)));
+  const unread = missed.filter((n) => !n.read).length;
+  $("missed-badge").textContent = String(unread);
+  $("missed-badge").hidden = unread === 0;
+  const list = $("missed-list");
+  if (!missed.length) {
+    list.replaceChildren(el("li", { class: "empty" }, "No missed calls"));
+    return;
+  }
+  list.replaceChildren(...missed.map((n) => {
+    const a = el("span", { class: "avatar" });
+    avatar(a, n.from);
+    return el("li", { class: "missed-item", "data-testid": "missed-item", "data-call-id": n.call_id },
+      a,
+      el("div", { class: "conv-main" },
+        el("div", { class: "conv-name" }, n.from),
+        el("div", { class: "conv-sub" }, el("span", { class: "dir" }, icon("missed")),
+          ` Missed ${n.media || ""} call · ${when(n.created_at)}`)));
+  }));
+}
+
+function markMissedRead() {
+  for (const n of state.notifications.values()) {
+    if (n.kind === "missed_call" && !n.read) {
+      n.read = true;
+      state.api.markRead(n.id).catch(() => {});
+    }
+  }
+  renderMissed();
+}
+
+// ------------------------------------------------------------------ signaling socket
+
+function connectSocket() {
+  const socket = new SignalingSocket(state.config.signaling_url, state.api.token, state.deviceId);
+  state.socket = socket;
+  socket.on("open", () => {
+    $("conn").classList.add("up");
+    // The server sends call.incoming for what rings now; drop what stopped while we were away.
+    state.api.ringState().then(({ calls }) => {
+      const live = new Set((calls || []).map((c) => c.call_id));
+      for (const id of [...state.ringing.keys()]) if (!live.has(id)) stopRinging(id);
+    }).catch(() => {});
+  });
+  socket.on("close", ({ code }) => {
+    $("conn").classList.remove("up");
+    if (code === 4401) signOut();
+  });
+  socket.on("call.incoming", onIncoming);
+  socket.on("call.state", onCallState);
+  socket.on("call.signal", onCallSignal);
+  socket.connect();
+}
+
+function onIncoming(call) {
+  if (call.callee !== state.me || call.state !== "ringing") return;
+  if (state.session && state.session.callId === call.call_id) return;
+  state.ringing.set(call.call_id, call);
+  showIncoming();
+}
+
+function onCallState(message) {
+  const session = state.session;
+  if (session && session.callId === message.call_id) {
+    sessionState(session, message);
+  } else {
+    state.recentStates.set(message.call_id, message);
+    setTimeout(() => state.recentStates.delete(message.call_id), 30000);
+  }
+  // SSE's ring_stopped may have dismissed the ringing already; still say why.
+  if (message.answered_elsewhere && !(session && session.callId === message.call_id)) {
+    toast("Answered on another device");
+  }
+  if (message.state !== "ringing") stopRinging(message.call_id);
+  if (FINAL_STATES.has(message.state) || message.state === "accepted") loadHistorySoon();
+}
+
+function onCallSignal(message) {
+  const session = state.session;
+  if (session && session.callId === message.call_id) {
+    session.onSignal(message);
+  } else {
+    const list = state.pendingSignals.get(message.call_id) || [];
+    list.push(message);
+    state.pendingSignals.set(message.call_id, list);
+    setTimeout(() => state.pendingSignals.delete(message.call_id), 60000);
+  }
+}
+
+function sessionState(session, message) {
+  if (message.state === "ringing" && session.role === "caller") {
+    session.status = "Ringing…";
+    session.changed();
+  } else if (message.state === "accepted" && message.media_url && !session.started) {
+    // The caller's media; or, after glare, this device answering the surviving call.
+    session.started = true;
+    session.role = message.caller === state.me ? "caller" : "callee";
+    session.start(message);
+  } else if (message.state === "cancelled" && message.replaced_by) {
+    // Glare: we called them while they called us; the other call survives and goes on
+    // in this same call screen (its accepted state, with our media, follows).
+    session.callId = message.replaced_by;
+    session.status = "Connecting…";
+    session.changed();
+    for (const signal of state.pendingSignals.get(message.replaced_by) || []) session.onSignal(signal);
+    state.pendingSignals.delete(message.replaced_by);
+    const early = state.recentStates.get(message.replaced_by);
+    if (early) sessionState(session, early);
+  } else if (FINAL_STATES.has(message.state)) {
+    let text = END_TEXT[message.end_reason] || END_TEXT[message.state] || "Call ended";
+    if (message.state === "rejected") text = REASON_HINTS[message.reject_reason] || END_TEXT.rejected;
+    session.finish(text);
+  }
+}
+
+// ------------------------------------------------------------------ incoming call screen
+
+function showIncoming() {
+  const next = [...state.ringing.values()].at(-1) || null;
+  state.shownIncoming = next;
+  $("incoming").hidden = !next;
+  if (!next) return;
+  avatar($("incoming-avatar"), next.caller);
+  $("incoming-from").textContent = next.caller;
+  $("incoming-kind").textContent = next.media === "video" ? "Incoming video call…" : "Incoming audio call…";
+  $("incoming-accept-icon").setAttribute("href", next.media === "video" ? "#i-video" : "#i-phone");
+}
+
+function stopRinging(callId) {
+  if (!callId || !state.ringing.has(callId)) return;
+  state.ringing.delete(callId);
+  showIncoming();
+}
+
+$("incoming-decline").addEventListener("click", async () => {
+  const call = state.shownIncoming;
+  if (!call) return;
+  stopRinging(call.call_id);
+  try { await state.api.decline(call.call_id, state.deviceId); } catch { /* already over */ }
+});
+
+$("incoming-accept").addEventListener("click", async () => {
+  const call = state.shownIncoming;
+  if (!call || state.session) return;
+  stopRinging(call.call_id);
+  const session = openSession(call, "callee");
+  session.started = true;
+  try {
+    await session.prepareKeys();
+    const grant = await state.api.accept(call.call_id, state.deviceId);
+    session.start(grant);
+  } catch (error) {
+    const text = error instanceof ApiError && error.status === 409
+      ? END_TEXT[error.body.end_reason] || END_TEXT[error.body.state] || "The call is over"
+      : `Could not answer: ${error.message}`;
+    session.finish(text);
+  }
+});
+
+// ------------------------------------------------------------------ placing a call
+
+async function placeCall(user, media) {
+  if (state.session) return toast("You are already in a call");
+  let call;
+  try {
+    call = await state.api.placeCall(user, media, state.deviceId);
+  } catch (error) {
+    const text = error instanceof ApiError && error.status === 429
+      ? `Too many calls; try again in ${error.body.retry_after_s || "a few"} s`
+      : `Could not call: ${error.message}`;
+    return toast(text);
+  }
+  const session = openSession(call, "caller");
+  session.prepareKeys().catch(() => {});
+  session.startLocalMedia().catch((error) => session.fail(`Camera or microphone: ${error.message}`));
+  const early = state.recentStates.get(call.call_id);
+  if (early) sessionState(session, early);
+}
+
+function openSession(call, role) {
+  const session = new CallSession({ api: state.api, socket: state.socket, call, role, deviceId: state.deviceId });
+  state.session = session;
+  for (const message of state.pendingSignals.get(call.call_id) || []) session.onSignal(message);
+  state.pendingSignals.delete(call.call_id);
+  session.addEventListener("change", () => renderCall(session));
+  session.addEventListener("end", () => {
+    if (state.session === session) state.session = null;
+    $("call").hidden = true;
+    $("remote-video").srcObject = null;
+    $("remote-audio").srcObject = null;
+    $("local-video").srcObject = null;
+    toast(session.endReason);
+    loadHistorySoon();
+  });
+  $("call").hidden = false;
+  renderCall(session);
+  return session;
+}
+
+// ------------------------------------------------------------------ call screen
+
+function renderCall(session) {
+  if (state.session !== session) return;
+  $("call-peer").textContent = session.peer;
+  avatar($("call-avatar"), session.peer);
+  const video = session.media === "video";
+  $("audio-only").hidden = video;
+  $("remote-video").hidden = !video;
+  $("local-video").hidden = !video || !session.local;
+  $("btn-camera").hidden = !video;
+  if ($("local-video").srcObject !== session.local) $("local-video").srcObject = session.local;
+  const remoteEl = video ? $("remote-video") : $("remote-audio");
+  if (remoteEl.srcObject !== session.remote && session.remote.getTracks().length) remoteEl.srcObject = session.remote;
+  $("call-status").textContent = session.status;
+  $("call-quality").textContent = session.quality ? `${session.quality[0].toUpperCase()}${session.quality.slice(1)} connection` : "";
+  $("call-quality").className = `quality ${session.quality || ""}`;
+  $("e2ee").hidden = !session.safetyCode;
+  $("safety-code").textContent = session.safetyCode || "";
+  $("btn-mute").classList.toggle("off", session.muted);
+  $("btn-mute").querySelector("use").setAttribute("href", session.muted ? "#i-mic-off" : "#i-mic");
+  $("btn-mute").title = session.muted ? "Unmute" : "Mute";
+  $("btn-camera").classList.toggle("off", session.cameraOff);
+  $("btn-camera").querySelector("use").setAttribute("href", session.cameraOff ? "#i-video-off" : "#i-video");
+  $("btn-camera").title = session.cameraOff ? "Camera on" : "Camera off";
+  renderCallClock();
+}
+
+function renderCallClock() {
+  const session = state.session;
+  $("call-timer").textContent = session && session.connectedAt
+    ? duration((Date.now() - session.connectedAt) / 1000) : "";
+}
+
+$("btn-hangup").addEventListener("click", () => state.session && state.session.hangup());
+$("btn-mute").addEventListener("click", () => state.session && state.session.setMuted(!state.session.muted));
+$("btn-camera").addEventListener("click", () => state.session && state.session.setCameraOff(!state.session.cameraOff));
+$("btn-report").addEventListener("click", () => state.session && report(state.session.callId, state.session.peer));
+$("btn-block").addEventListener("click", () => state.session && block(state.session.peer));
+
+// ------------------------------------------------------------------ boot
+
+for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => showView(tab.dataset.view));
+$("signout").addEventListener("click", signOut);
+$("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  signIn(async () => $("token-input").value.trim());
+});
+window.addEventListener("beforeunload", () => {
+  if (state.session && !state.session.ended) state.session.hangup();
+});
+window.addEventListener("focus", () => state.api && state.view === "inbox" && refreshPermissions());
+
+// For tests and the curious: the live state of this tab.
+window.dmcall = {
+  get me() { return state.me; },
+  get deviceId() { return state.deviceId; },
+  get session() { return state.session; },
+  get ringing() { return [...state.ringing.keys()]; },
+};
+
+async function boot() {
+  state.config = await loadConfig();
+  const token = localStorage.getItem(TOKEN_KEY);
+  if (token && tokenSubject(token)) startApp(token);
+  else showSignIn();
+}
+
+boot().catch((error) => {
+  document.body.textContent = `dmcall could not start: ${error.message}`;
+});

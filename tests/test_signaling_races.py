@@ -1,0 +1,206 @@
+"""The call service in-process against the real Redis and RabbitMQ, where a test must
+choose the order of things: glare either way round and at the same instant, many
+instances firing one ring timer, an outbox event whose committer died, duplicated and
+out-of-order events."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from services.signaling.calls import CallService
+from services.signaling.domain import Call, utcnow
+from services.signaling.presence import Hub
+from services.signaling.settings import SignalingSettings
+from services.signaling.store import CallStore, Commit
+from shared import redis as shared_redis
+from shared.bus import Bus
+from shared.contracts import (
+    CallAuthorized,
+    CallMediaConnected,
+    CallMissed,
+    CallState,
+    EventType,
+    MediaKind,
+    parse_event,
+)
+from shared.media_registry import MediaNode, MediaRegistry
+from tests.conftest import Infra
+from tests.support.signaling import EventTap, event_tap
+from tests.support.waiting import eventually
+
+NODE = MediaNode(node_id="node-a", url="http://127.0.0.1:9/", capacity=10, load=0)
+
+
+@dataclass
+class Instance:
+    service: CallService
+    store: CallStore
+
+
+@pytest.fixture
+async def instances(
+    make_settings: Callable[..., Any], infra: Infra, namespace: str
+) -> AsyncIterator[tuple[Callable[[int], Any], EventTap]]:
+    opened: list[tuple[Bus, Redis]] = []
+
+    async def make(count: int) -> list[Instance]:
+        out = []
+        for index in range(count):
+            settings: SignalingSettings = make_settings(
+                SignalingSettings, instance_id=f"sig-{index}", outbox_lease_ms=500
+            )
+            redis = shared_redis.connect(settings, name=f"test-signaling-{index}")
+            bus = Bus(settings, redis, "signaling")
+            await asyncio.wait_for(bus.start(), 15)
+            opened.append((bus, redis))
+            store = CallStore(redis, settings, outbox_lease_ms=settings.outbox_lease_ms)
+            registry = MediaRegistry(redis, settings)
+            await registry.heartbeat(NODE, ttl_s=300)
+            hub = Hub(store, bus, settings.instance_id)
+            out.append(Instance(CallService(settings, store, hub, bus, registry), store))
+        return out
+
+    async with event_tap(infra.rabbitmq_url, namespace) as tap:
+        yield make, tap
+    for bus, redis in opened:
+        await bus.close()
+        await redis.aclose()
+
+
+async def place(one: Instance, caller: str, callee: str, device: str) -> Call:
+    return await one.service.place(
+        caller, callee, MediaKind.AUDIO, device_id=device, idempotency_key=None
+    )
+
+
+def authorized(call: Call) -> CallAuthorized:
+    return CallAuthorized(
+        call_id=call.call_id, caller=call.caller, callee=call.callee, media=call.media
+    )
+
+
+async def state_of(one: Instance, call: Call) -> Call:
+    got = await one.store.get(call.call_id)
+    assert got is not None
+    return got
+
+
+async def test_glare_when_the_call_being_authorized_is_the_lesser(
+    instances: tuple[Callable[[int], Any], EventTap],
+) -> None:
+    make, tap = instances
+    (one,) = await make(1)
+    x = await place(one, "alice", "bob", "a1")
+    await asyncio.sleep(0.002)  # ids are time-ordered to the millisecond
+    y = await place(one, "bob", "alice", "b1")
+    assert x.call_id < y.call_id
+    await one.service.authorized(authorized(y))  # y rings first
+    assert (await state_of(one, y)).state is CallState.RINGING
+    await one.service.authorized(authorized(x))  # x, the lesser, wins and connects at once
+    won, lost = await state_of(one, x), await state_of(one, y)
+    assert won.state is CallState.ACCEPTED and won.answered_device == "b1"
+    assert won.media_node == NODE.node_id
+    assert (lost.state, lost.replaced_by) == (CallState.CANCELLED, x.call_id)
+    await eventually(lambda: tap.of(EventType.CALL_ACCEPTED, x.call_id))
+    assert tap.of(EventType.CALL_CANCELLED, y.call_id)
+    assert tap.of(EventType.CALL_RINGING, x.call_id) == []
+    history = await one.service.history("alice", limit=10, before=None)
+    assert [c["call_id"] for c in history[0]] == [x.call_id]
+
+
+async def test_glare_authorized_at_the_same_instant_on_two_instances_keeps_one_call(
+    instances: tuple[Callable[[int], Any], EventTap],
+) -> None:
+    make, _tap = instances
+    one, two = await make(2)
+    for _ in range(5):
+        x = await place(one, "carol", "dave", "c1")
+        y = await place(two, "dave", "carol", "d1")
+        await asyncio.gather(
+            one.service.authorized(authorized(x)), two.service.authorized(authorized(y))
+        )
+        states = {(await state_of(one, c)).state for c in (x, y)}
+        assert states == {CallState.ACCEPTED, CallState.CANCELLED}
+        lesser = min((x, y), key=lambda c: c.call_id)
+        assert (await state_of(one, lesser)).state is CallState.ACCEPTED
+        await one.service.hangup("carol", lesser.call_id)
+
+
+async def test_many_instances_fire_one_ring_timer_exactly_once(
+    instances: tuple[Callable[[int], Any], EventTap],
+) -> None:
+    make, tap = instances
+    many = await make(4)
+    call = await place(many[0], "erin", "frank", "e1")
+    await many[0].service.authorized(authorized(call))
+    ringing = await state_of(many[0], call)
+    # Pull the deadline into the past, as if the ring timeout had passed.
+    past = replace(ringing, ring_deadline=utcnow() - timedelta(milliseconds=10))
+    commit = Commit()
+    many[0].store.stage(commit, ringing, past)
+    await many[0].store.commit(commit)
+    fired = await asyncio.gather(*(i.service.ring_timeout(call.call_id) for i in many * 3))
+    assert sum(fired) == 1
+    assert (await state_of(many[0], call)).state is CallState.MISSED
+    await eventually(lambda: tap.of(EventType.CALL_MISSED, call.call_id))
+    await asyncio.sleep(0.5)
+    assert len(tap.of(EventType.CALL_MISSED, call.call_id)) == 1
+    assert await many[0].store.due_rings(2**62) == []
+
+
+async def test_an_event_whose_committer_died_is_published_by_another_instance(
+    instances: tuple[Callable[[int], Any], EventTap],
+) -> None:
+    make, tap = instances
+    one, two = await make(2)
+    # A commit with an event, and no publish after it: its instance "died" there.
+    call = await place(one, "gina", "hal", "g1")
+    current = await state_of(one, call)
+    missed_event = CallMissed(
+        call_id=call.call_id, caller="gina", callee="hal", media=MediaKind.AUDIO
+    )
+    commit = Commit(events=[missed_event])
+    one.store.stage(commit, current, current)
+    await one.store.commit(commit)
+    assert await two.store.claim_outbox() == []  # still leased to its committer
+    await asyncio.sleep(0.6)
+    claimed = await two.store.claim_outbox()
+    assert [event_id for event_id, _ in claimed] == [str(missed_event.event_id)]
+    assert await one.store.claim_outbox() == []  # now leased to the second instance
+    await two.service.publish([parse_event(body) for _, body in claimed])
+    await eventually(lambda: tap.of(EventType.CALL_MISSED, call.call_id))
+    assert tap.of(EventType.CALL_MISSED, call.call_id)[0]["event_id"] == str(missed_event.event_id)
+    await asyncio.sleep(0.6)
+    assert await one.store.claim_outbox() == []  # published: gone from the outbox
+
+
+async def test_duplicated_and_out_of_order_events_change_nothing_twice(
+    instances: tuple[Callable[[int], Any], EventTap],
+) -> None:
+    make, tap = instances
+    (one,) = await make(1)
+    call = await place(one, "ivan", "judy", "i1")
+    early = CallMediaConnected(call_id=call.call_id, node_id=NODE.node_id)
+    await one.service.media_connected(early)  # before accept: refused, dropped
+    assert (await state_of(one, call)).state is CallState.REQUESTED
+    event = authorized(call)
+    await asyncio.gather(*(one.service.authorized(event) for _ in range(3)))
+    await one.service.authorized(authorized(call))  # a second event id, same verdict
+    assert (await state_of(one, call)).state is CallState.RINGING
+    await eventually(lambda: tap.of(EventType.CALL_RINGING, call.call_id))
+    await asyncio.sleep(0.3)
+    assert len(tap.of(EventType.CALL_RINGING, call.call_id)) == 1
+    await one.service.accept("judy", call.call_id, "j1")
+    stranger = CallMediaConnected(call_id=call.call_id, node_id="another-node")
+    await one.service.media_connected(stranger)
+    assert (await state_of(one, call)).state is CallState.ACCEPTED
+    await one.service.media_connected(early)
+    await one.service.media_connected(early)
+    assert (await state_of(one, call)).state is CallState.ACTIVE
