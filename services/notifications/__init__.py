@@ -1,0 +1,1 @@
+"""The notifications service: incoming- and missed-call notifications: inbox, live stream, push."""

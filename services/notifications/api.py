@@ -1,0 +1,348 @@
+"""HTTP routes of the notifications service: the inbox, the live stream, push targets.
+
+A user only ever reaches their own notifications and devices: every route takes the user
+from the token, and a device or notification of someone else is answered 404, exactly as
+one that does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from enum import StrEnum
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
+from prometheus_client import Gauge
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.notifications.live import LiveHub
+from services.notifications.push import UrlRefused, check_url_shape, resolve_allowed
+from services.notifications.settings import NotificationsSettings
+from services.notifications.store import Device, NotificationStore, StreamEntry, parse_stream_id
+from shared.auth import CurrentUser, StreamUser
+from shared.service import app_state
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+SSE_BATCH = 200
+SSE_STREAMS = Gauge("dmcall_notifications_sse_streams", "Open notification streams")
+
+NotificationId = Annotated[
+    str, Path(max_length=64, description="A notification id, e.g. 1732172400000-0")
+]
+DeviceId = Annotated[str, Path(max_length=64, description="A device id from POST /v1/devices")]
+
+
+# --------------------------------------------------------------------------- dependencies
+
+
+async def store_of(request: Request) -> NotificationStore:
+    return app_state(request, "notification_store", NotificationStore)
+
+
+async def hub_of(request: Request) -> LiveHub:
+    return app_state(request, "live_hub", LiveHub)
+
+
+async def settings_of(request: Request) -> NotificationsSettings:
+    return app_state(request, "settings", NotificationsSettings)
+
+
+Store = Annotated[NotificationStore, Depends(store_of)]
+Hub = Annotated[LiveHub, Depends(hub_of)]
+Settings = Annotated[NotificationsSettings, Depends(settings_of)]
+
+
+# --------------------------------------------------------------------------- models
+
+
+class NotificationOut(BaseModel):
+    """A notification in the inbox (the live stream sends the same object, without ``read``)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    id: str = Field(description="Also the SSE event id; grows with time")
+    kind: str = Field(description="incoming_call | missed_call")
+    call_id: str
+    from_: str = Field(alias="from", serialization_alias="from")
+    media: str | None = Field(description="audio | video; null when unknown")
+    created_at: str
+    read: bool
+    ring_deadline: str | None = Field(None, description="incoming_call only")
+
+
+class UnreadCount(BaseModel):
+    unread: int
+
+
+class DeviceKind(StrEnum):
+    WEBHOOK = "webhook"
+
+
+class DeviceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: DeviceKind = Field(description="webhook (Web Push is not offered by this deployment)")
+    url: str = Field(min_length=1, max_length=2048, description="http(s) URL that receives pushes")
+
+
+class DeviceOut(BaseModel):
+    id: str
+    kind: str
+    url: str
+    created_at: str
+    status: str = Field(description="active | removed")
+    removed_at: str | None = None
+    removed_reason: str | None = Field(None, description="deleted | gone (the target said 410)")
+
+
+class DeviceCreated(DeviceOut):
+    secret: str = Field(description="HMAC-SHA256 key of X-Dmcall-Signature; shown only once")
+
+
+class DeliveryOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    delivery_id: str = Field(description="The same on every attempt of one push")
+    notification_id: str
+    kind: str | None
+    attempt: int
+    outcome: str = Field(description="delivered | retrying | dead_lettered | gone | expired")
+    status: int | None = Field(description="The receiver's HTTP status, if it answered")
+    error: str | None
+    at: str
+    duration_ms: float
+
+
+def _not_found(what: str) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no such {what}")
+
+
+# --------------------------------------------------------------------------- inbox
+
+
+@router.get(
+    "/v1/notifications",
+    response_model=list[NotificationOut],
+    response_model_by_alias=True,
+    summary="My notifications, newest first",
+    tags=["notifications"],
+)
+async def list_notifications(
+    user: CurrentUser,
+    store: Store,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    before: Annotated[
+        str | None, Query(max_length=64, description="Page past this notification id")
+    ] = None,
+) -> list[dict[str, Any]]:
+    return await store.inbox(user, limit=limit, before=before)
+
+
+@router.get(
+    "/v1/notifications/unread-count",
+    response_model=UnreadCount,
+    summary="How many of my notifications are unread",
+    tags=["notifications"],
+)
+async def unread_count(user: CurrentUser, store: Store) -> UnreadCount:
+    return UnreadCount(unread=await store.unread_count(user))
+
+
+@router.post(
+    "/v1/notifications/read-all",
+    response_model=UnreadCount,
+    summary="Mark all my notifications read",
+    tags=["notifications"],
+)
+async def read_all(user: CurrentUser, store: Store) -> UnreadCount:
+    await store.mark_all_read(user)
+    return UnreadCount(unread=0)
+
+
+@router.post(
+    "/v1/notifications/{notification_id}/read",
+    response_model=NotificationOut,
+    response_model_by_alias=True,
+    summary="Mark one of my notifications read",
+    responses={404: {"description": "No such notification of mine"}},
+    tags=["notifications"],
+)
+async def mark_read(
+    notification_id: NotificationId, user: CurrentUser, store: Store
+) -> dict[str, Any]:
+    if parse_stream_id(notification_id) is None:
+        raise _not_found("notification")
+    notification = await store.mark_read(user, notification_id)
+    if notification is None:
+        raise _not_found("notification")
+    return notification
+
+
+# --------------------------------------------------------------------------- live stream
+
+
+def _sse(entry: StreamEntry) -> str:
+    return f"id: {entry.id}\ndata: {json.dumps(entry.as_event(), separators=(',', ':'))}\n\n"
+
+
+@router.get(
+    "/v1/notifications/stream",
+    summary="My notifications as Server-Sent Events",
+    description="Live `incoming_call`, `missed_call` and `ring_stopped` objects, each with an "
+    "`id:` line. Reconnect with `Last-Event-ID` (the header an EventSource sends, or "
+    "`?last_event_id=`) to receive what was missed, once. Without it the stream starts "
+    "with what happens next. The token may be passed as `?token=`.",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        400: {"description": "Last-Event-ID is not an id this service gave"},
+    },
+    tags=["notifications"],
+)
+async def stream(
+    request: Request,
+    principal: StreamUser,
+    store: Store,
+    hub: Hub,
+    settings: Settings,
+    last_event_id: Annotated[str | None, Query(max_length=64)] = None,
+) -> StreamingResponse:
+    user = principal.user_id
+    resume = request.headers.get("last-event-id") or last_event_id
+    if resume is not None and parse_stream_id(resume) is None:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="Last-Event-ID is not valid")
+    return StreamingResponse(
+        _events(store, hub, settings, user, resume),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _events(
+    store: NotificationStore,
+    hub: LiveHub,
+    settings: NotificationsSettings,
+    user: str,
+    resume: str | None,
+) -> AsyncIterator[str]:
+    # Registered before the first read, so nothing published after it waits for a keep-alive.
+    wake = hub.register(user)
+    SSE_STREAMS.inc()
+    try:
+        position = resume if resume is not None else await store.stream_tail(user)
+        yield f"retry: {settings.sse_retry_ms}\n\n"
+        if resume is not None and await store.stream_lost_after(user, resume):
+            # Some of what was missed is no longer kept: the client should reload its inbox.
+            yield 'event: resync\ndata: {"kind":"resync","reason":"history_trimmed"}\n\n'
+        while True:
+            wake.clear()
+            entries = await store.stream_after(user, position, SSE_BATCH)
+            for entry in entries:
+                yield _sse(entry)
+                position = entry.id
+            if len(entries) == SSE_BATCH:
+                continue
+            if hub.closing:
+                return
+            try:
+                await asyncio.wait_for(wake.wait(), settings.sse_keepalive_s)
+            except TimeoutError:
+                yield ": keep-alive\n\n"
+    finally:
+        hub.unregister(user, wake)
+        SSE_STREAMS.dec()
+
+
+# --------------------------------------------------------------------------- devices
+
+
+async def _own_device(store: NotificationStore, user: str, device_id: str) -> Device:
+    device = await store.device(device_id)
+    if device is None or device.user != user:
+        raise _not_found("device")
+    return device
+
+
+@router.post(
+    "/v1/devices",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DeviceCreated,
+    summary="Register a webhook push target",
+    responses={
+        409: {"description": "Too many devices"},
+        422: {"description": "Bad URL, or one resolving to a private address"},
+    },
+    tags=["devices"],
+)
+async def register_device(
+    body: DeviceIn, user: CurrentUser, store: Store, settings: Settings, response: Response
+) -> DeviceCreated:
+    try:
+        check_url_shape(body.url)
+        await resolve_allowed(body.url, allow_private=settings.webhook_allow_private)
+    except UrlRefused as exc:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail={"message": str(exc), "reason": exc.reason},
+        ) from exc
+    device = await store.add_device(user, body.kind.value, body.url)
+    if device is None:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"at most {settings.max_devices_per_user} devices per user",
+        )
+    response.headers["Location"] = f"/v1/devices/{device.id}"
+    return DeviceCreated(**device.public(), secret=device.secret)
+
+
+@router.get(
+    "/v1/devices", response_model=list[DeviceOut], summary="My push targets", tags=["devices"]
+)
+async def list_devices(user: CurrentUser, store: Store) -> list[DeviceOut]:
+    return [DeviceOut(**d.public()) for d in await store.devices(user)]
+
+
+@router.get(
+    "/v1/devices/{device_id}",
+    response_model=DeviceOut,
+    summary="One of my push targets (also a removed one, for a while)",
+    tags=["devices"],
+)
+async def get_device(device_id: DeviceId, user: CurrentUser, store: Store) -> DeviceOut:
+    return DeviceOut(**(await _own_device(store, user, device_id)).public())
+
+
+@router.delete(
+    "/v1/devices/{device_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Stop pushing to a target",
+    tags=["devices"],
+)
+async def delete_device(device_id: DeviceId, user: CurrentUser, store: Store) -> Response:
+    device = await _own_device(store, user, device_id)
+    if device.active:
+        await store.remove_device(device, "deleted")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get(
+    "/v1/devices/{device_id}/deliveries",
+    response_model=list[DeliveryOut],
+    summary="The last push attempts to a target, newest first",
+    tags=["devices"],
+)
+async def deliveries(
+    device_id: DeviceId,
+    user: CurrentUser,
+    store: Store,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> list[dict[str, Any]]:
+    await _own_device(store, user, device_id)
+    return await store.deliveries(device_id, limit)

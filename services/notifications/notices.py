@@ -1,0 +1,140 @@
+"""What each call event tells whom: the pure mapping from events to notifications.
+
+Only the callee is notified: their devices ring, stop ringing, and learn of a missed call.
+The caller hears the outcome on signaling's WebSocket.
+
+| event | notifications for the callee |
+|---|---|
+| ``call_ringing`` | ``incoming_call`` (high priority, with ``ring_deadline``) |
+| ``call_accepted`` / ``call_declined`` / ``call_cancelled`` | ``ring_stopped`` |
+| ``call_missed`` | ``ring_stopped``, then ``missed_call`` |
+| ``call_ended`` | ``ring_stopped``; also ``missed_call`` when the reason is busy or missed |
+
+A (user, call, kind) notification is made at most once (see store.py): a call that stopped
+ringing stops once, a missed call is missed once even if both ``call_missed`` and
+``call_ended(busy)`` arrive, and an ``incoming_call`` that arrives after its call stopped
+ringing (out of order) is not made at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from shared.contracts import (
+    CallAccepted,
+    CallCancelled,
+    CallDeclined,
+    CallEnded,
+    CallMissed,
+    CallRinging,
+    EndReason,
+    Event,
+)
+
+
+class NoticeKind(StrEnum):
+    INCOMING_CALL = "incoming_call"
+    MISSED_CALL = "missed_call"
+    RING_STOPPED = "ring_stopped"
+
+    @property
+    def in_inbox(self) -> bool:
+        """Inbox notifications are kept and listed; ``ring_stopped`` is only streamed and pushed."""
+        return self is not NoticeKind.RING_STOPPED
+
+
+class RingStopReason(StrEnum):
+    ANSWERED = "answered"
+    DECLINED = "declined"
+    CANCELLED = "cancelled"
+    MISSED = "missed"
+    ENDED = "ended"
+
+
+class Priority(StrEnum):
+    HIGH = "high"
+    """Wake the phone now (a call screen: iOS CallKit, Android full-screen intent)."""
+    NORMAL = "normal"
+
+
+MISSED_END_REASONS = frozenset({EndReason.BUSY, EndReason.MISSED})
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """One notification for one user, before it has an id."""
+
+    user: str
+    kind: NoticeKind
+    call_id: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    """The notification object as clients see it, minus ``id`` (and ``read`` for the inbox)."""
+
+    @property
+    def priority(self) -> Priority:
+        return Priority.HIGH if self.kind is NoticeKind.INCOMING_CALL else Priority.NORMAL
+
+
+def _when(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _ring_stopped(event: Event, callee: str, call_id: str, reason: RingStopReason) -> Notice:
+    fields: dict[str, Any] = {
+        "kind": NoticeKind.RING_STOPPED.value,
+        "call_id": call_id,
+        "reason": reason.value,
+        "created_at": _when(event.occurred_at),
+    }
+    if isinstance(event, CallAccepted):
+        fields["device_id"] = event.device_id
+    return Notice(callee, NoticeKind.RING_STOPPED, call_id, fields)
+
+
+def _missed(event: Event, caller: str, callee: str, call_id: str, media: str | None) -> Notice:
+    fields = {
+        "kind": NoticeKind.MISSED_CALL.value,
+        "call_id": call_id,
+        "from": caller,
+        "media": media,
+        "created_at": _when(event.occurred_at),
+    }
+    return Notice(callee, NoticeKind.MISSED_CALL, call_id, fields)
+
+
+def notices_for(event: Event, *, known_media: str | None = None) -> list[Notice]:
+    """The notifications one event makes, in the order they are to be delivered.
+
+    ``known_media`` is the call's media when the event does not carry it (``call_ended``),
+    as remembered from its ``call_ringing``; ``None`` when unknown.
+    """
+    if isinstance(event, CallRinging):
+        fields = {
+            "kind": NoticeKind.INCOMING_CALL.value,
+            "call_id": event.call_id,
+            "from": event.caller,
+            "media": event.media.value,
+            "created_at": _when(event.occurred_at),
+            "ring_deadline": _when(event.ring_deadline),
+        }
+        return [Notice(event.callee, NoticeKind.INCOMING_CALL, event.call_id, fields)]
+    if isinstance(event, CallAccepted):
+        return [_ring_stopped(event, event.callee, event.call_id, RingStopReason.ANSWERED)]
+    if isinstance(event, CallDeclined):
+        return [_ring_stopped(event, event.callee, event.call_id, RingStopReason.DECLINED)]
+    if isinstance(event, CallCancelled):
+        return [_ring_stopped(event, event.callee, event.call_id, RingStopReason.CANCELLED)]
+    if isinstance(event, CallMissed):
+        return [
+            _ring_stopped(event, event.callee, event.call_id, RingStopReason.MISSED),
+            _missed(event, event.caller, event.callee, event.call_id, event.media.value),
+        ]
+    if isinstance(event, CallEnded):
+        notices = [_ring_stopped(event, event.callee, event.call_id, RingStopReason.ENDED)]
+        if event.reason in MISSED_END_REASONS:
+            notices.append(_missed(event, event.caller, event.callee, event.call_id, known_media))
+        return notices
+    return []

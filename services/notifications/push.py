@@ -1,0 +1,413 @@
+"""Webhook push: signing, the address guard, and the worker that delivers queued pushes.
+
+Where pushes wait (nothing is held only in memory, so a restart loses nothing):
+
+- ``push:jobs`` (a Redis stream with consumer group ``push``): one job per (notification,
+  device), written in the same transaction as the notification (store.py). Every instance
+  reads it with XREADGROUP; a job is pending until its attempt is over.
+- An attempt ends atomically (MULTI): the entry is acked and deleted, the attempt is logged
+  for the device, and the job is either done, rescheduled in ``push:retry`` (a ZSET scored
+  by due time) or parked in ``push:dlq``.
+- A mover on every instance puts due retries back on ``push:jobs`` (one Lua script, so a
+  retry moves once however many instances run it).
+- A job taken by an instance that died stays pending; after ``push_claim_idle_ms`` another
+  instance claims it (XAUTOCLAIM) and delivers it. Deliveries are therefore at least once:
+  the ``X-Dmcall-Delivery`` header is the same on every attempt of one job, so a receiver
+  can drop a repeat.
+
+Outcomes: 2xx delivered; 410 Gone removes the device; a timeout, a connection error, 408,
+429 or 5xx is retried with exponential backoff (``base * 2^(attempt-1)``, capped, with
+jitter) up to ``push_max_attempts``, then dead-lettered; any other status (a receiver that
+refuses the request) and an address that became private are dead-lettered at once, since
+repeating cannot help. An ``incoming_call`` whose ring deadline has passed is dropped as
+``expired`` instead of being tried again: a call screen for a call that stopped ringing is
+worse than none.
+
+The guard: a webhook URL must be http(s) and every address its host resolves to must be
+public (not private, loopback, link-local, multicast or reserved) unless
+``NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE`` is set. It is checked at registration and again
+before every attempt (DNS may change), and the request goes to the address that was checked
+(the URL's host stays in ``Host`` and TLS SNI), so DNS rebinding cannot redirect it.
+Redirects are not followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from prometheus_client import Counter
+
+from services.notifications.notices import NoticeKind, Priority
+from services.notifications.settings import NotificationsSettings
+from services.notifications.store import Device, NotificationStore, PushJob, utc_iso
+from shared.service import TaskSet
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Dmcall-Signature"
+DELIVERY_HEADER = "X-Dmcall-Delivery"
+USER_AGENT = "dmcall-notifications/1.0"
+MAX_URL_LENGTH = 2048
+
+PUSHES = Counter(
+    "dmcall_notifications_push_total",
+    "Webhook push attempts by outcome",
+    ["outcome"],
+)
+
+
+# --------------------------------------------------------------------------- signing
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    """The ``X-Dmcall-Signature`` value: ``t=<unix>,v1=<hex HMAC-SHA256(secret, "t.body")>``."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
+
+
+def verify(secret: str, body: bytes, header: str, *, now: int, tolerance_s: int = 300) -> bool:
+    """What a receiver does (docs/notifications.md has the same code to copy)."""
+    parts = dict(p.split("=", 1) for p in header.split(",") if "=" in p)
+    try:
+        timestamp = int(parts["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs(now - timestamp) > tolerance_s:
+        return False
+    expected = sign(secret, body, timestamp).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, parts.get("v1", ""))
+
+
+def backoff_ms(attempt: int, base_ms: int, cap_ms: int, rand: Callable[[], float]) -> int:
+    """Delay after failed attempt ``attempt`` (1-based): base * 2^(attempt-1), capped, with
+    "equal jitter" (half fixed, half random) so retries of many pushes do not align."""
+    ceiling = min(cap_ms, base_ms * (2 ** (attempt - 1)))
+    return int(ceiling / 2 + rand() * ceiling / 2)
+
+
+# --------------------------------------------------------------------------- address guard
+
+
+class UrlRefused(ValueError):
+    """A webhook URL that may not be used; ``reason`` is a stable code for clients."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def is_public_address(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def check_url_shape(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an acceptable URL, or UrlRefused."""
+    if len(url) > MAX_URL_LENGTH:
+        raise UrlRefused("invalid_url", f"url is longer than {MAX_URL_LENGTH} characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise UrlRefused("invalid_url", f"url is not valid: {exc}") from exc
+    if parts.scheme not in ("http", "https"):
+        raise UrlRefused("invalid_url", "url must be http:// or https://")
+    if not parts.hostname:
+        raise UrlRefused("invalid_url", "url has no host")
+    if parts.username is not None or parts.password is not None:
+        raise UrlRefused("invalid_url", "url must not carry credentials")
+    if parts.fragment:
+        raise UrlRefused("invalid_url", "url must not have a fragment")
+    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
+
+
+async def resolve_allowed(url: str, *, allow_private: bool) -> str:
+    """The address to send to: the URL's host resolved, every address checked."""
+    _scheme, host, port = check_url_shape(url)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+    except (OSError, UnicodeError) as exc:
+        raise UrlRefused("unresolvable_host", f"host {host!r} does not resolve") from exc
+    addresses = [str(info[4][0]) for info in infos]
+    if not addresses:
+        raise UrlRefused("unresolvable_host", f"host {host!r} does not resolve")
+    if not allow_private:
+        for address in addresses:
+            if not is_public_address(address):
+                raise UrlRefused(
+                    "private_address",
+                    f"host {host!r} resolves to a private or loopback address; webhooks "
+                    "must be public (see NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE)",
+                )
+    return addresses[0]
+
+
+def pinned(url: str, address: str) -> tuple[str, str, str]:
+    """(url with the host replaced by ``address``, Host header, TLS server name)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    literal = f"[{address}]" if ":" in address else address
+    netloc = f"{literal}:{parts.port}" if parts.port else literal
+    host_header = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=netloc)), host_header, host
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """How one attempt went."""
+
+    outcome: str
+    """delivered | retrying | dead_lettered | gone | expired"""
+    status: int | None = None
+    error: str | None = None
+
+
+class PushWorker:
+    """Delivers the push jobs of ``push:jobs``; every instance runs one."""
+
+    def __init__(
+        self,
+        store: NotificationStore,
+        settings: NotificationsSettings,
+        client: httpx.AsyncClient,
+        consumer: str,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.client = client
+        self.consumer = consumer
+        self._slots = asyncio.Semaphore(settings.push_concurrency)
+        self._inflight = TaskSet()
+        self._running = 0
+        self._random = random.SystemRandom()
+
+    async def close(self) -> None:
+        await self._inflight.close()
+
+    # ------------------------------------------------------------------ loops
+
+    async def run_fetcher(self) -> None:
+        await _until_ok(self.store.ensure_push_group, "create the push consumer group")
+        while True:
+            try:
+                await self._slots.acquire()  # wait for a free slot before taking work
+                self._slots.release()
+                free = max(self.settings.push_concurrency - self._running, 1)
+                jobs = await self.store.take_jobs(self.consumer, free, block_ms=2000)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("taking push jobs failed (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(Exception):
+                    await self.store.ensure_push_group()
+                continue
+            for entry_id, job in jobs:
+                await self._dispatch(entry_id, job)
+
+    async def run_mover(self) -> None:
+        while True:
+            try:
+                moved, next_due = await self.store.move_due_retries(_now_ms())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("moving due push retries failed (%s)", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if moved:
+                continue
+            wait_s = 0.5 if next_due is None else (next_due - _now_ms()) / 1000
+            await asyncio.sleep(min(max(wait_s, 0.02), 0.5))
+
+    async def run_reclaimer(self) -> None:
+        idle = self.settings.push_claim_idle_ms
+        while True:
+            await asyncio.sleep(min(idle / 2000, 30.0))
+            try:
+                jobs = await self.store.reclaim_jobs(self.consumer, idle)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("reclaiming push jobs failed (%s)", exc)
+                continue
+            for entry_id, job in jobs:
+                log.info("took over push job %s from a consumer that stopped", entry_id)
+                await self._dispatch(entry_id, job)
+
+    async def _dispatch(self, entry_id: str, job: PushJob | None) -> None:
+        await self._slots.acquire()
+        self._running += 1
+        self._inflight.spawn(self._run_one(entry_id, job), name=f"push-{entry_id}")
+
+    async def _run_one(self, entry_id: str, job: PushJob | None) -> None:
+        try:
+            if job is None:
+                log.error("push job %s cannot be decoded; dead-lettering it", entry_id)
+                await self.store.finish_job(entry_id, dead_letter=("{}", "undecodable job"))
+                return
+            await self.deliver(entry_id, job)
+        except asyncio.CancelledError:
+            raise  # the job stays pending; an instance claims it after push_claim_idle_ms
+        except Exception:
+            log.exception("push job %s failed; it will be claimed again", entry_id)
+        finally:
+            self._running -= 1
+            self._slots.release()
+
+    # ------------------------------------------------------------------ one attempt
+
+    async def deliver(self, entry_id: str, job: PushJob) -> Attempt:
+        device = await self.store.device(job.device)
+        if device is None or not device.active:
+            await self.store.finish_job(entry_id)  # the target is gone: nothing to do
+            PUSHES.labels("dropped").inc()
+            return Attempt("dropped")
+        notification = {"id": job.nid, **json.loads(job.notification)}
+        started = time.perf_counter()
+        attempt = await self._attempt(device, job, notification)
+        record = {
+            "delivery_id": job.id,
+            "notification_id": job.nid,
+            "kind": notification.get("kind"),
+            "attempt": job.attempt,
+            "outcome": attempt.outcome,
+            "status": attempt.status,
+            "error": attempt.error,
+            "at": utc_iso(),
+            "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
+        retry = None
+        dead = None
+        if attempt.outcome == "retrying":
+            delay = backoff_ms(
+                job.attempt,
+                self.settings.push_backoff_base_ms,
+                self.settings.push_backoff_max_ms,
+                self._random.random,
+            )
+            record["next_attempt_at"] = utc_iso(
+                datetime.fromtimestamp((_now_ms() + delay) / 1000, UTC)
+            )
+            retry = (job.next_attempt(), _now_ms() + delay)
+        elif attempt.outcome == "dead_lettered":
+            dead = (job.to_json(), attempt.error or f"HTTP {attempt.status}")
+        await self.store.finish_job(
+            entry_id, record=record, device_id=device.id, retry=retry, dead_letter=dead
+        )
+        if attempt.outcome == "gone":
+            await self.store.remove_device(device, "gone")
+            log.info("device %s answered 410 Gone: removed", device.id)
+        PUSHES.labels(attempt.outcome).inc()
+        return attempt
+
+    async def _attempt(self, device: Device, job: PushJob, notification: dict[str, Any]) -> Attempt:
+        kind = notification.get("kind")
+        priority = Priority.HIGH if kind == NoticeKind.INCOMING_CALL else Priority.NORMAL
+        if kind == NoticeKind.INCOMING_CALL and _deadline_passed(notification):
+            return Attempt("expired", error="the call stopped ringing before delivery")
+        try:
+            address = await resolve_allowed(
+                device.url, allow_private=self.settings.webhook_allow_private
+            )
+        except UrlRefused as exc:
+            if exc.reason == "unresolvable_host":
+                return self._failed(job, None, str(exc))
+            return Attempt("dead_lettered", error=str(exc))
+        payload: dict[str, Any] = {
+            "delivery_id": job.id,
+            "device_id": device.id,
+            "user": job.user,
+            "priority": priority.value,
+            "notification": notification,
+        }
+        if "ring_deadline" in notification:
+            payload["ring_deadline"] = notification["ring_deadline"]
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        url, host_header, server_name = pinned(device.url, address)
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "Host": host_header,
+            SIGNATURE_HEADER: sign(device.secret, body, int(time.time())),
+            DELIVERY_HEADER: job.id,
+            "X-Dmcall-Attempt": str(job.attempt),
+            "X-Dmcall-Priority": priority.value,
+            "X-Dmcall-Kind": str(kind),
+        }
+        try:
+            response = await self.client.post(
+                url,
+                content=body,
+                headers=headers,
+                timeout=self.settings.push_timeout_s,
+                extensions={"sni_hostname": server_name},
+            )
+        except httpx.TimeoutException:
+            return self._failed(job, None, f"timed out after {self.settings.push_timeout_s}s")
+        except httpx.HTTPError as exc:
+            return self._failed(job, None, f"{type(exc).__name__}: {exc}")
+        status = response.status_code
+        if 200 <= status < 300:
+            return Attempt("delivered", status=status)
+        if status == 410:
+            return Attempt("gone", status=status)
+        if status >= 500 or status in (408, 429):
+            return self._failed(job, status, f"HTTP {status}")
+        return Attempt("dead_lettered", status=status, error=f"HTTP {status} (not retried)")
+
+    def _failed(self, job: PushJob, status: int | None, error: str) -> Attempt:
+        if job.attempt >= self.settings.push_max_attempts:
+            return Attempt("dead_lettered", status=status, error=f"{error} (last attempt)")
+        return Attempt("retrying", status=status, error=error)
+
+
+def _deadline_passed(notification: dict[str, Any]) -> bool:
+    raw = notification.get("ring_deadline")
+    if not isinstance(raw, str):
+        return False
+    try:
+        deadline = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return deadline < datetime.now(UTC)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def _until_ok(step: Callable[[], Any], what: str) -> None:
+    delay = 0.2
+    while True:
+        try:
+            await step()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("could not %s (%s); retrying", what, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -1,0 +1,594 @@
+"""The notifications service against the real broker, Redis and processes: events become
+exactly the notifications they should (with redelivery and two instances), the SSE stream
+over real HTTP (live, keep-alive, Last-Event-ID resume), webhooks against a real local
+receiver (signature, retries, dead letters, 410, the address guard), and isolation
+between users."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from services.notifications.push import verify
+from shared import redis as shared_redis
+from shared.bus import Bus
+from shared.contracts import (
+    CallAccepted,
+    CallCancelled,
+    CallDeclined,
+    CallEnded,
+    CallMissed,
+    CallRinging,
+    EndReason,
+    Event,
+    MediaKind,
+)
+from shared.settings import CommonSettings
+from tests.conftest import auth
+from tests.support.sse import open_stream
+from tests.support.waiting import eventually
+from tests.support.webhook_receiver import HANG, WebhookReceiver
+from tools.procs import ServiceProcess
+
+pytestmark = pytest.mark.asyncio
+
+Publish = Callable[[Event], Awaitable[None]]
+
+FAST = {
+    "NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE": "true",
+    "NOTIFICATIONS_SSE_KEEPALIVE_S": "1",
+    "NOTIFICATIONS_PUSH_TIMEOUT_S": "1",
+    "NOTIFICATIONS_PUSH_BACKOFF_BASE_MS": "100",
+    "NOTIFICATIONS_PUSH_BACKOFF_MAX_MS": "400",
+    "NOTIFICATIONS_PUSH_MAX_ATTEMPTS": "3",
+}
+
+
+@pytest.fixture
+async def publish(settings: CommonSettings) -> AsyncIterator[Publish]:
+    redis = shared_redis.connect(settings, name="test-signaling")
+    bus = Bus(settings, redis, "test-signaling")
+    await asyncio.wait_for(bus.start(), 15)
+    yield bus.publish
+    await bus.close()
+    await redis.aclose()
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    server = WebhookReceiver().start()
+    yield server
+    server.stop()
+
+
+def new_call() -> str:
+    return uuid.uuid4().hex
+
+
+def ringing(call_id: str, caller: str = "alice", callee: str = "bob") -> CallRinging:
+    return CallRinging(
+        call_id=call_id,
+        caller=caller,
+        callee=callee,
+        media=MediaKind.VIDEO,
+        ring_deadline=datetime.now(UTC) + timedelta(minutes=10),
+    )
+
+
+def parties(caller: str = "alice", callee: str = "bob") -> dict[str, str]:
+    return {"caller": caller, "callee": callee}
+
+
+async def inbox(proc: ServiceProcess, token: str) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(base_url=proc.url) as client:
+        response = await client.get("/v1/notifications?limit=500", headers=auth(token))
+        assert response.status_code == 200, response.text
+        return list(response.json())
+
+
+async def inbox_has(proc: ServiceProcess, token: str, count: int) -> list[dict[str, Any]]:
+    async def check() -> list[dict[str, Any]] | None:
+        items = await inbox(proc, token)
+        return items if len(items) >= count else None
+
+    return list(await eventually(check))
+
+
+# --------------------------------------------------------------------------- events
+
+
+async def test_every_event_makes_exactly_its_notifications_once_with_two_instances(
+    spawn: Callable[..., ServiceProcess], publish: Publish, token: Callable[..., str]
+) -> None:
+    first, second = spawn("notifications", **FAST), spawn("notifications", **FAST)
+    bob = token("bob")
+    calls = {name: new_call() for name in ("accepted", "declined", "cancelled", "missed", "busy")}
+    calls["hungup"] = new_call()
+
+    async with open_stream(second.url, token=bob) as live:
+        rings = {name: ringing(call_id) for name, call_id in calls.items()}
+        for event in rings.values():
+            await publish(event)
+            await publish(event)  # the same event delivered twice (the same event_id)
+        items = await inbox_has(first, bob, len(calls))
+        assert {i["kind"] for i in items} == {"incoming_call"}
+        incoming = {i["call_id"]: i for i in items}
+        assert set(incoming) == set(calls.values())
+        sample = incoming[calls["missed"]]
+        assert sample["from"] == "alice" and sample["media"] == "video"
+        assert sample["read"] is False and sample["ring_deadline"]
+        assert sample["created_at"].endswith("Z")
+
+        finals: list[Event] = [
+            CallAccepted(call_id=calls["accepted"], device_id="phone", **parties()),
+            CallDeclined(call_id=calls["declined"], **parties()),
+            CallCancelled(call_id=calls["cancelled"], **parties()),
+            CallMissed(call_id=calls["missed"], media=MediaKind.VIDEO, **parties()),
+            CallEnded(call_id=calls["busy"], reason=EndReason.BUSY, duration_s=0, **parties()),
+            CallAccepted(call_id=calls["hungup"], device_id="laptop", **parties()),
+        ]
+        for event in finals:
+            await publish(event)
+            await publish(event)  # redelivered
+        # A republished fact under a new event id, and a later end of an answered call:
+        # neither notifies twice.
+        await publish(CallMissed(call_id=calls["missed"], media=MediaKind.VIDEO, **parties()))
+        await publish(
+            CallEnded(
+                call_id=calls["hungup"], reason=EndReason.USER_HANGUP, duration_s=42, **parties()
+            )
+        )
+
+        received = [(await live.next_data()).json() for _ in range(6 + 6 + 2)]
+        await asyncio.sleep(1.5)  # let anything extra arrive: nothing may
+        marker = ringing(new_call())
+        await publish(marker)
+        assert (await live.next_data()).json()["call_id"] == marker.call_id
+
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for item in received:
+        by_kind.setdefault(item["kind"], []).append(item)
+    assert sorted(i["call_id"] for i in by_kind["incoming_call"]) == sorted(calls.values())
+    stopped = {i["call_id"]: i for i in by_kind["ring_stopped"]}
+    assert len(by_kind["ring_stopped"]) == 6 and set(stopped) == set(calls.values())
+    assert stopped[calls["accepted"]]["reason"] == "answered"
+    assert stopped[calls["accepted"]]["device_id"] == "phone"
+    assert stopped[calls["declined"]]["reason"] == "declined"
+    assert stopped[calls["cancelled"]]["reason"] == "cancelled"
+    assert stopped[calls["missed"]]["reason"] == "missed"
+    assert stopped[calls["busy"]]["reason"] == "ended"
+    missed = sorted(i["call_id"] for i in by_kind["missed_call"])
+    assert missed == sorted([calls["missed"], calls["busy"]])
+    assert len(received) == len({i["id"] for i in received})
+
+    items = await inbox(first, bob)
+    assert [i["kind"] for i in items].count("incoming_call") == 7  # with the marker
+    missed_items = [i for i in items if i["kind"] == "missed_call"]
+    assert sorted(i["call_id"] for i in missed_items) == missed
+    busy = next(i for i in missed_items if i["call_id"] == calls["busy"])
+    assert busy["media"] == "video"  # remembered from its call_ringing
+    assert [i["id"] for i in items] == sorted(
+        (i["id"] for i in items), key=lambda v: tuple(map(int, v.split("-"))), reverse=True
+    )
+    assert await inbox(first, token("alice")) == []  # the caller is not notified
+
+
+async def test_an_incoming_call_arriving_after_its_call_stopped_ringing_is_not_shown(
+    spawn: Callable[..., ServiceProcess], publish: Publish, token: Callable[..., str]
+) -> None:
+    proc = spawn("notifications", **FAST)
+    bob = token("bob")
+    late, marker = new_call(), new_call()
+    async with open_stream(proc.url, token=bob) as live:
+        await publish(CallCancelled(call_id=late, **parties()))
+        first = (await live.next_data()).json()
+        assert (first["kind"], first["call_id"]) == ("ring_stopped", late)
+        await publish(ringing(late))  # out of order: it stopped ringing already
+        await publish(ringing(marker))
+        following = (await live.next_data()).json()
+        assert (following["kind"], following["call_id"]) == ("incoming_call", marker)
+    assert [i["call_id"] for i in await inbox(proc, bob)] == [marker]
+
+
+async def test_read_flags_and_unread_count(
+    spawn: Callable[..., ServiceProcess], publish: Publish, token: Callable[..., str]
+) -> None:
+    proc = spawn("notifications", **FAST)
+    bob = token("bob")
+    for _ in range(3):
+        await publish(ringing(new_call()))
+    items = await inbox_has(proc, bob, 3)
+    async with httpx.AsyncClient(base_url=proc.url, headers=auth(bob)) as client:
+        assert (await client.get("/v1/notifications/unread-count")).json() == {"unread": 3}
+        marked = await client.post(f"/v1/notifications/{items[1]['id']}/read")
+        assert marked.status_code == 200 and marked.json()["read"] is True
+        again = await client.post(f"/v1/notifications/{items[1]['id']}/read")
+        assert again.status_code == 200  # idempotent
+        assert (await client.get("/v1/notifications/unread-count")).json() == {"unread": 2}
+        listed = (await client.get("/v1/notifications")).json()
+        assert [i["read"] for i in listed] == [False, True, False]
+        page = (await client.get(f"/v1/notifications?limit=1&before={items[0]['id']}")).json()
+        assert [i["id"] for i in page] == [items[1]["id"]]
+        for bad in ("nope", "1-2-3", "99999-0"):
+            missing = await client.post(f"/v1/notifications/{bad}/read")
+            assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+        assert (await client.get("/v1/notifications?limit=0")).status_code == 422
+        assert (await client.post("/v1/notifications/read-all")).json() == {"unread": 0}
+        assert (await client.get("/v1/notifications/unread-count")).json() == {"unread": 0}
+
+
+async def test_the_inbox_keeps_the_newest_up_to_its_cap(
+    spawn: Callable[..., ServiceProcess], publish: Publish, token: Callable[..., str]
+) -> None:
+    proc = spawn("notifications", NOTIFICATIONS_INBOX_MAX="3", **FAST)
+    bob = token("bob")
+    calls = [new_call() for _ in range(5)]
+    # One at a time: events are handled concurrently, and the cap keeps the newest stored.
+    for call_id in calls:
+        await publish(ringing(call_id))
+        await eventually(lambda call_id=call_id: inbox_count_is(proc, bob, call_id))
+    items = await inbox(proc, bob)
+    assert [i["call_id"] for i in items] == calls[:1:-1]  # the last three, newest first
+    async with httpx.AsyncClient(base_url=proc.url, headers=auth(bob)) as client:
+        assert (await client.get("/v1/notifications/unread-count")).json() == {"unread": 3}
+
+
+async def inbox_count_is(proc: ServiceProcess, token: str, newest_call: str) -> bool:
+    items = await inbox(proc, token)
+    return any(i["call_id"] == newest_call for i in items)
+
+
+# --------------------------------------------------------------------------- the stream
+
+
+async def test_stream_delivers_live_and_resumes_after_a_disconnect_without_loss_or_doubles(
+    spawn: Callable[..., ServiceProcess], publish: Publish, token: Callable[..., str]
+) -> None:
+    first, second = spawn("notifications", **FAST), spawn("notifications", **FAST)
+    bob = token("bob")
+    c1, c2, c3, c4 = (new_call() for _ in range(4))
+
+    async with open_stream(first.url, token=bob) as live:
+        assert (await live.next()).retry is not None
+        await publish(ringing(c1))
+        message = await live.next_data()
+        assert message.id and message.json()["call_id"] == c1 and message.json()["id"] == message.id
+        comment = await live.next()
+        assert comment.comment == "keep-alive"  # an idle stream gets keep-alive comments
+        last_seen = message.id
+
+    # While disconnected: a ring and its end, and another ring. (Two instances consume, so
+    # a call's end is published only once its ring is in: order across calls may vary.)
+    await publish(ringing(c2))
+    await eventually(lambda: inbox_count_is(first, bob, c2))
+    await publish(CallDeclined(call_id=c2, **parties()))
+    await publish(ringing(c3))
+    await eventually(lambda: inbox_count_is(first, bob, c3))
+
+    # Reconnect to the OTHER instance with Last-Event-ID (the header EventSource sends).
+    async with open_stream(second.url, token=bob, last_event_id=last_seen, via_query=False) as live:
+        missed = [await live.next_data() for _ in range(3)]
+        replayed = [(m.json()["kind"], m.json()["call_id"]) for m in missed]
+        assert replayed[0] == ("incoming_call", c2)
+        assert sorted(replayed[1:]) == [("incoming_call", c3), ("ring_stopped", c2)]
+        await publish(ringing(c4))
+        latest = await live.next_data()
+        assert latest.json()["call_id"] == c4  # live after the replay, nothing doubled
+        ids = [last_seen, *(m.id for m in missed), latest.id]
+        assert len(set(ids)) == len(ids)
+
+    # A resume from the middle, via ?last_event_id=, replays exactly the rest.
+    async with httpx.AsyncClient(base_url=first.url) as client:
+        async with client.stream(
+            "GET",
+            "/v1/notifications/stream",
+            params={"token": bob, "last_event_id": missed[1].id},
+        ) as response:
+            assert response.status_code == 200
+            seen: list[str] = []
+            async for line in response.aiter_lines():
+                if line.startswith("id: "):
+                    seen.append(line[4:])
+                if len(seen) == 2:
+                    break
+        assert seen == [missed[2].id, latest.id]
+        bad = await client.get(
+            "/v1/notifications/stream", params={"token": bob}, headers={"Last-Event-ID": "x"}
+        )
+        assert bad.status_code == 400 and bad.json()["error"] == "bad_request"
+
+    # The instance serving a stream shuts down: the stream ends at once (the process exits
+    # cleanly instead of waiting for it), and the client resumes on the other instance.
+    async with open_stream(second.url, token=bob, last_event_id=latest.id) as live:
+        await asyncio.to_thread(second.stop)
+        # uvicorn re-raises SIGTERM once it has shut down; a SIGKILL (-9) would mean the stop
+        # gave up waiting for the open stream.
+        assert second.proc is not None and second.proc.returncode in (0, -signal.SIGTERM)
+        await asyncio.wait_for(live.ended(), 10)
+        await publish(ringing(c5 := new_call()))
+    async with open_stream(first.url, token=bob, last_event_id=latest.id) as live:
+        assert (await live.next_data()).json()["call_id"] == c5
+
+
+async def test_resume_past_trimmed_history_says_resync(
+    spawn: Callable[..., ServiceProcess], publish: Publish, token: Callable[..., str]
+) -> None:
+    proc = spawn("notifications", NOTIFICATIONS_STREAM_MAX="10", **FAST)
+    bob = token("bob")
+    calls = [new_call() for _ in range(150)]
+    async with open_stream(proc.url, token=bob) as live:
+        await publish(ringing(calls[0]))
+        oldest = await live.next_data()
+    for call_id in calls[1:]:
+        await publish(ringing(call_id))
+    await eventually(lambda: inbox_count_is(proc, bob, calls[-1]))
+    async with open_stream(proc.url, token=bob, last_event_id=oldest.id) as live:
+        message = await live.next()
+        while message.retry is not None:
+            message = await live.next()
+        assert message.event == "resync"
+        assert (await live.next_data()).json()["kind"] == "incoming_call"
+
+
+# --------------------------------------------------------------------------- isolation
+
+
+async def test_a_user_cannot_read_stream_or_mark_anothers_notifications(
+    spawn: Callable[..., ServiceProcess],
+    publish: Publish,
+    token: Callable[..., str],
+    receiver: WebhookReceiver,
+) -> None:
+    proc = spawn("notifications", **FAST)
+    alice, bob = token("alice"), token("bob")
+    to_bob, to_alice = new_call(), new_call()
+    async with httpx.AsyncClient(base_url=proc.url) as client:
+        device = (
+            await client.post(
+                "/v1/devices",
+                json={"kind": "webhook", "url": receiver.url("/b")},
+                headers=auth(bob),
+            )
+        ).json()
+        async with open_stream(proc.url, token=alice) as alice_live:
+            await publish(ringing(to_bob))
+            await publish(ringing(to_alice, caller="bob", callee="alice"))
+            # alice's stream carries only her own notification
+            assert (await alice_live.next_data()).json()["call_id"] == to_alice
+        bobs = await inbox_has(proc, bob, 1)
+        assert [i["call_id"] for i in bobs] == [to_bob]
+        alices = await inbox(proc, alice)
+        assert [i["call_id"] for i in alices] == [to_alice]
+
+        marked = await client.post(f"/v1/notifications/{bobs[0]['id']}/read", headers=auth(alice))
+        assert marked.status_code == 404
+        assert (await inbox(proc, bob))[0]["read"] is False
+        for path in (f"/v1/devices/{device['id']}", f"/v1/devices/{device['id']}/deliveries"):
+            assert (await client.get(path, headers=auth(alice))).status_code == 404
+        assert (
+            await client.delete(f"/v1/devices/{device['id']}", headers=auth(alice))
+        ).status_code == 404
+        assert (await client.get("/v1/devices", headers=auth(alice))).json() == []
+
+        # No token, a forged one, an expired one: 401 everywhere, the stream included.
+        forged = bob[:-4] + ("AAAA" if not bob.endswith("AAAA") else "BBBB")
+        expired = token("bob", ttl_s=-60)
+        for headers, params in (
+            ({}, {}),
+            (auth(forged), {}),
+            (auth(expired), {}),
+            ({}, {"token": forged}),
+        ):
+            for path in ("/v1/notifications", "/v1/notifications/stream"):
+                response = await client.get(path, headers=headers, params=params)
+                assert response.status_code == 401, (path, headers, params)
+                assert response.json()["error"] == "unauthorized"
+        # ?token= is for EventSource only: the inbox wants the header.
+        assert (await client.get("/v1/notifications", params={"token": bob})).status_code == 401
+
+
+# --------------------------------------------------------------------------- webhooks
+
+
+async def register(client: httpx.AsyncClient, token: str, url: str) -> dict[str, Any]:
+    response = await client.post(
+        "/v1/devices", json={"kind": "webhook", "url": url}, headers=auth(token)
+    )
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["secret"].startswith("whsec_") and body["status"] == "active"
+    return dict(body)
+
+
+async def deliveries(client: httpx.AsyncClient, token: str, device_id: str) -> list[Any]:
+    response = await client.get(f"/v1/devices/{device_id}/deliveries", headers=auth(token))
+    assert response.status_code == 200, response.text
+    return list(response.json())
+
+
+async def test_webhooks_are_signed_retried_dead_lettered_and_removed_on_410(
+    spawn: Callable[..., ServiceProcess],
+    publish: Publish,
+    token: Callable[..., str],
+    receiver: WebhookReceiver,
+    redis_client: Redis,
+    namespace: str,
+) -> None:
+    proc = spawn("notifications", **FAST)
+    bob = token("bob")
+    receiver.script("/flaky", 500, 503, 200)
+    receiver.script("/gone", 410)
+    receiver.script("/hang", HANG)
+    call_id = new_call()
+    async with httpx.AsyncClient(base_url=proc.url) as client:
+        ok = await register(client, bob, receiver.url("/ok"))
+        flaky = await register(client, bob, receiver.url("/flaky"))
+        gone = await register(client, bob, receiver.url("/gone"))
+        hang = await register(client, bob, receiver.url("/hang"))
+        listed = (await client.get("/v1/devices", headers=auth(bob))).json()
+        assert {d["id"] for d in listed} == {ok["id"], flaky["id"], gone["id"], hang["id"]}
+        assert all("secret" not in d for d in listed)
+
+        await publish(ringing(call_id))
+
+        # Signed, high priority, with the ring deadline.
+        [request] = await eventually(lambda: receiver.received("/ok"))
+        assert verify(
+            ok["secret"], request.body, request.headers["x-dmcall-signature"], now=int(time.time())
+        )
+        assert not verify(
+            flaky["secret"],
+            request.body,
+            request.headers["x-dmcall-signature"],
+            now=int(time.time()),
+        )
+        payload = json.loads(request.body)
+        assert payload["priority"] == "high" and request.headers["x-dmcall-priority"] == "high"
+        assert payload["notification"]["kind"] == "incoming_call"
+        assert payload["notification"]["call_id"] == call_id
+        assert payload["ring_deadline"] == payload["notification"]["ring_deadline"]
+        assert payload["device_id"] == ok["id"]
+
+        # 500, then 503, then 200: retried until it succeeds, the same delivery each time.
+        await eventually(lambda: len(receiver.received("/flaky")) == 3)
+        flaky_requests = receiver.received("/flaky")
+        assert len({r.headers["x-dmcall-delivery"] for r in flaky_requests}) == 1
+        assert [r.headers["x-dmcall-attempt"] for r in flaky_requests] == ["1", "2", "3"]
+        log = await eventually(
+            lambda: _when_outcome(deliveries(client, bob, flaky["id"]), "delivered")
+        )
+        assert [(e["outcome"], e["status"]) for e in log] == [
+            ("delivered", 200),
+            ("retrying", 503),
+            ("retrying", 500),
+        ]
+
+        # 410 Gone: the target is removed.
+        await eventually(lambda: receiver.received("/gone"))
+        removed = await eventually(
+            lambda: _removed(client.get(f"/v1/devices/{gone['id']}", headers=auth(bob)))
+        )
+        assert removed["removed_reason"] == "gone"
+
+        # Never answers: each attempt times out; after the last one, the dead-letter queue.
+        log = await eventually(
+            lambda: _when_outcome(deliveries(client, bob, hang["id"]), "dead_lettered")
+        )
+        assert [e["outcome"] for e in log] == ["dead_lettered", "retrying", "retrying"]
+        assert "timed out" in log[0]["error"]
+        assert len(receiver.received("/hang")) == 3
+        dlq = await redis_client.xrange(f"dmcall:{namespace}:notifications:push:dlq")
+        parked = [json.loads(fields[b"job"]) for _id, fields in dlq]
+        assert [(j["device"], j["attempt"]) for j in parked] == [(hang["id"], 3)]
+
+        # Later pushes skip the removed target; the ring_stopped push is normal priority.
+        await publish(CallCancelled(call_id=call_id, **parties()))
+        await eventually(lambda: len(receiver.received("/ok")) == 2)
+        stop = json.loads(receiver.received("/ok")[1].body)
+        assert stop["priority"] == "normal" and stop["notification"]["kind"] == "ring_stopped"
+        assert len(receiver.received("/gone")) == 1
+
+        assert (
+            await client.delete(f"/v1/devices/{ok['id']}", headers=auth(bob))
+        ).status_code == 204
+        remaining = (await client.get("/v1/devices", headers=auth(bob))).json()
+        assert {d["id"] for d in remaining} == {flaky["id"], hang["id"]}
+
+
+async def _when_outcome(log: Awaitable[list[Any]], outcome: str) -> list[Any] | None:
+    entries = await log
+    return entries if entries and entries[0]["outcome"] == outcome else None
+
+
+async def _removed(response: Awaitable[httpx.Response]) -> dict[str, Any] | None:
+    body = (await response).json()
+    return dict(body) if body.get("status") == "removed" else None
+
+
+async def test_private_addresses_are_refused_at_registration_and_at_delivery(
+    spawn: Callable[..., ServiceProcess],
+    publish: Publish,
+    token: Callable[..., str],
+    receiver: WebhookReceiver,
+) -> None:
+    bob = token("bob")
+    permissive = spawn("notifications", **FAST)
+    async with httpx.AsyncClient(base_url=permissive.url) as client:
+        device = await register(client, bob, receiver.url("/hook"))
+    permissive.stop()
+
+    strict = spawn("notifications", NOTIFICATIONS_SSE_KEEPALIVE_S="1")
+    async with httpx.AsyncClient(base_url=strict.url, headers=auth(bob)) as client:
+        for url in (
+            receiver.url("/hook"),
+            "http://localhost:9/x",
+            "http://10.1.2.3/x",
+            "http://192.168.0.1/x",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[::1]:8080/x",
+            "http://[::ffff:127.0.0.1]/x",
+            "http://0.0.0.0/x",
+        ):
+            response = await client.post("/v1/devices", json={"kind": "webhook", "url": url})
+            assert response.status_code == 422, (url, response.text)
+            assert response.json()["reason"] == "private_address", url
+        for body in (
+            {"kind": "webhook", "url": "ftp://example.com/x"},
+            {"kind": "webhook", "url": "not a url"},
+            {"kind": "webhook", "url": "http://user:pw@example.com/x"},
+            {"kind": "webhook"},
+            {"kind": "webpush", "url": "https://example.com/x"},
+            {"kind": "webhook", "url": 5},
+            {"kind": "webhook", "url": "https://example.com/" + "x" * 3000},
+        ):
+            response = await client.post("/v1/devices", json=body)
+            assert response.status_code == 422, (body, response.text)
+            assert response.json()["error"] == "validation_error"
+        broken = await client.post(
+            "/v1/devices", content=b"{not json", headers={"Content-Type": "application/json"}
+        )
+        assert broken.status_code == 422
+
+        # A target registered while allowed is refused at delivery (DNS can change too).
+        await publish(ringing(new_call()))
+        log = await eventually(
+            lambda: _when_outcome(deliveries(client, bob, device["id"]), "dead_lettered")
+        )
+        assert "private" in log[0]["error"]
+    assert receiver.requests == []
+
+
+async def test_a_push_held_by_an_instance_that_dies_is_delivered_by_another(
+    spawn: Callable[..., ServiceProcess],
+    publish: Publish,
+    token: Callable[..., str],
+    receiver: WebhookReceiver,
+) -> None:
+    bob = token("bob")
+    receiver.script("/hook", HANG, 500, 200)
+    doomed = spawn("notifications", **{**FAST, "NOTIFICATIONS_PUSH_TIMEOUT_S": "60"})
+    async with httpx.AsyncClient(base_url=doomed.url) as client:
+        device = await register(client, bob, receiver.url("/hook"))
+    await publish(ringing(new_call()))
+    await eventually(lambda: receiver.received("/hook"))  # the attempt hangs in `doomed`
+    doomed.kill()  # SIGKILL: the job is neither acked nor rescheduled
+
+    survivor = spawn("notifications", **FAST, NOTIFICATIONS_PUSH_CLAIM_IDLE_MS="1000")
+    async with httpx.AsyncClient(base_url=survivor.url) as client:
+        log = await eventually(
+            lambda: _when_outcome(deliveries(client, bob, device["id"]), "delivered")
+        )
+    assert [(e["outcome"], e["attempt"]) for e in log] == [("delivered", 2), ("retrying", 1)]
+    requests = receiver.received("/hook")
+    assert len(requests) == 3  # hung, 500, 200: one push, at least once
+    assert len({r.headers["x-dmcall-delivery"] for r in requests}) == 1
