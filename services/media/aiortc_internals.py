@@ -1,0 +1,430 @@
+"""Every aiortc internal the SFU relies on, and nothing else.
+
+aiortc has no public API for forwarding RTP without decoding (its maintainer says so in
+aiortc issues #449 and #627), so the SFU reaches into a handful of private attributes and
+methods. They are all named here, so that the day an aiortc upgrade moves one of them,
+:func:`check_internals` (run at start-up and by ``tests/test_media_internals.py``) fails
+loudly, naming what moved, instead of media silently stopping. aiortc is pinned exactly
+in pyproject.toml for the same reason. All of these were unchanged from aiortc 1.9 to 1.16.
+
+What is relied upon:
+
+- ``RTCRtpReceiver._handle_rtp_packet(packet, arrival_time_ms)``: wrapped per instance;
+  the SFU forwards first, then calls the original, which keeps receiver reports, NACKs
+  and REMB working. ``RTCRtpReceiver._handle_rtcp_packet(packet)``: wrapped to read the
+  publisher's sender reports. ``RTCRtpReceiver._send_rtcp(packet)``: wrapped to lower
+  the REMB the SFU sends. ``RTCRtpReceiver._send_rtcp_pli(media_ssrc)``: to ask the
+  publisher for a keyframe. ``RTCRtpReceiver.__stop_decoder()``: the SFU never decodes.
+  ``RTCRtpReceiver.__codecs`` (payload type -> codec) and ``__rtx_ssrc`` (RTX ssrc ->
+  media ssrc): to unwrap retransmissions.
+- ``RTCRtpSender._handle_rtcp_packet(packet)``: wrapped to turn a subscriber's PLI/FIR
+  into a PLI to the publisher and to read its REMB; the original still answers NACKs
+  from ``RTCRtpSender.__rtp_history`` (seq % ``aiortc.rtp.RTP_HISTORY_SIZE`` -> packet),
+  where the SFU stores what it forwards. ``__rtp_header_extensions_map`` and ``__mid``:
+  to serialize a forwarded packet as the sender would. ``__ntp_timestamp``,
+  ``__rtp_timestamp``, ``__octet_count``, ``__packet_count``: what the sender's RTCP
+  sender report carries (the publisher's NTP/RTP pair, for lip sync).
+- ``RTCDtlsTransport._send_rtp(data)``: SRTP-protect and send one serialized packet;
+  ``RTCDtlsTransport._handle_rtp_data(data, arrival_time_ms)``: wrapped per instance
+  to timestamp a packet's arrival (the forwarding delay starts there).
+- ``RTCRtpTransceiver._codecs``: the negotiated codecs, set after the remote
+  description to force a subscriber onto the publisher's codec.
+- ``aiortc.rtp``: ``RtpPacket``, ``unwrap_rtx``, ``pack_remb_fci``/``unpack_remb_fci``,
+  ``RTP_HISTORY_SIZE``, ``HeaderExtensionsMap``.
+- ``RTCRtpReceiver.__jitter_buffer``: replaced by a stand-in that assembles no frames
+  (frames are for the decoder, which is stopped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import aioice
+import aiortc
+from aioice import ice as aioice_ice
+from aioice import turn as aioice_turn
+from aioice.candidate import candidate_foundation, candidate_priority
+from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
+from aiortc import rtcicetransport as aiortc_icetransport
+from aiortc import rtp as aiortc_rtp
+from aiortc.jitterbuffer import JitterBuffer
+from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTCP_PSFB_FIR,
+    RTCP_PSFB_PLI,
+    RTP_HISTORY_SIZE,
+    AnyRtcpPacket,
+    RtcpPsfbPacket,
+    RtcpSrPacket,
+    RtpPacket,
+    pack_remb_fci,
+    unpack_remb_fci,
+    unwrap_rtx,
+)
+
+PINNED_AIORTC = "1.16.0"
+NTP_UNIX_OFFSET_S = 2_208_988_800
+
+__all__ = [
+    "PINNED_AIORTC",
+    "RTCP_PSFB_APP",
+    "RTCP_PSFB_FIR",
+    "RTCP_PSFB_PLI",
+    "RtcpPsfbPacket",
+    "RtcpSrPacket",
+    "RtpPacket",
+    "check_internals",
+    "pack_remb_fci",
+    "unpack_remb_fci",
+    "unwrap_rtx",
+]
+
+RtpHandler = Callable[[RtpPacket, int], Awaitable[None]]
+RtcpHandler = Callable[[AnyRtcpPacket], Awaitable[None]]
+
+
+class InternalsMoved(RuntimeError):
+    """aiortc no longer has an internal the SFU forwards media with."""
+
+
+# --------------------------------------------------------------------------- the list
+
+_METHODS: list[tuple[type, str, tuple[str, ...]]] = [
+    (RTCRtpReceiver, "_handle_rtp_packet", ("self", "packet", "arrival_time_ms")),
+    (RTCRtpReceiver, "_handle_rtcp_packet", ("self", "packet")),
+    (RTCRtpReceiver, "_send_rtcp", ("self", "packet")),
+    (RTCRtpReceiver, "_send_rtcp_pli", ("self", "media_ssrc")),
+    (RTCRtpReceiver, "_RTCRtpReceiver__stop_decoder", ("self",)),
+    (RTCRtpSender, "_handle_rtcp_packet", ("self", "packet")),
+    (RTCDtlsTransport, "_send_rtp", ("self", "data")),
+    (RTCDtlsTransport, "_handle_rtp_data", ("self", "data", "arrival_time_ms")),
+]
+
+_RECEIVER_ATTRS: dict[str, type] = {
+    "_RTCRtpReceiver__codecs": dict,
+    "_RTCRtpReceiver__jitter_buffer": JitterBuffer,
+    "_RTCRtpReceiver__rtx_ssrc": dict,
+    "_RTCRtpReceiver__decoder_thread": object,
+}
+_SENDER_ATTRS: dict[str, type] = {
+    "_RTCRtpSender__rtp_history": dict,
+    "_RTCRtpSender__rtp_header_extensions_map": aiortc_rtp.HeaderExtensionsMap,
+    "_RTCRtpSender__mid": object,
+    "_RTCRtpSender__ntp_timestamp": int,
+    "_RTCRtpSender__rtp_timestamp": int,
+    "_RTCRtpSender__octet_count": int,
+    "_RTCRtpSender__packet_count": int,
+}
+_TRANSCEIVER_ATTRS: dict[str, type] = {"_codecs": list}
+
+
+async def check_internals() -> None:
+    """Raise :class:`InternalsMoved` naming every internal that is missing or changed."""
+    problems: list[str] = []
+    if aiortc.__version__ != PINNED_AIORTC:
+        problems.append(f"aiortc is {aiortc.__version__}, the SFU was verified on {PINNED_AIORTC}")
+    for cls, name, params in _METHODS:
+        method = getattr(cls, name, None)
+        if method is None or not callable(method):
+            problems.append(f"{cls.__name__}.{name} is gone")
+            continue
+        found = tuple(inspect.signature(method).parameters)
+        if found != params:
+            problems.append(f"{cls.__name__}.{name}{found} is not {params}")
+        if name != "_RTCRtpReceiver__stop_decoder" and not inspect.iscoroutinefunction(method):
+            problems.append(f"{cls.__name__}.{name} is no longer a coroutine function")
+    if getattr(aiortc_icetransport, "Connection", None) not in (
+        aioice.Connection,
+        _HostCandidatesConnection,
+    ):
+        problems.append("aiortc.rtcicetransport no longer builds an aioice.Connection")
+    found = tuple(inspect.signature(aioice.Connection.get_component_candidates).parameters)
+    if found != ("self", "component", "addresses", "timeout"):
+        problems.append(f"aioice.Connection.get_component_candidates{found} changed")
+    if not isinstance(getattr(aioice_turn, "UDP_SOCKET_BUFFER_SIZE", None), int):
+        problems.append("aioice.turn.UDP_SOCKET_BUFFER_SIZE is gone")
+    if not isinstance(getattr(aioice.Connection(ice_controlling=False), "_protocols", None), list):
+        problems.append("aioice.Connection._protocols is gone")
+    for attr in ("StunProtocol",):
+        if not hasattr(aioice_ice, attr):
+            problems.append(f"aioice.ice.{attr} is gone")
+    if not isinstance(RTP_HISTORY_SIZE, int) or RTP_HISTORY_SIZE < 64:
+        problems.append("aiortc.rtp.RTP_HISTORY_SIZE changed")
+    pc = RTCPeerConnection()
+    try:
+        transceiver = pc.addTransceiver("video")
+        for owner, attrs in (
+            (transceiver.receiver, _RECEIVER_ATTRS),
+            (transceiver.sender, _SENDER_ATTRS),
+            (transceiver, _TRANSCEIVER_ATTRS),
+        ):
+            for attr, kind in attrs.items():
+                if not hasattr(owner, attr):
+                    problems.append(f"{type(owner).__name__}.{attr} is gone")
+                elif (
+                    not isinstance(getattr(owner, attr), kind) and getattr(owner, attr) is not None
+                ):
+                    problems.append(f"{type(owner).__name__}.{attr} is no longer a {kind.__name__}")
+    finally:
+        await pc.close()
+    if problems:
+        raise InternalsMoved(
+            "aiortc internals the SFU relies on have moved (see services/media/"
+            "aiortc_internals.py): " + "; ".join(problems)
+        )
+
+
+# --------------------------------------------------------------------------- receiver side
+
+
+def tap_receiver_rtp(
+    receiver: RTCRtpReceiver, before: Callable[[RtpPacket], Awaitable[None] | None]
+) -> None:
+    """Call ``before(packet)`` for every RTP packet, then aiortc's own handling."""
+    original: RtpHandler = receiver._handle_rtp_packet
+
+    async def handle(packet: RtpPacket, arrival_time_ms: int) -> None:
+        pending = before(packet)
+        if pending is not None:
+            await pending
+        await original(packet, arrival_time_ms)
+
+    receiver._handle_rtp_packet = handle  # type: ignore[method-assign]
+
+
+def tap_receiver_rtcp(receiver: RTCRtpReceiver, before: Callable[[AnyRtcpPacket], None]) -> None:
+    original: RtcpHandler = receiver._handle_rtcp_packet
+
+    async def handle(packet: AnyRtcpPacket) -> None:
+        before(packet)
+        await original(packet)
+
+    receiver._handle_rtcp_packet = handle  # type: ignore[method-assign]
+
+
+def tap_receiver_outgoing_rtcp(
+    receiver: RTCRtpReceiver, rewrite: Callable[[AnyRtcpPacket], AnyRtcpPacket]
+) -> None:
+    """Let ``rewrite`` replace any RTCP packet the receiver sends (the SFU's REMB)."""
+    original: RtcpHandler = receiver._send_rtcp
+
+    async def send(packet: AnyRtcpPacket) -> None:
+        await original(rewrite(packet))
+
+    receiver._send_rtcp = send  # type: ignore[method-assign]
+
+
+class _NoFrames:
+    """Stands in for the receiver's jitter buffer, which only assembles frames for the
+    decoder: a forwarding receiver assembles none (and asks for no keyframe on its own)."""
+
+    def add(self, packet: RtpPacket) -> tuple[bool, None]:
+        return False, None
+
+
+def stop_decoder(receiver: RTCRtpReceiver) -> None:
+    """Stop (and never start again) the receiver's decoder thread and frame assembly."""
+    if receiver._RTCRtpReceiver__decoder_thread is not None:  # type: ignore[attr-defined]
+        receiver._RTCRtpReceiver__stop_decoder()  # type: ignore[attr-defined]
+    receiver._RTCRtpReceiver__jitter_buffer = _NoFrames()  # type: ignore[attr-defined]
+
+
+def decoder_running(receiver: RTCRtpReceiver) -> bool:
+    return receiver._RTCRtpReceiver__decoder_thread is not None  # type: ignore[attr-defined]
+
+
+def receiver_codecs(receiver: RTCRtpReceiver) -> dict[int, RTCRtpCodecParameters]:
+    codecs: dict[int, RTCRtpCodecParameters] = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+    return codecs
+
+
+def receiver_rtx_ssrcs(receiver: RTCRtpReceiver) -> dict[int, int]:
+    """RTX ssrc -> the media ssrc it repairs, from the remote description."""
+    ssrcs: dict[int, int] = receiver._RTCRtpReceiver__rtx_ssrc  # type: ignore[attr-defined]
+    return ssrcs
+
+
+async def send_pli(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
+    await receiver._send_rtcp_pli(media_ssrc)
+
+
+# --------------------------------------------------------------------------- sender side
+
+
+def tap_sender_rtcp(sender: RTCRtpSender, before: Callable[[AnyRtcpPacket], None]) -> None:
+    """Call ``before(packet)`` for RTCP about this sender; aiortc still answers NACKs."""
+    original: RtcpHandler = sender._handle_rtcp_packet
+
+    async def handle(packet: AnyRtcpPacket) -> None:
+        before(packet)
+        await original(packet)
+
+    sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
+
+
+def abs_send_time() -> int:
+    """Now as the abs-send-time extension has it: NTP seconds in 6.18 fixed point, 24 bits.
+
+    aiortc's sender computes ``(clock.current_ntp_time() >> 14) & 0xFFFFFF`` through
+    datetime objects (~2 us a packet); this is the same value from ``time.time()``."""
+    return int((time.time() + NTP_UNIX_OFFSET_S) * 262_144) & 0xFFFFFF
+
+
+class SenderPort:
+    """Sends forwarded packets as if ``sender`` had produced them itself."""
+
+    __slots__ = ("_extensions", "_history", "_mid", "_sender", "_transport", "ssrc")
+
+    def __init__(self, sender: RTCRtpSender) -> None:
+        self._sender = sender
+        self.ssrc: int = sender._ssrc
+        self._history: dict[int, RtpPacket] = sender._RTCRtpSender__rtp_history  # type: ignore[attr-defined]
+        self._extensions: aiortc_rtp.HeaderExtensionsMap = (
+            sender._RTCRtpSender__rtp_header_extensions_map  # type: ignore[attr-defined]
+        )
+        self._mid: str | None = sender._RTCRtpSender__mid  # type: ignore[attr-defined]
+        self._transport: RTCDtlsTransport = sender.transport
+
+    def refresh(self) -> None:
+        """Re-read what ``RTCRtpSender.send()`` configures (mid, extension ids)."""
+        self._mid = self._sender._RTCRtpSender__mid  # type: ignore[attr-defined]
+        self._transport = self._sender.transport
+
+    @property
+    def started(self) -> bool:
+        return self._mid is not None
+
+    async def send(self, packet: RtpPacket) -> None:
+        packet.ssrc = self.ssrc
+        packet.extensions.mid = self._mid
+        packet.extensions.abs_send_time = abs_send_time()
+        self._history[packet.sequence_number % RTP_HISTORY_SIZE] = packet
+        data = packet.serialize(self._extensions)
+        sender = self._sender
+        sender._RTCRtpSender__octet_count += len(packet.payload)  # type: ignore[attr-defined]
+        sender._RTCRtpSender__packet_count += 1  # type: ignore[attr-defined]
+        await self._transport._send_rtp(data)
+
+    def set_sender_report(self, ntp_timestamp: int, rtp_timestamp: int) -> None:
+        """What the sender's next RTCP SR says: the publisher's own NTP/RTP pair."""
+        self._sender._RTCRtpSender__ntp_timestamp = ntp_timestamp  # type: ignore[attr-defined]
+        self._sender._RTCRtpSender__rtp_timestamp = rtp_timestamp  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- transport
+
+
+def tap_arrival(transport: RTCDtlsTransport, stamp: Callable[[], None]) -> None:
+    """Call ``stamp()`` when an RTP packet arrives, before it is parsed and routed."""
+    if getattr(transport, "_dmcall_tapped", False):
+        return
+    original: Callable[[bytes, int], Awaitable[None]] = transport._handle_rtp_data
+
+    async def handle(data: bytes, arrival_time_ms: int) -> None:
+        stamp()
+        await original(data, arrival_time_ms)
+
+    transport._handle_rtp_data = handle  # type: ignore[method-assign]
+    transport._dmcall_tapped = True  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- negotiation
+
+
+def negotiated_codecs(transceiver: RTCRtpTransceiver) -> list[RTCRtpCodecParameters]:
+    codecs: list[RTCRtpCodecParameters] = transceiver._codecs
+    return codecs
+
+
+def force_codecs(transceiver: RTCRtpTransceiver, codecs: list[RTCRtpCodecParameters]) -> None:
+    """Call after setRemoteDescription, before createAnswer: the answer offers only these."""
+    transceiver._codecs = codecs
+
+
+# --------------------------------------------------------------------------- ICE (aioice)
+# aioice binds host candidates to port 0 on every interface but loopback. To run behind
+# NAT or on Kubernetes a node needs a UDP port range and a chosen set of interfaces, so
+# aiortc's ICE connection class is replaced by a subclass that gathers host candidates on
+# ``ice_addresses`` (if set) within ``port_range`` (if set). The SFU uses no STUN/TURN
+# server: its public address is announced by rewriting the answer (see services/media/
+# sdp.py), so only host candidates are gathered here.
+
+
+class _HostCandidatesConnection(aioice.Connection):
+    port_range: tuple[int, int] | None = None
+    addresses: tuple[str, ...] = ()
+
+    async def get_component_candidates(
+        self,
+        component: int,
+        addresses: list[str],
+        timeout: int = 5,  # noqa: ASYNC109
+    ) -> list[aioice.Candidate]:
+        if self.addresses:
+            addresses = list(self.addresses)
+        if self.port_range is None or self.stun_server or self.turn_server:
+            return await super().get_component_candidates(component, addresses, timeout)
+        loop = asyncio.get_running_loop()
+        candidates: list[aioice.Candidate] = []
+        for address in addresses:
+            protocol = await _bind_in_range(
+                loop, lambda: aioice_ice.StunProtocol(self), address, self.port_range
+            )
+            if protocol is None:
+                continue
+            host, port = protocol.transport.get_extra_info("sockname")[:2]
+            protocol.local_candidate = aioice.Candidate(
+                foundation=candidate_foundation("host", "udp", host),
+                component=component,
+                transport="udp",
+                priority=candidate_priority(component, "host"),
+                host=host,
+                port=port,
+                type="host",
+            )
+            self._protocols.append(protocol)
+            candidates.append(protocol.local_candidate)
+        return candidates
+
+
+async def _bind_in_range(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], aioice_ice.StunProtocol],
+    address: str,
+    port_range: tuple[int, int],
+) -> aioice_ice.StunProtocol | None:
+    low, high = port_range
+    ports = list(range(low, high + 1))
+    start = random.randrange(len(ports))
+    for port in ports[start:] + ports[:start]:
+        try:
+            transport, protocol = await loop.create_datagram_endpoint(
+                factory, local_addr=(address, port)
+            )
+        except OSError:
+            continue
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, aioice_turn.UDP_SOCKET_BUFFER_SIZE)
+        return protocol
+    return None
+
+
+def configure_ice(
+    port_range: tuple[int, int] | None, addresses: list[str], receive_buffer_bytes: int
+) -> None:
+    """Process-wide (one process is one node): where host candidates are gathered, and
+    how much each UDP socket buffers while the event loop is busy elsewhere (aioice's
+    ``turn.UDP_SOCKET_BUFFER_SIZE``, read when a socket is made; the kernel caps it at
+    ``net.core.rmem_max``)."""
+    aioice_turn.UDP_SOCKET_BUFFER_SIZE = receive_buffer_bytes
+    _HostCandidatesConnection.port_range = port_range
+    _HostCandidatesConnection.addresses = tuple(addresses)
+    aiortc_icetransport.Connection = _HostCandidatesConnection  # type: ignore[misc]

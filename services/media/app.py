@@ -1,0 +1,90 @@
+"""Builds the media app from its settings; clients are made in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import signal
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+from fastapi import FastAPI
+
+from services.media import aiortc_internals, consumers, metrics, registration
+from services.media.api import router
+from services.media.rooms import Rooms
+from services.media.settings import MediaSettings
+from shared.media_registry import MediaRegistry
+from shared.service import Runtime, create_service_app
+
+SERVICE = "media"
+SHUTDOWN_CLOSE_S = 10
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: MediaSettings | None = None) -> FastAPI:
+    settings = settings or MediaSettings()
+
+    @contextlib.asynccontextmanager
+    async def setup(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
+        # Fail at start-up, not mid-call, if an aiortc upgrade moved what we rely on.
+        await aiortc_internals.check_internals()
+        # aioice logs every candidate pair check at INFO: a line per check per call.
+        logging.getLogger("aioice").setLevel(logging.WARNING)
+        aiortc_internals.configure_ice(
+            settings.udp_port_range, settings.ice_addresses, settings.udp_receive_buffer_bytes
+        )
+
+        def spawn(coro: Coroutine[Any, Any, Any], name: str) -> None:
+            runtime.tasks.spawn(coro, name=name)
+
+        rooms = Rooms(settings, runtime.bus.publish, spawn)
+        app.state.rooms = rooms
+        consumers.register(runtime.bus, rooms)
+        collector = metrics.install(rooms)
+        registry = MediaRegistry(runtime.redis, settings)
+        runtime.tasks.spawn(rooms.watch(), name="media-watchdog")
+        runtime.tasks.spawn(
+            registration.heartbeat(registry, settings, rooms), name="media-heartbeat"
+        )
+        log.info(
+            "media node %s at %s (capacity %d rooms)",
+            settings.node_id,
+            settings.base_url,
+            settings.capacity,
+        )
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
+        try:
+            yield
+        finally:
+            try:
+                await registry.deregister(settings.node_id)
+            except Exception as exc:
+                log.warning("could not deregister media node: %s", exc)
+            try:
+                async with asyncio.timeout(SHUTDOWN_CLOSE_S):
+                    await rooms.close_all()
+            except TimeoutError:
+                log.warning("rooms not all closed within %ss; leaving anyway", SHUTDOWN_CLOSE_S)
+            metrics.uninstall(collector)
+
+    return create_service_app(
+        service=SERVICE,
+        settings=settings,
+        routers=[router],
+        setup=setup,
+        title="dmcall media",
+        description="the SFU: forwards the callers' RTP packets without decoding them.",
+    )
+
+
+def _log_tasks() -> None:
+    """``kill -USR1 <pid>``: log every asyncio task and where it waits (a stuck node)."""
+    for task in asyncio.all_tasks():
+        stack = io.StringIO()
+        task.print_stack(limit=8, file=stack)
+        log.warning("task %s:\n%s", task.get_name(), stack.getvalue())

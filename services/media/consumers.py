@@ -1,0 +1,35 @@
+"""Event handlers of the media service: a call that ends closes its room.
+
+Every media instance receives these (``Scope.INSTANCE``): a room lives in one process,
+and only that one has it. Closing is idempotent, so a redelivery does nothing twice; an
+end event that arrives before anyone joined still marks the call ended, so a late
+session is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.media.room import CloseReason
+from services.media.rooms import Rooms
+from shared.bus import Bus, Delivery, Scope
+from shared.contracts import CallCancelled, CallDeclined, CallEnded, CallEvent, CallMissed
+
+CONSUMER = "rooms"
+
+
+def register(bus: Bus, rooms: Rooms) -> None:
+    async def call_over(event: Any, delivery: Delivery) -> None:
+        assert isinstance(event, CallEvent)
+        await rooms.close_room(event.call_id, CloseReason.CALL_ENDED)
+
+    bus.subscribe(
+        CONSUMER,
+        {
+            CallEnded: call_over,
+            CallDeclined: call_over,
+            CallCancelled: call_over,
+            CallMissed: call_over,
+        },
+        scope=Scope.INSTANCE,
+    )

@@ -1,0 +1,101 @@
+"""Prometheus metrics of the media node, read from the rooms when scraped.
+
+The forwarding path only bumps plain integers; this collector turns them into metrics
+at scrape time, so nothing on the per-packet path takes a metrics lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from services.media.delays import BUCKETS_S
+from services.media.rooms import Rooms
+
+
+class MediaCollector(Collector):
+    def __init__(self, rooms: Rooms) -> None:
+        self._rooms = rooms
+
+    def collect(self) -> Iterator[Metric]:
+        rooms = self._rooms
+        node = rooms.settings.node_id
+        participants = [p for r in rooms.rooms.values() for p in r.participants.values()]
+        yield _gauge(
+            "dmcall_media_rooms", "Open rooms (calls) on this node", node, len(rooms.rooms)
+        )
+        yield _gauge(
+            "dmcall_media_sessions", "Connected parties on this node", node, len(participants)
+        )
+        yield _gauge(
+            "dmcall_media_capacity", "Rooms this node takes", node, rooms.settings.capacity
+        )
+        yield _gauge(
+            "dmcall_media_bitrate_in_bps",
+            "Bits per second received from all parties (last second)",
+            node,
+            sum(p.bitrate_in_bps for p in participants),
+        )
+        yield _gauge(
+            "dmcall_media_bitrate_out_bps",
+            "Bits per second forwarded to all parties (last second)",
+            node,
+            sum(p.bitrate_out_bps for p in participants),
+        )
+        forwarded = CounterMetricFamily(
+            "dmcall_media_forwarded_packets",
+            "RTP packets forwarded since start",
+            labels=["node_id"],
+        )
+        forwarded.add_metric([node], rooms.delays.count)
+        yield forwarded
+        refused = CounterMetricFamily(
+            "dmcall_media_sessions_refused", "Sessions refused, by reason", labels=["reason"]
+        )
+        for reason, count in rooms.refused.items():
+            refused.add_metric([reason.value], count)
+        yield refused
+        events = CounterMetricFamily(
+            "dmcall_media_events_published", "Media events published", labels=["event_type"]
+        )
+        for event_type, count in rooms.events_published.items():
+            events.add_metric([event_type], count)
+        yield events
+        delays = rooms.delays
+        buckets: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip(BUCKETS_S, delays.bucket_counts, strict=False):
+            running += count
+            buckets.append((repr(bound), running))
+        buckets.append(("+Inf", delays.count))
+        histogram = HistogramMetricFamily(
+            "dmcall_media_forward_delay_seconds",
+            "From a packet's arrival to the send of its forwarded copy, inside the SFU",
+            labels=["node_id"],
+        )
+        histogram.add_metric([node], buckets, delays.total_s)
+        yield histogram
+
+
+def _gauge(name: str, documentation: str, node: str, value: float) -> GaugeMetricFamily:
+    gauge = GaugeMetricFamily(name, documentation, labels=["node_id"])
+    gauge.add_metric([node], value)
+    return gauge
+
+
+def install(rooms: Rooms) -> MediaCollector:
+    collector = MediaCollector(rooms)
+    REGISTRY.register(collector)
+    return collector
+
+
+def uninstall(collector: MediaCollector) -> None:
+    REGISTRY.unregister(collector)

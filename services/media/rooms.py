@@ -1,0 +1,229 @@
+"""This node's rooms: admission, sessions, the media watchdog and the media events.
+
+Rooms live in this process only (a call's two legs are placed on one node), so the
+events that close them are consumed by every instance (``Scope.INSTANCE``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from services.media.delays import DelayRecorder
+from services.media.room import CloseReason, NegotiationError, Participant, Room, RoomState
+from services.media.settings import MediaSettings
+from shared.auth import MediaGrant
+from shared.contracts import CallMediaConnected, CallMediaFailed, Event, MediaFailure
+
+log = logging.getLogger(__name__)
+
+WATCHDOG_PERIOD_S = 0.5
+
+Spawn = Callable[[Coroutine[Any, Any, Any], str], None]
+
+
+class Refusal(StrEnum):
+    """Why a session is refused; each has its HTTP status in :data:`REFUSAL_STATUS`."""
+
+    BAD_TOKEN = "bad_token"
+    WRONG_CALL = "wrong_call"
+    WRONG_NODE = "wrong_node"
+    ROOM_FULL = "room_full"
+    CALL_ENDED = "call_ended"
+    NODE_FULL = "node_full"
+    BAD_OFFER = "bad_offer"
+
+
+REFUSAL_STATUS: dict[Refusal, int] = {
+    Refusal.BAD_TOKEN: 401,
+    Refusal.WRONG_CALL: 403,
+    Refusal.WRONG_NODE: 403,
+    Refusal.ROOM_FULL: 403,
+    Refusal.CALL_ENDED: 409,
+    Refusal.NODE_FULL: 503,
+    Refusal.BAD_OFFER: 400,
+}
+
+
+class SessionRefused(Exception):
+    def __init__(self, reason: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = REFUSAL_STATUS[reason]
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    call_id: str
+    session_id: str
+    answer_sdp: str
+
+
+class Rooms:
+    def __init__(
+        self,
+        settings: MediaSettings,
+        publish: Callable[[Event], Coroutine[Any, Any, None]],
+        spawn: Spawn,
+    ) -> None:
+        self.settings = settings
+        self._publish = publish
+        self._spawn = spawn
+        self.rooms: dict[str, Room] = {}
+        self._ended: dict[str, float] = {}
+        self.delays = DelayRecorder()
+        self.load_changed = asyncio.Event()
+        self.events_published: dict[str, int] = {}
+        self.refused: dict[Refusal, int] = dict.fromkeys(Refusal, 0)
+
+    @property
+    def load(self) -> int:
+        return len(self.rooms)
+
+    # ------------------------------------------------------------------ admission
+
+    def refuse(self, reason: Refusal, message: str) -> SessionRefused:
+        self.refused[reason] += 1
+        return SessionRefused(reason, message)
+
+    def admit(self, grant: MediaGrant, call_id: str) -> None:
+        """Checks that need no SDP: the grant is for this call, this node, a party."""
+        if grant.call_id != call_id:
+            raise self.refuse(Refusal.WRONG_CALL, "the media token is for another call")
+        if grant.node_id != self.settings.node_id:
+            raise self.refuse(
+                Refusal.WRONG_NODE,
+                f"the media token is for media node {grant.node_id!r}, this is "
+                f"{self.settings.node_id!r}",
+            )
+        if self._has_ended(call_id):
+            raise self.refuse(Refusal.CALL_ENDED, "this call has ended")
+        room = self.rooms.get(call_id)
+        if room is not None and not room.admits(grant.user_id):
+            raise self.refuse(Refusal.ROOM_FULL, "the room admits only the call's two parties")
+        if room is None and self.load >= self.settings.capacity:
+            raise self.refuse(Refusal.NODE_FULL, "this media node is full")
+
+    def _has_ended(self, call_id: str) -> bool:
+        until = self._ended.get(call_id)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._ended[call_id]
+            return False
+        return True
+
+    # ------------------------------------------------------------------ sessions
+
+    async def open_session(self, grant: MediaGrant, call_id: str, offer_sdp: str) -> Session:
+        self.admit(grant, call_id)
+        room = self.rooms.get(call_id)
+        if room is None:
+            room = Room(call_id, self.settings, self.delays)
+            self.rooms[call_id] = room
+            self.load_changed.set()
+        async with room.lock:
+            # Checked again: the room may have changed while this request waited.
+            if room.is_open and self.rooms.get(call_id) is not room:
+                # Dropped because the first offer into it failed: start over.
+                return await self.open_session(grant, call_id, offer_sdp)
+            if not room.is_open:
+                raise self.refuse(Refusal.CALL_ENDED, "this call's room has closed")
+            if not room.admits(grant.user_id):
+                raise self.refuse(Refusal.ROOM_FULL, "the room admits only the call's two parties")
+            try:
+                participant, answer = await room.negotiate(
+                    grant.user_id,
+                    offer_sdp,
+                    self._spawn,
+                    on_ice_failed=lambda: self.media_failed(room, MediaFailure.ICE_FAILED),
+                )
+            except BaseException as exc:
+                if not room.participants:
+                    self._forget(room)  # nobody in it: no room, no media timeout for it
+                if isinstance(exc, NegotiationError):
+                    raise self.refuse(Refusal.BAD_OFFER, str(exc)) from exc
+                raise
+            old = room.join(participant)
+        if old is not None:
+            log.info("room %s: %s reconnected, old session closed", call_id, grant.user_id)
+            self._spawn(old.pc.close(), f"close-{old.session_id}")
+        log.info("room %s: %s joined (session %s)", call_id, grant.user_id, participant.session_id)
+        return Session(call_id, participant.session_id, answer)
+
+    async def leave(self, call_id: str, session_id: str) -> Participant | None:
+        room = self.rooms.get(call_id)
+        if room is None:
+            return None
+        participant = room.leave(session_id)
+        if participant is None:
+            return None
+        await participant.pc.close()
+        if not room.participants:
+            await self.close_room(call_id, CloseReason.EMPTY)
+        return participant
+
+    def find(self, call_id: str) -> Room | None:
+        return self.rooms.get(call_id)
+
+    async def close_room(self, call_id: str, reason: CloseReason) -> bool:
+        if reason is not CloseReason.EMPTY:
+            self._ended[call_id] = time.monotonic() + self.settings.ended_call_memory_s
+        room = self.rooms.get(call_id)
+        if room is None:
+            return False
+        self._forget(room)
+        room.set_state(RoomState.CLOSED)
+        await room.close()
+        log.info("room %s closed (%s)", call_id, reason)
+        return True
+
+    def _forget(self, room: Room) -> None:
+        if self.rooms.get(room.call_id) is room:
+            del self.rooms[room.call_id]
+            self.load_changed.set()
+
+    async def close_all(self) -> None:
+        for call_id in list(self.rooms):
+            await self.close_room(call_id, CloseReason.SHUTDOWN)
+
+    # ------------------------------------------------------------------ media events
+
+    def media_failed(self, room: Room, reason: MediaFailure) -> None:
+        if not room.is_open:
+            return
+        room.set_state(RoomState.FAILED)
+        log.warning("room %s: media failed (%s)", room.call_id, reason)
+        self._emit(
+            CallMediaFailed(call_id=room.call_id, node_id=self.settings.node_id, reason=reason)
+        )
+        self._spawn(self.close_room(room.call_id, CloseReason.MEDIA_FAILED), "close-failed-room")
+
+    def _emit(self, event: Event) -> None:
+        key = event.type.value
+        self.events_published[key] = self.events_published.get(key, 0) + 1
+        self._spawn(self._publish(event), f"publish-{key}")
+
+    def check(self, now: float) -> None:
+        """One watchdog pass: media connected / stalled, bitrates."""
+        for room in list(self.rooms.values()):
+            for participant in room.participants.values():
+                participant.sample_rates(now)
+            if room.state is RoomState.WAITING and room.media_flowing():
+                room.set_state(RoomState.CONNECTED)
+                self._emit(CallMediaConnected(call_id=room.call_id, node_id=self.settings.node_id))
+            elif room.is_open and room.stalled(now, self.settings.timeout_s):
+                self.media_failed(room, MediaFailure.MEDIA_TIMEOUT)
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCHDOG_PERIOD_S)
+            try:
+                self.check(time.monotonic())
+            except Exception:
+                log.exception("media watchdog pass failed")

@@ -1,0 +1,76 @@
+"""Settings of the media service (env prefix ``MEDIA_``, plus the common ones)."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import CommonSettings
+
+
+class MediaSettings(CommonSettings):
+    model_config = SettingsConfigDict(env_prefix="MEDIA_", extra="ignore", populate_by_name=True)
+
+    port: int = Field(8004, ge=1, le=65535)
+    node_id: str = Field(
+        "media-1",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="This node's id: media tokens name it, the registry lists it.",
+    )
+    public_url: str | None = Field(
+        None,
+        description="The HTTP base clients reach this node at (registered for signaling); "
+        "default http://<DMCALL_HOST>:<MEDIA_PORT>.",
+    )
+    capacity: int = Field(20, ge=1, le=10_000, description="Rooms (1:1 calls) this node takes.")
+    timeout_s: float = Field(
+        15.0,
+        gt=0,
+        description="call_media_failed(media_timeout) when no packet arrives this long "
+        "(from a party, or before both parties' media flows).",
+    )
+    heartbeat_s: float = Field(5.0, gt=0, description="Registry heartbeat period.")
+    registry_ttl_s: int = Field(15, ge=1, description="A node not heard of this long is gone.")
+    public_ip: str | None = Field(
+        None,
+        description="Address advertised in ICE candidates instead of the host's own (behind "
+        "NAT, on Kubernetes with hostNetwork or a NodePort/LoadBalancer).",
+    )
+    udp_port_min: int | None = Field(None, ge=1024, le=65535)
+    udp_port_max: int | None = Field(None, ge=1024, le=65535)
+    ice_addresses: list[str] = Field(
+        default_factory=list,
+        description="Local addresses to gather ICE host candidates on (JSON list); "
+        "default: every interface but loopback.",
+    )
+    udp_receive_buffer_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=65_536,
+        description="SO_RCVBUF of each media socket: what arrives while the event loop is "
+        "busy elsewhere waits there instead of being dropped (capped by net.core.rmem_max).",
+    )
+    keyframe_interval_s: float = Field(
+        0.5, ge=0, description="At most one keyframe request (PLI) to a publisher this often."
+    )
+    ended_call_memory_s: float = Field(
+        900.0, gt=0, description="How long a call that ended is refused a new session."
+    )
+
+    @model_validator(mode="after")
+    def _port_range(self) -> MediaSettings:
+        if (self.udp_port_min is None) != (self.udp_port_max is None):
+            raise ValueError("set both MEDIA_UDP_PORT_MIN and MEDIA_UDP_PORT_MAX, or neither")
+        if self.udp_port_min is not None and self.udp_port_max is not None:
+            if self.udp_port_min > self.udp_port_max:
+                raise ValueError("MEDIA_UDP_PORT_MIN is above MEDIA_UDP_PORT_MAX")
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def udp_port_range(self) -> tuple[int, int] | None:
+        if self.udp_port_min is None or self.udp_port_max is None:
+            return None
+        return (self.udp_port_min, self.udp_port_max)

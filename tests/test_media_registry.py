@@ -1,0 +1,36 @@
+"""The media node registry against real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis
+
+from shared.media_registry import MediaNode, MediaRegistry
+from shared.settings import CommonSettings
+
+
+async def test_pick_prefers_the_least_utilised_live_node(
+    settings: CommonSettings, redis_client: Redis
+) -> None:
+    registry = MediaRegistry(redis_client, settings)
+    assert await registry.pick() is None
+    await registry.heartbeat(MediaNode("m1", "http://m1:8004", capacity=10, load=5), ttl_s=30)
+    await registry.heartbeat(MediaNode("m2", "http://m2:8004", capacity=40, load=10), ttl_s=30)
+    await registry.heartbeat(MediaNode("m3", "http://m3:8004", capacity=5, load=5), ttl_s=30)
+    picked = await registry.pick()
+    assert picked is not None and picked.node_id == "m2"  # 25% < 50%; m3 is full
+    assert picked.session_url("c1") == "http://m2:8004/v1/rooms/c1/sessions"
+
+
+async def test_a_node_without_heartbeat_disappears(
+    settings: CommonSettings, redis_client: Redis
+) -> None:
+    registry = MediaRegistry(redis_client, settings)
+    await registry.heartbeat(MediaNode("short", "http://s:1", capacity=10, load=0), ttl_s=1)
+    await registry.heartbeat(MediaNode("long", "http://l:1", capacity=10, load=9), ttl_s=30)
+    assert {n.node_id for n in await registry.live_nodes()} == {"short", "long"}
+    await asyncio.sleep(1.5)
+    assert [n.node_id for n in await registry.live_nodes()] == ["long"]
+    await registry.deregister("long")
+    assert await registry.pick() is None

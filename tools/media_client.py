@@ -1,0 +1,330 @@
+"""An aiortc client for the SFU's tests and benchmark: it sends pre-encoded VP8 and Opus
+(encoded once, so a client costs little CPU) and records what goes out and comes in.
+
+What it records is the RTP payload of each media packet, before SRTP on the way out
+and after it on the way in (retransmissions unwrapped), with the RTP timestamp: the SFU
+keeps timestamps and payloads, so the two sides can be compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+import httpx
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTCP_PSFB_FIR,
+    RTCP_PSFB_PLI,
+    RtcpPsfbPacket,
+    RtpPacket,
+    is_rtcp,
+    pack_remb_fci,
+    unpack_remb_fci,
+)
+
+from services.media import aiortc_internals as internals
+
+VIDEO_CLOCK = 90_000
+AUDIO_CLOCK = 48_000
+
+
+@dataclass(frozen=True)
+class EncodedMedia:
+    """A loop of encoded frames: bytes of each, and how long each lasts."""
+
+    frames: list[bytes]
+    clock_rate: int
+    ticks_per_frame: int
+    frame_s: float
+
+
+def encode_vp8(
+    width: int = 640,
+    height: int = 480,
+    seconds: float = 3.0,
+    fps: int = 30,
+    bitrate: int = 1_000_000,
+    noise_rows: int | None = None,
+) -> EncodedMedia:
+    """VP8 of a still pattern crossed by a moving band of noise, a keyframe a second.
+
+    libvpx's rate control does not hold noise to a bitrate, so the band's height sets it:
+    ``height // 24`` rows give about 1 Mbps at 640x480 (and 150 kbps at 160x120).
+    """
+    codec = av.CodecContext.create("libvpx", "w")
+    codec.width = width
+    codec.height = height
+    codec.pix_fmt = "yuv420p"
+    codec.bit_rate = bitrate
+    codec.framerate = fractions.Fraction(fps, 1)
+    codec.time_base = fractions.Fraction(1, fps)
+    codec.gop_size = fps
+    codec.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+    rows = noise_rows if noise_rows is not None else max(1, height // 24)
+    pattern = bytes((x * 7) % 256 for x in range(width * height))
+    frames: list[bytes] = []
+    count = int(seconds * fps)
+    for index in range(count):
+        frame = av.VideoFrame(width, height, "yuv420p")
+        luma = bytearray(pattern)
+        start = (index * 4) % (height - rows)
+        luma[start * width : (start + rows) * width] = os.urandom(rows * width)
+        frame.planes[0].update(bytes(luma))
+        for plane in frame.planes[1:]:
+            plane.update(bytes([128]) * plane.buffer_size)
+        frame.pts = index
+        frames.extend(bytes(packet) for packet in codec.encode(frame))
+    frames.extend(bytes(packet) for packet in codec.encode(None))
+    return EncodedMedia(frames, VIDEO_CLOCK, VIDEO_CLOCK // fps, 1 / fps)
+
+
+def encode_opus(seconds: float = 1.0) -> EncodedMedia:
+    """20 ms Opus frames of noise (a codec's worth of bits, like speech)."""
+    codec = av.CodecContext.create("libopus", "w")
+    codec.sample_rate = AUDIO_CLOCK
+    codec.layout = "stereo"
+    codec.format = "s16"
+    codec.bit_rate = 48_000
+    codec.time_base = fractions.Fraction(1, AUDIO_CLOCK)
+    frames: list[bytes] = []
+    samples = 960
+    for index in range(int(seconds * 50)):
+        frame = av.AudioFrame(format="s16", layout="stereo", samples=samples)
+        frame.planes[0].update(os.urandom(samples * 4))
+        frame.sample_rate = AUDIO_CLOCK
+        frame.pts = index * samples
+        for packet in codec.encode(frame):
+            frames.append(bytes(packet))
+    return EncodedMedia(frames, AUDIO_CLOCK, samples, 0.02)
+
+
+class EncodedTrack(MediaStreamTrack):
+    """Plays an :class:`EncodedMedia` loop in real time, as ``av.Packet`` (aiortc packs it
+    into RTP without encoding)."""
+
+    def __init__(self, kind: str, media: EncodedMedia) -> None:
+        super().__init__()
+        self.kind = kind
+        self._media = media
+        self._index = 0
+        self._start: float | None = None
+
+    async def recv(self) -> Any:
+        media = self._media
+        if self._start is None:
+            self._start = time.monotonic()
+        due = self._start + self._index * media.frame_s
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        packet = av.Packet(media.frames[self._index % len(media.frames)])
+        packet.pts = self._index * media.ticks_per_frame
+        packet.time_base = fractions.Fraction(1, media.clock_rate)
+        self._index += 1
+        return packet
+
+
+@dataclass
+class Flow:
+    """Media of one kind one way: (rtp timestamp, payload) per packet, and counts."""
+
+    payloads: list[tuple[int, bytes]] = field(default_factory=list)
+    sequence_numbers: set[int] = field(default_factory=set)
+    packets: int = 0
+    dropped: int = 0
+    first_at: float | None = None
+    window_packets: int = 0
+    """Counted while the client is ``measuring`` (benchmark windows)."""
+    window_frames: int = 0
+    window_seqs: set[int] = field(default_factory=set)
+    """Extended (unwrapped) sequence numbers seen in the window."""
+    _ext: int | None = None
+
+    def extend(self, seq: int) -> int:
+        if self._ext is None:
+            self._ext = seq
+        else:
+            delta = ((seq - (self._ext & 0xFFFF) + 0x8000) & 0xFFFF) - 0x8000
+            self._ext += delta
+        return self._ext
+
+
+class MediaClient:
+    """One party: an offer with audio and video, sendrecv, to ``POST .../sessions``."""
+
+    def __init__(
+        self,
+        video: EncodedMedia | None,
+        audio: EncodedMedia | None,
+        *,
+        record: bool = True,
+        drop_out: float = 0.0,
+        drop_in: float = 0.0,
+        light: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self._video = video
+        self._audio = audio
+        self.record = record
+        self.drop_out = drop_out
+        self.drop_in = drop_in
+        self.light = light
+        """Count incoming packets only: no NACKs, no receiver reports (benchmark clients)."""
+        self._random = random.Random(seed)
+        self.sent: dict[str, Flow] = {"audio": Flow(), "video": Flow()}
+        self.received: dict[str, Flow] = {"audio": Flow(), "video": Flow()}
+        self.location: str | None = None
+        self.measuring = False
+        self.keyframe_requests = 0
+        self.received_ssrcs: set[int] = set()
+        self.rembs: list[int] = []
+        """Bitrates of the REMBs received for what this client sends."""
+        """PLI/FIR received for what this client sends."""
+        self._ssrc_kind: dict[int, str] = {}
+
+    async def connect(self, url: str, token: str, client: httpx.AsyncClient) -> httpx.Response:
+        """Offer, POST, answer. Returns the HTTP response (201 or the refusal)."""
+        for kind, media in (("audio", self._audio), ("video", self._video)):
+            if media is None:
+                self.pc.addTransceiver(kind, direction="recvonly")
+            else:
+                self.pc.addTrack(EncodedTrack(kind, media))
+        for transceiver in self.pc.getTransceivers():
+            self._ssrc_kind[transceiver.sender._ssrc] = transceiver.kind
+            self._tap_receiver(transceiver.kind, transceiver.receiver)
+            self._tap_sender_rtcp(transceiver.sender)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        self._tap_sending()
+        response = await client.post(
+            url,
+            content=self.pc.localDescription.sdp,
+            headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {token}"},
+        )
+        if response.status_code == 201:
+            self.location = response.headers["location"]
+            await self.pc.setRemoteDescription(
+                RTCSessionDescription(sdp=response.text, type="answer")
+            )
+        return response
+
+    def _tap_sender_rtcp(self, sender: RTCRtpSender) -> None:
+        original = sender._handle_rtcp_packet
+
+        async def handle(packet: Any) -> None:
+            if isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
+                self.keyframe_requests += 1
+            elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+                self.rembs.append(unpack_remb_fci(packet.fci)[0])
+            await original(packet)
+
+        sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
+
+    async def request_keyframe(self) -> None:
+        """Send a PLI for the video this client receives (as a decoder that lost a frame)."""
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.kind == "video":
+                ssrc = next(iter(self.received_ssrcs), None)
+                if ssrc is not None:
+                    await transceiver.receiver._send_rtcp_pli(ssrc)
+
+    async def send_remb(self, bitrate: int) -> None:
+        """Tell the sender of the video this client receives to stay under ``bitrate``."""
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.kind == "video" and self.received_ssrcs:
+                packet = RtcpPsfbPacket(
+                    fmt=RTCP_PSFB_APP,
+                    ssrc=transceiver.sender._ssrc,
+                    media_ssrc=0,
+                    fci=pack_remb_fci(bitrate, sorted(self.received_ssrcs)),
+                )
+                await transceiver.receiver._send_rtcp(packet)
+
+    def _tap_sending(self) -> None:
+        transports = {id(t.sender.transport): t.sender.transport for t in self.pc.getTransceivers()}
+        for transport in transports.values():
+            self._tap_transport(transport)
+
+    def _tap_transport(self, transport: Any) -> None:
+        original: Callable[[bytes], Any] = transport._send_rtp
+
+        async def send(data: bytes) -> None:
+            if not is_rtcp(data):
+                packet = RtpPacket.parse(data)
+                kind = self._ssrc_kind.get(packet.ssrc)
+                if kind is not None:  # media, not a retransmission
+                    if self.drop_out and self._random.random() < self.drop_out:
+                        self.sent[kind].dropped += 1
+                        self._note(self.sent[kind], packet)
+                        return
+                    self._note(self.sent[kind], packet)
+            await original(data)
+
+        transport._send_rtp = send
+
+    def _note(self, flow: Flow, packet: RtpPacket) -> None:
+        flow.packets += 1
+        if flow.first_at is None:
+            flow.first_at = time.monotonic()
+        if self.measuring:
+            flow.window_packets += 1
+            flow.window_frames += packet.marker
+            flow.window_seqs.add(flow.extend(packet.sequence_number))
+        if self.record:
+            flow.payloads.append((packet.timestamp, packet.payload))
+            flow.sequence_numbers.add(packet.sequence_number)
+
+    def _tap_receiver(self, kind: str, receiver: RTCRtpReceiver) -> None:
+        original = receiver._handle_rtp_packet
+        codecs = internals.receiver_codecs(receiver)
+        rtx_ssrcs = internals.receiver_rtx_ssrcs(receiver)
+        flow = self.received[kind]
+
+        async def handle(packet: RtpPacket, arrival_time_ms: int) -> None:
+            internals.stop_decoder(receiver)
+            if self.drop_in and self._random.random() < self.drop_in:
+                flow.dropped += 1
+                return
+            codec = codecs.get(packet.payload_type)
+            media = packet
+            if codec is not None and codec.name == "rtx":
+                apt = codec.parameters.get("apt")
+                ssrc = rtx_ssrcs.get(packet.ssrc)
+                if ssrc is None or not isinstance(apt, int) or len(packet.payload) < 2:
+                    media = None  # type: ignore[assignment]
+                else:
+                    media = internals.unwrap_rtx(packet, payload_type=apt, ssrc=ssrc)
+            if media is not None:
+                self._note(flow, media)
+                if kind == "video":
+                    self.received_ssrcs.add(media.ssrc)
+            if not self.light:
+                await original(packet, arrival_time_ms)
+
+        receiver._handle_rtp_packet = handle  # type: ignore[method-assign]
+
+    async def leave(self, client: httpx.AsyncClient, base_url: str, token: str) -> int:
+        assert self.location is not None
+        response = await client.delete(
+            base_url + self.location, headers={"Authorization": f"Bearer {token}"}
+        )
+        return response.status_code
+
+    async def close(self) -> None:
+        await self.pc.close()
