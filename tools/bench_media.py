@@ -1,0 +1,473 @@
+"""``make bench-media``: what a media node costs per stream, forwarding vs transcoding.
+
+N concurrent 1:1 calls; each party publishes pre-encoded VP8 640x480 (~1 Mbps) plus
+Opus (a "stream"), so the clients spend no CPU encoding. The same calls go through
+
+- the forwarding SFU (``python -m services.media``, a real node with broker and Redis),
+- the transcoding path: aiortc's ``MediaRelay`` (tools/bench_media_transcoder.py),
+
+one after the other in the same run. For each it prints the server process's
+CPU-seconds per stream per 30 s (from /proc, over the measured window), packet loss
+(gaps in the sequence numbers the receiving clients see: clients do not NACK here),
+the share of video frames delivered, and the delay inside the server: for the SFU,
+from a packet's arrival to the send of its forwarded copy, every packet (its own
+``node_forward_delay_ms``); for the transcoder, from a video frame's last packet in to
+the re-encoded frame out.
+
+    python -m tools.bench_media --calls 5 --duration 20 [--transcode-calls 2] [--profile]
+
+Clients run in worker processes (``--workers``) apart from the server measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pickle
+import pstats
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tools import infra
+from tools.procs import ROOT, free_port
+
+CACHE = ROOT / ".run" / "bench-media"
+NODE = "bench"
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+async def _worker(args: argparse.Namespace, video: Any, audio: Any) -> None:
+    from services.media.settings import MediaSettings
+    from shared.auth import MediaGrant, issue_media_token
+    from tools.media_client import MediaClient
+
+    settings = MediaSettings()
+    calls: list[tuple[str, MediaClient, MediaClient]] = []
+    # No keep-alive: a slow (niced) client must not reuse a connection the server closed.
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        for index in range(args.calls):
+            call_id = f"{args.prefix}-{index}"
+            a = MediaClient(video, audio, record=False, light=True)
+            b = MediaClient(video, audio, record=False, light=True)
+            for user, client in (("a", a), ("b", b)):
+                token = issue_media_token(settings, MediaGrant(call_id, user, NODE))
+                response = await client.connect(
+                    f"{args.url}/v1/rooms/{call_id}/sessions", token, http
+                )
+                if response.status_code != 201:
+                    raise SystemExit(f"session refused: {response.status_code} {response.text}")
+            calls.append((call_id, a, b))
+        for _ in range(300):  # up to a minute for every party's video to arrive
+            if all(c.received["video"].packets > 0 for _, a, b in calls for c in (a, b)):
+                break
+            await asyncio.sleep(0.2)
+        print("READY", flush=True)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        results: list[dict[str, Any]] = []
+        while True:
+            line = (await reader.readline()).decode().strip()
+            if line == "MARK":
+                for _, a, b in calls:
+                    a.measuring = b.measuring = True
+            elif line in ("STOP", ""):
+                for _, a, b in calls:
+                    a.measuring = b.measuring = False
+                for call_id, a, b in calls:
+                    for sender, receiver in ((a, b), (b, a)):
+                        for kind in ("video", "audio"):
+                            sent, got = sender.sent[kind], receiver.received[kind]
+                            seqs = got.window_seqs
+                            results.append(
+                                {
+                                    "call_id": call_id,
+                                    "kind": kind,
+                                    "sent_packets": sent.window_packets,
+                                    "sent_frames": sent.window_frames,
+                                    "received_packets": len(seqs),
+                                    "expected_packets": (max(seqs) - min(seqs) + 1) if seqs else 0,
+                                    "received_frames": got.window_frames,
+                                }
+                            )
+                print("RESULT " + json.dumps(results), flush=True)
+                break
+        await asyncio.gather(*(c.close() for _, a, b in calls for c in (a, b)))
+
+
+# --------------------------------------------------------------------------- orchestrator
+
+
+# The node under cProfile, timed by CPU (not wall-clock) time, so that waiting for the
+# CPU on a busy machine is not counted as the node's own cost.
+_PROFILED_NODE = """
+import cProfile, sys, time
+from services.media.__main__ import main
+profiler = cProfile.Profile(time.process_time)
+try:
+    profiler.runcall(main)
+finally:
+    profiler.dump_stats(sys.argv[1])
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _media(seconds: float) -> Path:
+    from tools.media_client import encode_opus, encode_vp8
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"vp8-640x480-1mbps-opus-{seconds:g}s.pickle"
+    if not path.exists():
+        print(f"encoding {seconds:g} s of VP8 640x480 ~1 Mbps and Opus once (cached in {path})")
+        with open(path, "wb") as fh:
+            pickle.dump((encode_vp8(640, 480, seconds=seconds), encode_opus(1.0)), fh)
+    return path
+
+
+@dataclass
+class Outcome:
+    name: str
+    calls: int
+    window_s: float
+    cpu_s: float
+    flows: list[dict[str, Any]]
+    delay_p50_ms: float | None
+    delay_p99_ms: float | None
+    delay_note: str
+    loss_into_server: float | None = None
+    client_load: list[float] | None = None
+
+    @property
+    def streams(self) -> int:
+        return 2 * self.calls
+
+    @property
+    def cpu_per_stream_30s(self) -> float:
+        """Per stream actually offered: when the clients could not send all their frames
+        (a busy machine), the server's CPU is divided by the streams they did send."""
+        offered = self.streams * min(1.0, self.frames_offered())
+        return self.cpu_s / offered * 30 / self.window_s if offered else float("nan")
+
+    def loss(self, kind: str) -> float:
+        flows = [f for f in self.flows if f["kind"] == kind]
+        expected = sum(f["expected_packets"] for f in flows)
+        received = sum(f["received_packets"] for f in flows)
+        return 1 - received / expected if expected else float("nan")
+
+    def frames_offered(self) -> float:
+        """Video frames the clients sent, of the 30 a second each stream should have."""
+        sent = sum(f["sent_frames"] for f in self.flows if f["kind"] == "video")
+        return sent / (30 * self.window_s * self.streams) if self.streams else float("nan")
+
+    def frames_delivered(self) -> float:
+        flows = [f for f in self.flows if f["kind"] == "video"]
+        sent = sum(f["sent_frames"] for f in flows)
+        return sum(f["received_frames"] for f in flows) / sent if sent else float("nan")
+
+
+def _start_workers(
+    url: str, calls: int, workers: int, media: Path, prefix: str, nice: int
+) -> list[subprocess.Popen[str]]:
+    procs = []
+    per = [calls // workers + (1 if i < calls % workers else 0) for i in range(workers)]
+    for index, count in enumerate(c for c in per if c):
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tools.bench_media",
+                    "worker",
+                    "--url",
+                    url,
+                    "--calls",
+                    str(count),
+                    "--prefix",
+                    f"{prefix}{index}",
+                    "--media",
+                    str(media),
+                    "--client-nice",
+                    str(nice),
+                ],
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        )
+    return procs
+
+
+def _wait_line(proc: subprocess.Popen[str], prefix: str) -> str:
+    assert proc.stdout is not None
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a client worker exited (code {proc.wait()})")
+        if line.startswith(prefix):
+            return line[len(prefix) :].strip()
+
+
+def _measure(
+    name: str, url: str, server_pid: int, calls: int, args: argparse.Namespace, media: Path
+) -> tuple[Outcome, str]:
+    prefix = uuid.uuid4().hex[:8]
+    workers = _start_workers(url, calls, args.workers, media, prefix, args.client_nice)
+    try:
+        for proc in workers:
+            _wait_line(proc, "READY")
+        time.sleep(args.warmup)
+        for proc in workers:
+            assert proc.stdin is not None
+            proc.stdin.write("MARK\n")
+            proc.stdin.flush()
+        cpu0, t0 = _cpu_seconds(server_pid), time.monotonic()
+        clients0 = [_cpu_seconds(p.pid) for p in workers]
+        time.sleep(args.duration)
+        cpu1, t1 = _cpu_seconds(server_pid), time.monotonic()
+        clients1 = [_cpu_seconds(p.pid) for p in workers]
+        flows: list[dict[str, Any]] = []
+        for proc in workers:
+            assert proc.stdin is not None
+            proc.stdin.write("STOP\n")
+            proc.stdin.flush()
+        for proc in workers:
+            flows += json.loads(_wait_line(proc, "RESULT "))
+        for proc in workers:
+            proc.wait(30)
+    finally:
+        for proc in workers:
+            if proc.poll() is None:
+                proc.kill()
+    outcome = Outcome(name, calls, t1 - t0, cpu1 - cpu0, flows, None, None, "")
+    outcome.client_load = [(b - a) / (t1 - t0) for a, b in zip(clients0, clients1, strict=True)]
+    return outcome, f"{prefix}0-0"
+
+
+def _run_forwarding(args: argparse.Namespace, media: Path) -> Outcome:
+    from services.media.settings import MediaSettings
+    from shared.auth import MediaGrant, issue_media_token
+
+    port = free_port()
+    namespace = f"bench{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "MEDIA_PORT": str(port),
+        "MEDIA_NODE_ID": NODE,
+        "MEDIA_CAPACITY": str(max(args.calls, 1) + 5),
+        "MEDIA_TIMEOUT_S": "60",
+        "DMCALL_NAMESPACE": namespace,
+        "LOG_LEVEL": os.environ.get("MEDIA_BENCH_LOG_LEVEL", "WARNING"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    profile = CACHE / "media.prof"
+    command = [sys.executable, "-m", "services.media"]
+    if args.profile:
+        command = [sys.executable, "-c", _PROFILED_NODE, str(profile)]
+    log = open(CACHE / "media.log", "wb")
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{url}/readyz", server)
+        outcome, call_id = _measure(
+            "forwarding (services/media)", url, server.pid, args.calls, args, media
+        )
+        settings = MediaSettings()
+        received = lost = 0
+        stats: dict[str, Any] = {}
+        for room in sorted({f["call_id"] for f in outcome.flows}):
+            token = issue_media_token(settings, MediaGrant(room, "a", NODE))
+            body = httpx.get(
+                f"{url}/v1/rooms/{room}/stats", headers={"Authorization": f"Bearer {token}"}
+            ).json()
+            if args.verbose:
+                print(json.dumps(body))
+            for party in body["participants"]:
+                received += party["packets_in"]
+                lost += party["packets_lost_in"]
+            if room == call_id:
+                stats = body
+        outcome.loss_into_server = lost / (received + lost) if received + lost else None
+        outcome.delay_p50_ms = stats["node_forward_delay_ms"]["p50"]
+        outcome.delay_p99_ms = stats["node_forward_delay_ms"]["p99"]
+        outcome.delay_note = "packet in -> forwarded copy sent (last 50k packets)"
+    finally:
+        # uvicorn re-raises the signal after its graceful stop: SIGINT becomes a
+        # KeyboardInterrupt, so cProfile still writes its file; SIGTERM would not let it.
+        server.send_signal(signal.SIGINT if args.profile else signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            print(f"the node did not stop within 60 s (log: {CACHE / 'media.log'}); killed")
+            server.kill()
+            server.wait(10)
+        log.close()
+    if args.profile:
+        print(f"\nthe SFU's CPU time by function (cProfile's own overhead included): {profile}")
+        pstats.Stats(str(profile)).sort_stats("tottime").print_stats(18)
+    return outcome
+
+
+def _run_transcoding(args: argparse.Namespace, media: Path) -> Outcome:
+    port = free_port()
+    log = open(CACHE / "transcoder.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tools.bench_media_transcoder", str(port)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{url}/healthz", server)
+        outcome, _ = _measure(
+            "transcoding (aiortc MediaRelay)", url, server.pid, args.transcode_calls, args, media
+        )
+        delays = httpx.get(f"{url}/delays").json()
+        outcome.delay_p50_ms, outcome.delay_p99_ms = delays["p50_ms"], delays["p99_ms"]
+        outcome.delay_note = "video frame's last packet in -> re-encoded frame out"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    return outcome
+
+
+def _wait_http(url: str, proc: subprocess.Popen[Any], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited ({proc.returncode}); see {CACHE}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _report(outcomes: list[Outcome], args: argparse.Namespace) -> None:
+    print(
+        f"\nmedia benchmark: {args.duration:g} s measured after {args.warmup:g} s warm-up; "
+        f"a stream = one party's VP8 640x480 ~1 Mbps + Opus; {os.cpu_count()} CPUs, "
+        "shared with whatever else runs on this machine\n"
+    )
+    header = (
+        f"{'path':<34}{'calls':>6}{'streams':>8}{'CPU-s/stream/30s':>18}{'loss video':>12}"
+        f"{'loss audio':>12}{'sent':>8}{'recv':>8}{'delay p50':>11}{'delay p99':>11}"
+    )
+    print(header)
+    print("-" * len(header))
+    for o in outcomes:
+        print(
+            f"{o.name:<34}{o.calls:>6}{o.streams:>8}{o.cpu_per_stream_30s:>18.3f}"
+            f"{o.loss('video'):>12.2%}{o.loss('audio'):>12.2%}"
+            f"{o.frames_offered():>8.0%}{o.frames_delivered():>8.0%}"
+            f"{_fmt(o.delay_p50_ms, '.3f'):>8} ms{_fmt(o.delay_p99_ms, '.3f'):>8} ms"
+        )
+    print(
+        "\n  sent: video frames the clients sent, of 30/s per stream (below ~95%: the clients "
+        "did not get the CPU to offer the load,\n  and CPU-s/stream is per stream offered: "
+        "streams x sent); recv: frames received in the window / frames sent in it"
+    )
+    for o in outcomes:
+        if args.verbose:
+            for flow in o.flows:
+                print("   ", json.dumps(flow))
+        print(
+            f"  {o.name}: server CPU {o.cpu_s:.2f} s over {o.window_s:.1f} s "
+            f"({o.cpu_s / o.window_s:.0%} of a core); delay = {o.delay_note}"
+        )
+        if o.client_load:
+            loads = ", ".join(f"{load:.0%}" for load in o.client_load)
+            print(f"    client worker processes' CPU (of a core each): {loads}")
+        if o.loss_into_server is not None:
+            print(
+                f"    of the loss, on the way into the server (its receivers' count, whole "
+                f"run): {o.loss_into_server:.2%}"
+            )
+    if len(outcomes) == 2 and outcomes[0].cpu_per_stream_30s > 0:
+        ratio = outcomes[1].cpu_per_stream_30s / outcomes[0].cpu_per_stream_30s
+        print(f"  transcoding costs {ratio:.1f}x the CPU per stream of forwarding")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="mode")
+    worker = sub.add_parser("worker")
+    worker.add_argument("--url", required=True)
+    worker.add_argument("--calls", type=int, required=True)
+    worker.add_argument("--prefix", required=True)
+    worker.add_argument("--media", required=True)
+    worker.add_argument("--client-nice", type=int, default=5)
+    parser.add_argument(
+        "--calls", type=int, default=5, help="concurrent 1:1 calls (2 streams each)"
+    )
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per path")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--transcode-calls", type=int, default=None, help="default: min(calls, 2)")
+    parser.add_argument("--skip-transcode", action="store_true")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="client processes (default: 1 per 6 calls)"
+    )
+    parser.add_argument("--profile", action="store_true", help="run the SFU under cProfile")
+    parser.add_argument(
+        "--client-nice", type=int, default=5, help="niceness of the client processes"
+    )
+    parser.add_argument("--verbose", action="store_true", help="print every flow and room")
+    args = parser.parse_args()
+    if args.mode == "worker":
+        # The clients are the load, not what is measured: they yield the CPU to the server.
+        os.nice(args.client_nice)
+        from services.media import aiortc_internals
+
+        # ... and buffer what arrives while they wait for it, as the node does.
+        aiortc_internals.configure_ice(None, [], 4 * 1024 * 1024)
+        video, audio = pickle.loads(Path(args.media).read_bytes())
+        asyncio.run(_worker(args, video, audio))
+        return
+    if args.transcode_calls is None:
+        args.transcode_calls = min(args.calls, 2)
+    if args.workers is None:
+        args.workers = max(1, (args.calls + 5) // 6)
+    if not infra.ensure(quiet=True):
+        sys.exit("RabbitMQ and Redis are needed (see make run)")
+    os.environ.setdefault("RABBITMQ_URL", infra.DEFAULT_RABBITMQ_URL)
+    os.environ.setdefault("REDIS_URL", infra.DEFAULT_REDIS_URL)
+    media = _media(3.0)
+    outcomes = [_run_forwarding(args, media)]
+    if not args.skip_transcode and args.transcode_calls > 0:
+        outcomes.append(_run_transcoding(args, media))
+    _report(outcomes, args)
+
+
+if __name__ == "__main__":
+    main()
