@@ -1,0 +1,87 @@
+"""The four service processes: they start, report health and readiness, serve metrics and
+OpenAPI, answer bad requests with JSON errors, and ride out a Redis restart."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from tests.support.redis_server import PrivateRedis
+from tools.procs import ServiceProcess, free_port
+
+SERVICES = ("signaling", "policy", "notifications", "media")
+
+
+def poll_status(url: str, expected: int, timeout: float = 20.0) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(url, timeout=2.0)
+            if response.status_code == expected:
+                return response
+            last = response.status_code
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer {expected} within {timeout}s (last: {last})")
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_service_starts_and_serves_the_operational_endpoints(
+    spawn: Callable[..., ServiceProcess], service: str
+) -> None:
+    proc = spawn(service)
+    assert httpx.get(f"{proc.url}/healthz").json() == {"status": "ok", "service": service}
+    ready = httpx.get(f"{proc.url}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"rabbitmq": True, "redis": True}
+    openapi = httpx.get(f"{proc.url}/openapi.json").json()
+    assert openapi["info"]["title"] == f"dmcall {service}"
+    assert "/readyz" in openapi["paths"]
+    missing = httpx.get(f"{proc.url}/no/such/path")
+    assert missing.status_code == 404
+    assert missing.json()["error"] == "not_found"
+    metrics = httpx.get(f"{proc.url}/metrics")
+    assert metrics.status_code == 200
+    assert f'dmcall_http_requests_total{{method="GET",route="/healthz",service="{service}"' in (
+        metrics.text
+    )
+
+
+def test_a_huge_body_is_refused_with_413(spawn: Callable[..., ServiceProcess]) -> None:
+    proc = spawn("policy", MAX_BODY_BYTES="2048")
+    response = httpx.post(f"{proc.url}/healthz", content=b"x" * 10_000)
+    assert response.status_code == 413
+    assert response.json()["error"] == "payload_too_large"
+
+
+def test_not_ready_until_redis_answers(spawn: Callable[..., ServiceProcess]) -> None:
+    dead_port = free_port()
+    proc = spawn("notifications", wait=False, REDIS_URL=f"redis://127.0.0.1:{dead_port}/0")
+    poll_status(f"{proc.url}/healthz", 200)
+    response = poll_status(f"{proc.url}/readyz", 503)
+    assert response.json()["checks"]["redis"] is False
+
+
+def test_not_ready_until_rabbitmq_answers(spawn: Callable[..., ServiceProcess]) -> None:
+    dead_port = free_port()
+    proc = spawn("policy", wait=False, RABBITMQ_URL=f"amqp://guest:guest@127.0.0.1:{dead_port}/")
+    poll_status(f"{proc.url}/healthz", 200)
+    response = poll_status(f"{proc.url}/readyz", 503)
+    assert response.json()["checks"] == {"rabbitmq": False, "redis": True}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_services_carry_on_after_redis_restarts(
+    spawn: Callable[..., ServiceProcess], private_redis: PrivateRedis, service: str
+) -> None:
+    proc = spawn(service, REDIS_URL=private_redis.url)
+    private_redis.stop()
+    assert poll_status(f"{proc.url}/readyz", 503).json()["checks"]["redis"] is False
+    private_redis.start()
+    poll_status(f"{proc.url}/readyz", 200)
+    assert proc.proc is not None and proc.proc.poll() is None  # never restarted
