@@ -1,0 +1,147 @@
+"""The load-test harness: its pure parts, and a smoke run (a few seconds, low rate) against
+real spawned services that must ring every call and lose nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from shared.settings import DEV_JWT_SECRET
+from tools.loadtest.__main__ import parser
+from tools.loadtest.config import LoadConfig, Outcome, parse_mix
+from tools.loadtest.deployment import Deployment
+from tools.loadtest.http import HttpClient
+from tools.loadtest.metrics import percentile, summarize
+from tools.loadtest.runner import run_calls
+from tools.loadtest.scenarios import parse_time
+from tools.loadtest.tokens import TokenSource, TokenSourceError
+from tools.procs import ServiceProcess
+
+
+def test_mix_is_parsed_and_normalised() -> None:
+    mix = parse_mix("answered=3, missed=1,denied=0")
+    assert mix == {Outcome.ANSWERED: 0.75, Outcome.MISSED: 0.25}
+    for bad in ("answered", "ringing=1", "answered=-1", "answered=0", "answered=nan"):
+        with pytest.raises(ValueError):
+            parse_mix(bad)
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0
+    assert math.isnan(percentile([], 50))
+    assert summarize([]) == {"count": 0}
+    assert summarize([2.0, 1.0])["max"] == 2.0
+
+
+def test_server_times_are_read_as_epoch_seconds() -> None:
+    assert parse_time("1970-01-01T00:00:10Z") == 10.0
+    assert parse_time("1970-01-01T00:00:10.500000+00:00") == 10.5
+    assert parse_time(1_700_000_000_000) == 1_700_000_000.0
+    assert parse_time("not a time") is None
+    assert parse_time(None) is None
+
+
+def test_token_file_must_name_platform_and_users(tmp_path: Path) -> None:
+    good = tmp_path / "tokens.json"
+    good.write_text(json.dumps({"platform": "p", "users": {"alice": "a", "bob": "b"}}))
+    source = TokenSource.from_file(good)
+    assert source.available_users() == ["alice", "bob"]
+    assert source.user("alice") == "a"
+    assert source.platform_token() == "p"
+    with pytest.raises(TokenSourceError):
+        source.user("carol")  # a file never mints
+    for body in ("[]", '{"users": {}}', '{"platform": "p", "users": {"bad id!": "x"}}', "{"):
+        bad = tmp_path / "bad.json"
+        bad.write_text(body)
+        with pytest.raises(TokenSourceError):
+            TokenSource.from_file(bad)
+
+
+def test_cli_refuses_bad_options() -> None:
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--devices", "0-3"])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--mix", "answered=x"])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--rate", "50,-1"])
+    args = parser().parse_args(["--rate", "50,100", "--devices", "2-3", "--mix", "missed=1"])
+    assert args.rate == [50.0, 100.0]
+    assert args.devices == (2, 3)
+    assert args.mix == {Outcome.MISSED: 1.0}
+
+
+async def test_http_client_reports_a_refused_connection() -> None:
+    from tools.loadtest.http import HttpError
+    from tools.procs import free_port
+
+    client = HttpClient(f"http://127.0.0.1:{free_port()}", timeout=2.0)
+    with pytest.raises(HttpError) as caught:
+        await client.request("GET", "/healthz")
+    assert caught.value.kind == "connect"
+    await client.close()
+
+
+@pytest.mark.e2e
+async def test_smoke_run_rings_every_call_and_loses_nothing(
+    spawn: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    env = {"RING_TIMEOUT_S": "1", "CALLS_PER_MINUTE": "100000", "LOG_LEVEL": "WARNING"}
+    policy = spawn("policy", **env)
+    signaling = spawn("signaling", **env)
+    notifications = spawn("notifications", **env)
+    spawn("media", **env)
+    deployment = Deployment(
+        signaling_url=signaling.url,
+        policy_url=policy.url,
+        notifications_url=notifications.url,
+    )
+    config = LoadConfig(
+        signaling_url=signaling.url,
+        policy_url=policy.url,
+        notifications_url=notifications.url,
+        rate=8.0,
+        duration_s=3.0,
+        mix={outcome: 1.0 / len(Outcome) for outcome in Outcome},
+        seed=1,
+        ring_timeout_s=1.0,
+        hold_s=0.2,
+        event_timeout_s=10.0,
+        notify_sample=1.0,
+        output_dir=tmp_path / "out",
+        live=False,
+    )
+    report = await run_calls(
+        config,
+        deployment,
+        TokenSource.from_secret(DEV_JWT_SECRET),
+        floor_urls=(os.environ["RABBITMQ_URL"], os.environ["REDIS_URL"]),
+        console=Console(quiet=True),
+        stamp="smoke",
+    )
+    assert (tmp_path / "out" / "report-smoke.png").stat().st_size > 10_000
+    on_disk = json.loads((tmp_path / "out" / "report-smoke.json").read_text())
+    assert on_disk["run"]["calls_placed"] == report["run"]["calls_placed"]
+    for key in ("config", "environment", "run", "floor", "latency", "outcomes", "errors", "lost"):
+        assert key in on_disk, key
+    for floor in ("rabbitmq_one_way_ms", "bus_event_hop_ms", "redis_rtt_ms"):
+        assert on_disk["floor"][floor]["count"] == 500
+    assert report["run"]["calls_placed"] >= 15
+    assert report["latency"]["ring_ms"]["count"] >= 5
+    assert report["lost"]["never_rang"] == 0
+    assert sum(report["lost"].values()) == 0, report["lost"]
+    assert report["notifications_checked"] > 0
+    failed = {k: v for k, v in report["outcomes"].items() if k.endswith("_failed")}
+    assert not failed, (failed, report["errors"], report["error_examples"])
+    assert not report["errors"], report["error_examples"]
+    # The outcome sequence is drawn from the seed, so every kind of call is in the run.
+    for outcome in Outcome:
+        assert report["outcomes"].get(outcome.value, 0) >= 1, (outcome, report["outcomes"])
