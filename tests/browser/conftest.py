@@ -1,0 +1,155 @@
+"""Browser end-to-end tests: real Chromium (Debian's), real service processes.
+
+One Chromium per test module (fresh user data dir, fake camera and microphone); each test
+starts its own services in its own namespace and opens one browser context per user.
+Screenshots land in ``artifacts/screenshots/``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    Page,
+    WebSocket,
+    expect,
+    sync_playwright,
+)
+
+from tools import seed
+from tools.procs import ROOT, ServiceProcess
+
+CHROMIUM = os.environ.get("DMCALL_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+]
+SCREENSHOTS = ROOT / "artifacts" / "screenshots"
+
+pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    # Module scope: Playwright's sync API runs an event loop of its own while it is open,
+    # and pytest-asyncio's tests in other modules need the thread without it.
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        pytest.fail(f"Chromium is needed at {CHROMIUM} (Debian package `chromium`)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@dataclass
+class Stack:
+    """The four services of one test, seeded with the demo users."""
+
+    signaling: ServiceProcess
+    policy: ServiceProcess
+    notifications: ServiceProcess
+    media: ServiceProcess | None
+    contexts: list[BrowserContext] = field(default_factory=list)
+    traffic: dict[str, Traffic] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.signaling.url
+
+
+@dataclass
+class Traffic:
+    """Everything one person's pages sent: WebSocket frames and HTTP request bodies."""
+
+    ws_sent: list[str] = field(default_factory=list)
+    ws_received: list[str] = field(default_factory=list)
+    requests: list[tuple[str, str, str]] = field(default_factory=list)  # method, url, body
+
+    def attach(self, page: Page) -> None:
+        def on_websocket(ws: WebSocket) -> None:
+            ws.on("framesent", lambda payload: self.ws_sent.append(_text(payload)))
+            ws.on("framereceived", lambda payload: self.ws_received.append(_text(payload)))
+
+        page.on("websocket", on_websocket)
+        page.on(
+            "request",
+            lambda request: self.requests.append(
+                (request.method, request.url, request.post_data or "")
+            ),
+        )
+
+
+def _text(payload: str | bytes) -> str:
+    return payload if isinstance(payload, str) else payload.decode("latin-1")
+
+
+@pytest.fixture
+def make_stack(spawn: Callable[..., ServiceProcess]) -> Iterator[Callable[..., Stack]]:
+    stacks: list[Stack] = []
+
+    def build(*, media: bool = True, **signaling_env: str) -> Stack:
+        policy = spawn("policy", wait=False)
+        notifications = spawn("notifications", wait=False)
+        node = spawn("media", wait=False, MEDIA_NODE_ID="media-1") if media else None
+        signaling = spawn(
+            "signaling",
+            wait=False,
+            SIGNALING_POLICY_URL=policy.url,
+            SIGNALING_NOTIFICATIONS_URL=notifications.url,
+            **signaling_env,
+        )
+        for proc in (policy, notifications, node, signaling):
+            if proc is not None:
+                proc.wait_ready(timeout=60)
+        seed.seed(policy.url)
+        stack = Stack(signaling, policy, notifications, node)
+        stacks.append(stack)
+        return stack
+
+    yield build
+    for stack in stacks:
+        for context in stack.contexts:
+            context.close()
+
+
+def open_as(browser: Browser, stack: Stack, user: str, query: str = "") -> Page:
+    """A new browser context (a person's browser) signed in as ``user``."""
+    context = browser.new_context(viewport={"width": 900, "height": 700})
+    stack.contexts.append(context)
+    page = context.new_page()
+    stack.traffic.setdefault(user, Traffic()).attach(page)
+    page.goto(f"{stack.url}/{query}")
+    page.get_by_test_id(f"signin-{user}").click()
+    expect(page.get_by_test_id("inbox")).to_be_visible()
+    return page
+
+
+def another_tab(page: Page, stack: Stack, query: str = "") -> Page:
+    """A second tab of the same person (same sign-in, its own device)."""
+    tab = page.context.new_page()
+    stack.traffic.setdefault(page.evaluate("window.dmcall.me"), Traffic()).attach(tab)
+    tab.goto(f"{stack.url}/{query}")
+    expect(tab.get_by_test_id("inbox")).to_be_visible()
+    return tab
+
+
+def screenshot(page: Page, name: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path))
+    return path
