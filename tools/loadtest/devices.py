@@ -23,6 +23,8 @@ from websockets.asyncio.client import ClientConnection, connect
 
 log = logging.getLogger(__name__)
 
+CONNECT_ATTEMPTS = 5
+
 
 @dataclass(slots=True)
 class Received:
@@ -159,17 +161,35 @@ class Device:
         self.closed_unexpectedly = False
         self.close_reason = ""
         self._closing = False
+        self.retries = 0
+        """Connects that failed and were tried again."""
 
-    async def connect(self, open_within: float = 20.0) -> None:
-        self._ws = await connect(
-            self._url,
-            open_timeout=open_within,
-            compression=None,
-            ping_interval=None,
-            max_queue=None,
-            user_agent_header="dmcall-loadtest",
-            proxy=None,
-        )
+    async def connect(self, open_within: float = 20.0, attempts: int = CONNECT_ATTEMPTS) -> None:
+        """Open the socket; like a real client, try again with backoff when the server drops
+        the handshake (a busy server under thousands of connects can); ``retries`` counts it."""
+        delay = 0.2
+        for attempt in range(1, attempts + 1):
+            try:
+                self._ws = await connect(
+                    self._url,
+                    open_timeout=open_within,
+                    compression=None,
+                    ping_interval=None,
+                    max_queue=None,
+                    user_agent_header="dmcall-loadtest",
+                    proxy=None,
+                )
+                break
+            except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
+                refused = isinstance(exc, websockets.InvalidStatus) and (
+                    exc.response.status_code < 500
+                )
+                if attempt == attempts or refused:  # a 4xx (bad token) will not get better
+                    raise
+                self.retries += 1
+                log.warning("connect of %s failed (%r); retrying", self.device_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
         self._reader = asyncio.create_task(self._read(), name=f"ws-{self.device_id}")
 
     async def _read(self) -> None:
