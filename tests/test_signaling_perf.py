@@ -113,3 +113,28 @@ async def test_presence_of_several_users_is_read_at_once_and_dead_instances_prun
     # The dead instance's device is gone from Redis too, not only from the answer.
     assert await store.redis.hgetall(store.presence_key("ben")) == {b"b1": b"live-1"}  # type: ignore[misc]
     assert await store.devices("ann") == found["ann"]
+
+
+async def test_live_calls_of_several_users_in_one_read_and_published_events_leave_the_outbox(
+    signaling: tuple[CallService, CallStore, EventTap],
+) -> None:
+    service, store, tap = signaling
+    first = await service.place("kim", "lee", MediaKind.AUDIO, device_id=None, idempotency_key=None)
+    second = await service.place("kim", "mo", MediaKind.VIDEO, device_id=None, idempotency_key=None)
+    live = await store.live_calls_of(["kim", "lee", "nobody"])
+    assert sorted(c.call_id for c in live["kim"]) == sorted([first.call_id, second.call_id])
+    assert {c.call_id: c.media for c in live["kim"]} == {
+        first.call_id: MediaKind.AUDIO,
+        second.call_id: MediaKind.VIDEO,
+    }
+    assert live["lee"] == []  # a callee's call is live for them from ringing on
+    assert live["nobody"] == []
+    assert await store.live_calls("kim") == live["kim"]
+    # Both call_requested were published, so the outbox empties without any relay.
+    await eventually(lambda: tap.of(EventType.CALL_REQUESTED, second.call_id))
+
+    async def outbox_empty() -> bool:
+        return await store.redis.hlen(store.outbox_key) == 0  # type: ignore[misc,no-any-return]
+
+    await eventually(outbox_empty)
+    assert await store.redis.zcard(store.outbox_due_key) == 0

@@ -47,6 +47,7 @@ def create_app(settings: SignalingSettings | None = None) -> FastAPI:
         finally:
             with contextlib.suppress(Exception):  # Redis may be gone at shutdown
                 await hub.close_all()
+                await store.flush_published()
                 await store.instance_gone(settings.instance_id)
 
     app = create_service_app(

@@ -162,7 +162,8 @@ class CallService:
                 log.warning("after-commit work failed: %r", result)
 
     async def publish(self, events: Sequence[Event]) -> None:
-        """Publish committed events, then clear them from the outbox (else a relay will)."""
+        """Publish committed events, then clear them from the outbox (else a relay will
+        publish them again, which consumers drop as duplicates)."""
         done: list[str] = []
         for event in events:
             try:
@@ -171,7 +172,7 @@ class CallService:
                 log.warning("could not publish %s now (%s); the outbox relay will", event.type, exc)
                 continue
             done.append(str(event.event_id))
-        await self.store.outbox_done(done)
+        self.store.outbox_done_soon(done)
 
     def _mint(self, call: Call, user: str, node_id: str, url: str) -> MediaOffer:
         token = issue_media_token(
@@ -284,9 +285,8 @@ class CallService:
             if not allowed(call.state, CallAction.AUTHORIZE):
                 raise IllegalTransition(call.state, CallAction.AUTHORIZE, call.call_id)
             now = utcnow()
-            callee_all, caller_all = await asyncio.gather(
-                self.store.live_calls(call.callee), self.store.live_calls(call.caller)
-            )
+            live = await self.store.live_calls_of([call.callee, call.caller])
+            callee_all, caller_all = live[call.callee], live[call.caller]
             callee_live = [c for c in callee_all if c.call_id != call.call_id]
             caller_live = [c for c in caller_all if c.call_id != call.call_id]
             self.store.check(step.commit, callee_live)

@@ -31,7 +31,9 @@ Keys (``<p>`` is the deployment's prefix, ``dmcall`` or ``dmcall:<namespace>``; 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -46,7 +48,11 @@ from shared.contracts import CallState, EndReason, Event, MediaKind, RejectReaso
 from shared.redis import KeySpace
 from shared.settings import CommonSettings
 
+log = logging.getLogger(__name__)
+
 RATE_WINDOW_MS = 60_000
+OUTBOX_FLUSH_S = 0.01
+"""How long published events wait to be cleared from the outbox together."""
 _RANG_STATES = frozenset({CallState.RINGING, CallState.BUSY, CallState.ACCEPTED})
 """A call enters the callee's history when it reaches one of these (it reached the callee)."""
 
@@ -114,6 +120,59 @@ end
 redis.call('ZADD', KEYS[1], now, ARGV[4])
 redis.call('PEXPIRE', KEYS[1], window)
 return {1, 0}
+"""
+
+_PRESENCE = """
+-- KEYS: presence hashes; ARGV[1]: the instance-key prefix. For each user, device/instance
+-- pairs on live instances, flattened after a count; devices of dead instances are pruned.
+local alive = {}
+local out = {}
+for _, key in ipairs(KEYS) do
+  local row = redis.call('HGETALL', key)
+  local found = {}
+  for i = 1, #row, 2 do
+    local instance = row[i + 1]
+    if alive[instance] == nil then
+      alive[instance] = redis.call('EXISTS', ARGV[1] .. instance) == 1
+    end
+    if alive[instance] then
+      found[#found + 1] = row[i]
+      found[#found + 1] = instance
+    else
+      redis.call('HDEL', key, row[i])
+    end
+  end
+  out[#out + 1] = #found
+  for _, v in ipairs(found) do out[#out + 1] = v end
+end
+return out
+"""
+
+_LIVE_CALLS = """
+-- KEYS: live-call sets; ARGV[1]: the call-key prefix. Each user's live calls as a count,
+-- then each call's hash as a flat field/value list after its own length.
+local out = {}
+for _, key in ipairs(KEYS) do
+  local ids = redis.call('SMEMBERS', key)
+  table.sort(ids)
+  local rows = {}
+  for _, id in ipairs(ids) do
+    local row = redis.call('HGETALL', ARGV[1] .. id)
+    if #row > 0 then rows[#rows + 1] = row end
+  end
+  out[#out + 1] = #rows
+  for _, row in ipairs(rows) do
+    out[#out + 1] = #row
+    for _, v in ipairs(row) do out[#out + 1] = v end
+  end
+end
+return out
+"""
+
+_RING_POLL = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {due, first[2] or false}
 """
 
 _UNREGISTER_DEVICE = """
@@ -228,6 +287,11 @@ class CallStore:
         self._claim_outbox = redis.register_script(_CLAIM_OUTBOX)
         self._rate = redis.register_script(_RATE)
         self._unregister = redis.register_script(_UNREGISTER_DEVICE)
+        self._presence = redis.register_script(_PRESENCE)
+        self._live = redis.register_script(_LIVE_CALLS)
+        self._ring_poll = redis.register_script(_RING_POLL)
+        self._published: set[str] = set()
+        self._flush: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ keys
 
@@ -280,8 +344,26 @@ class CallStore:
         return [decode_call(row) for row in rows if row]
 
     async def live_calls(self, user: str) -> list[Call]:
-        members = await self.redis.smembers(self.live_key(user))  # type: ignore[misc]
-        return await self.get_many(sorted(_text(m) for m in members))
+        return (await self.live_calls_of([user]))[user]
+
+    async def live_calls_of(self, users: Sequence[str]) -> dict[str, list[Call]]:
+        """Each user's calls that are not final (by call id), in one round trip."""
+        flat = await self._live(
+            keys=[self.live_key(u) for u in users], args=[self.keys("call", "")]
+        )
+        found: dict[str, list[Call]] = {}
+        i = 0
+        for user in users:
+            count = int(flat[i])
+            i += 1
+            calls = []
+            for _ in range(count):
+                size = int(flat[i])
+                row = flat[i + 1 : i + 1 + size]
+                i += 1 + size
+                calls.append(decode_call(dict(zip(row[::2], row[1::2], strict=True))))
+            found[user] = calls
+        return found
 
     async def history(
         self, user: str, *, limit: int, before: str | None
@@ -364,6 +446,34 @@ class CallStore:
 
     # ------------------------------------------------------------------ outbox
 
+    def outbox_done_soon(self, event_ids: Sequence[str]) -> None:
+        """Clear published events from the outbox in a moment, together with the others
+        published meanwhile: one round trip for many calls' events under load. Should the
+        process die first, the relay publishes them again and consumers drop the copies."""
+        if not event_ids:
+            return
+        self._published.update(event_ids)
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().create_task(self._flush_published())
+
+    async def _flush_published(self) -> None:
+        await asyncio.sleep(OUTBOX_FLUSH_S)
+        ids = sorted(self._published)
+        self._published = set()
+        self._flush = None  # ids published from here on get the next flush
+        try:
+            await self.outbox_done(ids)
+        except Exception as exc:  # the relay publishes them again; consumers deduplicate
+            log.warning("could not clear %d published events from the outbox: %r", len(ids), exc)
+
+    async def flush_published(self) -> None:
+        """Clear what is pending now (shutdown)."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        ids, self._published = sorted(self._published), set()
+        await self.outbox_done(ids)
+
     async def outbox_done(self, event_ids: Sequence[str]) -> None:
         if not event_ids:
             return
@@ -386,6 +496,11 @@ class CallStore:
     async def due_rings(self, now_ms: int, limit: int = 100) -> list[str]:
         ids = await self.redis.zrangebyscore(self.ring_key, "-inf", now_ms, start=0, num=limit)
         return [_text(i) for i in ids]
+
+    async def ring_poll(self, now_ms: int, limit: int = 100) -> tuple[list[str], int | None]:
+        """:meth:`due_rings` and the earliest deadline still waiting, in one round trip."""
+        due, first = await self._ring_poll(keys=[self.ring_key], args=[now_ms, limit])
+        return [_text(i) for i in due], int(first) if first else None
 
     async def next_ring_deadline_ms(self) -> int | None:
         first = await self.redis.zrange(self.ring_key, 0, 0, withscores=True)
@@ -422,26 +537,16 @@ class CallStore:
         return (await self.devices_of([user]))[user]
 
     async def devices_of(self, users: Sequence[str]) -> dict[str, dict[str, str]]:
-        """:meth:`devices` of several users in two round trips, whatever their number."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for user in users:
-                pipe.hgetall(self.presence_key(user))
-            rows = await pipe.execute()
-        found = {
-            user: {_text(k): _text(v) for k, v in row.items()}
-            for user, row in zip(users, rows, strict=True)
-        }
-        instances = sorted({i for devices in found.values() for i in devices.values()})
-        if not instances:
-            return found
-        alive = await self.redis.mget([self.instance_key(i) for i in instances])
-        dead = {i for i, flag in zip(instances, alive, strict=True) if flag is None}
-        if dead:
-            for user, devices in found.items():
-                for device_id, instance_id in list(devices.items()):
-                    if instance_id in dead:
-                        await self._unregister(
-                            keys=[self.presence_key(user)], args=[device_id, instance_id]
-                        )
-                        devices.pop(device_id)
+        """:meth:`devices` of several users in one round trip, whatever their number; the
+        devices of instances whose heartbeat expired are pruned on the way."""
+        flat = await self._presence(
+            keys=[self.presence_key(u) for u in users], args=[self.keys("instance", "")]
+        )
+        found: dict[str, dict[str, str]] = {}
+        i = 0
+        for user in users:
+            count = int(flat[i])
+            pairs = flat[i + 1 : i + 1 + count]
+            i += 1 + count
+            found[user] = {_text(pairs[k]): _text(pairs[k + 1]) for k in range(0, count, 2)}
         return found

@@ -30,7 +30,7 @@ async def ring_timer_loop(service: CallService, store: CallStore, poll_ms: int) 
     while True:
         try:
             now_ms = int(time.time() * 1000)
-            due = await store.due_rings(now_ms)
+            due, upcoming = await store.ring_poll(now_ms)
             if due:
                 # A burst of deadlines is worked through together, not one after another:
                 # each is a read, a commit and a publish, mostly waiting on Redis/RabbitMQ.
@@ -40,9 +40,10 @@ async def ring_timer_loop(service: CallService, store: CallStore, poll_ms: int) 
                 for call_id, result in zip(due, results, strict=True):
                     if isinstance(result, Exception):
                         log.error("ring timeout of %s failed: %r", call_id, result)
-            upcoming = await store.next_ring_deadline_ms()
             wait = poll_s
-            if upcoming is not None:
+            if due:
+                wait = 0.0  # look again at once: more may be due, and ``upcoming`` is stale
+            elif upcoming is not None:
                 wait = min(poll_s, max(upcoming - int(time.time() * 1000), 0) / 1000)
             await asyncio.sleep(max(wait, 0.002))
         except asyncio.CancelledError:
