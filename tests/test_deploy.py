@@ -139,6 +139,7 @@ def test_ingress_routes_the_public_prefixes_to_their_services(
         "/v1/calls": "signaling",
         "/v1/ring-state": "signaling",
         "/v1/ws": "signaling",
+        "/v1/ice-servers": "signaling",
         "/": "signaling",
         "/v1/settings": "policy",
         "/v1/permissions": "policy",
@@ -205,6 +206,33 @@ def test_media_announces_a_public_url_per_node(rendered: dict[str, list[Obj]]) -
     assert problems == []
     assert env["MEDIA_PUBLIC_URL"] == "https://pod-0-spec.nodeName.media.calls.example.com"
     assert env["MEDIA_NODE_ID"] == "pod-0-spec.nodeName"
+
+
+def test_signaling_mints_turn_credentials_with_coturns_secret(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    configs = deploy_check._config_objects(rendered["prod"])
+    signaling = find(rendered["prod"], "Deployment", "signaling")
+    env, problems = deploy_check.container_env(
+        signaling["spec"]["template"]["spec"]["containers"][0], configs
+    )
+    assert problems == []
+    urls = json.loads(env["TURN_URLS"])
+    assert urls and all(url.startswith("turn:") for url in urls)
+    turn = find(rendered["prod"], "DaemonSet", "turn")["spec"]["template"]["spec"]
+    coturn_env, _ = deploy_check.container_env(turn["containers"][0], configs)
+    assert env["TURN_SECRET"] == coturn_env["TURN_SECRET"]
+    # The URLs name coturn's realm and its listening port.
+    conf = next(o for o in rendered["prod"] if o["metadata"]["name"].startswith("turn-config"))
+    lines = conf["data"]["turnserver.conf"].splitlines()
+    realm = next(line.split("=", 1)[1] for line in lines if line.startswith("realm="))
+    port = next(line.split("=", 1)[1] for line in lines if line.startswith("listening-port="))
+    assert all(url.split("?")[0] == f"turn:{realm}:{port}" for url in urls)
+    # dev hands out no ICE servers (the laptop reaches its media node directly).
+    dev_config = next(
+        o for o in rendered["dev"] if o["metadata"]["name"].startswith("dmcall-config")
+    )
+    assert json.loads(dev_config["data"]["TURN_URLS"]) == []
 
 
 def test_only_the_services_reach_redis_and_rabbitmq(rendered: dict[str, list[Obj]]) -> None:
@@ -368,6 +396,27 @@ def test_a_broken_manifest_file_fails_the_rendered_checks(k8s_tree: Path) -> Non
                 ]
             ),
             "media: MEDIA_PUBLIC_URL is https but it serves plain HTTP",
+        ),
+        (
+            "Deployment",
+            "signaling",
+            lambda o: o["spec"]["template"]["spec"]["containers"][0].update(
+                env=[
+                    e
+                    for e in o["spec"]["template"]["spec"]["containers"][0]["env"]
+                    if e["name"] != "TURN_SECRET"
+                ]
+            ),
+            "TURN_SECRET (coturn's static-auth-secret) is required",
+        ),
+        (
+            "Deployment",
+            "signaling",
+            lambda o: o["spec"]["template"]["spec"]["containers"][0]["env"].append(
+                {"name": "TURN_SECRET", "value": "not-the-secret-coturn-has"}
+            ),
+            "Deployment/signaling/signaling: TURN_SECRET is not the static-auth-secret of "
+            "DaemonSet/turn",
         ),
         (
             "HorizontalPodAutoscaler",

@@ -15,7 +15,8 @@ tools.deploy_check deploy/k8s/overlays/dev`` renders and checks one kustomizatio
 - every setting a dmcall service requires is provided (pydantic settings, read from the
   code), the settings parse, and a production deployment sets the critical ones;
   ``RABBITMQ_URL`` and ``REDIS_URL`` name rendered Services with the credentials the
-  broker and Redis are given;
+  broker and Redis are given; the ``TURN_SECRET`` signaling mints TURN credentials with
+  is the static-auth-secret coturn is given;
 - images are pinned by tag or digest (never ``latest``); pods run as non-root with a
   read-only root filesystem, no capabilities and requests and limits.
 """
@@ -57,6 +58,8 @@ CUSTOM_SCHEMAS = {
 # What a production deployment must set explicitly, whatever the defaults.
 CRITICAL_SETTINGS = ("AUTH_JWT_SECRET", "MEDIA_TOKEN_SECRET", "RABBITMQ_URL", "REDIS_URL")
 SECRET_SETTINGS = ("AUTH_JWT_SECRET", "MEDIA_TOKEN_SECRET", "RABBITMQ_URL", "REDIS_URL")
+# Secrets kept in a Secret of their own (shared with another workload), not dmcall-secrets.
+OTHER_SECRET_SETTINGS = ("TURN_SECRET",)
 _VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
@@ -528,7 +531,7 @@ def check_settings(objs: list[Obj], *, production: bool) -> list[str]:
             for name in CRITICAL_SETTINGS:
                 if name not in env:
                     problems.append(f"{where}: {name} is not set")
-            for name in SECRET_SETTINGS:
+            for name in (*SECRET_SETTINGS, *OTHER_SECRET_SETTINGS):
                 if name in env and name not in secret_keys:
                     problems.append(f"{where}: {name} does not come from a Secret")
     for service in set(SERVICES) - seen:
@@ -536,7 +539,15 @@ def check_settings(objs: list[Obj], *, production: bool) -> list[str]:
     return problems
 
 
-SETTING_PREFIXES = ("DMCALL_", "BUS_", "SIGNALING_", "POLICY_", "NOTIFICATIONS_", "MEDIA_")
+SETTING_PREFIXES = (
+    "DMCALL_",
+    "BUS_",
+    "SIGNALING_",
+    "POLICY_",
+    "NOTIFICATIONS_",
+    "MEDIA_",
+    "TURN_",
+)
 
 
 def unknown_config_keys(objs: list[Obj]) -> set[str]:
@@ -608,6 +619,38 @@ def check_connections(objs: list[Obj]) -> list[str]:
     return problems
 
 
+def check_turn(objs: list[Obj]) -> list[str]:
+    """Signaling hands out TURN URLs only with credentials coturn accepts: the secret it
+    mints them with is the ``--static-auth-secret`` every coturn container is given."""
+    problems = []
+    configs = _config_objects(objs)
+    relays = [
+        (pod.owner, container)
+        for pod in _pods(objs)
+        for container in pod.containers
+        if "--static-auth-secret=$(TURN_SECRET)" in container.get("args", [])
+    ]
+    relay_secrets = {owner: container_env(c, configs)[0].get("TURN_SECRET") for owner, c in relays}
+    for pod in _pods(objs):
+        for container in pod.containers:
+            if container["name"] != "signaling":
+                continue
+            env, _ = container_env(container, configs)
+            try:
+                urls = json.loads(env.get("TURN_URLS", "[]"))
+            except ValueError:
+                continue  # check_settings reports it
+            if not any(str(u).startswith(("turn:", "turns:")) for u in urls):
+                continue
+            where = f"{pod.owner}/signaling"
+            for owner, secret in relay_secrets.items():
+                if env.get("TURN_SECRET") != secret:
+                    problems.append(
+                        f"{where}: TURN_SECRET is not the static-auth-secret of {owner}"
+                    )
+    return problems
+
+
 # --------------------------------------------------------------------------- hygiene
 
 
@@ -667,6 +710,7 @@ def check(objs: list[Obj], *, production: bool | None = None) -> list[str]:
         *check_references(objs),
         *check_settings(objs, production=production),
         *check_connections(objs),
+        *check_turn(objs),
         *check_hygiene(objs),
     ]
 

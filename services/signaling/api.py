@@ -1,4 +1,4 @@
-"""HTTP routes of the signaling service: the calls API and the ring state."""
+"""HTTP routes of the signaling service: the calls API, the ring state, the ICE servers."""
 
 from __future__ import annotations
 
@@ -169,3 +169,16 @@ async def hangup(call_id: CallId, user: CurrentUser, calls: Calls) -> dict[str, 
 @router.get("/v1/ring-state", summary="The calls ringing for this user now")
 async def ring_state(user: CurrentUser, calls: Calls) -> JSONResponse:
     return JSONResponse({"calls": await calls.ring_state(user)})
+
+
+@router.get(
+    "/v1/ice-servers",
+    summary="ICE servers for this user's peer connections (TURN credentials minted now)",
+    tags=["ice"],
+)
+async def ice_servers(user: CurrentUser, calls: Calls) -> JSONResponse:
+    # Credentials: never kept by a cache between here and the browser.
+    return JSONResponse(
+        {"ice_servers": calls.ice_servers(user), "ttl_s": calls.settings.turn_ttl_s},
+        headers={"Cache-Control": "no-store"},
+    )

@@ -29,6 +29,7 @@ from services.signaling.domain import (
 from services.signaling.presence import Hub, Push
 from services.signaling.settings import SignalingSettings
 from services.signaling.store import CallStore, Commit, Conflict, IdempotentReplay
+from services.signaling.turn import IceServers
 from shared.auth import MediaGrant, issue_media_token
 from shared.bus import Bus
 from shared.contracts import (
@@ -86,20 +87,26 @@ class BadCursor(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class MediaOffer:
+    """One party's media hand-off: where to send the SDP offer, the token it goes with,
+    and the ICE servers (TURN credentials minted for that party) to gather through."""
+
     call_id: str
     state: CallState
     media_url: str
     media_token: str
     node_id: str
+    ice_servers: list[dict[str, Any]] = field(default_factory=list)
 
-    def public(self) -> dict[str, str]:
+    def media_fields(self) -> dict[str, Any]:
         return {
-            "call_id": self.call_id,
-            "state": self.state.value,
             "media_url": self.media_url,
             "media_token": self.media_token,
             "node_id": self.node_id,
+            "ice_servers": self.ice_servers,
         }
+
+    def public(self) -> dict[str, Any]:
+        return {"call_id": self.call_id, "state": self.state.value, **self.media_fields()}
 
 
 @dataclass
@@ -132,6 +139,7 @@ class CallService:
         self.hub = hub
         self.bus = bus
         self.registry = registry
+        self.ice = IceServers.from_settings(settings)
 
     # ------------------------------------------------------------------ the machinery
 
@@ -180,14 +188,11 @@ class CallService:
             MediaGrant(call_id=call.call_id, user_id=user, node_id=node_id),
             ttl_s=self.settings.media_token_ttl_s,
         )
-        return MediaOffer(call.call_id, call.state, url, token, node_id)
+        return MediaOffer(call.call_id, call.state, url, token, node_id, self.ice.for_user(user))
 
-    def _media_fields(self, offer: MediaOffer) -> dict[str, str]:
-        return {
-            "media_url": offer.media_url,
-            "media_token": offer.media_token,
-            "node_id": offer.node_id,
-        }
+    def ice_servers(self, user: str) -> list[dict[str, Any]]:
+        """The ICE servers for ``user``'s peer connections, TURN credentials fresh."""
+        return self.ice.for_user(user)
 
     def _fanout(self, call: Call, now: datetime, *, callee_too: bool, **extra: Any) -> list[Push]:
         """``call.state`` to the caller's devices and (if it rang for them) the callee's."""
@@ -206,8 +211,8 @@ class CallService:
         caller_offer = self._mint(call, call.caller, call.media_node, call.media_url)
         callee_offer = self._mint(call, call.callee, call.media_node, call.media_url)
         base = _state_message(call, now)
-        pushes = [Push(call.caller, {**base, **self._media_fields(caller_offer)})]
-        callee_message = {**base, **self._media_fields(callee_offer)}
+        pushes = [Push(call.caller, {**base, **caller_offer.media_fields()})]
+        callee_message = {**base, **callee_offer.media_fields()}
         if call.answered_device and call.answered_device != GLARE_DEVICE:
             device = call.answered_device
             pushes.append(Push(call.callee, callee_message, devices=frozenset({device})))

@@ -1,15 +1,19 @@
 """Settings of the signaling service (env prefix ``SIGNALING_``, plus the common ones).
 
 ``RING_TIMEOUT_S`` and ``CALLS_PER_MINUTE`` are read unprefixed (the product's names),
-or with the prefix.
+or with the prefix; so are ``TURN_URLS``, ``TURN_SECRET`` and ``TURN_TTL_S``, the names
+the TURN deployment uses (Secret ``turn-auth`` holds ``TURN_SECRET`` for coturn too).
 """
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import CommonSettings
+from services.signaling.turn import ICE_URL, needs_credentials
+from shared.settings import CommonSettings, Environment
+
+TURN_SECRET_MIN_LENGTH = 16
 
 
 class SignalingSettings(CommonSettings):
@@ -79,3 +83,58 @@ class SignalingSettings(CommonSettings):
     dev_token_ttl_s: int = Field(
         12 * 3600, ge=60, le=7 * 86_400, description="Lifetime of a development sign-in token."
     )
+
+    # TURN: the ICE servers clients get, with coturn REST credentials (services/signaling/
+    # turn.py). Empty: no ICE servers, host candidates only (the SFU is the only peer).
+    turn_urls: list[str] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("TURN_URLS", "SIGNALING_TURN_URLS"),
+        description='ICE server URLs for clients (JSON list of "stun:", "turn:" and "turns:" '
+        'URLs, e.g. ["turn:turn.example.com:3478?transport=udp"]).',
+    )
+    turn_secret: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("TURN_SECRET", "SIGNALING_TURN_SECRET"),
+        description="coturn's static-auth-secret; required when TURN_URLS has turn:/turns: URLs.",
+    )
+    turn_ttl_s: int = Field(
+        3600,
+        ge=60,
+        le=86_400,
+        validation_alias=AliasChoices("TURN_TTL_S", "SIGNALING_TURN_TTL_S"),
+        description="Lifetime of minted TURN credentials (coturn checks it when a relay is "
+        "allocated; a call already relaying keeps its allocation).",
+    )
+
+    @field_validator("turn_urls")
+    @classmethod
+    def _ice_urls(cls, urls: list[str]) -> list[str]:
+        out = []
+        for raw in urls:
+            url = raw.strip()
+            match = ICE_URL.fullmatch(url)
+            if match is None:
+                raise ValueError(
+                    f"TURN_URLS: {raw!r} is not a stun:, turn: or turns: URL "
+                    "(host[:port], turn ones with an optional ?transport=udp|tcp)"
+                )
+            if match["scheme"] == "stun" and match["query"]:
+                raise ValueError(f"TURN_URLS: {raw!r}: a stun: URL takes no ?transport")
+            if match["port"] is not None and not 0 < int(match["port"]) < 65536:
+                raise ValueError(f"TURN_URLS: {raw!r}: port out of range")
+            out.append(url)
+        return out
+
+    @model_validator(mode="after")
+    def _turn_secret_when_relaying(self) -> SignalingSettings:
+        if not any(needs_credentials(url) for url in self.turn_urls):
+            return self
+        secret = self.turn_secret.get_secret_value() if self.turn_secret else ""
+        if not secret:
+            raise ValueError(
+                "TURN_SECRET (coturn's static-auth-secret) is required when TURN_URLS has "
+                "turn: or turns: URLs"
+            )
+        if self.environment is Environment.PRODUCTION and len(secret) < TURN_SECRET_MIN_LENGTH:
+            raise ValueError(f"TURN_SECRET must be at least {TURN_SECRET_MIN_LENGTH} characters")
+        return self

@@ -13,6 +13,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from tests.browser.conftest import Stack, Traffic, another_tab, open_as, screenshot
+from tests.support.stun import StunServer
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
@@ -153,6 +154,10 @@ def test_video_call_end_to_end_encrypted(
     ]
     assert len(media_posts) == 2 and all(body.startswith("v=0") for _, body in media_posts)
 
+    # No TURN configured: no ICE servers, exactly as the client always had.
+    for page in (alice, bob):
+        assert page.evaluate("window.dmcall.session.pc.getConfiguration().iceServers") == []
+
     # The media went through the SFU (host candidates only, no peer-to-peer path).
     alice_token = alice.evaluate("localStorage.getItem('dmcall.token')")
     assert stack.media is not None
@@ -253,6 +258,34 @@ def test_two_tabs_ring_and_answer_on_one_stops_the_other(
 
     bob_laptop.get_by_test_id("hangup").click()
     expect(alice.get_by_test_id("call-screen")).to_be_hidden()
+
+
+def test_the_browser_gathers_through_the_ice_servers_signaling_hands_out(
+    browser: Browser, make_stack: Callable[..., Stack]
+) -> None:
+    stun_server = StunServer().start()
+    try:
+        stack = make_stack(TURN_URLS=json.dumps([stun_server.url]))
+        alice = open_as(browser, stack, "alice")
+        bob = open_as(browser, stack, "bob")
+        alice.get_by_test_id("call-audio-bob").click()
+        expect(bob.get_by_test_id("incoming-call")).to_be_visible()
+        bob.get_by_test_id("accept").click()
+        for page in (alice, bob):
+            wait_until(
+                lambda page=page: page.evaluate(
+                    "!!(window.dmcall.session && window.dmcall.session.connectedAt)"
+                ),
+                what="media connected",
+            )
+            servers = page.evaluate("window.dmcall.session.pc.getConfiguration().iceServers")
+            assert [s["urls"] for s in servers] in ([[stun_server.url]], [stun_server.url])
+        # Both browsers' peer connections asked the STUN server they were handed.
+        assert len(set(stun_server.askers)) >= 2, stun_server.askers
+        alice.get_by_test_id("hangup").click()
+        expect(bob.get_by_test_id("call-screen")).to_be_hidden()
+    finally:
+        stun_server.stop()
 
 
 def test_unanswered_call_shows_a_missed_call_live(

@@ -90,6 +90,7 @@ export class Api {
   hangup(callId) { return this.signaling(`/v1/calls/${callId}/hangup`, { method: "POST", json: {} }); }
   history(limit = 50) { return this.signaling(`/v1/calls?limit=${limit}`); }
   ringState() { return this.signaling("/v1/ring-state"); }
+  iceServers() { return this.signaling("/v1/ice-servers"); }
 
   // policy
   permission(callee) { return this.policy(`/v1/permissions/${encodeURIComponent(callee)}`); }

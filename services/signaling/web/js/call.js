@@ -96,7 +96,8 @@ export class CallSession extends EventTarget {
   }
 
   // Both sides, once the call is accepted: agree keys, then connect to the SFU.
-  async start({ media_url: mediaUrl, media_token: mediaToken }) {
+  async start(grant) {
+    const { media_url: mediaUrl, media_token: mediaToken } = grant;
     try {
       this.status = "Securing…";
       this.changed();
@@ -109,13 +110,26 @@ export class CallSession extends EventTarget {
       this.safetyCode = this.keys.safetyCode;
       this.status = "Connecting…";
       this.changed();
-      await this.connect(mediaUrl, mediaToken);
+      await this.connect(mediaUrl, mediaToken, await this.iceServers(grant));
     } catch (error) {
       if (!this.ended) this.fail(error.message || String(error));
     }
   }
 
-  async connect(mediaUrl, mediaToken) {
+  // The hand-off carries this party's ICE servers (TURN credentials minted at accept); a
+  // signaling that does not send them (an older one, mid-upgrade) is asked directly.
+  // None configured, or none to be had: host candidates only, as the SFU is the only peer.
+  async iceServers(grant) {
+    if (Array.isArray(grant.ice_servers)) return grant.ice_servers;
+    try {
+      const body = await this.api.iceServers();
+      return Array.isArray(body && body.ice_servers) ? body.ice_servers : [];
+    } catch {
+      return [];
+    }
+  }
+
+  async connect(mediaUrl, mediaToken, iceServers = []) {
     this.mediaToken = mediaToken;
     const worker = new Worker("/web/js/e2ee-worker.js", { name: `e2ee-${this.callId}` });
     this.worker = worker;
@@ -129,7 +143,7 @@ export class CallSession extends EventTarget {
       throw new Error("This browser cannot encrypt calls end to end");
     }
     const pc = new RTCPeerConnection({
-      iceServers: [], bundlePolicy: "max-bundle", encodedInsertableStreams: encodedStreams,
+      iceServers, bundlePolicy: "max-bundle", encodedInsertableStreams: encodedStreams,
     });
     this.pc = pc;
     const audioTrack = this.local.getAudioTracks()[0] || null;
