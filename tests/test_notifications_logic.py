@@ -41,6 +41,7 @@ from shared.contracts import (
     RejectReason,
 )
 from tests.support.push_service import Subscriber, b64d, b64e, verify_vapid
+from tools import vapid
 
 P = {"call_id": "c1", "caller": "alice", "callee": "bob"}
 
@@ -261,3 +262,15 @@ def test_push_headers_follow_the_notification_kind() -> None:
     topic = webpush.topic_for("0193a5c4-7f3e-7000-8000-000000000001")
     assert re.fullmatch(r"[A-Za-z0-9_-]{32}", topic)
     assert topic != webpush.topic_for("0193a5c4-7f3e-7000-8000-000000000002")
+
+
+def test_make_vapid_key_prints_a_key_the_settings_accept(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    vapid.main()
+    lines = capsys.readouterr().out.splitlines()
+    name, _, value = lines[0].partition("=")
+    assert name == "VAPID_PRIVATE_KEY"
+    public = lines[1].rsplit(" ", 1)[1]
+    assert webpush.public_key_b64(webpush.load_private_key(value)) == public
+    assert _production(vapid_private_key=value, vapid_subject="mailto:a@b.example")
