@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Res
 from fastapi.responses import StreamingResponse
 from prometheus_client import Gauge
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from redis.exceptions import RedisError
 
 from services.notifications import webpush
 from services.notifications.live import LiveHub
@@ -404,7 +405,10 @@ async def _check_target(url: str, kind: DeviceKind, settings: NotificationsSetti
     "/v1/webpush/vapid-public-key",
     response_model=VapidPublicKey,
     summary="The VAPID public key a browser subscribes with (applicationServerKey)",
-    responses={404: {"description": "Web Push is not enabled in this deployment"}},
+    responses={
+        404: {"description": "Web Push is not enabled in this deployment"},
+        503: {"description": "Development: the shared key in Redis cannot be read now"},
+    },
     tags=["devices"],
 )
 async def vapid_public_key(user: CurrentUser, vapid: Vapid) -> VapidPublicKey:
@@ -412,7 +416,13 @@ async def vapid_public_key(user: CurrentUser, vapid: Vapid) -> VapidPublicKey:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, detail="Web Push is not enabled in this deployment"
         )
-    return VapidPublicKey(public_key=(await vapid.signer()).public_key)
+    try:
+        signer = await vapid.signer()
+    except RedisError as exc:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, detail="the VAPID key cannot be read now"
+        ) from exc
+    return VapidPublicKey(public_key=signer.public_key)
 
 
 @router.get(
