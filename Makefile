@@ -33,6 +33,10 @@ loadtest: $(STAMP) ## load the services (started on free ports unless URLs given
 bench-signaling: $(STAMP) ## signaling figures: ring, accept, missed lateness (PAIRS=40)
 	$(PY) -m tools.bench_signaling --pairs $(or $(PAIRS),40)
 
+.PHONY: vapid-key
+vapid-key: $(STAMP) ## print a new VAPID key pair for Web Push (VAPID_PRIVATE_KEY=...)
+	@$(PY) -m tools.vapid
+
 token: $(STAMP) ## make token USER=alice [SCOPE=platform]
 	@$(PY) -m tools.token "$(USER)" $(if $(SCOPE),--scope "$(SCOPE)")
 

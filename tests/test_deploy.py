@@ -145,6 +145,7 @@ def test_ingress_routes_the_public_prefixes_to_their_services(
         "/v1/permissions": "policy",
         "/v1/notifications": "notifications",
         "/v1/devices": "notifications",
+        "/v1/webpush": "notifications",
     }
     # Platform facts stay inside the cluster; rooms are on their media node.
     assert "/v1/platform" not in routes and "/v1/rooms" not in routes
@@ -479,6 +480,15 @@ def test_a_missing_or_unparsable_setting_fails(rendered: dict[str, list[Obj]]) -
 
     problems = deploy_check.check(broken(prod, "Secret", secret["metadata"]["name"], dev_secret))
     assert any("AUTH_JWT_SECRET must be at least 32 characters" in p for p in problems)
+
+    # Web Push is on in production: without its VAPID key notifications would not start.
+    problems = deploy_check.check(
+        broken(prod, "Secret", secret["metadata"]["name"], drop("VAPID_PRIVATE_KEY"))
+    )
+    assert any(
+        "notifications: settings do not parse" in p and "VAPID_PRIVATE_KEY" in p for p in problems
+    ), problems
+    assert not any("policy: settings do not parse" in p for p in problems)
 
 
 def test_a_required_setting_is_derived_from_the_settings_classes(

@@ -1,13 +1,21 @@
 """The notifications service's pure logic: which event makes which notification, webhook
-signatures, the retry schedule and the address guard (no I/O)."""
+signatures, the retry schedule, the address guard, and Web Push's keys, encryption, VAPID
+tokens and headers (no I/O)."""
 
 from __future__ import annotations
 
 import random
+import re
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import http_ece
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import ValidationError
 
+from services.notifications import webpush
 from services.notifications.notices import NoticeKind, Priority, notices_for
 from services.notifications.push import (
     UrlRefused,
@@ -18,6 +26,7 @@ from services.notifications.push import (
     sign,
     verify,
 )
+from services.notifications.settings import NotificationsSettings
 from services.notifications.store import parse_stream_id
 from shared.contracts import (
     CallAccepted,
@@ -31,6 +40,8 @@ from shared.contracts import (
     MediaKind,
     RejectReason,
 )
+from tests.support.push_service import Subscriber, b64d, b64e, verify_vapid
+from tools import vapid
 
 P = {"call_id": "c1", "caller": "alice", "callee": "bob"}
 
@@ -124,3 +135,142 @@ def test_stream_ids() -> None:
     assert parse_stream_id("1732172400000-3") == (1732172400000, 3)
     for bad in ("", "1", "a-1", "1-b", "-1", "1--1", "1-2-3"):
         assert parse_stream_id(bad) is None
+
+
+# --------------------------------------------------------------------------- Web Push
+
+
+def _production(**values: Any) -> NotificationsSettings:
+    # Explicit values win over the environment this test happens to run in.
+    values = {"vapid_private_key": None, "vapid_subject": None, **values}
+    return NotificationsSettings(
+        environment="production",
+        auth_jwt_secret="p" * 40,
+        media_token_secret="m" * 40,
+        **values,
+    )
+
+
+def test_vapid_keys_load_from_pem_raw_and_der_and_nothing_else() -> None:
+    key = webpush.generate_private_key()
+    public = webpush.public_key_b64(key)
+    der = key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    sec1 = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    ).decode()
+    pem = webpush.private_key_pem(key)
+    for text in (pem, pem.replace("\n", "\\n"), sec1, webpush.private_key_raw(key), b64e(der)):
+        assert webpush.public_key_b64(webpush.load_private_key(text)) == public, text
+    assert len(b64d(public)) == 65 and b64d(public)[0] == 4
+    other_curve = ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    for bad in ("", "replace-me", b64e(b"\x00" * 32), other_curve.decode(), "-----BEGIN x"):
+        with pytest.raises(ValueError):
+            webpush.load_private_key(bad)
+
+
+def test_settings_refuse_web_push_without_vapid_outside_development() -> None:
+    key = webpush.private_key_raw(webpush.generate_private_key())
+    subject = "mailto:ops@calls.example.com"
+    with pytest.raises(ValidationError, match="VAPID_PRIVATE_KEY or VAPID_SUBJECT"):
+        _production()
+    with pytest.raises(ValidationError, match="VAPID_PRIVATE_KEY or VAPID_SUBJECT"):
+        _production(vapid_private_key=key)
+    with pytest.raises(ValidationError, match="VAPID_PRIVATE_KEY or VAPID_SUBJECT"):
+        _production(vapid_subject=subject)
+    with pytest.raises(ValidationError, match="neither a PEM"):
+        _production(vapid_private_key="not-a-key", vapid_subject=subject)
+    for bad_subject in ("ops@calls.example.com", "http://calls.example.com", "mailto:ops"):
+        with pytest.raises(ValidationError, match="VAPID_SUBJECT must be"):
+            _production(vapid_private_key=key, vapid_subject=bad_subject)
+    ready = _production(vapid_private_key=key, vapid_subject=subject)
+    assert ready.vapid_subject_or_default == subject
+    assert key not in repr(ready)  # a secret: never printed
+    assert _production(webpush_enabled=False).webpush_enabled is False
+    development = NotificationsSettings(environment="development", vapid_private_key=None)
+    assert development.vapid_private_key is None
+    assert development.vapid_subject_or_default.startswith("mailto:")
+    with pytest.raises(ValidationError, match="neither a PEM"):
+        NotificationsSettings(environment="development", vapid_private_key="nope")
+
+
+def test_vapid_authorization_is_an_es256_token_for_the_endpoint_origin() -> None:
+    key = webpush.generate_private_key()
+    signer = webpush.VapidSigner(key, "https://calls.example.com/contact")
+    header = signer.authorization("https://push.example.net:443/send/abc?x=1", now=1_800_000_000)
+    claims = verify_vapid(header, audience="https://push.example.net", now=1_800_000_000)
+    assert claims["k"] == signer.public_key == webpush.public_key_b64(key)
+    assert claims["sub"] == "https://calls.example.com/contact"
+    assert claims["exp"] == 1_800_000_000 + 12 * 3600
+    assert webpush.origin("http://127.0.0.1:8080/p") == "http://127.0.0.1:8080"
+    assert webpush.origin("https://[2001:db8::1]/p") == "https://[2001:db8::1]"
+
+
+def test_payloads_are_encrypted_for_one_subscriber_within_the_size_limit() -> None:
+    browser, stranger = Subscriber.new(), Subscriber.new()
+    keys = browser.subscription("https://push.example.net/x")["keys"]
+    p256dh, auth_secret = webpush.decode_p256dh(keys["p256dh"]), webpush.decode_auth(keys["auth"])
+    payload = b'{"notification":{"kind":"incoming_call"}}'
+    body = webpush.encrypt(payload, p256dh, auth_secret)
+    assert browser.decrypt(body) == payload
+    assert webpush.encrypt(payload, p256dh, auth_secret) != body  # fresh key and salt
+    with pytest.raises(http_ece.ECEException):
+        stranger.decrypt(body)
+    largest = webpush.encrypt(b"x" * webpush.MAX_PAYLOAD_BYTES, p256dh, auth_secret)
+    assert len(largest) == 4096
+    with pytest.raises(ValueError, match="at most"):
+        webpush.encrypt(b"x" * (webpush.MAX_PAYLOAD_BYTES + 1), p256dh, auth_secret)
+
+
+def test_subscription_keys_are_checked() -> None:
+    keys = Subscriber.new().subscription("https://push.example.net/x")["keys"]
+    assert len(webpush.decode_p256dh(keys["p256dh"])) == 65
+    assert len(webpush.decode_auth(keys["auth"] + "==")) == 16
+    for bad in (keys["auth"], b64e(b"\x04" + b"\xff" * 64), "a+b/", "@@"):
+        with pytest.raises(ValueError):
+            webpush.decode_p256dh(bad)
+    for bad in (keys["p256dh"], b64e(b"1" * 15), "not base64!"):
+        with pytest.raises(ValueError):
+            webpush.decode_auth(bad)
+
+
+def test_push_headers_follow_the_notification_kind() -> None:
+    policy = webpush.DeliveryPolicy(default_ttl_s=86_400, ring_stopped_ttl_s=300)
+    now = datetime(2026, 11, 21, 8, 0, 0, tzinfo=UTC)
+    deadline = (now + timedelta(seconds=42, milliseconds=300)).isoformat().replace("+00:00", "Z")
+    ring = {"kind": "incoming_call", "call_id": "c1", "ring_deadline": deadline}
+    assert webpush.delivery_headers(ring, policy, now=now) == {
+        "Urgency": "high",
+        "TTL": "43",
+        "Topic": webpush.topic_for("c1"),
+    }
+    late = webpush.delivery_headers(ring, policy, now=now + timedelta(minutes=5))
+    assert late["TTL"] == "0"
+    stop = webpush.delivery_headers({"kind": "ring_stopped", "call_id": "c1"}, policy, now=now)
+    assert stop == {"Urgency": "normal", "TTL": "300", "Topic": webpush.topic_for("c1")}
+    missed = webpush.delivery_headers({"kind": "missed_call", "call_id": "c1"}, policy, now=now)
+    assert missed == {"Urgency": "normal", "TTL": "86400"}
+    topic = webpush.topic_for("0193a5c4-7f3e-7000-8000-000000000001")
+    assert re.fullmatch(r"[A-Za-z0-9_-]{32}", topic)
+    assert topic != webpush.topic_for("0193a5c4-7f3e-7000-8000-000000000002")
+
+
+def test_make_vapid_key_prints_a_key_the_settings_accept(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    vapid.main()
+    lines = capsys.readouterr().out.splitlines()
+    name, _, value = lines[0].partition("=")
+    assert name == "VAPID_PRIVATE_KEY"
+    public = lines[1].rsplit(" ", 1)[1]
+    assert webpush.public_key_b64(webpush.load_private_key(value)) == public
+    assert _production(vapid_private_key=value, vapid_subject="mailto:a@b.example")

@@ -57,7 +57,13 @@ CUSTOM_SCHEMAS = {
 }
 # What a production deployment must set explicitly, whatever the defaults.
 CRITICAL_SETTINGS = ("AUTH_JWT_SECRET", "MEDIA_TOKEN_SECRET", "RABBITMQ_URL", "REDIS_URL")
-SECRET_SETTINGS = ("AUTH_JWT_SECRET", "MEDIA_TOKEN_SECRET", "RABBITMQ_URL", "REDIS_URL")
+SECRET_SETTINGS = (
+    "AUTH_JWT_SECRET",
+    "MEDIA_TOKEN_SECRET",
+    "RABBITMQ_URL",
+    "REDIS_URL",
+    "VAPID_PRIVATE_KEY",
+)
 # Secrets kept in a Secret of their own (shared with another workload), not dmcall-secrets.
 OTHER_SECRET_SETTINGS = ("TURN_SECRET",)
 _VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")

@@ -1,4 +1,5 @@
-"""HTTP routes of the notifications service: the inbox, the live stream, push targets.
+"""HTTP routes of the notifications service: the inbox, the live stream, push targets
+(webhooks and Web Push subscriptions) and the VAPID public key browsers subscribe with.
 
 A user only ever reaches their own notifications and devices: every route takes the user
 from the token, and a device or notification of someone else is answered 404, exactly as
@@ -10,19 +11,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
-from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from prometheus_client import Gauge
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from redis.exceptions import RedisError
 
+from services.notifications import webpush
 from services.notifications.live import LiveHub
-from services.notifications.push import UrlRefused, check_url_shape, resolve_allowed
+from services.notifications.push import UrlRefused, resolve_allowed
 from services.notifications.settings import NotificationsSettings
-from services.notifications.store import Device, NotificationStore, StreamEntry, parse_stream_id
+from services.notifications.store import (
+    Device,
+    DeviceKind,
+    NotificationStore,
+    StreamEntry,
+    parse_stream_id,
+)
 from shared.auth import CurrentUser, StreamUser
 from shared.service import app_state
 
@@ -54,9 +63,17 @@ async def settings_of(request: Request) -> NotificationsSettings:
     return app_state(request, "settings", NotificationsSettings)
 
 
+async def vapid_of(request: Request) -> webpush.VapidKeys | None:
+    """The VAPID keys; None when Web Push is disabled."""
+    if getattr(request.app.state, "vapid_keys", None) is None:
+        return None
+    return app_state(request, "vapid_keys", webpush.VapidKeys)
+
+
 Store = Annotated[NotificationStore, Depends(store_of)]
 Hub = Annotated[LiveHub, Depends(hub_of)]
 Settings = Annotated[NotificationsSettings, Depends(settings_of)]
+Vapid = Annotated[webpush.VapidKeys | None, Depends(vapid_of)]
 
 
 # --------------------------------------------------------------------------- models
@@ -81,29 +98,90 @@ class UnreadCount(BaseModel):
     unread: int
 
 
-class DeviceKind(StrEnum):
-    WEBHOOK = "webhook"
-
-
-class DeviceIn(BaseModel):
+class WebhookIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: DeviceKind = Field(description="webhook (Web Push is not offered by this deployment)")
+    kind: Literal["webhook"]
     url: str = Field(min_length=1, max_length=2048, description="http(s) URL that receives pushes")
+
+
+class PushSubscriptionKeys(BaseModel):
+    p256dh: str = Field(
+        max_length=200, description="base64url of the browser's P-256 public key (65 bytes)"
+    )
+    auth: str = Field(max_length=100, description="base64url of the auth secret (16 bytes)")
+
+    @field_validator("p256dh")
+    @classmethod
+    def _p256dh(cls, value: str) -> str:
+        webpush.decode_p256dh(value)
+        return value
+
+    @field_validator("auth")
+    @classmethod
+    def _auth(cls, value: str) -> str:
+        webpush.decode_auth(value)
+        return value
+
+
+class PushSubscription(BaseModel):
+    """What a browser's ``PushSubscription.toJSON()`` gives (other members are ignored)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    endpoint: str = Field(min_length=1, max_length=2048, description="The push service URL (https)")
+    expiration_time: float | None = Field(
+        None,
+        alias="expirationTime",
+        description="ms since the epoch when the subscription ends, or null",
+    )
+    keys: PushSubscriptionKeys
+
+    @field_validator("expiration_time")
+    @classmethod
+    def _not_expired(cls, value: float | None) -> float | None:
+        if value is not None and value <= time.time() * 1000:
+            raise ValueError("the subscription has expired already")
+        return value
+
+
+class WebPushIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["webpush"]
+    subscription: PushSubscription
+
+
+DeviceIn = Annotated[WebhookIn | WebPushIn, Field(discriminator="kind")]
 
 
 class DeviceOut(BaseModel):
     id: str
-    kind: str
-    url: str
+    kind: str = Field(description="webhook | webpush")
+    url: str = Field(description="The webhook URL, or the Web Push endpoint")
     created_at: str
     status: str = Field(description="active | removed")
     removed_at: str | None = None
-    removed_reason: str | None = Field(None, description="deleted | gone (the target said 410)")
+    removed_reason: str | None = Field(
+        None, description="deleted | gone (the target said 410, or a push service 404)"
+    )
 
 
 class DeviceCreated(DeviceOut):
-    secret: str = Field(description="HMAC-SHA256 key of X-Dmcall-Signature; shown only once")
+    secret: str | None = Field(
+        description="webhook: HMAC-SHA256 key of X-Dmcall-Signature, shown only once; "
+        "webpush: null (pushes are encrypted to the subscription's keys)"
+    )
+
+
+class VapidPublicKey(BaseModel):
+    public_key: str = Field(
+        description="The applicationServerKey for pushManager.subscribe(): base64url of the "
+        "uncompressed P-256 public key (65 bytes)"
+    )
+    content_encoding: Literal["aes128gcm"] = Field(
+        "aes128gcm", description="How payloads are encrypted (RFC 8291)"
+    )
 
 
 class DeliveryOut(BaseModel):
@@ -274,32 +352,77 @@ async def _own_device(store: NotificationStore, user: str, device_id: str) -> De
     "/v1/devices",
     status_code=status.HTTP_201_CREATED,
     response_model=DeviceCreated,
-    summary="Register a webhook push target",
+    summary="Register a push target: a webhook, or a browser's Web Push subscription",
     responses={
+        200: {"description": "webpush: this subscription was registered already (its device)"},
         409: {"description": "Too many devices"},
-        422: {"description": "Bad URL, or one resolving to a private address"},
+        422: {"description": "Bad URL or subscription, or an address that is not allowed"},
     },
     tags=["devices"],
 )
 async def register_device(
-    body: DeviceIn, user: CurrentUser, store: Store, settings: Settings, response: Response
+    body: DeviceIn,
+    user: CurrentUser,
+    store: Store,
+    settings: Settings,
+    vapid: Vapid,
+    response: Response,
 ) -> DeviceCreated:
-    try:
-        check_url_shape(body.url)
-        await resolve_allowed(body.url, allow_private=settings.webhook_allow_private)
-    except UrlRefused as exc:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail={"message": str(exc), "reason": exc.reason},
-        ) from exc
-    device = await store.add_device(user, body.kind.value, body.url)
+    if isinstance(body, WebPushIn):
+        if vapid is None:
+            raise _refused("webpush_disabled", "Web Push is not enabled in this deployment")
+        endpoint, keys = body.subscription.endpoint, body.subscription.keys
+        await _check_target(endpoint, DeviceKind.WEBPUSH, settings)
+        device, created = await store.add_webpush(user, endpoint, keys.p256dh, keys.auth)
+        if not created and device is not None:
+            response.status_code = status.HTTP_200_OK
+    else:
+        await _check_target(body.url, DeviceKind.WEBHOOK, settings)
+        device = await store.add_device(user, DeviceKind.WEBHOOK.value, body.url)
     if device is None:
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             detail=f"at most {settings.max_devices_per_user} devices per user",
         )
     response.headers["Location"] = f"/v1/devices/{device.id}"
-    return DeviceCreated(**device.public(), secret=device.secret)
+    return DeviceCreated(**device.public(), secret=device.secret or None)
+
+
+def _refused(reason: str, message: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_422_UNPROCESSABLE_CONTENT, detail={"message": message, "reason": reason}
+    )
+
+
+async def _check_target(url: str, kind: DeviceKind, settings: NotificationsSettings) -> None:
+    try:
+        await resolve_allowed(url, allow_private=settings.webhook_allow_private, kind=kind)
+    except UrlRefused as exc:
+        raise _refused(exc.reason, str(exc)) from exc
+
+
+@router.get(
+    "/v1/webpush/vapid-public-key",
+    response_model=VapidPublicKey,
+    summary="The VAPID public key a browser subscribes with (applicationServerKey)",
+    responses={
+        404: {"description": "Web Push is not enabled in this deployment"},
+        503: {"description": "Development: the shared key in Redis cannot be read now"},
+    },
+    tags=["devices"],
+)
+async def vapid_public_key(user: CurrentUser, vapid: Vapid) -> VapidPublicKey:
+    if vapid is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, detail="Web Push is not enabled in this deployment"
+        )
+    try:
+        signer = await vapid.signer()
+    except RedisError as exc:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, detail="the VAPID key cannot be read now"
+        ) from exc
+    return VapidPublicKey(public_key=signer.public_key)
 
 
 @router.get(

@@ -14,6 +14,7 @@ from services.notifications.live import LiveHub
 from services.notifications.push import USER_AGENT, PushWorker
 from services.notifications.settings import NotificationsSettings
 from services.notifications.store import NotificationStore
+from services.notifications.webpush import VapidKeys
 from shared.service import Runtime, TaskSet, create_service_app
 
 SERVICE = "notifications"
@@ -28,6 +29,8 @@ def create_app(settings: NotificationsSettings | None = None) -> FastAPI:
         hub = LiveHub(runtime.redis, store.keys)
         app.state.notification_store = store
         app.state.live_hub = hub
+        vapid = VapidKeys(settings, store) if settings.webpush_enabled else None
+        app.state.vapid_keys = vapid
         NotificationConsumers(store, runtime.bus).register()
         client = httpx.AsyncClient(
             follow_redirects=False,
@@ -35,7 +38,7 @@ def create_app(settings: NotificationsSettings | None = None) -> FastAPI:
             limits=httpx.Limits(max_connections=settings.push_concurrency),
             trust_env=False,
         )
-        worker = PushWorker(store, settings, client, consumer=settings.instance_id)
+        worker = PushWorker(store, settings, client, consumer=settings.instance_id, vapid=vapid)
         # Our own set, closed before the HTTP client is: the shared one closes after setup.
         tasks = TaskSet()
         tasks.spawn(hub.run(), name="notifications-live-hub")
@@ -55,5 +58,6 @@ def create_app(settings: NotificationsSettings | None = None) -> FastAPI:
         routers=[router],
         setup=setup,
         title="dmcall notifications",
-        description="incoming- and missed-call notifications: inbox, live stream, push.",
+        description="incoming- and missed-call notifications: inbox, live stream, push "
+        "(webhooks and Web Push).",
     )

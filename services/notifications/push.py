@@ -1,4 +1,5 @@
-"""Webhook push: signing, the address guard, and the worker that delivers queued pushes.
+"""Push: webhook signing, the address guard, and the worker that delivers queued pushes to
+every kind of target (webhooks, and Web Push subscriptions: webpush.py makes their request).
 
 Where pushes wait (nothing is held only in memory, so a restart loses nothing):
 
@@ -15,7 +16,8 @@ Where pushes wait (nothing is held only in memory, so a restart loses nothing):
   the ``X-Dmcall-Delivery`` header is the same on every attempt of one job, so a receiver
   can drop a repeat.
 
-Outcomes: 2xx delivered; 410 Gone removes the device; a timeout, a connection error, 408,
+Outcomes: 2xx delivered; 410 Gone (and, from a Web Push service, 404: the subscription
+expired or was unsubscribed) removes the device; a timeout, a connection error, 408,
 429 or 5xx is retried with exponential backoff (``base * 2^(attempt-1)``, capped, with
 jitter) up to ``push_max_attempts``, then dead-lettered; any other status (a receiver that
 refuses the request) and an address that became private are dead-lettered at once, since
@@ -23,9 +25,10 @@ repeating cannot help. An ``incoming_call`` whose ring deadline has passed is dr
 ``expired`` instead of being tried again: a call screen for a call that stopped ringing is
 worse than none.
 
-The guard: a webhook URL must be http(s) and every address its host resolves to must be
-public (not private, loopback, link-local, multicast or reserved) unless
-``NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE`` is set. It is checked at registration and again
+The guard: a webhook URL must be http(s) (a Web Push endpoint https) and every address its
+host resolves to must be public (not private, loopback, link-local, multicast or reserved)
+unless ``NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE`` is set (which also admits http Web Push
+endpoints, for a local test receiver). It is checked at registration and again
 before every attempt (DNS may change), and the request goes to the address that was checked
 (the URL's host stays in ``Host`` and TLS SNI), so DNS rebinding cannot redirect it.
 Redirects are not followed.
@@ -51,10 +54,18 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from prometheus_client import Counter
+from py_vapid import VapidException
 
+from services.notifications import webpush
 from services.notifications.notices import NoticeKind, Priority
 from services.notifications.settings import NotificationsSettings
-from services.notifications.store import Device, NotificationStore, PushJob, utc_iso
+from services.notifications.store import (
+    Device,
+    DeviceKind,
+    NotificationStore,
+    PushJob,
+    utc_iso,
+)
 from shared.service import TaskSet
 
 log = logging.getLogger(__name__)
@@ -66,8 +77,8 @@ MAX_URL_LENGTH = 2048
 
 PUSHES = Counter(
     "dmcall_notifications_push_total",
-    "Webhook push attempts by outcome",
-    ["outcome"],
+    "Push attempts by target kind (webhook, webpush) and outcome",
+    ["target", "outcome"],
 )
 
 
@@ -118,6 +129,15 @@ def is_public_address(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
+def check_push_endpoint(url: str, *, allow_insecure: bool) -> None:
+    """A Web Push endpoint is https (plain http only where private addresses are allowed)."""
+    if not allow_insecure and urlsplit(url).scheme != "https":
+        raise UrlRefused(
+            "insecure_endpoint",
+            "a Web Push endpoint must be https:// (see NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE)",
+        )
+
+
 def check_url_shape(url: str) -> tuple[str, str, int]:
     """(scheme, host, port) of an acceptable URL, or UrlRefused."""
     if len(url) > MAX_URL_LENGTH:
@@ -138,9 +158,11 @@ def check_url_shape(url: str) -> tuple[str, str, int]:
     return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 
-async def resolve_allowed(url: str, *, allow_private: bool) -> str:
+async def resolve_allowed(url: str, *, allow_private: bool, kind: DeviceKind) -> str:
     """The address to send to: the URL's host resolved, every address checked."""
     _scheme, host, port = check_url_shape(url)
+    if kind is DeviceKind.WEBPUSH:
+        check_push_endpoint(url, allow_insecure=allow_private)
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(
             host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
@@ -155,8 +177,8 @@ async def resolve_allowed(url: str, *, allow_private: bool) -> str:
             if not is_public_address(address):
                 raise UrlRefused(
                     "private_address",
-                    f"host {host!r} resolves to a private or loopback address; webhooks "
-                    "must be public (see NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE)",
+                    f"host {host!r} resolves to a private or loopback address; push "
+                    "targets must be public (see NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE)",
                 )
     return addresses[0]
 
@@ -184,6 +206,14 @@ class Attempt:
     error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """What one attempt sends, apart from where to and the common headers."""
+
+    body: bytes
+    headers: dict[str, str]
+
+
 class PushWorker:
     """Delivers the push jobs of ``push:jobs``; every instance runs one."""
 
@@ -193,11 +223,19 @@ class PushWorker:
         settings: NotificationsSettings,
         client: httpx.AsyncClient,
         consumer: str,
+        vapid: webpush.VapidKeys | None = None,
     ) -> None:
+        """``vapid`` is None when Web Push is disabled: pushes to webpush targets are then
+        dead-lettered."""
         self.store = store
         self.settings = settings
         self.client = client
         self.consumer = consumer
+        self.vapid = vapid
+        self.webpush_policy = webpush.DeliveryPolicy(
+            default_ttl_s=settings.webpush_ttl_s,
+            ring_stopped_ttl_s=settings.webpush_ring_stopped_ttl_s,
+        )
         self._slots = asyncio.Semaphore(settings.push_concurrency)
         self._inflight = TaskSet()
         self._running = 0
@@ -283,7 +321,7 @@ class PushWorker:
         device = await self.store.device(job.device)
         if device is None or not device.active:
             await self.store.finish_job(entry_id)  # the target is gone: nothing to do
-            PUSHES.labels("dropped").inc()
+            PUSHES.labels(device.kind if device else "unknown", "dropped").inc()
             return Attempt("dropped")
         notification = {"id": job.nid, **json.loads(job.notification)}
         started = time.perf_counter()
@@ -319,8 +357,8 @@ class PushWorker:
         )
         if attempt.outcome == "gone":
             await self.store.remove_device(device, "gone")
-            log.info("device %s answered 410 Gone: removed", device.id)
-        PUSHES.labels(attempt.outcome).inc()
+            log.info("device %s answered %s: removed", device.id, attempt.status)
+        PUSHES.labels(device.kind, attempt.outcome).inc()
         return attempt
 
     async def _attempt(self, device: Device, job: PushJob, notification: dict[str, Any]) -> Attempt:
@@ -329,8 +367,12 @@ class PushWorker:
         if kind == NoticeKind.INCOMING_CALL and _deadline_passed(notification):
             return Attempt("expired", error="the call stopped ringing before delivery")
         try:
+            target = DeviceKind(device.kind)
+        except ValueError:
+            return Attempt("dead_lettered", error=f"unknown device kind {device.kind!r}")
+        try:
             address = await resolve_allowed(
-                device.url, allow_private=self.settings.webhook_allow_private
+                device.url, allow_private=self.settings.webhook_allow_private, kind=target
             )
         except UrlRefused as exc:
             if exc.reason == "unresolvable_host":
@@ -346,21 +388,18 @@ class PushWorker:
         if "ring_deadline" in notification:
             payload["ring_deadline"] = notification["ring_deadline"]
         body = json.dumps(payload, separators=(",", ":")).encode()
+        if target is DeviceKind.WEBPUSH:
+            outgoing = await self._webpush_request(device, job, body, notification)
+        else:
+            outgoing = self._webhook_request(device, job, body, priority, str(kind))
+        if isinstance(outgoing, Attempt):
+            return outgoing
         url, host_header, server_name = pinned(device.url, address)
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": USER_AGENT,
-            "Host": host_header,
-            SIGNATURE_HEADER: sign(device.secret, body, int(time.time())),
-            DELIVERY_HEADER: job.id,
-            "X-Dmcall-Attempt": str(job.attempt),
-            "X-Dmcall-Priority": priority.value,
-            "X-Dmcall-Kind": str(kind),
-        }
+        headers = {"User-Agent": USER_AGENT, "Host": host_header, **outgoing.headers}
         try:
             response = await self.client.post(
                 url,
-                content=body,
+                content=outgoing.body,
                 headers=headers,
                 timeout=self.settings.push_timeout_s,
                 extensions={"sni_hostname": server_name},
@@ -372,11 +411,56 @@ class PushWorker:
         status = response.status_code
         if 200 <= status < 300:
             return Attempt("delivered", status=status)
-        if status == 410:
+        # A push service answers 404 for an expired subscription and 410 for one the user
+        # ended (RFC 8030 §7.3, RFC 8292 §4): either way it never comes back.
+        if status == 410 or (status == 404 and target is DeviceKind.WEBPUSH):
             return Attempt("gone", status=status)
         if status >= 500 or status in (408, 429):
             return self._failed(job, status, f"HTTP {status}")
         return Attempt("dead_lettered", status=status, error=f"HTTP {status} (not retried)")
+
+    def _webhook_request(
+        self, device: Device, job: PushJob, body: bytes, priority: Priority, kind: str
+    ) -> Outgoing:
+        return Outgoing(
+            body,
+            {
+                "Content-Type": "application/json",
+                SIGNATURE_HEADER: sign(device.secret, body, int(time.time())),
+                DELIVERY_HEADER: job.id,
+                "X-Dmcall-Attempt": str(job.attempt),
+                "X-Dmcall-Priority": priority.value,
+                "X-Dmcall-Kind": kind,
+            },
+        )
+
+    async def _webpush_request(
+        self, device: Device, job: PushJob, body: bytes, notification: dict[str, Any]
+    ) -> Outgoing | Attempt:
+        """The same JSON a webhook gets, encrypted for the subscriber and VAPID-signed; no
+        dmcall headers (the push service does not forward them, and need not see them)."""
+        if self.vapid is None:
+            return Attempt("dead_lettered", error="Web Push is disabled in this deployment")
+        if not device.p256dh or not device.auth:
+            return Attempt("dead_lettered", error="the subscription has no keys")
+        try:
+            signer = await self.vapid.signer()
+        except Exception as exc:  # the shared development key lives in Redis
+            return self._failed(job, None, f"VAPID key unavailable: {exc}")
+        try:
+            encrypted = webpush.encrypt(
+                body, webpush.b64url_decode(device.p256dh), webpush.b64url_decode(device.auth)
+            )
+            authorization = signer.authorization(device.url)
+        except (ValueError, VapidException) as exc:
+            return Attempt("dead_lettered", error=f"cannot make the push: {exc}")
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Encoding": webpush.CONTENT_ENCODING,
+            "Authorization": authorization,
+            **webpush.delivery_headers(notification, self.webpush_policy),
+        }
+        return Outgoing(encrypted, headers)
 
     def _failed(self, job: PushJob, status: int | None, error: str) -> Attempt:
         if job.attempt >= self.settings.push_max_attempts:

@@ -6,10 +6,13 @@ lists them with what they mean.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.notifications.webpush import check_subject, load_private_key
 from shared.settings import CommonSettings
+
+DEV_VAPID_SUBJECT = "mailto:webpush@dmcall.invalid"
 
 
 class NotificationsSettings(CommonSettings):
@@ -49,8 +52,9 @@ class NotificationsSettings(CommonSettings):
     max_devices_per_user: int = Field(20, ge=1, le=1000)
     webhook_allow_private: bool = Field(
         False,
-        description="Allow webhook URLs that resolve to private, loopback or link-local "
-        "addresses (development and tests only: it opens server-side request forgery).",
+        description="Allow webhook URLs and Web Push endpoints that resolve to private, "
+        "loopback or link-local addresses, and plain-http Web Push endpoints (development "
+        "and tests only: it opens server-side request forgery).",
     )
     push_timeout_s: float = Field(5.0, gt=0, le=120, description="Per-attempt webhook timeout.")
     push_max_attempts: int = Field(
@@ -70,3 +74,51 @@ class NotificationsSettings(CommonSettings):
     )
     delivery_log_max: int = Field(100, ge=1, le=10_000, description="Attempts kept per device.")
     dead_letter_max: int = Field(100_000, ge=100, description="Dead-lettered pushes kept.")
+
+    # ---- Web Push (docs/notifications.md, "Web Push")
+    webpush_enabled: bool = Field(
+        True, description="Accept kind=webpush targets (needs the VAPID settings in production)."
+    )
+    vapid_private_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("VAPID_PRIVATE_KEY", "NOTIFICATIONS_VAPID_PRIVATE_KEY"),
+        description="The VAPID key (P-256): PEM, or base64url of the raw 32-byte key. Unset "
+        "in development: one is generated and kept in Redis, shared by every instance.",
+    )
+    vapid_subject: str | None = Field(
+        None,
+        validation_alias=AliasChoices("VAPID_SUBJECT", "NOTIFICATIONS_VAPID_SUBJECT"),
+        description="mailto: or https: contact a push service's operator can reach.",
+    )
+    webpush_ttl_s: int = Field(
+        86_400,
+        ge=0,
+        le=28 * 86_400,
+        description="How long a push service keeps a missed_call for an offline browser.",
+    )
+    webpush_ring_stopped_ttl_s: int = Field(
+        300,
+        ge=0,
+        le=86_400,
+        description="How long a push service keeps a ring_stopped (it also replaces a still "
+        "undelivered incoming_call of the same call).",
+    )
+
+    @model_validator(mode="after")
+    def _check_webpush(self) -> NotificationsSettings:
+        if not self.webpush_enabled:
+            return self
+        if self.vapid_private_key is not None:
+            load_private_key(self.vapid_private_key.get_secret_value())
+        if self.vapid_subject is not None:
+            check_subject(self.vapid_subject)
+        if not self.is_development and (self.vapid_private_key is None or not self.vapid_subject):
+            raise ValueError(
+                "Web Push is enabled but VAPID_PRIVATE_KEY or VAPID_SUBJECT is not set: set "
+                "both (python -m tools.vapid makes a key) or NOTIFICATIONS_WEBPUSH_ENABLED=false"
+            )
+        return self
+
+    @property
+    def vapid_subject_or_default(self) -> str:
+        return self.vapid_subject or DEV_VAPID_SUBJECT

@@ -17,11 +17,14 @@ mark, or not at all.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from redis.asyncio import Redis
@@ -34,6 +37,13 @@ from shared.redis import KeySpace
 
 PUSH_GROUP = "push"
 OWNER = "notifications"
+
+
+class DeviceKind(StrEnum):
+    """What a push target is; the worker builds its request accordingly (push.py)."""
+
+    WEBHOOK = "webhook"
+    WEBPUSH = "webpush"
 
 
 class Keys:
@@ -70,13 +80,27 @@ class Keys:
         return self._k("call", call_id, "media")
 
     def device(self, device_id: str) -> str:
-        # HASH id, user, kind, url, secret, created_at [, removed_at, removed_reason].
-        # A removed device keeps its hash (and delivery log) for stream_ttl_s, for support.
+        # HASH id, user, kind, url, secret, created_at [, p256dh, auth] [, removed_at,
+        # removed_reason]. kind "webhook": url is the webhook, secret its HMAC key; kind
+        # "webpush": url is the push endpoint, p256dh and auth the subscription's keys
+        # (base64url), secret "". A removed device keeps its hash (and delivery log) for
+        # stream_ttl_s, for support.
         return self._k("device", device_id)
 
     def devices(self, user: str) -> str:
         # SET of the user's active device ids (the push fan-out reads it).
         return self._k("devices", user)
+
+    def webpush_endpoints(self, user: str) -> str:
+        # HASH sha256(endpoint) hex -> device id: the user's Web Push subscriptions, so
+        # registering one again finds its device. An entry whose device is no longer in
+        # devices(user) is stale and is overwritten.
+        return self._k("webpush", user)
+
+    def vapid_key(self) -> str:
+        # STRING PEM of the development VAPID private key, set once (NX) by the first
+        # instance that needs it (only when VAPID_PRIVATE_KEY is not set). No expiry.
+        return self._k("vapid", "key")
 
     def deliveries(self, device_id: str) -> str:
         # LIST of delivery-attempt JSON records, newest first, <= delivery_log_max.
@@ -130,6 +154,20 @@ redis.call('PUBLISH', ARGV[7], id)
 return id
 """
 
+# KEYS: 1 devices set, 2 webpush endpoints hash, 3 new device hash
+# ARGV: 1 endpoint hash, 2 max devices, 3 new device id, 4.. the new device's field/value pairs
+# Registers a Web Push subscription once per user: returns {id, 1} when made, {id, 0} when
+# the user has it already, false when the user has the maximum of devices.
+_ADD_WEBPUSH = """
+local existing = redis.call('HGET', KEYS[2], ARGV[1])
+if existing and redis.call('SISMEMBER', KEYS[1], existing) == 1 then return {existing, 0} end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return false end
+redis.call('HSET', KEYS[3], unpack(ARGV, 4))
+redis.call('SADD', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return {ARGV[3], 1}
+"""
+
 # KEYS: 1 retry zset, 2 jobs stream. ARGV: 1 now ms, 2 batch.
 # Moves due retries back to the job stream; returns {moved, next due ms or -1}.
 _MOVE_DUE = """
@@ -179,6 +217,9 @@ class Device:
     created_at: str
     removed_at: str | None = None
     removed_reason: str | None = None
+    p256dh: str | None = None
+    """webpush: the subscriber's public key (base64url), with ``auth`` its secret."""
+    auth: str | None = None
 
     @property
     def active(self) -> bool:
@@ -385,6 +426,42 @@ class NotificationStore:
             await tx.execute()
         return device
 
+    async def add_webpush(
+        self, user: str, endpoint: str, p256dh: str, auth: str
+    ) -> tuple[Device | None, bool]:
+        """Registers a Web Push subscription: (device, True) when new, (the user's device
+        of that endpoint, False) when registered already (its keys are refreshed), (None,
+        False) when the user has the maximum of devices."""
+        k = self.keys
+        device_id = f"dev_{uuid.uuid4().hex}"
+        fields = {
+            "id": device_id,
+            "user": user,
+            "kind": DeviceKind.WEBPUSH.value,
+            "url": endpoint,
+            "secret": "",
+            "created_at": utc_iso(),
+            "p256dh": p256dh,
+            "auth": auth,
+        }
+        reply: Any = await self.redis.eval(
+            _ADD_WEBPUSH,
+            3,
+            k.devices(user),
+            k.webpush_endpoints(user),
+            k.device(device_id),
+            _endpoint_field(endpoint),
+            self.settings.max_devices_per_user,
+            device_id,
+            *(item for pair in fields.items() for item in pair),
+        )
+        if not reply:
+            return None, False
+        found, created = _s(reply[0]), bool(int(reply[1]))
+        if not created:
+            await self.redis.hset(k.device(found), mapping={"p256dh": p256dh, "auth": auth})
+        return await self.device(found), created
+
     async def device(self, device_id: str) -> Device | None:
         raw = await self.redis.hgetall(self.keys.device(device_id))
         if not raw:
@@ -399,6 +476,8 @@ class NotificationStore:
             created_at=fields["created_at"],
             removed_at=fields.get("removed_at"),
             removed_reason=fields.get("removed_reason"),
+            p256dh=fields.get("p256dh"),
+            auth=fields.get("auth"),
         )
 
     async def devices(self, user: str) -> list[Device]:
@@ -417,7 +496,21 @@ class NotificationStore:
             )
             tx.expire(k.device(device.id), keep_s)
             tx.expire(k.deliveries(device.id), keep_s)
+            if device.kind == DeviceKind.WEBPUSH:
+                tx.hdel(k.webpush_endpoints(device.user), _endpoint_field(device.url))
             await tx.execute()
+
+    async def shared_vapid_key(self, generate: Callable[[], str]) -> str:
+        """The development VAPID key every instance shares: the one in Redis, or, the first
+        time, ``generate()``'s (set only if no other instance set one meanwhile)."""
+        key = self.keys.vapid_key()
+        found = await self.redis.get(key)
+        if found is None:
+            await self.redis.set(key, generate(), nx=True)
+            found = await self.redis.get(key)
+        if found is None:
+            raise RuntimeError("the development VAPID key vanished from Redis as it was set")
+        return _s(found)
 
     async def deliveries(self, device_id: str, limit: int) -> list[dict[str, Any]]:
         raw = await self.redis.lrange(self.keys.deliveries(device_id), 0, limit - 1)
@@ -506,6 +599,10 @@ class NotificationStore:
             }
             for eid, fields in entries
         ]
+
+
+def _endpoint_field(endpoint: str) -> str:
+    return hashlib.sha256(endpoint.encode()).hexdigest()
 
 
 def _decode_job(fields: dict[bytes, bytes]) -> PushJob | None:

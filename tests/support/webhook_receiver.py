@@ -8,7 +8,8 @@ answers (the request is held until the receiver stops). Every request is recorde
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tools.procs import free_port
@@ -21,6 +22,8 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float = field(default_factory=time.time)
+    """When it arrived (unix seconds)."""
 
 
 class WebhookReceiver:
