@@ -1,18 +1,21 @@
-"""Negotiation in a room, in-process (aiortc peer connections, no service, no broker):
-one codec per kind, and the second party is forced onto the first party's."""
+"""A room in-process (aiortc peer connections, no service, no broker): negotiation (one
+codec per kind, the second party forced onto the first party's), and how the watchdog
+tells an ICE failure from a media timeout."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender
+from pydantic import ValidationError
 
 from services.media.delays import DelayRecorder
-from services.media.room import NegotiationError, Room, payload_type_map
+from services.media.room import NegotiationError, Participant, Room, RoomState, payload_type_map
 from services.media.settings import MediaSettings
 
 
@@ -99,3 +102,80 @@ def test_payload_types_follow_the_codec_not_the_number() -> None:
     )
     theirs = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=120)
     assert payload_type_map([vp8, rtx], [theirs]) == {96: 120}
+
+
+def at(room: Room, peers: list[RTCPeerConnection], user: str, created_at: float) -> Participant:
+    """A session of ``user`` whose offer came at ``created_at`` (not connected yet)."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    peers.append(pc)
+    participant = Participant(user, uuid.uuid4().hex, pc, created_at=created_at)
+    if user not in room.parties:
+        room.parties.append(user)
+    room.participants[user] = participant
+    return participant
+
+
+MEDIA_S, ICE_S = 15.0, 10.0
+
+
+async def test_a_session_not_connected_within_the_ice_deadline_is_overdue(
+    peers: list[RTCPeerConnection],
+) -> None:
+    room = make_room("c4")
+    room.created_at = 100.0
+    alice = at(room, peers, "alice", 100.0)
+    assert room.ice_overdue(109.9, ICE_S) is None
+    assert not room.stalled(109.9, MEDIA_S, ICE_S)
+    assert room.ice_overdue(110.1, ICE_S) is alice
+    alice.connected_at = 101.0
+    assert room.ice_overdue(110.1, ICE_S) is None
+    # Connected, alone: nobody joins, so the media timeout (not ICE) ends it.
+    assert not room.stalled(114.9, MEDIA_S, ICE_S)
+    assert room.stalled(115.1, MEDIA_S, ICE_S)
+    assert room.ice_overdue(115.1, ICE_S) is None
+
+
+async def test_a_session_still_connecting_holds_the_media_timeout_off_for_a_while(
+    peers: list[RTCPeerConnection],
+) -> None:
+    room = make_room("c5")
+    room.created_at = 100.0
+    at(room, peers, "alice", 100.0).connected_at = 100.5
+    bob = at(room, peers, "bob", 112.0)  # joins late; his ICE never gets through
+    assert not room.stalled(116.0, MEDIA_S, ICE_S)  # past 15 s, but bob's ICE decides
+    assert room.ice_overdue(121.9, ICE_S) is None
+    assert room.ice_overdue(122.1, ICE_S) is bob  # ice_failed, the watchdog's first check
+    # Bob keeps offering anew: the room still fails, MEDIA_S + ICE_S after it opened.
+    at(room, peers, "bob", 124.0)
+    assert not room.stalled(124.9, MEDIA_S, ICE_S)
+    assert room.stalled(125.1, MEDIA_S, ICE_S)
+
+
+async def test_a_connected_room_times_out_on_a_silent_party_not_a_connecting_one(
+    peers: list[RTCPeerConnection],
+) -> None:
+    room = make_room("c6")
+    room.created_at = 100.0
+    alice = at(room, peers, "alice", 100.0)
+    alice.connected_at, alice.last_packet_at = 100.5, 130.0
+    bob = at(room, peers, "bob", 101.0)
+    bob.connected_at = 101.5
+    room.set_state(RoomState.CONNECTED)
+    assert not room.stalled(116.0, MEDIA_S, ICE_S)  # bob connected at 101.5: silent 14.5 s
+    assert room.stalled(116.6, MEDIA_S, ICE_S)
+    bob.last_packet_at = 130.0
+    new_bob = at(room, peers, "bob", 131.0)  # bob comes back on a new session
+    assert not room.stalled(144.0, MEDIA_S, ICE_S)
+    assert room.ice_overdue(141.1, ICE_S) is new_bob
+    new_bob.connected_at = 132.0
+    assert room.ice_overdue(141.1, ICE_S) is None
+    alice.last_packet_at = 146.0
+    assert not room.stalled(146.9, MEDIA_S, ICE_S)
+    assert room.stalled(147.1, MEDIA_S, ICE_S)  # nothing from bob 15 s after he connected
+
+
+@pytest.mark.parametrize("value", [0, 0.5, 121, -1])
+def test_the_ice_deadline_is_bounded(value: float) -> None:
+    with pytest.raises(ValidationError, match="ice_timeout_s"):
+        MediaSettings(environment="test", ice_timeout_s=value)
+    assert MediaSettings(environment="test").ice_timeout_s == 15.0

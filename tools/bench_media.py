@@ -274,6 +274,7 @@ def _run_forwarding(args: argparse.Namespace, media: Path) -> Outcome:
         "MEDIA_NODE_ID": NODE,
         "MEDIA_CAPACITY": str(max(args.calls, 1) + 5),
         "MEDIA_TIMEOUT_S": "60",
+        "MEDIA_ICE_TIMEOUT_S": "60",  # a loaded machine: no call failed before it starts
         "DMCALL_NAMESPACE": namespace,
         "LOG_LEVEL": os.environ.get("MEDIA_BENCH_LOG_LEVEL", "WARNING"),
         "PYTHONUNBUFFERED": "1",

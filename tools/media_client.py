@@ -199,8 +199,20 @@ class MediaClient:
         """PLI/FIR received for what this client sends."""
         self._ssrc_kind: dict[int, str] = {}
 
-    async def connect(self, url: str, token: str, client: httpx.AsyncClient) -> httpx.Response:
-        """Offer, POST, answer. Returns the HTTP response (201 or the refusal)."""
+    async def connect(
+        self,
+        url: str,
+        token: str,
+        client: httpx.AsyncClient,
+        *,
+        rewrite_offer: Callable[[str], str] | None = None,
+        apply_answer: bool = True,
+    ) -> httpx.Response:
+        """Offer, POST, answer. Returns the HTTP response (201 or the refusal).
+
+        ``rewrite_offer`` changes the SDP posted (not the client's own description), and
+        without ``apply_answer`` the client never starts ICE: ways to break a session.
+        """
         for kind, media in (("audio", self._audio), ("video", self._video)):
             if media is None:
                 self.pc.addTransceiver(kind, direction="recvonly")
@@ -212,16 +224,18 @@ class MediaClient:
             self._tap_sender_rtcp(transceiver.sender)
         await self.pc.setLocalDescription(await self.pc.createOffer())
         self._tap_sending()
+        offer = self.pc.localDescription.sdp
         response = await client.post(
             url,
-            content=self.pc.localDescription.sdp,
+            content=rewrite_offer(offer) if rewrite_offer else offer,
             headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {token}"},
         )
         if response.status_code == 201:
             self.location = response.headers["location"]
-            await self.pc.setRemoteDescription(
-                RTCSessionDescription(sdp=response.text, type="answer")
-            )
+            if apply_answer:
+                await self.pc.setRemoteDescription(
+                    RTCSessionDescription(sdp=response.text, type="answer")
+                )
         return response
 
     def _tap_sender_rtcp(self, sender: RTCRtpSender) -> None:

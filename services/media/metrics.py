@@ -63,6 +63,14 @@ class MediaCollector(Collector):
         for reason, count in rooms.refused.items():
             refused.add_metric([reason.value], count)
         yield refused
+        failures = CounterMetricFamily(
+            "dmcall_media_failures",
+            "Calls whose media failed on this node (call_media_failed), by reason",
+            labels=["reason"],
+        )
+        for failure, count in rooms.failures.items():
+            failures.add_metric([failure.value], count)
+        yield failures
         events = CounterMetricFamily(
             "dmcall_media_events_published", "Media events published", labels=["event_type"]
         )

@@ -180,6 +180,9 @@ class Participant:
     session_id: str
     pc: RTCPeerConnection
     created_at: float = field(default_factory=time.monotonic)
+    """When its offer came: the ICE deadline counts from here."""
+    connected_at: float | None = None
+    """When its connection (ICE, then DTLS) first reached ``connected``."""
     publications: dict[str, Publication] = field(default_factory=dict)
     outputs: dict[str, Forwarder] = field(default_factory=dict)
     packets_in: int = 0
@@ -253,11 +256,33 @@ class Room:
             return False
         return all(p.packets_in > 0 and p.packets_out > 0 for p in self.participants.values())
 
-    def stalled(self, now: float, timeout_s: float) -> bool:
-        if self.state is RoomState.WAITING:
-            return now - self.created_at > timeout_s
+    def ice_overdue(self, now: float, ice_timeout_s: float) -> Participant | None:
+        """A session whose connection has not reached ``connected`` ``ice_timeout_s``
+        after its offer came (ICE found no working pair, or DTLS never completed)."""
         for participant in self.participants.values():
-            last = participant.last_packet_at or participant.created_at
+            if participant.connected_at is None and now - participant.created_at > ice_timeout_s:
+                return participant
+        return None
+
+    def stalled(self, now: float, timeout_s: float, ice_timeout_s: float) -> bool:
+        """No media for ``timeout_s``: both parties' media not flowing that long after the
+        room opened, or a connected party silent that long.
+
+        A session still connecting (within its ICE deadline) is judged by that deadline,
+        not here: it holds a waiting room's timeout off, for at most ``ice_timeout_s``
+        more, so that a failure gets its real cause.
+        """
+        if self.state is RoomState.WAITING:
+            age = now - self.created_at
+            connecting = any(
+                p.connected_at is None and now - p.created_at <= ice_timeout_s
+                for p in self.participants.values()
+            )
+            return age > timeout_s + (ice_timeout_s if connecting else 0.0)
+        for participant in self.participants.values():
+            if participant.connected_at is None:
+                continue
+            last = participant.last_packet_at or participant.connected_at
             if now - last > timeout_s:
                 return True
         return False
@@ -318,10 +343,24 @@ class Room:
             for transceiver in transceivers:
                 internals.tap_arrival(transceiver.receiver.transport, participant.stamp_arrival)
 
-            @pc.on("connectionstatechange")
             def _on_state() -> None:
-                if pc.connectionState == "failed":
+                if pc.connectionState == "connected" and participant.connected_at is None:
+                    participant.connected_at = time.monotonic()
+                failed = "failed" in (pc.connectionState, pc.iceConnectionState)
+                # A session that was replaced (or never joined) fails nobody's call.
+                if failed and self.participants.get(user_id) is participant:
+                    log.warning(
+                        "room %s: %s's session %s failed (connection %s, ICE %s)",
+                        self.call_id,
+                        user_id,
+                        participant.session_id,
+                        pc.connectionState,
+                        pc.iceConnectionState,
+                    )
                     on_ice_failed()
+
+            pc.on("connectionstatechange", _on_state)
+            pc.on("iceconnectionstatechange", _on_state)
 
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)

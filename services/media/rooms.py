@@ -80,6 +80,7 @@ class Rooms:
         self.load_changed = asyncio.Event()
         self.events_published: dict[str, int] = {}
         self.refused: dict[Refusal, int] = dict.fromkeys(Refusal, 0)
+        self.failures: dict[MediaFailure, int] = dict.fromkeys(MediaFailure, 0)
 
     @property
     def load(self) -> int:
@@ -195,9 +196,11 @@ class Rooms:
     # ------------------------------------------------------------------ media events
 
     def media_failed(self, room: Room, reason: MediaFailure) -> None:
+        """Once per room (the first cause wins): publish, then close every session."""
         if not room.is_open:
             return
         room.set_state(RoomState.FAILED)
+        self.failures[reason] += 1
         log.warning("room %s: media failed (%s)", room.call_id, reason)
         self._emit(
             CallMediaFailed(call_id=room.call_id, node_id=self.settings.node_id, reason=reason)
@@ -210,14 +213,29 @@ class Rooms:
         self._spawn(self._publish(event), f"publish-{key}")
 
     def check(self, now: float) -> None:
-        """One watchdog pass: media connected / stalled, bitrates."""
+        """One watchdog pass: ICE deadlines, media connected / stalled, bitrates."""
+        ice_timeout_s = self.settings.ice_timeout_s
         for room in list(self.rooms.values()):
             for participant in room.participants.values():
                 participant.sample_rates(now)
-            if room.state is RoomState.WAITING and room.media_flowing():
+            if not room.is_open:
+                continue
+            overdue = room.ice_overdue(now, ice_timeout_s)
+            if overdue is not None:
+                log.warning(
+                    "room %s: %s's session %s not connected after %ss (connection %s, ICE %s)",
+                    room.call_id,
+                    overdue.user_id,
+                    overdue.session_id,
+                    ice_timeout_s,
+                    overdue.pc.connectionState,
+                    overdue.pc.iceConnectionState,
+                )
+                self.media_failed(room, MediaFailure.ICE_FAILED)
+            elif room.state is RoomState.WAITING and room.media_flowing():
                 room.set_state(RoomState.CONNECTED)
                 self._emit(CallMediaConnected(call_id=room.call_id, node_id=self.settings.node_id))
-            elif room.is_open and room.stalled(now, self.settings.timeout_s):
+            elif room.stalled(now, self.settings.timeout_s, ice_timeout_s):
                 self.media_failed(room, MediaFailure.MEDIA_TIMEOUT)
 
     async def watch(self) -> None:

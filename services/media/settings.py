@@ -27,7 +27,16 @@ class MediaSettings(CommonSettings):
         15.0,
         gt=0,
         description="call_media_failed(media_timeout) when no packet arrives this long "
-        "(from a party, or before both parties' media flows).",
+        "(from a connected party, or before both parties' media flows; a session still "
+        "connecting is judged by ice_timeout_s instead).",
+    )
+    ice_timeout_s: float = Field(
+        15.0,
+        ge=1.0,
+        le=120.0,
+        description="call_media_failed(ice_failed) when a session's ICE and DTLS have not "
+        "connected this long after its offer came (aioice alone takes tens of "
+        "seconds to give up on a check list).",
     )
     heartbeat_s: float = Field(5.0, gt=0, description="Registry heartbeat period.")
     registry_ttl_s: int = Field(15, ge=1, description="A node not heard of this long is gone.")
