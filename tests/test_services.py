@@ -35,7 +35,12 @@ def test_service_starts_and_serves_the_operational_endpoints(
     spawn: Callable[..., ServiceProcess], service: str
 ) -> None:
     proc = spawn(service)
-    assert httpx.get(f"{proc.url}/healthz").json() == {"status": "ok", "service": service}
+    assert proc.proc is not None
+    assert httpx.get(f"{proc.url}/healthz").json() == {
+        "status": "ok",
+        "service": service,
+        "pid": proc.proc.pid,
+    }
     ready = httpx.get(f"{proc.url}/readyz")
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"rabbitmq": True, "redis": True}
@@ -85,3 +90,12 @@ def test_services_carry_on_after_redis_restarts(
     private_redis.start()
     poll_status(f"{proc.url}/readyz", 200)
     assert proc.proc is not None and proc.proc.poll() is None  # never restarted
+
+
+def test_free_ports_are_never_handed_out_twice_and_stay_below_the_ephemeral_range() -> None:
+    from tools.procs import _ephemeral_range
+
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    low, _ = _ephemeral_range()
+    assert all(port < low for port in ports)

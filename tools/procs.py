@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,8 +25,39 @@ PORT_ENV = {
 }
 
 
+_PORTS_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A port nothing listens on now, for a server started next.
+
+    Taken below the kernel's ephemeral range, where the outgoing connections of every
+    process on the machine (to RabbitMQ, Redis, ...) take their local ports, so one of
+    those cannot grab it before the server binds; and never the same port twice in one
+    process, so two servers started one after the other cannot be handed the same port.
+    """
+    low, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(low - 12_000, 10_000), low)
+        if port in _PORTS_HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_HANDED_OUT.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # crowded: any port
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
@@ -69,8 +101,16 @@ class ServiceProcess:
             try:
                 response = httpx.get(f"{self.url}/readyz", timeout=1.0)
                 if response.status_code == 200:
-                    return
-                last = response.text
+                    # the answer must come from this process, not another server on the port
+                    health = httpx.get(f"{self.url}/healthz", timeout=1.0).json()
+                    if health.get("service") == self.service and health.get("pid") in (
+                        None,
+                        self.proc.pid if self.proc else None,
+                    ):
+                        return
+                    last = f"port {self.port} is answered by another server: {health}"
+                else:
+                    last = response.text
             except httpx.HTTPError as exc:
                 last = str(exc)
             time.sleep(0.1)
