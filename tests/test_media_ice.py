@@ -27,7 +27,7 @@ from shared.contracts import CallMediaFailed, EventType, MediaFailure, parse_eve
 from shared.media_registry import MediaRegistry
 from shared.settings import CommonSettings
 from tests.conftest import Infra, auth
-from tests.support.signaling import Device, allow_call, event_tap
+from tests.support.signaling import Device, allow_call, event_tap, place_and_accept
 from tests.support.waiting import eventually
 from tools.media_client import MediaClient, encode_opus
 from tools.procs import ServiceProcess
@@ -122,18 +122,7 @@ async def test_a_party_whose_ice_never_connects_ends_the_call_with_ice_failed(
         bob = MediaClient(None, None)  # his offer leads nowhere, and he never starts ICE
         alice = MediaClient(None, encode_opus(1.0))  # her connection works
         try:
-            placed = await http.post(
-                "/v1/calls",
-                json={"callee": "bob", "media": "audio", "device_id": "a1"},
-                headers=auth(token("alice")),
-            )
-            assert placed.status_code == 202, placed.text
-            call_id = placed.json()["call_id"]
-            await b1.expect(type="call.incoming", call_id=call_id)
-            accepted = await http.post(
-                f"/v1/calls/{call_id}/accept", json={"device_id": "b1"}, headers=auth(token("bob"))
-            )
-            assert accepted.status_code == 200, accepted.text
+            call_id, accepted = await place_and_accept(http, token, a1, b1)
             offer = accepted.json()
             assert offer["node_id"] == NODE
             to_alice = await a1.expect(type="call.state", call_id=call_id, state="accepted")

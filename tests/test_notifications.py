@@ -11,7 +11,7 @@ import json
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,8 +20,6 @@ import pytest
 from redis.asyncio import Redis
 
 from services.notifications.push import verify
-from shared import redis as shared_redis
-from shared.bus import Bus
 from shared.contracts import (
     CallAccepted,
     CallCancelled,
@@ -33,7 +31,6 @@ from shared.contracts import (
     Event,
     MediaKind,
 )
-from shared.settings import CommonSettings
 from tests.conftest import auth
 from tests.support.sse import open_stream
 from tests.support.waiting import eventually
@@ -55,13 +52,10 @@ FAST = {
 
 
 @pytest.fixture
-async def publish(settings: CommonSettings) -> AsyncIterator[Publish]:
-    redis = shared_redis.connect(settings, name="test-signaling")
-    bus = Bus(settings, redis, "test-signaling")
-    await asyncio.wait_for(bus.start(), 15)
-    yield bus.publish
-    await bus.close()
-    await redis.aclose()
+async def publish(bus_factory: Callable[..., Any]) -> Publish:
+    """Publishes events as signaling would."""
+    bus = await bus_factory("test-signaling")
+    return bus.publish  # type: ignore[no-any-return]
 
 
 @pytest.fixture

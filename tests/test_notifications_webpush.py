@@ -10,7 +10,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -19,10 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from redis.asyncio import Redis
 
-from shared import redis as shared_redis
-from shared.bus import Bus
 from shared.contracts import CallCancelled, CallMissed, Event, MediaKind
-from shared.settings import CommonSettings
 from tests.conftest import auth
 from tests.support.push_service import PushService, Subscriber, b64d, b64e, verify_vapid
 from tests.support.waiting import eventually
@@ -46,13 +43,10 @@ TOPIC = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 
 @pytest.fixture
-async def publish(settings: CommonSettings) -> AsyncIterator[Publish]:
-    redis = shared_redis.connect(settings, name="test-signaling")
-    bus = Bus(settings, redis, "test-signaling")
-    await asyncio.wait_for(bus.start(), 15)
-    yield bus.publish
-    await bus.close()
-    await redis.aclose()
+async def publish(bus_factory: Callable[..., Any]) -> Publish:
+    """Publishes events as signaling would."""
+    bus = await bus_factory("test-signaling")
+    return bus.publish  # type: ignore[no-any-return]
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from services.signaling.turn import IceServers, mint_turn_credential
 from shared.media_registry import MediaNode, MediaRegistry
 from shared.settings import CommonSettings
 from tests.conftest import auth
-from tests.support.signaling import Device, allow_call
+from tests.support.signaling import Device, allow_call, place_and_accept
 from tools.procs import ServiceProcess
 
 SECRET = "a-turn-secret-shared-with-coturn"
@@ -257,18 +257,7 @@ async def test_accept_hands_each_party_its_own_ice_servers(
     bob = await Device.connect(signaling.url, token("bob"), "bob", "b1")
     try:
         async with httpx.AsyncClient(base_url=signaling.url, timeout=15) as http:
-            placed = await http.post(
-                "/v1/calls",
-                json={"callee": "bob", "media": "audio", "device_id": "a1"},
-                headers=auth(token("alice")),
-            )
-            assert placed.status_code == 202, placed.text
-            call_id = placed.json()["call_id"]
-            await bob.expect(type="call.incoming", call_id=call_id)
-            accepted = await http.post(
-                f"/v1/calls/{call_id}/accept", json={"device_id": "b1"}, headers=auth(token("bob"))
-            )
-            assert accepted.status_code == 200, accepted.text
+            call_id, accepted = await place_and_accept(http, token, alice, bob)
             now = time.time()
             (to_bob,) = accepted.json()["ice_servers"]
             assert to_bob["urls"] == TURN_URLS

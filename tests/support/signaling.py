@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,3 +141,30 @@ async def allow_call(
     ):
         response = await policy.request(method, path, json=body, headers=headers)
         assert response.status_code < 300, (path, response.status_code, response.text)
+
+
+async def place_and_accept(
+    http: httpx.AsyncClient,
+    token: Callable[[str], str],
+    caller: Device,
+    callee: Device,
+    media: str = "audio",
+) -> tuple[str, httpx.Response]:
+    """``caller`` places a call from its device, ``callee``'s device rings and accepts it.
+
+    Returns the call id and the accept response (the callee's media hand-off)."""
+    placed = await http.post(
+        "/v1/calls",
+        json={"callee": callee.user, "media": media, "device_id": caller.device_id},
+        headers={"Authorization": f"Bearer {token(caller.user)}"},
+    )
+    assert placed.status_code == 202, placed.text
+    call_id = str(placed.json()["call_id"])
+    await callee.expect(type="call.incoming", call_id=call_id)
+    accepted = await http.post(
+        f"/v1/calls/{call_id}/accept",
+        json={"device_id": callee.device_id},
+        headers={"Authorization": f"Bearer {token(callee.user)}"},
+    )
+    assert accepted.status_code == 200, accepted.text
+    return call_id, accepted
