@@ -133,6 +133,54 @@ async def test_glare_authorized_at_the_same_instant_on_two_instances_keeps_one_c
         await one.service.hangup("carol", lesser.call_id)
 
 
+class HeldLiveReads(CallStore):
+    """A store whose read of one user's live calls waits for a gate; the other reads of the
+    same decision go ahead. It lets a test put another commit between two reads."""
+
+    def __init__(self, *args: Any, hold: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hold = hold
+        self.gate = asyncio.Event()
+        self.others_read = asyncio.Event()
+
+    async def live_calls(self, user: str) -> list[Call]:
+        if user == self.hold:
+            await self.gate.wait()
+            return await super().live_calls(user)
+        calls = await super().live_calls(user)
+        self.others_read.set()
+        return calls
+
+
+async def test_glare_when_the_reverse_call_starts_ringing_between_the_reads(
+    instances: tuple[Callable[[int], Any], EventTap],
+) -> None:
+    make, _tap = instances
+    one, two = await make(2)
+    x = await place(one, "kim", "lee", "k1")
+    await asyncio.sleep(0.002)  # ids are time-ordered to the millisecond
+    y = await place(two, "lee", "kim", "l1")
+    # Instance two judges y: it has read lee's live calls (x is not among them: x is only
+    # requested, so not yet in its callee's set) and not yet kim's ...
+    settings = two.service.settings
+    held = HeldLiveReads(
+        two.store.redis, settings, hold="kim", outbox_lease_ms=settings.outbox_lease_ms
+    )
+    two.service.store = held
+    judging = asyncio.create_task(two.service.authorized(authorized(y)))
+    await asyncio.wait_for(held.others_read.wait(), 10)
+    # ... when instance one makes x ring; then two reads kim's live calls, x ringing.
+    await one.service.authorized(authorized(x))
+    assert (await state_of(one, x)).state is CallState.RINGING
+    held.gate.set()
+    await asyncio.wait_for(judging, 10)
+    # One call, not two ringing: x (the lesser, the one that rang) connects.
+    assert x.call_id < y.call_id
+    won, lost = await state_of(one, x), await state_of(one, y)
+    assert won.state is CallState.ACCEPTED and won.answered_device == "l1"
+    assert (lost.state, lost.replaced_by) == (CallState.CANCELLED, x.call_id)
+
+
 async def test_many_instances_fire_one_ring_timer_exactly_once(
     instances: tuple[Callable[[int], Any], EventTap],
 ) -> None:

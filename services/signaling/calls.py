@@ -309,9 +309,14 @@ class CallService:
                 )
                 step.pushes = self._fanout(busy, now, callee_too=False)
                 return step
+            # The reverse call is looked for among the callee's live calls: it is there from
+            # its creation (the callee placed it), and those calls' versions are checked at
+            # commit, so a reverse call that starts ringing after this read makes the commit
+            # retry. The caller's set holds it only once it rings, and is read apart from
+            # the callee's: looked for there, both calls could end up ringing.
             reverse = [
                 c
-                for c in caller_live
+                for c in callee_live
                 if c.caller == call.callee
                 and c.callee == call.caller
                 and c.state is CallState.RINGING

@@ -8,15 +8,19 @@ Screenshots land in ``artifacts/screenshots/``.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.sync_api import (
     Browser,
     BrowserContext,
+    Locator,
     Page,
     WebSocket,
     expect,
@@ -40,6 +44,7 @@ CHROMIUM_FLAGS = [
     "--disable-features=WebRtcHideLocalIpsWithMdns",
 ]
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
+SAFETY_CODE = re.compile(r"^\d{4} \d{4} \d{4}$")
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
@@ -153,3 +158,47 @@ def screenshot(page: Page, name: str) -> Path:
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path))
     return path
+
+
+def token_of(page: Page) -> str:
+    """The bearer token the page signed in with."""
+    return str(page.evaluate("localStorage.getItem('dmcall.token')"))
+
+
+def history_item(page: Page, call_id: str) -> Locator:
+    """The row of ``call_id`` in the page's call history (the Calls tab must be open)."""
+    return page.locator(f'[data-testid="history-item"][data-call-id="{call_id}"]')
+
+
+def open_history(page: Page) -> None:
+    page.get_by_role("tab", name=re.compile("Calls")).click()
+    expect(page.get_by_test_id("history")).to_be_visible()
+
+
+def video_frames_decoded(page: Page) -> int:
+    """``framesDecoded`` of the remote video, straight from the page's RTCPeerConnection."""
+    return int(
+        page.evaluate(
+            """async () => {
+                const pc = window.dmcall.session && window.dmcall.session.pc;
+                if (!pc) return 0;
+                let frames = 0;
+                (await pc.getStats()).forEach((r) => {
+                    if (r.type === "inbound-rtp" && r.kind === "video") frames += r.framesDecoded || 0;
+                });
+                return frames;
+            }"""
+        )
+    )
+
+
+def wait_until(check: Callable[[], Any], *, timeout: float = 30.0, what: str) -> Any:
+    """Poll ``check`` until it returns something truthy (for conditions outside the DOM)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what} (last: {value!r})")
+        time.sleep(0.25)

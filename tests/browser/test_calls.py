@@ -4,49 +4,26 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, expect
 
-from tests.browser.conftest import Stack, Traffic, another_tab, open_as, screenshot
+from tests.browser.conftest import (
+    SAFETY_CODE,
+    Stack,
+    Traffic,
+    another_tab,
+    open_as,
+    screenshot,
+    video_frames_decoded,
+    wait_until,
+)
 from tests.support.stun import StunServer
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
-
-SAFETY_CODE = re.compile(r"^\d{4} \d{4} \d{4}$")
-
-
-def video_frames_decoded(page: Page) -> int:
-    """``framesDecoded`` of the remote video, straight from the page's RTCPeerConnection."""
-    return int(
-        page.evaluate(
-            """async () => {
-                const pc = window.dmcall.session && window.dmcall.session.pc;
-                if (!pc) return 0;
-                let frames = 0;
-                (await pc.getStats()).forEach((r) => {
-                    if (r.type === "inbound-rtp" && r.kind === "video") frames += r.framesDecoded || 0;
-                });
-                return frames;
-            }"""
-        )
-    )
-
-
-def wait_until(check: Callable[[], Any], *, timeout: float = 30.0, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what} (last: {value!r})")
-        time.sleep(0.25)
-
 
 # What the receiving browser got for the first video key frame: the bytes as they came
 # through the SFU ("wire"), the same frame after decryption ("plain"), and what a VP8

@@ -34,6 +34,7 @@ export class CallSession extends EventTarget {
     this.mediaToken = null;
     this.statsTimer = null;
     this.lastStats = null;
+    this.cameraStartsOff = false;
   }
 
   changed() { this.dispatchEvent(new Event("change")); }
@@ -41,20 +42,36 @@ export class CallSession extends EventTarget {
   // One getUserMedia per call, however many times it is asked for.
   startLocalMedia() {
     if (!this.localPromise) {
-      this.localPromise = navigator.mediaDevices.getUserMedia({
+      const promise = navigator.mediaDevices.getUserMedia({
         audio: true,
         video: this.media === "video" ? { width: 640, height: 480 } : false,
       }).then((stream) => {
-        if (this.ended) {
+        if (this.ended || this.localPromise !== promise) {
           for (const track of stream.getTracks()) track.stop();
-          throw new Error("call already over");
+          if (this.ended) throw new Error("call already over");
+          return this.startLocalMedia(); // asked for the other kind meanwhile (adoptMedia)
         }
+        if (this.cameraStartsOff) for (const track of stream.getVideoTracks()) track.enabled = false;
         this.local = stream;
         this.changed();
         return stream;
       });
+      this.localPromise = promise;
     }
     return this.localPromise;
+  }
+
+  // Glare: the call that survived may be audio where we placed a video call, or the other
+  // way round. The call is what the surviving call is: no camera in an audio call; and
+  // whoever asked for an audio call joins a video call with the camera off (one tap on).
+  adoptMedia(media) {
+    if (!media || media === this.media) return;
+    this.cameraStartsOff = this.media === "audio" && media === "video";
+    this.media = media;
+    this.localPromise = null; // one still pending stops its tracks when it resolves
+    if (this.local) for (const track of this.local.getTracks()) track.stop();
+    this.local = null;
+    this.changed();
   }
 
   // One key pair per call (a second one would not match the public key already sent).

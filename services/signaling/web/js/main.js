@@ -506,9 +506,11 @@ function sessionState(session, message) {
     session.status = "Ringing…";
     session.changed();
   } else if (message.state === "accepted" && message.media_url && !session.started) {
-    // The caller's media; or, after glare, this device answering the surviving call.
+    // The caller's media; or, after glare, this device answering the surviving call
+    // (which may be of the other kind than the one this device placed).
     session.started = true;
     session.role = message.caller === state.me ? "caller" : "callee";
+    session.adoptMedia(message.media);
     session.start(message);
   } else if (message.state === "cancelled" && message.replaced_by) {
     // Glare: we called them while they called us; the other call survives and goes on
