@@ -6,7 +6,7 @@ out-of-order events."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -133,26 +133,24 @@ async def test_glare_authorized_at_the_same_instant_on_two_instances_keeps_one_c
         await one.service.hangup("carol", lesser.call_id)
 
 
-class HeldLiveReads(CallStore):
-    """A store whose read of one user's live calls waits for a gate; the other reads of the
-    same decision go ahead. It lets a test put another commit between two reads."""
+class HeldAfterLiveRead(CallStore):
+    """A store that, once a decision has read the live calls, waits for a gate before the
+    decision goes on to commit. It lets a test put another commit in between."""
 
-    def __init__(self, *args: Any, hold: str, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.hold = hold
         self.gate = asyncio.Event()
-        self.others_read = asyncio.Event()
+        self.read = asyncio.Event()
 
-    async def live_calls(self, user: str) -> list[Call]:
-        if user == self.hold:
+    async def live_calls_of(self, users: Sequence[str]) -> dict[str, list[Call]]:
+        calls = await super().live_calls_of(users)
+        if not self.read.is_set():
+            self.read.set()
             await self.gate.wait()
-            return await super().live_calls(user)
-        calls = await super().live_calls(user)
-        self.others_read.set()
         return calls
 
 
-async def test_glare_when_the_reverse_call_starts_ringing_between_the_reads(
+async def test_glare_when_the_reverse_call_starts_ringing_after_the_read(
     instances: tuple[Callable[[int], Any], EventTap],
 ) -> None:
     make, _tap = instances
@@ -160,16 +158,14 @@ async def test_glare_when_the_reverse_call_starts_ringing_between_the_reads(
     x = await place(one, "kim", "lee", "k1")
     await asyncio.sleep(0.002)  # ids are time-ordered to the millisecond
     y = await place(two, "lee", "kim", "l1")
-    # Instance two judges y: it has read lee's live calls (x is not among them: x is only
-    # requested, so not yet in its callee's set) and not yet kim's ...
+    # Instance two judges y: it has read both parties' live calls (x among kim's, only
+    # requested) ...
     settings = two.service.settings
-    held = HeldLiveReads(
-        two.store.redis, settings, hold="kim", outbox_lease_ms=settings.outbox_lease_ms
-    )
+    held = HeldAfterLiveRead(two.store.redis, settings, outbox_lease_ms=settings.outbox_lease_ms)
     two.service.store = held
     judging = asyncio.create_task(two.service.authorized(authorized(y)))
-    await asyncio.wait_for(held.others_read.wait(), 10)
-    # ... when instance one makes x ring; then two reads kim's live calls, x ringing.
+    await asyncio.wait_for(held.read.wait(), 10)
+    # ... when instance one makes x ring; two's commit, made on what it read, must not stand.
     await one.service.authorized(authorized(x))
     assert (await state_of(one, x)).state is CallState.RINGING
     held.gate.set()

@@ -312,8 +312,9 @@ class CallService:
             # The reverse call is looked for among the callee's live calls: it is there from
             # its creation (the callee placed it), and those calls' versions are checked at
             # commit, so a reverse call that starts ringing after this read makes the commit
-            # retry. The caller's set holds it only once it rings, and is read apart from
-            # the callee's: looked for there, both calls could end up ringing.
+            # retry and the retry finds it ringing. The caller's set holds it only once it
+            # rings, and its calls are not version-checked: looked for there, both calls
+            # could end up ringing.
             reverse = [
                 c
                 for c in callee_live
