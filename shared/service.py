@@ -97,6 +97,7 @@ def create_service_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         telemetry.setup_logging(service, settings.log_level)
+        telemetry.watch_gc()
         redis = shared_redis.connect(settings, name=f"dmcall-{service}")
         bus = Bus(settings, redis, service, queue_type=bus_queue_type or settings.bus_queue_type)
         runtime = Runtime(service=service, settings=settings, redis=redis, bus=bus)

@@ -10,8 +10,10 @@ they are still made (so trace ids reach logs and events) but go nowhere.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
+import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -46,6 +48,39 @@ HTTP_LATENCY = Histogram(
     ["service", "method", "route"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+GC_PAUSE = Histogram(
+    "dmcall_gc_pause_seconds",
+    "How long the garbage collector stopped the process, by generation",
+    ["generation"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+GC_PAUSE_WARN_S = 0.1
+_gc_started = 0.0
+
+
+def _on_gc(phase: str, info: dict[str, int]) -> None:
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+        return
+    pause = time.perf_counter() - _gc_started
+    GC_PAUSE.labels(str(info["generation"])).observe(pause)
+    if pause >= GC_PAUSE_WARN_S:
+        logging.getLogger(__name__).warning(
+            "garbage collection of generation %d stopped the process for %.0f ms "
+            "(%d objects collected)",
+            info["generation"],
+            pause * 1000,
+            info["collected"],
+        )
+
+
+def watch_gc() -> None:
+    """Record every collection's pause (a long one delays everything the process does)."""
+    if _on_gc not in gc.callbacks:
+        gc.callbacks.append(_on_gc)
+
+
 BUS_PUBLISHED = Counter("dmcall_bus_published_total", "Events published", ["service", "event_type"])
 BUS_HANDLED = Counter(
     "dmcall_bus_handled_total",
