@@ -97,7 +97,6 @@ def create_service_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         telemetry.setup_logging(service, settings.log_level)
-        telemetry.watch_gc()
         redis = shared_redis.connect(settings, name=f"dmcall-{service}")
         bus = Bus(settings, redis, service, queue_type=bus_queue_type or settings.bus_queue_type)
         runtime = Runtime(service=service, settings=settings, redis=redis, bus=bus)
@@ -107,6 +106,7 @@ def create_service_app(
         try:
             async with setup(app, runtime):
                 runtime.tasks.spawn(bus.start(), name=f"{service}-bus-start")
+                telemetry.tune_gc()
                 log.info("%s up (instance %s)", service, settings.instance_id)
                 yield
         finally:
