@@ -99,3 +99,35 @@ def test_free_ports_are_never_handed_out_twice_and_stay_below_the_ephemeral_rang
     assert len(set(ports)) == len(ports)
     low, _ = _ephemeral_range()
     assert all(port < low for port in ports)
+
+
+def test_services_collect_garbage_less_often_and_record_every_pause(
+    spawn: Callable[..., ServiceProcess],
+) -> None:
+    import gc
+
+    from prometheus_client import REGISTRY
+
+    from shared import telemetry
+
+    before = gc.get_threshold()
+    try:
+        telemetry.tune_gc()
+        assert gc.get_threshold() == telemetry.GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+        telemetry.tune_gc()  # twice: still one callback
+        assert gc.callbacks.count(telemetry._on_gc) == 1
+
+        def full_collections() -> float:
+            value = REGISTRY.get_sample_value("dmcall_gc_pause_seconds_count", {"generation": "2"})
+            return value or 0.0
+
+        counted = full_collections()
+        gc.collect()
+        assert full_collections() == counted + 1
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+    # and a service exposes the histogram
+    proc = spawn("policy")
+    assert "dmcall_gc_pause_seconds" in httpx.get(f"{proc.url}/metrics").text
