@@ -358,6 +358,10 @@ async def run_scale(
                 "timeline": {m.value: [] for m in (Metric.RING, Metric.CONNECT)},
             },
             out / f"{scenario}-{stamp}.png",
+            # a storm has no rings or connects to show: when each missed came, how late,
+            # and how long placing took as the calls piled up
+            over_time=(Metric.MISSED_LATENESS, Metric.PLACE),
+            histograms=([Metric.MISSED_LATENESS], [Metric.PLACE]),
         )
     console.print_json(data={k: v for k, v in report.items() if k not in ("environment",)})
     console.print(f"report: {out / f'{scenario}-{stamp}.json'}")
