@@ -502,10 +502,6 @@ class CallStore:
         due, first = await self._ring_poll(keys=[self.ring_key], args=[now_ms, limit])
         return [_text(i) for i in due], int(first) if first else None
 
-    async def next_ring_deadline_ms(self) -> int | None:
-        first = await self.redis.zrange(self.ring_key, 0, 0, withscores=True)
-        return int(first[0][1]) if first else None
-
     async def drop_ring(self, call_id: str) -> None:
         await self.redis.zrem(self.ring_key, call_id)
 
