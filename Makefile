@@ -4,7 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint token venv clean loadtest bench-policy
+.PHONY: run test lint token venv clean loadtest bench-policy machine machine-browser
+
+# What the machine needs (Debian packages, RabbitMQ and Redis running): tools/machine.sh,
+# the one place that installs and starts it; it stops with the exact command when it can't.
+machine:
+	@PYTHON=$(PYTHON) bash tools/machine.sh
+
+machine-browser:
+	@PYTHON=$(PYTHON) bash tools/machine.sh --browser
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,10 +23,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-run: $(STAMP) ## start RabbitMQ/Redis if needed, all services, the web client; seed demo users
+run: machine $(STAMP) ## start RabbitMQ/Redis if needed, all services, the web client; seed demo users
 	$(PY) -m tools.run
 
-test: $(STAMP) ## the whole test suite against real RabbitMQ, Redis and processes
+test: machine-browser $(STAMP) ## the whole test suite against real RabbitMQ, Redis and processes
 	$(PY) -m tools.test $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -26,11 +34,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check shared services tools tests
 	$(VENV)/bin/mypy
 
-loadtest: $(STAMP) ## load the services (started on free ports unless URLs given): make loadtest LOADTEST_ARGS="--rate 200 --duration 60"
+loadtest: machine $(STAMP) ## load the services (started on free ports unless URLs given): make loadtest LOADTEST_ARGS="--rate 200 --duration 60"
 	$(PY) -m tools.loadtest $(LOADTEST_ARGS)
 
 .PHONY: bench-signaling
-bench-signaling: $(STAMP) ## signaling figures: ring, accept, missed lateness (PAIRS=40)
+bench-signaling: machine $(STAMP) ## signaling figures: ring, accept, missed lateness (PAIRS=40)
 	$(PY) -m tools.bench_signaling --pairs $(or $(PAIRS),40)
 
 .PHONY: vapid-key
@@ -38,10 +46,10 @@ vapid-key: $(STAMP) ## print a new VAPID key pair for Web Push (VAPID_PRIVATE_KE
 	@$(PY) -m tools.vapid
 
 token: $(STAMP) ## make token USER=alice [SCOPE=platform]
-	@$(PY) -m tools.token "$(USER)" $(if $(SCOPE),--scope "$(SCOPE)")
+	@DMCALL_ENV=$${DMCALL_ENV:-development} $(PY) -m tools.token "$(USER)" $(if $(SCOPE),--scope "$(SCOPE)")
 
 .PHONY: bench-notifications
-bench-notifications: $(STAMP) ## call_ringing -> SSE / webhook latency; BENCH_ARGS="--events 1000 --rate 200"
+bench-notifications: machine $(STAMP) ## call_ringing -> SSE / webhook latency; BENCH_ARGS="--events 1000 --rate 200"
 	$(PY) -m tools.bench_notifications $(BENCH_ARGS)
 
 clean:
@@ -57,13 +65,13 @@ k8s-render: $(STAMP) ## print the manifests of OVERLAY=dev|prod|base, rendered o
 k8s-check: $(STAMP) ## render OVERLAY=dev|prod and check it offline (schemas, wiring, settings)
 	$(PY) -m tools.deploy_check $(K8S_DIR)
 
-bench-policy: $(STAMP) ## permission queries/s and p50/p99 over HTTP, decisions/s in-process
+bench-policy: machine $(STAMP) ## permission queries/s and p50/p99 over HTTP, decisions/s in-process
 	$(PY) -m tools.bench_policy $(BENCH_ARGS)
 
 .PHONY: test-browser
-test-browser: $(STAMP) ## the web client in Debian's Chromium against the real services
+test-browser: machine-browser $(STAMP) ## the web client in Debian's Chromium against the real services
 	$(PY) -m tools.test tests/browser $(PYTEST_ARGS)
 
 .PHONY: bench-media
-bench-media: $(STAMP) ## forwarding SFU vs transcoding: make bench-media [CALLS=5] [DURATION=20] [MEDIA_BENCH_ARGS="--transcode-calls 2 --profile"]
+bench-media: machine $(STAMP) ## forwarding SFU vs transcoding: make bench-media [CALLS=5] [DURATION=20] [MEDIA_BENCH_ARGS="--transcode-calls 2 --profile"]
 	$(PY) -m tools.bench_media --calls $(or $(CALLS),5) --duration $(or $(DURATION),20) $(MEDIA_BENCH_ARGS)

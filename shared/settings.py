@@ -40,7 +40,13 @@ class CommonSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
-    environment: Environment = Field(Environment.DEVELOPMENT, validation_alias=_env("DMCALL_ENV"))
+    environment: Environment = Field(
+        Environment.PRODUCTION,
+        validation_alias=_env("DMCALL_ENV"),
+        description="production unless set: a deployment that forgets it fails closed (no "
+        "development tokens, the development secrets refused). `make run`, the tests and the "
+        "dev overlay set it explicitly.",
+    )
     namespace: str = Field(
         "",
         pattern=r"^[a-z0-9-]{0,40}$",

@@ -34,6 +34,10 @@ from tools.procs import ServiceProcess, free_port
 
 S = TypeVar("S", bound=CommonSettings)
 
+# The services default to production; the tests say explicitly that they are tests (this
+# process, the settings they build, and every process they start).
+os.environ.setdefault("DMCALL_ENV", "test")
+
 # Queues of finished tests disappear by themselves after this long unused.
 TEST_QUEUE_EXPIRES_MS = 10 * 60 * 1000
 

@@ -1,25 +1,23 @@
-"""Make sure RabbitMQ and Redis answer: start locally installed servers when they are down,
-or say exactly what to install.
+"""Where RabbitMQ and Redis are, and whether they answer.
 
-``python -m tools.infra ensure``: exit 0 when both answer (after starting them if needed).
+Installing and starting them is ``tools/machine.sh``'s job (the Makefile runs it before
+every target); :func:`ensure` runs it when one does not answer, so a tool started by hand
+gets the same set-up. ``python -m tools.infra ensure``: exit 0 when both answer.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 @dataclass(frozen=True)
@@ -52,82 +50,26 @@ def redis() -> Endpoint:
     return Endpoint("Redis", os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
 
 
-def _wait(endpoint: Endpoint, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if endpoint.answers():
-            return True
-        time.sleep(0.25)
-    return False
-
-
-def start_rabbitmq(endpoint: Endpoint) -> bool:
-    if endpoint.host not in LOCAL_HOSTS or not shutil.which("rabbitmq-server"):
-        return False
-    print(f"starting RabbitMQ (rabbitmq-server -detached) for {endpoint.host}:{endpoint.port}")
-    subprocess.run(["rabbitmq-server", "-detached"], check=False)
-    pidfile = f"/var/lib/rabbitmq/mnesia/rabbit@{socket.gethostname()}.pid"
-    if shutil.which("rabbitmqctl"):
-        subprocess.run(
-            ["rabbitmqctl", "wait", "--timeout", "60", pidfile],
-            check=False,
-            stdout=subprocess.DEVNULL,
-        )
-    return _wait(endpoint, 60)
-
-
-def start_redis(endpoint: Endpoint) -> bool:
-    if endpoint.host not in LOCAL_HOSTS or not shutil.which("redis-server"):
-        return False
-    print(f"starting Redis (redis-server --daemonize yes) on {endpoint.host}:{endpoint.port}")
-    subprocess.run(
-        [
-            "redis-server",
-            "--daemonize",
-            "yes",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(endpoint.port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        check=False,
-    )
-    return _wait(endpoint, 15)
-
-
-HOW_TO_INSTALL = {
-    "RabbitMQ": (
-        "RabbitMQ does not answer at {url}.\n"
-        "  Debian/Ubuntu: sudo apt-get install rabbitmq-server && sudo rabbitmq-server -detached\n"
-        "  macOS:         brew install rabbitmq && brew services start rabbitmq\n"
-        "  Docker:        docker run -d -p 5672:5672 rabbitmq:3.13\n"
-        "  or set RABBITMQ_URL to a broker that answers."
-    ),
-    "Redis": (
-        "Redis does not answer at {url}.\n"
-        "  Debian/Ubuntu: sudo apt-get install redis-server && redis-server --daemonize yes\n"
-        "  macOS:         brew install redis && brew services start redis\n"
-        "  Docker:        docker run -d -p 6379:6379 redis:7\n"
-        "  or set REDIS_URL to a server that answers."
-    ),
-}
+MACHINE_SCRIPT = Path(__file__).resolve().parent / "machine.sh"
 
 
 def ensure(*, quiet: bool = False) -> bool:
+    """Both answer; when one does not, ``tools/machine.sh`` (the one place that installs and
+    starts what a machine needs) is run first, and its advice printed if it cannot."""
+    endpoints = (rabbitmq(), redis())
+    if not all(e.answers() for e in endpoints):
+        subprocess.run(["bash", str(MACHINE_SCRIPT)], check=False)
     ok = True
-    for endpoint, starter in ((rabbitmq(), start_rabbitmq), (redis(), start_redis)):
+    for endpoint in endpoints:
         if endpoint.answers():
             if not quiet:
                 print(f"{endpoint.name} answers at {endpoint.host}:{endpoint.port}")
             continue
-        if starter(endpoint):
-            print(f"{endpoint.name} started at {endpoint.host}:{endpoint.port}")
-            continue
-        print(HOW_TO_INSTALL[endpoint.name].format(url=endpoint.url), file=sys.stderr)
+        print(
+            f"{endpoint.name} does not answer at {endpoint.url}: start it, or set "
+            f"{'RABBITMQ_URL' if endpoint.name == 'RabbitMQ' else 'REDIS_URL'} to one that does",
+            file=sys.stderr,
+        )
         ok = False
     return ok
 

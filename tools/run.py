@@ -59,6 +59,9 @@ def main() -> None:
         sys.exit(1)
     os.environ.setdefault("RABBITMQ_URL", infra.DEFAULT_RABBITMQ_URL)
     os.environ.setdefault("REDIS_URL", infra.DEFAULT_REDIS_URL)
+    # The services default to production; this is a machine to try them on (dev tokens,
+    # the development secrets, the demo users).
+    os.environ.setdefault("DMCALL_ENV", "development")
     procs = _services()
     stopping = False
 
