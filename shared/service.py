@@ -115,6 +115,7 @@ def create_service_app(
             await redis.aclose()
 
     app = FastAPI(title=title, description=description, version="1.0.0", lifespan=lifespan)
+    app.state.service = service
     app.include_router(_ops_router(service))
     for router in routers:
         app.include_router(router)
@@ -142,6 +143,7 @@ def create_service_app(
 
 def server_config(app: FastAPI, settings: CommonSettings, port: int) -> uvicorn.Config:
     """How every service is served: uvloop, httptools, a 20 s graceful drain on SIGTERM."""
+    telemetry.setup_logging(str(getattr(app.state, "service", app.title)), settings.log_level)
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -151,6 +153,9 @@ def server_config(app: FastAPI, settings: CommonSettings, port: int) -> uvicorn.
         ws="websockets",
         lifespan="on",
         access_log=False,
+        # no logging config of uvicorn's own: its loggers go through the root handler of
+        # telemetry.setup_logging (one format, credentials redacted)
+        log_config=None,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=20,
         proxy_headers=True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import sys
 import time
 from collections.abc import Mapping, MutableMapping
@@ -126,6 +127,43 @@ class _TraceIdFilter(logging.Filter):
         return True
 
 
+# Credentials that must never reach a log line, whoever logs it (uvicorn logs a WebSocket's
+# whole request target, ``?token=<JWT>`` included; an exception can quote a URL or a body).
+_SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # any JWT (user, platform and media tokens): three base64url parts, the first a JSON header
+    (re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), "<redacted>"),
+    # bearer credentials in headers
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 <redacted>"),
+    # query parameters and form/JSON fields that carry a credential
+    (
+        re.compile(
+            r"(?i)(\b(?:token|access_token|media_token|credential|password|"
+            r"secret|auth|authorization|p256dh)[\"']?\s*[=:]\s*[\"']?)[^&\s\"',}]+"
+        ),
+        r"\1<redacted>",
+    ),
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with every token, bearer credential and credential-valued field masked."""
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class _RedactingFormatter(logging.Formatter):
+    """Masks credentials in the whole formatted line, traceback included."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+# uvicorn's loggers propagate to the root handler (server_config passes no log_config),
+# so its lines get the same format and the same redaction as ours.
+_UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
+
+
 def setup_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     if any(getattr(h, "_dmcall", False) for h in root.handlers):
@@ -134,12 +172,17 @@ def setup_logging(service: str, level: str = "INFO") -> None:
     handler._dmcall = True  # type: ignore[attr-defined]
     handler.addFilter(_TraceIdFilter())
     handler.setFormatter(
-        logging.Formatter(
+        _RedactingFormatter(
             f"%(asctime)s %(levelname)s {service} %(name)s trace=%(trace_id)s %(message)s"
         )
     )
     root.addHandler(handler)
     root.setLevel(level.upper())
+    for name in _UVICORN_LOGGERS:
+        logger = logging.getLogger(name)
+        for other in list(logger.handlers):
+            logger.removeHandler(other)
+        logger.propagate = True
     # aiormq and aio_pika log every reconnect attempt at warning+; that is useful, keep it.
 
 

@@ -1,0 +1,103 @@
+"""Issue 12, F2: no bearer token, media token or TURN credential reaches any log line.
+
+Real processes at DEBUG (every level), a call placed and accepted over real WebSockets,
+then every log line of the run is searched for each credential handed out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from shared.media_registry import MediaNode, MediaRegistry
+from shared.settings import CommonSettings
+from shared.telemetry import redact
+from tests.conftest import auth
+from tests.support.signaling import Device, allow_call, place_and_accept
+from tools.procs import ServiceProcess
+
+TURN_SECRET = "a-turn-secret-shared-with-coturn-f2"
+TURN_URLS = ["turn:turn.example.com:3478?transport=udp"]
+NODE = MediaNode(node_id="media-f2", url="http://127.0.0.1:9/", capacity=50, load=0)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        'WebSocket /v1/ws?token=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln&device_id=d1 [accepted]',
+        "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln",
+        "Authorization: Bearer opaque-token-value",
+        '{"username": "1700000000:bob", "credential": "q83kXYZ+/w=="}',
+        "{'media_token': 'abc.def.ghi'}",
+        "POST https://push.example/abc?auth=secret-value&x=1",
+    ],
+)
+def test_f2_redact_masks_every_credential_shape(line: str) -> None:
+    masked = redact(line)
+    assert "<redacted>" in masked
+    for secret in ("eyJ", "c2ln", "opaque-token-value", "q83kXYZ", "abc.def.ghi", "secret-value"):
+        assert secret not in masked
+
+
+def test_f2_redact_leaves_ordinary_lines_alone() -> None:
+    line = "call c-1 alice -> bob ringing on 2 devices device_id=d1"
+    assert redact(line) == line
+
+
+@pytest.mark.e2e
+async def test_f2_no_credential_in_any_log_line_of_a_call(
+    spawn: Callable[..., ServiceProcess],
+    token: Callable[..., str],
+    settings: CommonSettings,
+    redis_client: Redis,
+) -> None:
+    policy = spawn("policy", LOG_LEVEL="DEBUG")
+    signaling = spawn(
+        "signaling",
+        LOG_LEVEL="DEBUG",
+        TURN_URLS=json.dumps(TURN_URLS),
+        TURN_SECRET=TURN_SECRET,
+    )
+    await MediaRegistry(redis_client, settings).heartbeat(NODE, ttl_s=600)
+    platform = token("platform-svc", scope="platform")
+    async with httpx.AsyncClient(base_url=policy.url, timeout=15) as policy_http:
+        await allow_call(policy_http, platform, "alice", "bob")
+    alice_token, bob_token = token("alice"), token("bob")
+    secrets = {platform, alice_token, bob_token, TURN_SECRET}
+
+    alice = await Device.connect(signaling.url, alice_token, "alice", "a1")
+    bob = await Device.connect(signaling.url, bob_token, "bob", "b1")
+    try:
+        async with httpx.AsyncClient(base_url=signaling.url, timeout=15) as http:
+            call_id, accepted = await place_and_accept(
+                http, lambda user: {"alice": alice_token, "bob": bob_token}[user], alice, bob
+            )
+            handoff = accepted.json()
+            secrets.add(handoff["media_token"])
+            secrets.update(server["credential"] for server in handoff["ice_servers"])
+            pushed = await alice.expect(type="call.state", call_id=call_id, state="accepted")
+            secrets.add(pushed["media_token"])
+            secrets.update(server["credential"] for server in pushed["ice_servers"])
+            # a forged token and a bad one in the query are refused, and not logged either
+            forged = alice_token[:-4] + "AAAA"
+            secrets.add(forged)
+            refused = await http.get("/v1/calls", headers=auth(forged))
+            assert refused.status_code == 401
+            ice = await http.get("/v1/ice-servers", headers=auth(alice_token))
+            secrets.update(server["credential"] for server in ice.json()["ice_servers"])
+    finally:
+        await alice.close()
+        await bob.close()
+    policy.stop()
+    signaling.stop()
+
+    assert signaling.log_path is not None and policy.log_path is not None
+    logs = signaling.log_path.read_text() + policy.log_path.read_text()
+    # the WebSocket connect lines are there (so the search below searched them), masked
+    assert "/v1/ws?token=<redacted>" in logs
+    for secret in secrets:
+        assert secret not in logs, f"a credential ({secret[:6]}...) reached a log line"
