@@ -19,12 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import uvicorn
+from aiormq.exceptions import AMQPConnectionError
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,6 +35,7 @@ from shared import redis as shared_redis
 from shared import telemetry
 from shared.auth import TokenVerifier
 from shared.bus import Bus
+from shared.edge import bounded_protocol
 from shared.settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -149,7 +153,11 @@ def server_config(app: FastAPI, settings: CommonSettings, port: int) -> uvicorn.
         host=settings.host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=bounded_protocol(
+            max_head_bytes=settings.max_header_bytes,
+            max_headers=settings.max_headers,
+            max_connections=settings.max_connections,
+        ),
         ws="websockets",
         lifespan="on",
         access_log=False,
@@ -234,8 +242,10 @@ _STATUS_CODES = {
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    500: "internal_error",
     422: "validation_error",
     429: "rate_limited",
+    431: "headers_too_large",
     503: "unavailable",
 }
 
@@ -245,7 +255,36 @@ def error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": _STATUS_CODES.get(status, "error"), "message": message, **extra}
 
 
+# A backing service (Redis, the broker) that does not answer: the request may be retried.
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    ConnectionError,
+    TimeoutError,
+    RedisConnectionError,
+    RedisTimeoutError,
+    AMQPConnectionError,
+)
+
+
 def _install_errors(app: FastAPI) -> None:
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        """Redis or the broker does not answer: a JSON 503 to retry, never a 500."""
+        log.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        return JSONResponse(
+            error_body(503, "a backing service does not answer; retry shortly"),
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
+    for error in UNAVAILABLE_ERRORS:
+        app.add_exception_handler(error, unavailable)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        """A bug: the same JSON shape as every other error (the traceback goes to the log)."""
+        if isinstance(exc, UNAVAILABLE_ERRORS):  # raised through a middleware
+            return await unavailable(request, exc)
+        return JSONResponse(error_body(500, "internal error"), status_code=500)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc.detail, dict):
@@ -305,7 +344,7 @@ class _BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _TooLarge()
+                    raise _TooLarge(self.max_bytes)
             return message
 
         try:
@@ -321,8 +360,13 @@ class _BodyLimitMiddleware:
         await response({"type": "http"}, _empty_receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(StarletteHTTPException):
+    """A body (chunked, so without a Content-Length to refuse up front) passed the limit
+    while being read. An HTTPException, so FastAPI's body parsing re-raises it as the 413 it
+    is instead of wrapping it in a 400, and the JSON error handler answers it."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body is larger than {max_bytes} bytes")
 
 
 async def _empty_receive() -> Message:

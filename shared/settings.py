@@ -115,6 +115,24 @@ class CommonSettings(BaseSettings):
     )
 
     max_body_bytes: int = Field(64 * 1024, ge=1024, validation_alias=_env("MAX_BODY_BYTES"))
+    max_header_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        validation_alias=_env("MAX_HEADER_BYTES"),
+        description="Request line and headers of one request, in bytes; past it: 431.",
+    )
+    max_headers: int = Field(
+        100, ge=8, le=10_000, validation_alias=_env("MAX_HEADERS"), description="past it: 431"
+    )
+    max_connections: int = Field(
+        20_000,
+        ge=1,
+        le=1_000_000,
+        validation_alias=_env("MAX_CONNECTIONS"),
+        description="Open connections (HTTP and WebSocket) per process; past it a new one gets "
+        "503 and is closed.",
+    )
     host: str = Field("127.0.0.1", validation_alias=_env("DMCALL_HOST"))
     tls_cert_file: str | None = Field(
         None,

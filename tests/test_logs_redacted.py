@@ -28,7 +28,7 @@ NODE = MediaNode(node_id="media-f2", url="http://127.0.0.1:9/", capacity=50, loa
 @pytest.mark.parametrize(
     "line",
     [
-        'WebSocket /v1/ws?token=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln&device_id=d1 [accepted]',
+        "WebSocket /v1/ws?token=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln&device_id=d1 [accepted]",
         "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln",
         "Authorization: Bearer opaque-token-value",
         '{"username": "1700000000:bob", "credential": "q83kXYZ+/w=="}',

@@ -56,8 +56,16 @@ def test_without_root_it_stops_with_the_exact_command(tmp_path: Path) -> None:
         pytest.fail("setpriv (util-linux) is needed to run the script as another user")
     env, calls = _fake_apt(tmp_path)
     result = subprocess.run(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
-         "bash", str(SCRIPT), "--browser"],
+        [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--",
+            "bash",
+            str(SCRIPT),
+            "--browser",
+        ],
         env={**env, "HOME": str(tmp_path)},
         capture_output=True,
         text=True,

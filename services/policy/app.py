@@ -6,10 +6,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from services.policy.api import router
@@ -19,7 +16,7 @@ from services.policy.fastpath import PermissionFastPath
 from services.policy.settings import PolicySettings
 from services.policy.store import PolicyStore
 from shared.auth import TokenVerifier
-from shared.service import Runtime, create_service_app, error_body
+from shared.service import Runtime, create_service_app
 
 SERVICE = "policy"
 
@@ -50,20 +47,8 @@ def create_app(settings: PolicySettings | None = None) -> FastAPI:
         title="dmcall policy",
         description="decides who may call whom, from settings and the platform's facts.",
     )
-    for error in (ConnectionError, TimeoutError, RedisConnectionError, RedisTimeoutError):
-        app.add_exception_handler(error, _store_unavailable)
     _put_fast_path_in_front(app, settings)
     return app
-
-
-async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    """Redis (or the broker) does not answer: a JSON 503 the client may retry, not a 500."""
-    log.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-    return JSONResponse(
-        error_body(503, "a backing service does not answer; retry shortly"),
-        status_code=503,
-        headers={"Retry-After": "1"},
-    )
 
 
 def _put_fast_path_in_front(app: FastAPI, settings: PolicySettings) -> None:
