@@ -463,6 +463,8 @@ def main() -> None:
         sys.exit("RabbitMQ and Redis are needed (see make run)")
     os.environ.setdefault("RABBITMQ_URL", infra.DEFAULT_RABBITMQ_URL)
     os.environ.setdefault("REDIS_URL", infra.DEFAULT_REDIS_URL)
+    # the services default to production; a bench on this machine is a test deployment
+    os.environ.setdefault("DMCALL_ENV", "test")
     media = _media(3.0)
     outcomes = [_run_forwarding(args, media)]
     if not args.skip_transcode and args.transcode_calls > 0:

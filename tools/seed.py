@@ -9,6 +9,7 @@ twice changes nothing. docs/policy.md lists the users and what each pair shows.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -106,6 +107,7 @@ def seed(policy_url: str) -> None:
 
 def main() -> None:
     url = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8002"
+    os.environ.setdefault("DMCALL_ENV", "development")  # the demo users use development tokens
     seed(url)
     print(f"seeded {len(USERS)} demo users on {url}: " + ", ".join(u.name for u in USERS))
 
