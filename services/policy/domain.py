@@ -15,6 +15,9 @@ The caller is told only a :class:`RejectReason`; 4, 5 and 6 all read as
 not allowed. The :class:`DenialDetail` says which rule denied, for logs, traces and
 support. The defaults of :class:`Facts` are those of a user never seen before: calls on,
 address book and following allowed, not premium, not verified, no DMs, no blocks.
+
+Reports (:func:`check_report`): a call may be reported only by one of its parties, about
+the other, and only a call policy authorized (the only calls that reach a callee).
 """
 
 from __future__ import annotations
