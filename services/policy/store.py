@@ -428,14 +428,6 @@ class PolicyStore:
             event=stored, published=published == b"1", owned=owner == request_id.encode()
         )
 
-    async def get_verdict(self, call_id: str) -> StoredVerdict | None:
-        raw, published = await self.redis.hmget(self.keys.verdict(call_id), ["event", "published"])
-        if raw is None:
-            return None
-        stored = parse_event(raw)
-        assert isinstance(stored, CallAuthorized | CallRejected)
-        return StoredVerdict(event=stored, published=published == b"1")
-
     async def mark_verdict_published(self, call_id: str, ttl_s: int) -> None:
         key = self.keys.verdict(call_id)
         async with self.redis.pipeline(transaction=True) as pipe:
