@@ -17,6 +17,7 @@ from shared.bus import Bus, Delivery
 from shared.contracts import CallReported
 from shared.settings import CommonSettings
 from tests.conftest import auth
+from tests.support.policy_calls import judged_call
 from tests.support.redis_server import PrivateRedis
 from tests.support.waiting import eventually
 from tools.procs import ServiceProcess
@@ -319,7 +320,7 @@ def test_the_premium_switch_off_opens_calling_to_everyone(
 
 
 async def test_a_report_publishes_call_reported_once_and_blocks_the_reported_user(
-    policy: Policy, settings: CommonSettings, redis_client: Redis
+    policy: Policy, settings: CommonSettings, redis_client: Redis, namespace: str
 ) -> None:
     received: list[CallReported] = []
 
@@ -333,8 +334,11 @@ async def test_a_report_publishes_call_reported_once_and_blocks_the_reported_use
     try:
         await asyncio.to_thread(policy.callable_pair, "bob", "alice")
         assert (await asyncio.to_thread(policy.permission, "bob", "alice"))["allowed"] is True
+        # two calls bob -> alice that policy judged (F7: only real calls can be reported)
+        call_1 = await judged_call(bus, redis_client, namespace, "bob", "alice")
+        call_2 = await judged_call(bus, redis_client, namespace, "bob", "alice")
         alice = policy.as_user("alice")
-        body = {"call_id": "call-1", "reported_user": "bob", "reason": "harassment"}
+        body = {"call_id": call_1, "reported_user": "bob", "reason": "harassment"}
         first = await asyncio.to_thread(policy.post, "/v1/reports", alice, json=body)
         assert first.status_code == 201, first.text
         assert first.json()["reporter"] == "alice" and first.json()["blocked"] is True
@@ -344,14 +348,14 @@ async def test_a_report_publishes_call_reported_once_and_blocks_the_reported_use
 
         await eventually(lambda: received)
         # a report of another call is a second event; it makes the count below meaningful
-        other = {**body, "call_id": "call-2", "reason": "spam"}
+        other = {**body, "call_id": call_2, "reason": "spam"}
         assert (
             await asyncio.to_thread(policy.post, "/v1/reports", alice, json=other)
         ).status_code == 201
         await eventually(lambda: len(received) >= 2)
         assert [(e.call_id, e.reporter, e.reported_user, e.reason.value) for e in received] == [
-            ("call-1", "alice", "bob", "harassment"),
-            ("call-2", "alice", "bob", "spam"),
+            (call_1, "alice", "bob", "harassment"),
+            (call_2, "alice", "bob", "spam"),
         ]
         assert (await asyncio.to_thread(policy.permission, "bob", "alice")) == unavailable("alice")
         assert policy.get("/v1/blocks", alice).json() == {"blocked": ["bob"]}
@@ -360,7 +364,7 @@ async def test_a_report_publishes_call_reported_once_and_blocks_the_reported_use
             {**body, "reported_user": "alice"},
             {**body, "reason": "rude"},
             {**body, "call_id": "x" * 65},
-            {"call_id": "call-3", "reported_user": "bob"},
+            {"call_id": call_2, "reported_user": "bob"},
         ):
             response = await asyncio.to_thread(policy.post, "/v1/reports", alice, json=bad)
             assert response.status_code == 422, (bad, response.text)

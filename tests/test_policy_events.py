@@ -250,11 +250,12 @@ async def test_call_requested_delivered_twice_yields_exactly_one_verdict_in_the_
     ((never, _),) = by_call["call-sentinel"]
     assert isinstance(never, CallRejected) and never.reason.value == "no_prior_dm"
 
-    # the judged call can be reported only by its parties, about each other
+    # the judged call can be reported only by its parties, about each other; to anyone
+    # else it is a call that does not exist (F7)
     async with httpx.AsyncClient(base_url=policy.url) as http:
         report = {"call_id": "call-bob", "reported_user": "alice", "reason": "spam"}
         outsider = await http.post("/v1/reports", headers=auth(token("carol")), json=report)
-        assert outsider.status_code == 403, outsider.text
+        assert outsider.status_code == 404, outsider.text
         third = await http.post(
             "/v1/reports", headers=auth(token("bob")), json={**report, "reported_user": "carol"}
         )

@@ -9,9 +9,12 @@ import pytest
 
 from services.policy.domain import (
     CALLER_SAFE_REASON,
+    CallParties,
     CallSettings,
     Facts,
+    ReportCheck,
     Verdict,
+    check_report,
     decide,
 )
 from shared.contracts import DenialDetail, MediaKind, RejectReason
@@ -198,3 +201,26 @@ def test_the_rule_over_every_combination_matches_its_definition() -> None:
             )
             verdict: Verdict = decide(facts, require_premium=require_premium)
             assert verdict.allowed is may, (f, require_premium, verdict)
+
+
+ALICE_TO_BOB = CallParties(caller="alice", callee="bob")
+
+
+@pytest.mark.parametrize(
+    ("parties", "reporter", "reported", "expected"),
+    [
+        (ALICE_TO_BOB, "alice", "bob", ReportCheck.ALLOWED),
+        (ALICE_TO_BOB, "bob", "alice", ReportCheck.ALLOWED),
+        (ALICE_TO_BOB, "bob", "carol", ReportCheck.NOT_THE_OTHER_PARTY),
+        (ALICE_TO_BOB, "alice", "alice", ReportCheck.NOT_THE_OTHER_PARTY),
+        (ALICE_TO_BOB, "carol", "alice", ReportCheck.UNKNOWN_CALL),
+        (ALICE_TO_BOB, "carol", "carol", ReportCheck.UNKNOWN_CALL),
+        (None, "alice", "bob", ReportCheck.UNKNOWN_CALL),
+    ],
+)
+def test_f7_a_report_is_checked_against_the_calls_parties(
+    parties: CallParties | None, reporter: str, reported: str, expected: ReportCheck
+) -> None:
+    """Only a party of an authorized call, about the other; an outsider is told what a
+    made-up call id gets, so nobody learns of other people's calls."""
+    assert check_report(parties, reporter, reported) is expected

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from opentelemetry import trace
@@ -16,7 +16,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool
 
 from services.policy.consumers import FactFromTheFuture, check_not_future
 from services.policy.deps import CurrentUser, EventBus, PlatformPrincipal, Settings, Store
-from services.policy.domain import CallSettings, Verdict, decide
+from services.policy.domain import CallSettings, ReportCheck, Verdict, check_report, decide
 from services.policy.fastpath import permission_json
 from services.policy.settings import PolicySettings
 from services.policy.store import PolicyStore, Relation
@@ -235,34 +235,58 @@ async def unblock(other: UserPath, user: CurrentUser, store: Store) -> Block:
 # --------------------------------------------------------------------------- reports
 
 
+REPORT_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "This call was already reported by this user: the first report"},
+    403: {"description": "You are a party of the call, but the reported user is not the other"},
+    404: {
+        "description": "No call of yours with this id: none policy authorized (a made-up "
+        "id, a call it rejected, one not judged yet), or you are no party of it"
+    },
+    422: {"description": "Invalid body, or you reported yourself"},
+    429: {
+        "description": "More than POLICY_REPORTS_PER_HOUR new reports in the last hour; "
+        "see Retry-After and retry_after_s"
+    },
+    503: {"description": "Recorded and blocked, but the broker is down: retry the same report"},
+}
+
+
 @router.post(
     "/v1/reports",
     response_model=Report,
     status_code=status.HTTP_201_CREATED,
     tags=["reports"],
-    responses={200: {"description": "This call was already reported by this user"}},
+    responses=REPORT_ANSWERS,
 )
 async def report_call(
-    body: ReportBody, user: CurrentUser, store: Store, bus: EventBus, response: Response
+    body: ReportBody,
+    user: CurrentUser,
+    store: Store,
+    bus: EventBus,
+    settings: Settings,
+    response: Response,
 ) -> Report:
     """Report a call: trust and safety get ``call_reported``, and the reported user can no
-    longer call the reporter. One report per reporter and call; a repeat returns it."""
+    longer call the reporter. Only a party of a call policy authorized may report it, and
+    only about the other party, however old the call. One report per reporter and call: a
+    repeat returns the first (200). New reports are limited per reporter and hour."""
     if body.reported_user == user:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "you cannot report yourself")
-    known = await store.get_verdict(body.call_id)
-    if known is not None:
-        parties = {known.event.caller, known.event.callee}
-        if user not in parties or body.reported_user not in parties:
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN, "only a party to a call can report the other party"
-            )
-    event = CallReported(
-        call_id=body.call_id, reporter=user, reported_user=body.reported_user, reason=body.reason
-    )
-    stored = await store.record_report(event, user, body.call_id)
-    assert isinstance(stored, CallReported)
-    if stored.event_id != event.event_id:
+    stored = await store.get_report(user, body.call_id)
+    if stored is not None:
         response.status_code = status.HTTP_200_OK
+    else:
+        await _check_reportable(body, user, store, settings)
+        event = CallReported(
+            call_id=body.call_id,
+            reporter=user,
+            reported_user=body.reported_user,
+            reason=body.reason,
+        )
+        stored = await store.record_report(event, user, body.call_id)
+        if stored.event_id != event.event_id:  # the same report, concurrently, was first
+            response.status_code = status.HTTP_200_OK
+    assert isinstance(stored, CallReported)
     await store.block_calls(user, stored.reported_user)
     if not await store.report_published(user, body.call_id):
         try:
@@ -280,6 +304,27 @@ async def report_call(
         reason=stored.reason,
         reported_at=stored.occurred_at,
     )
+
+
+async def _check_reportable(
+    body: ReportBody, user: str, store: PolicyStore, settings: PolicySettings
+) -> None:
+    """Raises the 429, 404 or 403 a new report gets; every new report counts to the limit."""
+    slot = await store.take_report_slot(user, settings.reports_per_hour)
+    if not slot.allowed:
+        retry_s = max(1, -(-slot.retry_after_ms // 1000))
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail={"message": "too many reports; try again later", "retry_after_s": retry_s},
+            headers={"Retry-After": str(retry_s)},
+        )
+    check = check_report(await store.call_parties(body.call_id), user, body.reported_user)
+    if check is ReportCheck.UNKNOWN_CALL:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no call of yours with this id")
+    if check is ReportCheck.NOT_THE_OTHER_PARTY:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, "you can report only the other party of this call"
+        )
 
 
 # --------------------------------------------------------------------------- platform

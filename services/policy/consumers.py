@@ -13,6 +13,10 @@ verdict per call: the first decision is recorded under the call id, with the id 
 the same call (another event id) does nothing; a redelivery of the first (the process
 died before the bus marked it done) republishes the same recorded event, same
 ``event_id``, only if the broker never confirmed it.
+
+An authorized call's two parties are recorded (``policy:call:<call_id>``) before its
+``call_authorized`` is published: ``POST /v1/reports`` checks a report against them, and
+signaling rings only on the verdict, so no party can see a call before it is recorded.
 """
 
 from __future__ import annotations
@@ -165,6 +169,10 @@ class PolicyConsumers:
             verdict_event(event, verdict), str(event.event_id), self.settings.verdict_ttl_s
         )
         decided = stored.event
+        if isinstance(decided, CallAuthorized):
+            # Before call_authorized goes out: a call can ring only after this, so a party
+            # reporting it right away finds it (idempotent, for the redelivery too).
+            await self.store.record_call(decided, self.settings.call_retention_s)
         if stored.published or not stored.owned:
             # Another call_requested for this call decided it; that one's delivery publishes.
             log.info("call %s already judged (%s); nothing to publish", event.call_id, decided.type)

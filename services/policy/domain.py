@@ -15,11 +15,15 @@ The caller is told only a :class:`RejectReason`; 4, 5 and 6 all read as
 not allowed. The :class:`DenialDetail` says which rule denied, for logs, traces and
 support. The defaults of :class:`Facts` are those of a user never seen before: calls on,
 address book and following allowed, not premium, not verified, no DMs, no blocks.
+
+Reports (:func:`check_report`): a call may be reported only by one of its parties, about
+the other, and only a call policy authorized (the only calls that reach a callee).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from shared.contracts import DenialDetail, MediaKind, RejectReason
 
@@ -113,3 +117,35 @@ def decide(facts: Facts, *, require_premium: bool = True) -> Verdict:
     ):
         return ALLOWED
     return _DENIALS[DenialDetail.NOT_ALLOWED_BY_SETTINGS]
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass(frozen=True, slots=True)
+class CallParties:
+    """The two parties of a call policy authorized (the only calls that reach a callee)."""
+
+    caller: str
+    callee: str
+
+
+class ReportCheck(StrEnum):
+    """Whether a user may report a call about a user, and if not, why."""
+
+    ALLOWED = "allowed"
+    UNKNOWN_CALL = "unknown_call"
+    """No call policy authorized has this id, or the reporter is not one of its parties:
+    alike to the reporter, so nobody learns of other people's calls."""
+    NOT_THE_OTHER_PARTY = "not_the_other_party"
+    """The reporter is a party, but the reported user is not the other one."""
+
+
+def check_report(parties: CallParties | None, reporter: str, reported_user: str) -> ReportCheck:
+    """A report is accepted only from a party of a call that happened, about the other."""
+    if parties is None or reporter not in (parties.caller, parties.callee):
+        return ReportCheck.UNKNOWN_CALL
+    other = parties.callee if reporter == parties.caller else parties.caller
+    if reported_user != other:
+        return ReportCheck.NOT_THE_OTHER_PARTY
+    return ReportCheck.ALLOWED

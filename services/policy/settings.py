@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import CommonSettings
@@ -22,6 +22,22 @@ class PolicySettings(CommonSettings):
         ge=60,
         description="How long the verdict on a call is remembered, so a redelivered "
         "call_requested gets the same single verdict instead of a second one.",
+    )
+    call_retention_s: int = Field(
+        0,
+        ge=0,
+        validation_alias=AliasChoices("POLICY_CALL_RETENTION_S"),
+        description="How long the two parties of a call policy authorized are kept, so "
+        "either can report the other. 0 keeps them for ever, as long as signaling keeps its "
+        "call history (no expiry); set it when history gets a retention.",
+    )
+    reports_per_hour: int = Field(
+        20,
+        ge=1,
+        le=100_000,
+        validation_alias=AliasChoices("POLICY_REPORTS_PER_HOUR"),
+        description="New reports one user may file in any sliding hour (429 beyond); a "
+        "repeat of a report already filed does not count.",
     )
     max_clock_skew_s: int = Field(
         300,

@@ -1,4 +1,5 @@
-"""Policy's Redis state: settings, the platform's facts, user blocks, reports, verdicts.
+"""Policy's Redis state: settings, the platform's facts, user blocks, reports, verdicts,
+the parties of the calls it authorized.
 
 Every key is ``<prefix>:policy:...`` (``dmcall:policy:...``, or ``dmcall:<ns>:policy:...``
 in tests). Relations are sets, so "does B follow A" is one ``SISMEMBER`` however many
@@ -17,6 +18,8 @@ primary (with replicas) is what docs/operations.md describes.
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -25,7 +28,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from services.policy import redis_pipe
-from services.policy.domain import DEFAULT_SETTINGS, CallSettings, Facts
+from services.policy.domain import DEFAULT_SETTINGS, CallParties, CallSettings, Facts
 from services.policy.redis_pipe import RedisPipe
 from shared.contracts import CallAuthorized, CallRejected, Event, parse_event
 from shared.redis import KeySpace
@@ -93,6 +96,19 @@ class Keys:
         #   (PUT /v1/blocks/{user}, or by reporting a call); separate from platform blocks
         return self._k("call_blocks", user)
 
+    def call(self, call_id: str) -> str:
+        # policy:call:<call_id> -> "<caller> <callee>" (user ids hold no space): the parties
+        #   of a call policy authorized, written before its call_authorized is published, so
+        #   either may report the other; expires after POLICY_CALL_RETENTION_S (0: never,
+        #   like signaling's call history). Rejected calls never reached the callee: absent.
+        return self._k("call", call_id)
+
+    def report_rate(self, reporter: str) -> str:
+        # policy:report_rate:<reporter> -> zset of report attempt ids scored by Unix ms, the
+        #   last hour (sliding-window limit POLICY_REPORTS_PER_HOUR); expires an hour after
+        #   the last attempt
+        return self._k("report_rate", reporter)
+
     def reports(self, reporter: str) -> str:
         # policy:reports:<reporter> -> hash {<call_id>: JSON of the report (the
         #   call_reported event, and "published": bool)}
@@ -151,6 +167,25 @@ return {u[1], u[2], s[1], s[2], s[3], s[4],
 """
 
 
+# KEYS[1] the reporter's rate zset; ARGV: now ms, window ms, limit, attempt id
+# -> {allowed 0|1, ms until a slot frees}
+_RATE_LUA = """
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {0, tonumber(oldest[2]) + window - now}
+end
+redis.call('ZADD', KEYS[1], now, ARGV[4])
+redis.call('PEXPIRE', KEYS[1], window)
+return {1, 0}
+"""
+
+REPORT_WINDOW_MS = 3_600_000
+"""The sliding window of the report rate limit (POLICY_REPORTS_PER_HOUR)."""
+
+
 def _flag(raw: Any, default: bool) -> bool:
     if raw is None:
         return default
@@ -184,6 +219,12 @@ class StoredVerdict:
     """This call_requested (by event id) recorded the verdict, so it is the one to publish."""
 
 
+@dataclass(frozen=True, slots=True)
+class RateVerdict:
+    allowed: bool
+    retry_after_ms: int
+
+
 class PolicyStore:
     """Reads and writes policy's keys; every write is idempotent."""
 
@@ -193,6 +234,7 @@ class PolicyStore:
         self._relation = redis.register_script(_RELATION_LUA)
         self._user = redis.register_script(_USER_LUA)
         self._permission = redis.register_script(_PERMISSION_LUA)
+        self._rate = redis.register_script(_RATE_LUA)
         self._pipe = (
             RedisPipe(settings, _PERMISSION_LUA)
             if redis_pipe.supports(settings.redis_url)
@@ -301,7 +343,48 @@ class PolicyStore:
         members = await self.redis.smembers(self.keys.call_blocks(user))
         return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
 
-    # ---------------------------------------------------------------- reports
+    # ---------------------------------------------------------------- calls and reports
+
+    async def record_call(self, event: CallAuthorized, retention_s: int) -> None:
+        """Remember the parties of an authorized call (idempotent; the first one stands)."""
+        await self.redis.set(
+            self.keys.call(event.call_id),
+            f"{event.caller} {event.callee}",
+            nx=True,
+            ex=retention_s or None,
+        )
+
+    async def call_parties(self, call_id: str) -> CallParties | None:
+        """The parties of a call policy authorized; None for a call it never authorized.
+
+        A call authorized before the parties were recorded has only its verdict (while
+        POLICY_VERDICT_TTL_S lasts): that answers too.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.keys.call(call_id))
+            pipe.hget(self.keys.verdict(call_id), "event")
+            recorded, verdict = await pipe.execute()
+        if recorded is not None:
+            caller, _, callee = recorded.decode().partition(" ")
+            return CallParties(caller, callee)
+        if verdict is not None:
+            event = parse_event(verdict)
+            if isinstance(event, CallAuthorized):
+                return CallParties(event.caller, event.callee)
+        return None
+
+    async def take_report_slot(self, reporter: str, limit: int) -> RateVerdict:
+        """Count one new report by ``reporter`` unless ``limit`` were filed in the last hour."""
+        now = time.time_ns() // 1_000_000
+        allowed, retry_ms = await self._rate(
+            keys=[self.keys.report_rate(reporter)],
+            args=[now, REPORT_WINDOW_MS, limit, uuid.uuid4().hex],
+        )
+        return RateVerdict(bool(int(allowed)), int(retry_ms))
+
+    async def get_report(self, reporter: str, call_id: str) -> Event | None:
+        raw = await self.redis.hget(self.keys.reports(reporter), call_id)
+        return None if raw is None else parse_event(json.loads(raw)["event"])
 
     async def record_report(self, event: Event, reporter: str, call_id: str) -> Event:
         """Record the report once; returns the stored one (the first, on a repeat)."""
@@ -344,14 +427,6 @@ class PolicyStore:
         return StoredVerdict(
             event=stored, published=published == b"1", owned=owner == request_id.encode()
         )
-
-    async def get_verdict(self, call_id: str) -> StoredVerdict | None:
-        raw, published = await self.redis.hmget(self.keys.verdict(call_id), ["event", "published"])
-        if raw is None:
-            return None
-        stored = parse_event(raw)
-        assert isinstance(stored, CallAuthorized | CallRejected)
-        return StoredVerdict(event=stored, published=published == b"1")
 
     async def mark_verdict_published(self, call_id: str, ttl_s: int) -> None:
         key = self.keys.verdict(call_id)
