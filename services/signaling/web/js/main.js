@@ -339,8 +339,10 @@ function renderHistory() {
       el("div", { class: "history-actions" },
         el("button", { class: "icon-btn", title: "Call back", "data-testid": "history-call-back",
           on: { click: () => placeCall(peer, call.media) } }, icon(call.media === "video" ? "video" : "phone")),
-        el("button", { class: "icon-btn plain", title: `Report ${peer}`, "data-testid": "history-report",
-          on: { click: () => report(call.call_id, peer) } }, icon("flag")),
+        // policy never let a rejected call reach the callee, so there is nothing to report
+        call.end_reason === "rejected_by_policy" ? null :
+          el("button", { class: "icon-btn plain", title: `Report ${peer}`, "data-testid": "history-report",
+            on: { click: () => report(call.call_id, peer) } }, icon("flag")),
         el("button", { class: "icon-btn plain", title: `Block ${peer}`, "data-testid": "history-block",
           on: { click: () => block(peer) } }, icon("block"))));
   }));
