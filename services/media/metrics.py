@@ -50,6 +50,14 @@ class MediaCollector(Collector):
             node,
             sum(p.bitrate_out_bps for p in participants),
         )
+        dropped = CounterMetricFamily(
+            "dmcall_media_ice_candidates_dropped",
+            "ICE candidates dropped from offers: outside the allowed networks, mDNS names, "
+            "or past MEDIA_ICE_MAX_CANDIDATES",
+            labels=["node_id"],
+        )
+        dropped.add_metric([node], rooms.candidates_dropped)
+        yield dropped
         forwarded = CounterMetricFamily(
             "dmcall_media_forwarded_packets",
             "RTP packets forwarded since start",

@@ -16,6 +16,7 @@ from typing import Any
 
 from services.media.delays import DelayRecorder
 from services.media.room import CloseReason, NegotiationError, Participant, Room, RoomState
+from services.media.sdp import BadOffer, check_offer
 from services.media.settings import MediaSettings
 from shared.auth import MediaGrant
 from shared.contracts import CallMediaConnected, CallMediaFailed, Event, MediaFailure
@@ -76,6 +77,8 @@ class Rooms:
         self._spawn = spawn
         self.rooms: dict[str, Room] = {}
         self._ended: dict[str, float] = {}
+        self._candidate_rules = settings.candidate_rules
+        self.candidates_dropped = 0
         self.delays = DelayRecorder()
         self.load_changed = asyncio.Event()
         self.events_published: dict[str, int] = {}
@@ -119,10 +122,25 @@ class Rooms:
             return False
         return True
 
+    def check_offer(self, offer_sdp: str) -> str:
+        """The offer as aiortc gets it (refused if unusable, unsafe candidates dropped)."""
+        try:
+            checked = check_offer(offer_sdp, self._candidate_rules)
+        except BadOffer as exc:
+            raise self.refuse(Refusal.BAD_OFFER, str(exc)) from exc
+        if checked.dropped:
+            self.candidates_dropped += checked.dropped
+            log.info("offer: %d ICE candidate(s) dropped", checked.dropped)
+        return checked.sdp
+
     # ------------------------------------------------------------------ sessions
 
     async def open_session(self, grant: MediaGrant, call_id: str, offer_sdp: str) -> Session:
         self.admit(grant, call_id)
+        offer_sdp = self.check_offer(offer_sdp)
+        return await self._join(grant, call_id, offer_sdp)
+
+    async def _join(self, grant: MediaGrant, call_id: str, offer_sdp: str) -> Session:
         room = self.rooms.get(call_id)
         if room is None:
             room = Room(call_id, self.settings, self.delays)
@@ -132,7 +150,8 @@ class Rooms:
             # Checked again: the room may have changed while this request waited.
             if room.is_open and self.rooms.get(call_id) is not room:
                 # Dropped because the first offer into it failed: start over.
-                return await self.open_session(grant, call_id, offer_sdp)
+                self.admit(grant, call_id)
+                return await self._join(grant, call_id, offer_sdp)
             if not room.is_open:
                 raise self.refuse(Refusal.CALL_ENDED, "this call's room has closed")
             if not room.admits(grant.user_id):
