@@ -88,7 +88,9 @@ class MediaSettings(CommonSettings):
     ended_call_memory_s: float = Field(
         900.0,
         gt=0,
-        description="How long a call that ended is refused a new session.",
+        description="How long a call that ended is refused a new session; also how long "
+        "a call this node was granted (a media token presented) is remembered, so that "
+        "its end is recorded. Ended calls this node never saw are not recorded.",
     )
 
     @model_validator(mode="after")
