@@ -12,7 +12,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 
 from services.media.rooms import Refusal, Rooms, SessionRefused
-from services.media.sdp import looks_like_sdp
 from services.media.settings import MediaSettings
 from shared.auth import AuthError, TokenVerifier, token_from, verify_media_token
 from shared.service import app_state
@@ -70,7 +69,11 @@ def _caller(request: Request, call_id: str) -> str | None:
     response_class=Response,
     responses={
         201: {"content": {SDP_TYPE: {}}, "description": "The SDP answer (ICE gathered)"},
-        400: {"description": "The offer cannot be answered"},
+        400: {
+            "description": "`bad_offer`: not SDP, or the offer cannot be answered (no "
+            "audio/video, no codec in common, no DTLS fingerprint the SFU can verify, no "
+            "a=setup, no ICE credentials, a malformed candidate)"
+        },
         401: {"description": "Missing, invalid or expired media token"},
         403: {"description": "Token for another call or node, or a third party"},
         409: {"description": "The call has ended"},
@@ -98,9 +101,6 @@ async def create_session(call_id: CallIdPath, request: Request) -> Response:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "the SDP offer is not UTF-8") from exc
     rooms = _rooms(request)
     try:
-        rooms.admit(grant, call_id)
-        if not looks_like_sdp(offer):
-            raise rooms.refuse(Refusal.BAD_OFFER, "the body is not an SDP offer")
         session = await rooms.open_session(grant, call_id, offer)
     except SessionRefused as exc:
         headers = {"Retry-After": "5"} if exc.status == 503 else None

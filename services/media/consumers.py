@@ -1,9 +1,10 @@
 """Event handlers of the media service: a call that ends closes its room.
 
 Every media instance receives these (``Scope.INSTANCE``): a room lives in one process,
-and only that one has it. Closing is idempotent, so a redelivery does nothing twice; an
-end event that arrives before anyone joined still marks the call ended, so a late
-session is refused.
+and only that one has it. Closing is idempotent, so a redelivery does nothing twice. A
+node records the end of a call it hosts or was granted (an end event that arrives after
+a party's token was presented but before the room opened still refuses a late session);
+the end of any other call is not its concern and leaves nothing behind.
 """
 
 from __future__ import annotations

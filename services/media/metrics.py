@@ -50,6 +50,23 @@ class MediaCollector(Collector):
             node,
             sum(p.bitrate_out_bps for p in participants),
         )
+        remembered = GaugeMetricFamily(
+            "dmcall_media_remembered_calls",
+            "Calls this node remembers: granted (a media token was presented) and ended "
+            "(refused new sessions); each is forgotten after MEDIA_ENDED_CALL_MEMORY_S",
+            labels=["node_id", "kind"],
+        )
+        remembered.add_metric([node, "granted"], len(rooms.granted))
+        remembered.add_metric([node, "ended"], len(rooms.ended))
+        yield remembered
+        dropped = CounterMetricFamily(
+            "dmcall_media_ice_candidates_dropped",
+            "ICE candidates dropped from offers: outside the allowed networks, mDNS names, "
+            "or past MEDIA_ICE_MAX_CANDIDATES",
+            labels=["node_id"],
+        )
+        dropped.add_metric([node], rooms.candidates_dropped)
+        yield dropped
         forwarded = CounterMetricFamily(
             "dmcall_media_forwarded_packets",
             "RTP packets forwarded since start",

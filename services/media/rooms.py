@@ -1,7 +1,10 @@
 """This node's rooms: admission, sessions, the media watchdog and the media events.
 
 Rooms live in this process only (a call's two legs are placed on one node), so the
-events that close them are consumed by every instance (``Scope.INSTANCE``).
+events that close them are consumed by every instance (``Scope.INSTANCE``): every node
+hears of every call that ends. A node records the end only of a call it knows of, one
+it hosts a room for or was granted (a media token for it was presented here), and
+forgets both after ``MEDIA_ENDED_CALL_MEMORY_S``, whether or not anyone asks again.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from enum import StrEnum
 from typing import Any
 
 from services.media.delays import DelayRecorder
+from services.media.expiring import ExpiringSet
 from services.media.room import CloseReason, NegotiationError, Participant, Room, RoomState
+from services.media.sdp import BadOffer, check_offer
 from services.media.settings import MediaSettings
 from shared.auth import MediaGrant
 from shared.contracts import CallMediaConnected, CallMediaFailed, Event, MediaFailure
@@ -75,7 +80,12 @@ class Rooms:
         self._publish = publish
         self._spawn = spawn
         self.rooms: dict[str, Room] = {}
-        self._ended: dict[str, float] = {}
+        self.granted = ExpiringSet(settings.ended_call_memory_s)
+        """Calls a media token for this node was presented for (last presented first)."""
+        self.ended = ExpiringSet(settings.ended_call_memory_s)
+        """Calls that ended and that this node hosted or was granted: refused sessions."""
+        self._candidate_rules = settings.candidate_rules
+        self.candidates_dropped = 0
         self.delays = DelayRecorder()
         self.load_changed = asyncio.Event()
         self.events_published: dict[str, int] = {}
@@ -102,27 +112,35 @@ class Rooms:
                 f"the media token is for media node {grant.node_id!r}, this is "
                 f"{self.settings.node_id!r}",
             )
-        if self._has_ended(call_id):
+        now = time.monotonic()
+        if self.ended.contains(call_id, now):
             raise self.refuse(Refusal.CALL_ENDED, "this call has ended")
+        self.granted.put(call_id, now)
         room = self.rooms.get(call_id)
         if room is not None and not room.admits(grant.user_id):
             raise self.refuse(Refusal.ROOM_FULL, "the room admits only the call's two parties")
         if room is None and self.load >= self.settings.capacity:
             raise self.refuse(Refusal.NODE_FULL, "this media node is full")
 
-    def _has_ended(self, call_id: str) -> bool:
-        until = self._ended.get(call_id)
-        if until is None:
-            return False
-        if until < time.monotonic():
-            del self._ended[call_id]
-            return False
-        return True
+    def check_offer(self, offer_sdp: str) -> str:
+        """The offer as aiortc gets it (refused if unusable, unsafe candidates dropped)."""
+        try:
+            checked = check_offer(offer_sdp, self._candidate_rules)
+        except BadOffer as exc:
+            raise self.refuse(Refusal.BAD_OFFER, str(exc)) from exc
+        if checked.dropped:
+            self.candidates_dropped += checked.dropped
+            log.info("offer: %d ICE candidate(s) dropped", checked.dropped)
+        return checked.sdp
 
     # ------------------------------------------------------------------ sessions
 
     async def open_session(self, grant: MediaGrant, call_id: str, offer_sdp: str) -> Session:
         self.admit(grant, call_id)
+        offer_sdp = self.check_offer(offer_sdp)
+        return await self._join(grant, call_id, offer_sdp)
+
+    async def _join(self, grant: MediaGrant, call_id: str, offer_sdp: str) -> Session:
         room = self.rooms.get(call_id)
         if room is None:
             room = Room(call_id, self.settings, self.delays)
@@ -132,7 +150,8 @@ class Rooms:
             # Checked again: the room may have changed while this request waited.
             if room.is_open and self.rooms.get(call_id) is not room:
                 # Dropped because the first offer into it failed: start over.
-                return await self.open_session(grant, call_id, offer_sdp)
+                self.admit(grant, call_id)
+                return await self._join(grant, call_id, offer_sdp)
             if not room.is_open:
                 raise self.refuse(Refusal.CALL_ENDED, "this call's room has closed")
             if not room.admits(grant.user_id):
@@ -174,7 +193,7 @@ class Rooms:
 
     async def close_room(self, call_id: str, reason: CloseReason) -> bool:
         if reason is not CloseReason.EMPTY:
-            self._ended[call_id] = time.monotonic() + self.settings.ended_call_memory_s
+            self._record_end(call_id)
         room = self.rooms.get(call_id)
         if room is None:
             return False
@@ -183,6 +202,13 @@ class Rooms:
         await room.close()
         log.info("room %s closed (%s)", call_id, reason)
         return True
+
+    def _record_end(self, call_id: str) -> None:
+        """Remember the end of a call this node knows of; any other is not its concern."""
+        now = time.monotonic()
+        if call_id in self.rooms or self.granted.contains(call_id, now):
+            self.ended.put(call_id, now)
+            self.granted.discard(call_id)
 
     def _forget(self, room: Room) -> None:
         if self.rooms.get(room.call_id) is room:
@@ -214,6 +240,8 @@ class Rooms:
 
     def check(self, now: float) -> None:
         """One watchdog pass: ICE deadlines, media connected / stalled, bitrates."""
+        self.granted.sweep(now)
+        self.ended.sweep(now)
         ice_timeout_s = self.settings.ice_timeout_s
         for room in list(self.rooms.values()):
             for participant in room.participants.values():

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+import ipaddress
+
+from pydantic import Field, IPvAnyNetwork, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.media.sdp import CandidateRules, IPNetwork
 from shared.settings import CommonSettings
+
+EVERY_NETWORK: tuple[IPNetwork, ...] = (
+    ipaddress.IPv4Network("0.0.0.0/0"),
+    ipaddress.IPv6Network("::/0"),
+)
 
 
 class MediaSettings(CommonSettings):
@@ -61,8 +69,28 @@ class MediaSettings(CommonSettings):
     keyframe_interval_s: float = Field(
         0.5, ge=0, description="At most one keyframe request (PLI) to a publisher this often."
     )
+    ice_candidate_networks: list[IPvAnyNetwork] | None = Field(
+        None,
+        description="Networks besides the public internet whose ICE candidates the SFU "
+        'sends connectivity checks to (JSON list of CIDRs, e.g. ["10.0.0.0/8"] when '
+        "clients share a private network with the nodes). Candidates on other loopback, "
+        "private, link-local or otherwise non-public addresses, and mDNS (.local) names, "
+        "are dropped from offers. Unset: none in production; every address in "
+        "development and test (everything runs on one host).",
+    )
+    ice_max_candidates: int = Field(
+        32,
+        ge=1,
+        le=1000,
+        description="ICE candidates kept per offer (after the network filter); later ones "
+        "are dropped.",
+    )
     ended_call_memory_s: float = Field(
-        900.0, gt=0, description="How long a call that ended is refused a new session."
+        900.0,
+        gt=0,
+        description="How long a call that ended is refused a new session; also how long "
+        "a call this node was granted (a media token presented) is remembered, so that "
+        "its end is recorded. Ended calls this node never saw are not recorded.",
     )
 
     @model_validator(mode="after")
@@ -77,6 +105,15 @@ class MediaSettings(CommonSettings):
     @property
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def candidate_rules(self) -> CandidateRules:
+        networks = self.ice_candidate_networks
+        if networks is None:
+            allowed = EVERY_NETWORK if self.is_development else ()
+        else:
+            allowed = tuple(networks)
+        return CandidateRules(networks=allowed, max_candidates=self.ice_max_candidates)
 
     @property
     def udp_port_range(self) -> tuple[int, int] | None:
