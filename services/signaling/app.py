@@ -29,7 +29,12 @@ def create_app(settings: SignalingSettings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def setup(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
         store = CallStore(runtime.redis, settings, outbox_lease_ms=settings.outbox_lease_ms)
-        hub = Hub(store, runtime.bus, settings.instance_id)
+        hub = Hub(
+            store,
+            runtime.bus,
+            settings.instance_id,
+            max_devices_per_user=settings.max_devices_per_user,
+        )
         calls = CallService(
             settings, store, hub, runtime.bus, MediaRegistry(runtime.redis, settings)
         )
@@ -46,6 +51,7 @@ def create_app(settings: SignalingSettings | None = None) -> FastAPI:
             yield
         finally:
             with contextlib.suppress(Exception):  # Redis may be gone at shutdown
+                await calls.close()
                 await hub.close_all()
                 await store.flush_published()
                 await store.instance_gone(settings.instance_id)
