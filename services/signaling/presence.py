@@ -35,6 +35,9 @@ PUSHES = Counter(
 )
 
 SERVICE = "signaling"
+INSTANCE_PUSH_TIMEOUT_S = 2.0
+"""How long a push for a device on another instance waits for the broker: the request that
+made it waits too, and a push that late is stale (the device reads the ring state)."""
 
 
 class CloseCode(IntEnum):
@@ -130,7 +133,9 @@ class Hub:
             return
         body = json.dumps({"close": closes}).encode()
         try:
-            await self._bus.send_to_instance(SERVICE, instance_id, body)
+            await self._bus.send_to_instance(
+                SERVICE, instance_id, body, timeout_s=INSTANCE_PUSH_TIMEOUT_S
+            )
         except Exception:  # that socket no longer gets pushes: it left presence
             log.warning("asking instance %s to close sockets failed", instance_id, exc_info=True)
 
@@ -211,7 +216,9 @@ class Hub:
         PUSHES.labels("other_instance").inc(len(items))
         body = json.dumps({"deliveries": items}).encode()
         try:
-            await self._bus.send_to_instance(SERVICE, instance_id, body)
+            await self._bus.send_to_instance(
+                SERVICE, instance_id, body, timeout_s=INSTANCE_PUSH_TIMEOUT_S
+            )
         except Exception:  # a push is transient; the call state is not
             log.warning("push to instance %s failed", instance_id, exc_info=True)
 

@@ -488,10 +488,6 @@ class CallStore:
         cursor = ids[-1] if len(ids) == limit else None
         return await self.get_many(ids), cursor
 
-    async def idempotent_call(self, user: str, key: str) -> str | None:
-        value = await self.redis.get(self.idem_key(user, key))
-        return _text(value) if value else None
-
     # ------------------------------------------------------------------ commits
 
     def stage(self, commit: Commit, before: Call | None, after: Call) -> None:
@@ -634,9 +630,6 @@ class CallStore:
         if int(status) == 2:
             return RateVerdict(True, 0, replay_of=_text(value))
         return RateVerdict(bool(int(status)), int(value))
-
-    async def take_rate_slot(self, user: str, limit: int) -> RateVerdict:
-        return await self.take_placement(user, limit, idempotency_key=None, call_id="")
 
     async def release_idempotency(self, user: str, key: str, call_id: str) -> None:
         """Free a key reserved for a placement that did not commit."""
