@@ -8,7 +8,6 @@ request nor a consumer waits on the broker (a broker outage costs no request 15 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -312,11 +311,8 @@ class CallService:
             await self.store.commit(commit)
         except IdempotentReplay as replay:
             return await self._placed_earlier(replay.call_id)
-        except BaseException:
-            if idempotency_key:
-                with contextlib.suppress(Exception):
-                    await self.store.release_idempotency(caller, idempotency_key, call_id)
-            raise
+        # A commit that failed leaves the key reserved for IDEMPOTENCY_RESERVE_MS (retries
+        # get 409 until then): releasing it could free the key of a commit that did apply.
         self.publish_soon(commit.events)
         return call
 

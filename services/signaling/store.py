@@ -142,11 +142,6 @@ if KEYS[2] then redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[6]) end
 return {1, 0}
 """
 
-_RELEASE_IDEMPOTENCY = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 _SIGNAL_BUCKET = """
 -- KEYS[1]: one user's bucket for one call; ARGV: now ms, rate a second, burst.
 local now, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -388,7 +383,6 @@ class CallStore:
         self._commit = redis.register_script(_COMMIT)
         self._claim_outbox = redis.register_script(_CLAIM_OUTBOX)
         self._place = redis.register_script(_PLACE)
-        self._release_idem = redis.register_script(_RELEASE_IDEMPOTENCY)
         self._signal_bucket = redis.register_script(_SIGNAL_BUCKET)
         self._attach = redis.register_script(_ATTACH_DEVICE)
         self._unregister = redis.register_script(_UNREGISTER_DEVICE)
@@ -630,10 +624,6 @@ class CallStore:
         if int(status) == 2:
             return RateVerdict(True, 0, replay_of=_text(value))
         return RateVerdict(bool(int(status)), int(value))
-
-    async def release_idempotency(self, user: str, key: str, call_id: str) -> None:
-        """Free a key reserved for a placement that did not commit."""
-        await self._release_idem(keys=[self.idem_key(user, key)], args=[call_id])
 
     async def take_signal_token(
         self, user: str, call_id: str, *, rate_per_s: float, burst: float
