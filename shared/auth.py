@@ -35,6 +35,8 @@ class Principal:
 
     user_id: str
     scopes: frozenset[str]
+    expires_at: float | None = None
+    """The token's ``exp`` (Unix seconds): a long-lived session (a WebSocket) ends then."""
 
     @property
     def is_platform(self) -> bool:
@@ -74,7 +76,12 @@ class TokenVerifier:
         scope = claims.get("scope", "")
         if not isinstance(scope, str):
             raise AuthError("token scope must be a space-separated string")
-        return Principal(user_id=sub, scopes=frozenset(scope.split()))
+        exp = claims.get("exp")
+        return Principal(
+            user_id=sub,
+            scopes=frozenset(scope.split()),
+            expires_at=float(exp) if isinstance(exp, (int, float)) else None,
+        )
 
 
 def issue_token(

@@ -320,18 +320,35 @@ class Bus:
         telemetry.BUS_PUBLISHED.labels(self.service, event.type.value).inc()
 
     async def send_to_instance(
-        self, service: str, instance_id: str, body: bytes, headers: dict[str, Any] | None = None
+        self,
+        service: str,
+        instance_id: str,
+        body: bytes,
+        headers: dict[str, Any] | None = None,
+        *,
+        timeout_s: float | None = None,
     ) -> None:
-        """A transient message for one process (it is gone if that process is)."""
+        """A transient message for one process (it is gone if that process is). It waits
+        for the broker at most ``timeout_s`` (default: the publish timeout), then raises
+        :class:`BusUnavailable`: a push that late is worth less than the wait."""
         hdrs = dict(headers or {})
         telemetry.inject_headers(hdrs)
         message = aio_pika.Message(
             body, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT, headers=hdrs
         )
-        await self._publish(INSTANCES_EXCHANGE, message, f"{service}.{instance_id}")
+        await self._publish(
+            INSTANCES_EXCHANGE, message, f"{service}.{instance_id}", timeout_s=timeout_s
+        )
 
-    async def _publish(self, exchange: str, message: aio_pika.Message, routing_key: str) -> None:
-        deadline = time.monotonic() + self._publish_timeout_s
+    async def _publish(
+        self,
+        exchange: str,
+        message: aio_pika.Message,
+        routing_key: str,
+        *,
+        timeout_s: float | None = None,
+    ) -> None:
+        deadline = time.monotonic() + (self._publish_timeout_s if timeout_s is None else timeout_s)
         delay = 0.05
         while True:
             try:

@@ -8,7 +8,14 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, s
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.signaling.calls import BadCursor, CallService, NoMediaNode, NotFound, RateLimited
+from services.signaling.calls import (
+    BadCursor,
+    CallService,
+    NoMediaNode,
+    NotFound,
+    PlacementInProgress,
+    RateLimited,
+)
 from services.signaling.domain import IllegalTransition
 from shared.auth import CurrentUser
 from shared.contracts import MediaKind
@@ -60,7 +67,13 @@ def _conflict(exc: IllegalTransition) -> HTTPException:
     "/v1/calls",
     status_code=status.HTTP_202_ACCEPTED,
     summary="Place a call; policy's verdict follows on the WebSocket",
-    responses={429: {"description": "Too many calls; see Retry-After"}},
+    responses={
+        409: {
+            "description": "A request with the same Idempotency-Key is still placing the "
+            "call; retry after Retry-After"
+        },
+        429: {"description": "Too many calls; see Retry-After (a replay never counts)"},
+    },
 )
 async def place_call(
     body: PlaceCall,
@@ -84,6 +97,12 @@ async def place_call(
             status.HTTP_429_TOO_MANY_REQUESTS,
             detail={"message": "too many calls; try again later", "retry_after_s": retry_s},
             headers={"Retry-After": str(retry_s)},
+        ) from None
+    except PlacementInProgress:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail={"message": "a call with this Idempotency-Key is being placed; retry"},
+            headers={"Retry-After": "1"},
         ) from None
     return call.public()
 

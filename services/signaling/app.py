@@ -21,6 +21,17 @@ from shared.service import Runtime, create_service_app
 
 SERVICE = "signaling"
 WEB_DIR = Path(__file__).resolve().parent / "web"
+DESCRIPTION = """Owns every call's state and the devices on WebSockets.
+
+The device WebSocket `GET /v1/ws?token=&device_id=` (docs/signaling.md) closes with:
+1001 shutting down (reconnect); 4400 bad `device_id`; 4401 token refused (sign in
+again); 4409 the same device connected again (stop); 4419 the token expired (reconnect
+with a fresh token; or send `{"type": "auth.refresh", "token"}` before); 4429 the user
+has more than `SIGNALING_MAX_DEVICES_PER_USER` sockets and this was the oldest (stop).
+`call.signal` is limited per user and call (`SIGNALING_SIGNALS_PER_CALL_PER_S`; beyond:
+`error` `rate_limited`), and while a call rings it reaches the callee's
+`SIGNALING_RING_SIGNAL_DEVICES` most recently connected devices.
+"""
 
 
 def create_app(settings: SignalingSettings | None = None) -> FastAPI:
@@ -29,7 +40,12 @@ def create_app(settings: SignalingSettings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def setup(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
         store = CallStore(runtime.redis, settings, outbox_lease_ms=settings.outbox_lease_ms)
-        hub = Hub(store, runtime.bus, settings.instance_id)
+        hub = Hub(
+            store,
+            runtime.bus,
+            settings.instance_id,
+            max_devices_per_user=settings.max_devices_per_user,
+        )
         calls = CallService(
             settings, store, hub, runtime.bus, MediaRegistry(runtime.redis, settings)
         )
@@ -46,6 +62,7 @@ def create_app(settings: SignalingSettings | None = None) -> FastAPI:
             yield
         finally:
             with contextlib.suppress(Exception):  # Redis may be gone at shutdown
+                await calls.close()
                 await hub.close_all()
                 await store.flush_published()
                 await store.instance_gone(settings.instance_id)
@@ -56,7 +73,7 @@ def create_app(settings: SignalingSettings | None = None) -> FastAPI:
         routers=[router, ws_router, web.router],
         setup=setup,
         title="dmcall signaling",
-        description="owns every call's state and the devices on WebSockets.",
+        description=DESCRIPTION,
     )
     # After every API route, so the web client never shadows one.
     app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")

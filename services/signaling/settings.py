@@ -64,6 +64,31 @@ class SignalingSettings(CommonSettings):
         description="Client frames a socket may send per second on average (twice that in "
         "a burst); beyond, each frame gets an error and is dropped.",
     )
+    max_devices_per_user: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        validation_alias=AliasChoices("SIGNALING_MAX_DEVICES_PER_USER"),
+        description="Device sockets one user may have open, across all instances; one more "
+        "closes the oldest (close code 4429).",
+    )
+    signals_per_call_per_s: int = Field(
+        10,
+        ge=1,
+        le=10_000,
+        validation_alias=AliasChoices("SIGNALING_SIGNALS_PER_CALL_PER_S"),
+        description="call.signal frames one user may send per second for one call, from all "
+        "their sockets together (twice that in a burst); beyond, each gets an error and is "
+        "dropped.",
+    )
+    ring_signal_devices: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        validation_alias=AliasChoices("SIGNALING_RING_SIGNAL_DEVICES"),
+        description="While a call rings, the caller's call.signal goes to this many of the "
+        "callee's devices, the most recently connected (after the answer: the answering one).",
+    )
 
     # The web client (services/signaling/web/) runs in the browser and calls the other
     # services directly: these are their public base URLs, served to it in /config.json.

@@ -20,10 +20,19 @@ Keys (``<p>`` is the deployment's prefix, ``dmcall`` or ``dmcall:<namespace>``; 
 - ``<p>:signaling:outbox_due``: ZSET event_id -> Unix ms after which any instance may
   publish it (the committer publishes at once; this is for a committer that died).
 - ``<p>:signaling:idem:<user>:<key>``: STRING call_id of the call placed with that
-  ``Idempotency-Key``; expires after ``SIGNALING_IDEMPOTENCY_TTL_S``.
+  ``Idempotency-Key``; expires after ``SIGNALING_IDEMPOTENCY_TTL_S``. It is reserved
+  (for ``IDEMPOTENCY_RESERVE_MS``) in the same script that takes the placement's rate slot,
+  so concurrent retries with one key take one slot; the commit makes it permanent.
 - ``<p>:signaling:rate:<user>``: ZSET of placement ids scored by Unix ms, the last 60 s
   (sliding-window rate limit); expires 60 s after the last placement.
 - ``<p>:signaling:presence:<user>``: HASH device_id -> instance_id holding its socket.
+- ``<p>:signaling:devices:<user>``: ZSET device_id -> Unix ms its socket attached; the same
+  members as ``presence:<user>`` (written and removed together), for the order: the oldest
+  is closed when a user has more than ``SIGNALING_MAX_DEVICES_PER_USER``, and ringing-time
+  signals go to the newest ``SIGNALING_RING_SIGNAL_DEVICES``.
+- ``<p>:signaling:signal_rate:<user>:<call_id>``: HASH ``tokens at``, the token bucket of
+  the user's ``call.signal`` frames for that call, whichever socket sends them
+  (``SIGNALING_SIGNALS_PER_CALL_PER_S``); expires once full again.
 - ``<p>:signaling:instance:<instance_id>``: STRING ``alive`` with a TTL of
   ``SIGNALING_PRESENCE_TTL_S``, refreshed by the instance's heartbeat; a device whose
   instance key is gone is gone too (pruned from presence on read).
@@ -51,6 +60,8 @@ from shared.settings import CommonSettings
 log = logging.getLogger(__name__)
 
 RATE_WINDOW_MS = 60_000
+IDEMPOTENCY_RESERVE_MS = 30_000
+"""How long an ``Idempotency-Key`` stays reserved for a placement that has not committed yet."""
 OUTBOX_FLUSH_S = 0.01
 """How long published events wait to be cleared from the outbox together."""
 _RANG_STATES = frozenset({CallState.RINGING, CallState.BUSY, CallState.ACCEPTED})
@@ -64,7 +75,7 @@ for _, c in ipairs(plan.calls) do
 end
 if plan.claim then
   local cur = redis.call('GET', plan.claim[1])
-  if cur then return {2, cur} end
+  if cur and cur ~= plan.claim[2] then return {2, cur} end
   redis.call('SET', plan.claim[1], plan.claim[2], 'PX', plan.claim[3])
 end
 for _, c in ipairs(plan.calls) do
@@ -107,7 +118,15 @@ end
 return out
 """
 
-_RATE = """
+_PLACE = """
+-- KEYS[1]: the caller's rate window; KEYS[2], if given: the Idempotency-Key.
+-- ARGV: now ms, window ms, limit, a member for this placement, its call id, reserve ms.
+-- {2, call_id}: the key was used (a replay, no slot taken); {0, retry_ms}: over the
+-- limit; {1, 0}: a slot taken and the key reserved for this call id.
+if KEYS[2] then
+  local cur = redis.call('GET', KEYS[2])
+  if cur then return {2, cur} end
+end
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
@@ -119,33 +138,108 @@ if count >= limit then
 end
 redis.call('ZADD', KEYS[1], now, ARGV[4])
 redis.call('PEXPIRE', KEYS[1], window)
+if KEYS[2] then redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[6]) end
 return {1, 0}
 """
 
+_SIGNAL_BUCKET = """
+-- KEYS[1]: one user's bucket for one call; ARGV: now ms, rate a second, burst.
+local now, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local held = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(held[1]) or burst
+local at = tonumber(held[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate / 1000)
+local taken = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  taken = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return taken
+"""
+
 _PRESENCE = """
--- KEYS: presence hashes; ARGV[1]: the instance-key prefix. For each user, device/instance
--- pairs on live instances, flattened after a count; devices of dead instances are pruned.
+-- KEYS: n presence hashes, then the same n users' device-order sets; ARGV[1]: the
+-- instance-key prefix. For each user, device/instance pairs on live instances, newest
+-- first, flattened after a count; devices of dead instances are pruned from both keys.
+local n = #KEYS / 2
 local alive = {}
 local out = {}
-for _, key in ipairs(KEYS) do
-  local row = redis.call('HGETALL', key)
+for u = 1, n do
+  local hash, order = KEYS[u], KEYS[n + u]
+  local row = redis.call('HGETALL', hash)
+  local where = {}
+  for i = 1, #row, 2 do where[row[i]] = row[i + 1] end
   local found = {}
-  for i = 1, #row, 2 do
-    local instance = row[i + 1]
+  local seen = {}
+  local function take(device)
+    local instance = where[device]
+    if seen[device] then return end
+    seen[device] = true
     if alive[instance] == nil then
       alive[instance] = redis.call('EXISTS', ARGV[1] .. instance) == 1
     end
     if alive[instance] then
-      found[#found + 1] = row[i]
+      found[#found + 1] = device
       found[#found + 1] = instance
     else
-      redis.call('HDEL', key, row[i])
+      redis.call('HDEL', hash, device)
+      redis.call('ZREM', order, device)
     end
   end
+  for _, device in ipairs(redis.call('ZREVRANGE', order, 0, -1)) do
+    if where[device] == nil then redis.call('ZREM', order, device) else take(device) end
+  end
+  for i = 1, #row, 2 do take(row[i]) end
   out[#out + 1] = #found
   for _, v in ipairs(found) do out[#out + 1] = v end
 end
 return out
+"""
+
+_ATTACH_DEVICE = """
+-- KEYS[1]: the user's presence hash, KEYS[2]: their device order. ARGV: device, instance,
+-- now ms, the cap, the instance-key prefix. Registers the device; if the user then has
+-- more than the cap, the oldest others are removed. Returns the instance that held this
+-- device's socket before (if another, else ''), then the removed device/instance pairs
+-- (devices of dead instances are dropped first, and never count).
+local before = redis.call('HGET', KEYS[1], ARGV[1])
+if not before or before == ARGV[2] then before = '' end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+local cap = tonumber(ARGV[4])
+local members = redis.call('ZRANGE', KEYS[2], 0, -1)
+local count = #members
+if count <= cap then return {before} end
+for _, device in ipairs(members) do
+  if device ~= ARGV[1] then
+    local instance = redis.call('HGET', KEYS[1], device)
+    if not instance then
+      redis.call('ZREM', KEYS[2], device)
+      count = count - 1
+    elseif redis.call('EXISTS', ARGV[5] .. instance) == 0 then
+      redis.call('HDEL', KEYS[1], device)
+      redis.call('ZREM', KEYS[2], device)
+      count = count - 1
+    end
+  end
+end
+local evicted = {before}
+for _, device in ipairs(members) do
+  if count <= cap then break end
+  if device ~= ARGV[1] then
+    local instance = redis.call('HGET', KEYS[1], device)
+    if instance then
+      redis.call('HDEL', KEYS[1], device)
+      redis.call('ZREM', KEYS[2], device)
+      evicted[#evicted + 1] = device
+      evicted[#evicted + 1] = instance
+      count = count - 1
+    end
+  end
+end
+return evicted
 """
 
 _LIVE_CALLS = """
@@ -177,6 +271,7 @@ return {due, first[2] or false}
 
 _UNREGISTER_DEVICE = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('ZREM', KEYS[2], ARGV[1])
   return redis.call('HDEL', KEYS[1], ARGV[1])
 end
 return 0
@@ -199,6 +294,8 @@ class IdempotentReplay(Exception):
 class RateVerdict:
     allowed: bool
     retry_after_ms: int
+    replay_of: str | None = None
+    """The call an earlier placement with the same ``Idempotency-Key`` made (no slot taken)."""
 
 
 def _text(value: Any) -> str:
@@ -285,7 +382,9 @@ class CallStore:
         self._outbox_lease_ms = outbox_lease_ms
         self._commit = redis.register_script(_COMMIT)
         self._claim_outbox = redis.register_script(_CLAIM_OUTBOX)
-        self._rate = redis.register_script(_RATE)
+        self._place = redis.register_script(_PLACE)
+        self._signal_bucket = redis.register_script(_SIGNAL_BUCKET)
+        self._attach = redis.register_script(_ATTACH_DEVICE)
         self._unregister = redis.register_script(_UNREGISTER_DEVICE)
         self._presence = redis.register_script(_PRESENCE)
         self._live = redis.register_script(_LIVE_CALLS)
@@ -324,6 +423,12 @@ class CallStore:
 
     def presence_key(self, user: str) -> str:
         return self.keys("presence", user)
+
+    def devices_key(self, user: str) -> str:
+        return self.keys("devices", user)
+
+    def signal_rate_key(self, user: str, call_id: str) -> str:
+        return self.keys("signal_rate", user, call_id)
 
     def instance_key(self, instance_id: str) -> str:
         return self.keys("instance", instance_id)
@@ -376,10 +481,6 @@ class CallStore:
         ids = [_text(i) for i in raw]
         cursor = ids[-1] if len(ids) == limit else None
         return await self.get_many(ids), cursor
-
-    async def idempotent_call(self, user: str, key: str) -> str | None:
-        value = await self.redis.get(self.idem_key(user, key))
-        return _text(value) if value else None
 
     # ------------------------------------------------------------------ commits
 
@@ -507,12 +608,32 @@ class CallStore:
 
     # ------------------------------------------------------------------ rate limit
 
-    async def take_rate_slot(self, user: str, limit: int) -> RateVerdict:
+    async def take_placement(
+        self, user: str, limit: int, *, idempotency_key: str | None, call_id: str
+    ) -> RateVerdict:
+        """A slot in the caller's minute, and the ``Idempotency-Key`` reserved for
+        ``call_id``, at once: a placement whose key was used before takes no slot."""
         now = int(time.time() * 1000)
-        allowed, retry = await self._rate(
-            keys=[self.rate_key(user)], args=[now, RATE_WINDOW_MS, limit, uuid.uuid4().hex]
+        keys = [self.rate_key(user)]
+        if idempotency_key:
+            keys.append(self.idem_key(user, idempotency_key))
+        status, value = await self._place(
+            keys=keys,
+            args=[now, RATE_WINDOW_MS, limit, uuid.uuid4().hex, call_id, IDEMPOTENCY_RESERVE_MS],
         )
-        return RateVerdict(bool(int(allowed)), int(retry))
+        if int(status) == 2:
+            return RateVerdict(True, 0, replay_of=_text(value))
+        return RateVerdict(bool(int(status)), int(value))
+
+    async def take_signal_token(
+        self, user: str, call_id: str, *, rate_per_s: float, burst: float
+    ) -> bool:
+        """One ``call.signal`` of ``user`` for ``call_id``, from any socket on any instance."""
+        now = int(time.time() * 1000)
+        taken = await self._signal_bucket(
+            keys=[self.signal_rate_key(user, call_id)], args=[now, rate_per_s, burst]
+        )
+        return bool(int(taken))
 
     # ------------------------------------------------------------------ presence
 
@@ -522,21 +643,42 @@ class CallStore:
     async def instance_gone(self, instance_id: str) -> None:
         await self.redis.delete(self.instance_key(instance_id))
 
-    async def register_device(self, user: str, device_id: str, instance_id: str) -> None:
-        await self.redis.hset(self.presence_key(user), device_id, instance_id)  # type: ignore[misc]
+    async def register_device(
+        self, user: str, device_id: str, instance_id: str, *, max_devices: int = 0
+    ) -> tuple[str | None, list[tuple[str, str]]]:
+        """Register a device's socket. Returns the other instance that held this device's
+        socket until now, if any, and (with ``max_devices``) the user's oldest other
+        devices over that many, unregistered now, as (device_id, instance_id) to close."""
+        flat = await self._attach(
+            keys=[self.presence_key(user), self.devices_key(user)],
+            args=[
+                device_id,
+                instance_id,
+                int(time.time() * 1000),
+                max_devices or 2**31,
+                self.keys("instance", ""),
+            ],
+        )
+        before = _text(flat[0]) or None
+        pairs = [(_text(flat[i]), _text(flat[i + 1])) for i in range(1, len(flat), 2)]
+        return before, pairs
 
     async def unregister_device(self, user: str, device_id: str, instance_id: str) -> None:
-        await self._unregister(keys=[self.presence_key(user)], args=[device_id, instance_id])
+        await self._unregister(
+            keys=[self.presence_key(user), self.devices_key(user)], args=[device_id, instance_id]
+        )
 
     async def devices(self, user: str) -> dict[str, str]:
         """device_id -> instance_id of the user's devices on live instances."""
         return (await self.devices_of([user]))[user]
 
     async def devices_of(self, users: Sequence[str]) -> dict[str, dict[str, str]]:
-        """:meth:`devices` of several users in one round trip, whatever their number; the
-        devices of instances whose heartbeat expired are pruned on the way."""
+        """:meth:`devices` of several users in one round trip, whatever their number, each
+        user's newest first; the devices of instances whose heartbeat expired are pruned on
+        the way."""
         flat = await self._presence(
-            keys=[self.presence_key(u) for u in users], args=[self.keys("instance", "")]
+            keys=[self.presence_key(u) for u in users] + [self.devices_key(u) for u in users],
+            args=[self.keys("instance", "")],
         )
         found: dict[str, dict[str, str]] = {}
         i = 0

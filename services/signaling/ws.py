@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from services.signaling.calls import CallService, NotFound
+from services.signaling.calls import CallService, NotFound, SignalRateLimited
 from services.signaling.domain import IllegalTransition
-from services.signaling.presence import Hub
+from services.signaling.presence import CloseCode, Hub
 from services.signaling.settings import SignalingSettings
-from shared.auth import AuthError, authenticate_websocket
+from shared.auth import AuthError, TokenVerifier, authenticate_websocket
 from shared.ids import is_user_id
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
 
-CLOSE_BAD_REQUEST = 4400
-CLOSE_UNAUTHORIZED = 4401
-CLOSE_REPLACED = 4409
 _DEVICE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -34,6 +35,16 @@ def _error(code: str, message: str, **extra: Any) -> dict[str, Any]:
 
 class _BadFrame(ValueError):
     pass
+
+
+@dataclass
+class _Session:
+    """One device socket: who it is, and until when its token lets it live."""
+
+    user: str
+    device_id: str
+    expires_at: float | None
+    """Unix seconds; moved on by an in-band ``auth.refresh``."""
 
 
 class _Bucket:
@@ -62,26 +73,28 @@ async def device_socket(websocket: WebSocket) -> None:
         principal = authenticate_websocket(websocket)
     except AuthError as exc:
         await websocket.send_json(_error("unauthorized", str(exc)))
-        await websocket.close(CLOSE_UNAUTHORIZED, "unauthorized")
+        await websocket.close(CloseCode.UNAUTHORIZED, "unauthorized")
         return
     device_id = websocket.query_params.get("device_id", "")
     if not _DEVICE_RE.fullmatch(device_id):
         await websocket.send_json(
             _error("bad_request", "device_id must be 1-64 of A-Z a-z 0-9 _ -")
         )
-        await websocket.close(CLOSE_BAD_REQUEST, "bad device_id")
+        await websocket.close(CloseCode.BAD_REQUEST, "bad device_id")
         return
     state = websocket.app.state
     hub: Hub = state.hub
     calls: CallService = state.calls
     settings: SignalingSettings = state.settings
-    user = principal.user_id
+    session = _Session(principal.user_id, device_id, principal.expires_at)
+    user = session.user
     replaced = await hub.attach(user, device_id, websocket)
     if replaced is not None:
         try:
-            await replaced.close(CLOSE_REPLACED, "replaced by a newer connection")
+            await replaced.close(CloseCode.REPLACED, "replaced by a newer connection")
         except Exception:  # it may be gone already
             pass
+    expiry = asyncio.create_task(_close_at_expiry(hub, websocket, session))
     bucket = _Bucket(settings.ws_messages_per_s, burst=settings.ws_messages_per_s * 2)
     try:
         for call in await calls.ring_state(user):
@@ -96,21 +109,45 @@ async def device_socket(websocket: WebSocket) -> None:
                     "rate_limited", f"over {settings.ws_messages_per_s} messages/s; dropped"
                 )
             else:
-                reply = await _handle_frame(frame, user, device_id, calls, settings)
+                try:
+                    reply = await _handle_frame(
+                        frame, session, calls, settings, state.token_verifier
+                    )
+                except Exception:  # one frame's failure (Redis away, a bug) never ends the socket
+                    log.exception("frame from %s/%s failed", user, device_id)
+                    reply = _error("unavailable", "could not handle that frame now; try again")
             if reply is not None:
                 await hub.send(user, device_id, reply, only=websocket)
     except WebSocketDisconnect:
         pass
     finally:
+        expiry.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await expiry
         await hub.detach(user, device_id, websocket)
+
+
+async def _close_at_expiry(hub: Hub, websocket: WebSocket, session: _Session) -> None:
+    """Ends the socket when its token does (the client reconnects with a fresh one)."""
+    while session.expires_at is not None:
+        left = session.expires_at - time.time()
+        if left <= 0:
+            break
+        await asyncio.sleep(left)
+    if session.expires_at is None:
+        return
+    note = _error("token_expired", "the token expired; reconnect with a fresh one")
+    await hub.send(session.user, session.device_id, note, only=websocket)
+    with contextlib.suppress(Exception):  # the socket may be gone already
+        await websocket.close(CloseCode.TOKEN_EXPIRED, "token expired")
 
 
 async def _handle_frame(
     frame: Mapping[str, Any],
-    user: str,
-    device_id: str,
+    session: _Session,
     calls: CallService,
     settings: SignalingSettings,
+    verifier: TokenVerifier,
 ) -> dict[str, Any] | None:
     raw = frame.get("text")
     if raw is None:
@@ -128,6 +165,8 @@ async def _handle_frame(
     kind = message["type"]
     if kind == "ping":
         return {"type": "pong"}
+    if kind == "auth.refresh":
+        return _refresh(message, session, verifier)
     call_id = message.get("call_id")
     payload = message.get("payload")
     if not isinstance(call_id, str) or not is_user_id(call_id):
@@ -135,7 +174,13 @@ async def _handle_frame(
     if not isinstance(payload, dict):
         return _error("bad_request", "call.signal needs a payload object", call_id=call_id)
     try:
-        await calls.relay_signal(user, device_id, call_id, payload)
+        await calls.relay_signal(session.user, session.device_id, call_id, payload)
+    except SignalRateLimited:
+        return _error(
+            "rate_limited",
+            f"over {settings.signals_per_call_per_s} call.signal/s for this call; dropped",
+            call_id=call_id,
+        )
     except NotFound:
         return _error("not_found", f"no call {call_id} of yours", call_id=call_id)
     except IllegalTransition as exc:
@@ -148,14 +193,41 @@ async def _handle_frame(
     return None
 
 
+def _refresh(
+    message: Mapping[str, Any], session: _Session, verifier: TokenVerifier
+) -> dict[str, Any]:
+    """``auth.refresh``: a fresh token of the same user moves the socket's end on."""
+    token = message.get("token")
+    if not isinstance(token, str) or not token:
+        return _error("bad_request", "auth.refresh needs a token string")
+    try:
+        principal = verifier.verify(token)
+    except AuthError as exc:
+        return _error("unauthorized", str(exc))
+    if principal.user_id != session.user:
+        return _error("forbidden", "that token is not this socket's user's")
+    session.expires_at = principal.expires_at
+    expires = (
+        datetime.fromtimestamp(session.expires_at, UTC).isoformat()
+        if session.expires_at is not None
+        else None
+    )
+    return {"type": "auth.refreshed", "expires_at": expires}
+
+
+MESSAGE_TYPES = ("call.signal", "ping", "auth.refresh")
+
+
 def _parse(raw: str) -> dict[str, Any]:
     try:
         message = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise _BadFrame(f"not JSON: {exc.msg}") from None
+    except RecursionError:
+        raise _BadFrame("not JSON this service takes: nested too deeply") from None
     if not isinstance(message, dict):
         raise _BadFrame("a message must be a JSON object")
     kind = message.get("type")
-    if kind not in ("ping", "call.signal"):
-        raise _BadFrame(f"unknown message type {kind!r}; expected 'call.signal' or 'ping'")
+    if kind not in MESSAGE_TYPES:
+        raise _BadFrame(f"unknown message type {kind!r}; expected one of {MESSAGE_TYPES}")
     return message

@@ -36,6 +36,17 @@ export function tokenSubject(token) {
   }
 }
 
+// When the token expires (ms since the epoch), or null if it does not say.
+export function tokenExpiry(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(atob(part));
+    return typeof claims.exp === "number" ? claims.exp * 1000 : null;
+  } catch {
+    return null;
+  }
+}
+
 export async function devToken(user) {
   const response = await fetch("/v1/dev/token", {
     method: "POST",

@@ -1,14 +1,15 @@
 // The dmcall web client: sign-in, DM inbox with the phone icon, DM settings, incoming
 // calls on every tab, missed calls (live over SSE), call history, and the call screen.
 
-import { Api, ApiError, devToken, loadConfig, tokenSubject } from "./api.js";
+import { Api, ApiError, devToken, loadConfig, tokenExpiry, tokenSubject } from "./api.js";
 import { CallSession } from "./call.js";
-import { SignalingSocket } from "./signaling.js";
+import { CLOSE, SignalingSocket } from "./signaling.js";
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "dmcall.token";
 const CONVERSATIONS_KEY = "dmcall.conversations";
 const PERMISSION_REFRESH_MS = 3000;
+const TOKEN_MARGIN_MS = 60000; // a token is renewed this long before it expires
 const FINAL_STATES = new Set(["ended", "rejected", "declined", "cancelled", "missed", "busy"]);
 
 // What the caller may be told when the phone icon is hidden (never which rule it was).
@@ -447,8 +448,42 @@ function markMissedRead() {
 
 // ------------------------------------------------------------------ signaling socket
 
+// A token good for a while yet: the one we have or (with development sign-in) a new one;
+// null when the user must sign in again. ``force``: the server said ours expired.
+async function freshToken(force = false) {
+  const token = state.api.token;
+  const expiry = tokenExpiry(token);
+  if (!force && (!expiry || expiry - Date.now() > TOKEN_MARGIN_MS)) return token;
+  if (!state.config.dev_sign_in) {
+    signOut();
+    return null;
+  }
+  const next = await devToken(state.me);
+  state.api.token = next;
+  localStorage.setItem(TOKEN_KEY, next);
+  scheduleTokenRefresh();
+  return next;
+}
+
+// Before the token runs out, the open socket is handed a new one (no reconnect mid-call).
+let tokenTimer = null;
+function scheduleTokenRefresh() {
+  clearTimeout(tokenTimer);
+  const expiry = tokenExpiry(state.api.token);
+  if (!expiry || !state.config.dev_sign_in) return;
+  const wait = Math.min(Math.max(expiry - Date.now() - TOKEN_MARGIN_MS, 1000), 2 ** 31 - 1);
+  tokenTimer = setTimeout(async () => {
+    try {
+      const token = await freshToken(true);
+      if (token && state.socket) state.socket.refreshToken(token);
+    } catch {
+      scheduleTokenRefresh(); // try again later; at worst the socket reconnects on 4419
+    }
+  }, wait);
+}
+
 function connectSocket() {
-  const socket = new SignalingSocket(state.config.signaling_url, state.api.token, state.deviceId);
+  const socket = new SignalingSocket(state.config.signaling_url, freshToken, state.deviceId);
   state.socket = socket;
   socket.on("open", () => {
     $("conn").classList.add("up");
@@ -460,12 +495,14 @@ function connectSocket() {
   });
   socket.on("close", ({ code }) => {
     $("conn").classList.remove("up");
-    if (code === 4401) signOut();
+    if (code === CLOSE.UNAUTHORIZED) signOut();
+    if (code === CLOSE.TOO_MANY_DEVICES) toast("Disconnected: you are signed in on too many devices. Reload to use this one.");
   });
   socket.on("call.incoming", onIncoming);
   socket.on("call.state", onCallState);
   socket.on("call.signal", onCallSignal);
   socket.connect();
+  scheduleTokenRefresh();
 }
 
 function onIncoming(call) {
