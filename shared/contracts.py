@@ -96,6 +96,24 @@ class MediaFailure(StrEnum):
     MEDIA_TIMEOUT = "media_timeout"
 
 
+class PeerConnection(StrEnum):
+    """How one party's media reaches the call's node (``call.peer``'s ``connection``)."""
+
+    RECONNECTING = "reconnecting"
+    """Its packets stopped: it is rejoining (a network change, a node move); not an end."""
+    CONNECTED = "connected"
+    """Its media flows (again)."""
+
+
+class MediaMoveReason(StrEnum):
+    """Why a call's media moves to another node (``call.media``'s ``reason``)."""
+
+    NODE_DRAINING = "node_draining"
+    """Its node got SIGTERM (a rolling deploy): it forwards on until both parties left it."""
+    NODE_LOST = "node_lost"
+    """Its node stopped heartbeating (crashed, partitioned)."""
+
+
 class ReportReason(StrEnum):
     SPAM = "spam"
     HARASSMENT = "harassment"
@@ -118,6 +136,8 @@ class EventType(StrEnum):
     CALL_MEDIA_CONNECTED = "call_media_connected"
     CALL_MEDIA_FAILED = "call_media_failed"
     CALL_REPORTED = "call_reported"
+    CALL_MEDIA_PEER = "call_media_peer"
+    MEDIA_NODE_DRAINING = "media_node_draining"
 
     USER_UPDATED = "user.updated"
     FOLLOW_CREATED = "follow.created"
@@ -231,6 +251,26 @@ class CallMediaFailed(Event):
     reason: MediaFailure
 
 
+class CallMediaPeer(Event):
+    """The call's node saw one party's media stop (``reconnecting``) or flow again
+    (``connected``). Signaling tells the other party (``call.peer``)."""
+
+    type: Literal[EventType.CALL_MEDIA_PEER] = EventType.CALL_MEDIA_PEER
+    call_id: CallId
+    node_id: str
+    user: UserId
+    connection: PeerConnection
+
+
+class MediaNodeDraining(Event):
+    """A media node got SIGTERM: it takes no new rooms, and asks for its calls to be moved
+    (``call_ids``: the calls it hosts now). It forwards until both parties left it."""
+
+    type: Literal[EventType.MEDIA_NODE_DRAINING] = EventType.MEDIA_NODE_DRAINING
+    node_id: str
+    call_ids: list[CallId]
+
+
 class CallReported(Event):
     type: Literal[EventType.CALL_REPORTED] = EventType.CALL_REPORTED
     call_id: CallId
@@ -306,6 +346,8 @@ EVENT_MODELS: dict[EventType, type[Event]] = {
         CallEnded,
         CallMediaConnected,
         CallMediaFailed,
+        CallMediaPeer,
+        MediaNodeDraining,
         CallReported,
         UserUpdated,
         FollowCreated,

@@ -4,8 +4,10 @@ A media node (one process, one core) registers itself with a heartbeat; signalin
 both legs of a call on the least-loaded live node. Keys (``<p>`` is the deployment's
 Redis prefix, see shared/redis.py):
 
-- ``<p>:media:node:<node_id>``: hash ``{node_id, url, capacity, load, updated_at}``;
-  expires ``ttl_s`` after the last heartbeat, so a dead node disappears by itself.
+- ``<p>:media:node:<node_id>``: hash ``{node_id, url, capacity, load, draining,
+  updated_at}``; expires ``ttl_s`` after the last heartbeat, so a dead node disappears by
+  itself. ``draining`` is ``1`` once the node got SIGTERM: it is alive (its calls still
+  flow through it while they move) but takes no new rooms, so :meth:`pick` passes it by.
   ``url`` is the node's public HTTP base (what a client POSTs its SDP offer to);
   ``capacity`` is how many calls it takes; ``load`` how many rooms it has now.
 - ``<p>:media:nodes``: set of node ids that have registered (pruned of expired ones on read).
@@ -28,6 +30,7 @@ class MediaNode:
     url: str
     capacity: int
     load: int
+    draining: bool = False
 
     @property
     def utilisation(self) -> float:
@@ -55,6 +58,7 @@ class MediaRegistry:
                     "url": node.url,
                     "capacity": node.capacity,
                     "load": node.load,
+                    "draining": int(node.draining),
                     "updated_at": f"{time.time():.3f}",
                 },
             )
@@ -89,15 +93,21 @@ class MediaRegistry:
                     url=row[b"url"].decode(),
                     capacity=int(row[b"capacity"]),
                     load=int(row[b"load"]),
+                    draining=row.get(b"draining", b"0") == b"1",
                 )
             )
         if gone:
             await self._redis.srem(self._keys("nodes"), *gone)
         return nodes
 
-    async def pick(self) -> MediaNode | None:
-        """The least-utilised live node with room left, or None."""
-        candidates = [n for n in await self.live_nodes() if n.load < n.capacity]
+    async def pick(self, *, avoid: str | None = None) -> MediaNode | None:
+        """The least-utilised live node with room left that is not draining (nor
+        ``avoid``, the node a call is moving away from), or None."""
+        candidates = [
+            n
+            for n in await self.live_nodes()
+            if n.load < n.capacity and not n.draining and n.node_id != avoid
+        ]
         if not candidates:
             return None
         return min(candidates, key=lambda n: (n.utilisation, n.node_id))

@@ -14,6 +14,13 @@ from shared import contracts as c
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
 SAMPLES: dict[c.EventType, dict[str, Any]] = {
+    c.EventType.CALL_MEDIA_PEER: {
+        "call_id": "c1",
+        "node_id": "media-1",
+        "user": "alice",
+        "connection": "reconnecting",
+    },
+    c.EventType.MEDIA_NODE_DRAINING: {"node_id": "media-1", "call_ids": ["c1", "c2"]},
     c.EventType.CALL_REQUESTED: {
         "call_id": "c1",
         "caller": "alice",

@@ -34,3 +34,21 @@ async def test_a_node_without_heartbeat_disappears(
     assert [n.node_id for n in await registry.live_nodes()] == ["long"]
     await registry.deregister("long")
     assert await registry.pick() is None
+
+
+async def test_a_draining_node_is_live_but_never_picked(
+    redis_client: Redis, settings: CommonSettings
+) -> None:
+    registry = MediaRegistry(redis_client, settings)
+    await registry.heartbeat(MediaNode("d1", "http://d1:8004", capacity=10, load=0), ttl_s=30)
+    await registry.heartbeat(MediaNode("d2", "http://d2:8004", capacity=10, load=9), ttl_s=30)
+    picked = await registry.pick()
+    assert picked is not None and picked.node_id == "d1"
+    await registry.heartbeat(
+        MediaNode("d1", "http://d1:8004", capacity=10, load=0, draining=True), ttl_s=30
+    )
+    live = {n.node_id: n for n in await registry.live_nodes()}
+    assert live["d1"].draining and not live["d2"].draining
+    picked = await registry.pick()
+    assert picked is not None and picked.node_id == "d2"
+    assert await registry.pick(avoid="d2") is None
