@@ -98,6 +98,8 @@ export class Api {
   decline(callId, deviceId) {
     return this.signaling(`/v1/calls/${callId}/decline`, { method: "POST", json: { device_id: deviceId } });
   }
+  // A fresh media grant for an answered call, on a live node (the call moved if its node is gone).
+  media(callId) { return this.signaling(`/v1/calls/${callId}/media`, { method: "POST", json: {} }); }
   hangup(callId) { return this.signaling(`/v1/calls/${callId}/hangup`, { method: "POST", json: {} }); }
   history(limit = 50) { return this.signaling(`/v1/calls?limit=${limit}`); }
   ringState() { return this.signaling("/v1/ring-state"); }
@@ -123,11 +125,13 @@ export class Api {
   }
 
   // media (SFU): the SDP offer goes to the media node with the media token
-  async joinMedia(mediaUrl, mediaToken, offerSdp) {
+  // (a node that does not answer within ``timeoutMs`` is given up: the caller tries another grant)
+  async joinMedia(mediaUrl, mediaToken, offerSdp, timeoutMs = 8000) {
     const response = await fetch(mediaUrl, {
       method: "POST",
       headers: { Authorization: `Bearer ${mediaToken}`, "Content-Type": "application/sdp" },
       body: offerSdp,
+      signal: AbortSignal.timeout(timeoutMs),
     });
     const text = await response.text();
     if (!response.ok) {

@@ -1,10 +1,139 @@
-// One call on this device: local media, the key agreement, the connection to the SFU,
-// the frame encryption worker, and the numbers the call screen shows.
+// One call on this device: local media, the key agreement, the connection to the SFU
+// (rejoined by itself when it breaks or the call moves to another media node), the frame
+// encryption worker, the in-call state of both parties, and the numbers the call screen shows.
 
+import { ApiError } from "./api.js";
 import { KeyAgreement } from "./e2ee.js";
 
 const KEY_WAIT_MS = 15000;
 const ICE_GATHER_MS = 5000;
+// Rejoin (docs/web-client.md, "Calls that survive").
+const STALL_MS = 2000; // nothing at all from the SFU this long (not even its RTCP): rejoin
+const JOIN_TIMEOUT_MS = 8000; // a media node that has not answered the offer by then is given up
+const LINK_CONNECT_MS = 10000; // a new peer connection not connected by then is given up
+const HANDOVER_MS = 3000; // the old connection is kept at most this long for the new one's media
+const BACKOFF_BASE_MS = 250;
+const BACKOFF_MAX_MS = 5000;
+const FINAL_STATES = new Set(["ended", "rejected", "declined", "cancelled", "missed", "busy"]);
+
+// The call is over (signaling or the media node said so): stop rejoining.
+class CallOver extends Error {}
+
+// One peer connection to one media node, with its own SFU session and remote tracks.
+class MediaLink {
+  constructor(session, grant, iceServers) {
+    this.session = session;
+    this.grant = grant;
+    this.nodeId = grant.node_id || null;
+    this.mediaToken = grant.media_token;
+    this.sessionUrl = null;
+    this.remote = new MediaStream();
+    this.closed = false;
+    const { scriptTransform, encodedStreams } = session.transforms;
+    const pc = new RTCPeerConnection({
+      iceServers, bundlePolicy: "max-bundle", encodedInsertableStreams: encodedStreams,
+    });
+    this.pc = pc;
+    const local = session.local;
+    const audioTrack = local.getAudioTracks()[0] || null;
+    const videoTrack = local.getVideoTracks()[0] || null;
+    // Always one audio and one video transceiver, in an audio call too (video then sends
+    // nothing): turning the camera on later is a replaceTrack, not a renegotiation.
+    const audio = pc.addTransceiver(audioTrack || "audio", { direction: "sendrecv", streams: [local] });
+    const video = pc.addTransceiver(videoTrack || "video", { direction: "sendrecv", streams: [local] });
+    this.video = video;
+    // VP8 only: the clear header the worker leaves is VP8's, and the SFU forwards one codec.
+    const caps = RTCRtpReceiver.getCapabilities("video");
+    if (caps && video.setCodecPreferences) {
+      const vp8 = caps.codecs.filter((c) => /^video\/(vp8|rtx)$/i.test(c.mimeType));
+      if (vp8.length) video.setCodecPreferences(vp8);
+    }
+    // The same worker, so the same keys (and one IV counter) on every connection of the call.
+    const worker = session.worker;
+    for (const [kind, transceiver] of [["audio", audio], ["video", video]]) {
+      for (const [operation, end] of [["encrypt", transceiver.sender], ["decrypt", transceiver.receiver]]) {
+        if (scriptTransform) {
+          end.transform = new RTCRtpScriptTransform(worker, { operation, kind });
+        } else {
+          const { readable, writable } = end.createEncodedStreams();
+          worker.postMessage({ type: "streams", operation, kind, readable, writable }, [readable, writable]);
+        }
+      }
+    }
+    pc.ontrack = (event) => {
+      this.remote.addTrack(event.track);
+      session.changed();
+    };
+    const watch = () => session.onLinkState(this);
+    pc.addEventListener("connectionstatechange", watch);
+    pc.addEventListener("iceconnectionstatechange", watch);
+  }
+
+  // Offer to the media node; the answer comes back in the response.
+  async join() {
+    const pc = this.pc;
+    await pc.setLocalDescription(await pc.createOffer());
+    await iceGatheringComplete(pc);
+    if (this.closed) throw new Error("link closed");
+    const { answer, location } = await this.session.api.joinMedia(
+      this.grant.media_url, this.mediaToken, pc.localDescription.sdp, JOIN_TIMEOUT_MS,
+    );
+    this.sessionUrl = location;
+    if (this.closed) throw new Error("link closed");
+    await pc.setRemoteDescription({ type: "answer", sdp: answer });
+  }
+
+  connected(timeoutMs) {
+    const pc = this.pc;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => done(new Error("media connection timed out")), timeoutMs);
+      const check = () => {
+        if (pc.connectionState === "connected") done(null);
+        else if (pc.connectionState === "failed" || pc.connectionState === "closed" || this.closed) {
+          done(new Error(`media connection ${pc.connectionState}`));
+        }
+      };
+      const done = (error) => {
+        clearTimeout(timer);
+        pc.removeEventListener("connectionstatechange", check);
+        if (error) reject(error); else resolve();
+      };
+      pc.addEventListener("connectionstatechange", check);
+      check();
+    });
+  }
+
+  async packetsReceived() {
+    let packets = 0;
+    (await this.pc.getStats()).forEach((r) => {
+      if (r.type === "inbound-rtp") packets += r.packetsReceived || 0;
+    });
+    return packets;
+  }
+
+  // Make-before-break: until the new connection carries the other party's media (or
+  // ``timeoutMs`` passed), the old one stays on screen.
+  async firstMedia(timeoutMs) {
+    const deadline = Date.now() + timeoutMs;
+    while (!this.closed && Date.now() < deadline) {
+      if (await this.packetsReceived() > 0) return;
+      await sleep(100);
+    }
+  }
+
+  async setVideoTrack(track) {
+    if (!this.closed) await this.video.sender.replaceTrack(track);
+  }
+
+  // Leave the node (with the user's token: the media token may have expired by now).
+  close(userToken) {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.sessionUrl) this.session.api.leaveMedia(this.sessionUrl, userToken);
+    this.pc.close();
+    for (const track of this.remote.getTracks()) track.stop();
+  }
+}
 
 export class CallSession extends EventTarget {
   constructor({ api, socket, call, role, deviceId }) {
@@ -20,8 +149,11 @@ export class CallSession extends EventTarget {
     this.status = role === "caller" ? "Calling…" : "Connecting…";
     this.local = null;
     this.remote = new MediaStream();
-    this.pc = null;
+    this.link = null; // the peer connection in use
+    this.candidate = null; // a new one being joined (make-before-break)
+    this.grant = null; // the latest media grant: media_url, media_token, node_id, ice_servers
     this.worker = null;
+    this.transforms = null;
     this.keys = null;
     this.safetyCode = null;
     this.peerKey = null;
@@ -30,14 +162,28 @@ export class CallSession extends EventTarget {
     this.connectedAt = null;
     this.quality = null;
     this.ended = false;
-    this.session = null;
-    this.mediaToken = null;
     this.statsTimer = null;
     this.lastStats = null;
     this.cameraStartsOff = false;
+    // Rejoin.
+    this.joining = false;
+    this.joinAgain = false;
+    this.pendingGrant = false;
+    this.wake = null;
+    this.reconnecting = false;
+    this.rejoins = 0; // completed rejoins (for the curious and the tests)
+    this.inboundBytes = 0;
+    this.inboundAt = 0;
+    // What the other party said of itself (call.peer).
+    this.peerState = { connection: "connected", audio: "on", video: "on" };
   }
 
   changed() { this.dispatchEvent(new Event("change")); }
+
+  get pc() { return this.link ? this.link.pc : null; }
+  get nodeId() { return this.link ? this.link.nodeId : null; }
+  get session() { return this.link ? this.link.sessionUrl : null; }
+  get mediaToken() { return this.link ? this.link.mediaToken : null; }
 
   // One getUserMedia per call, however many times it is asked for.
   startLocalMedia() {
@@ -114,8 +260,8 @@ export class CallSession extends EventTarget {
 
   // Both sides, once the call is accepted: agree keys, then connect to the SFU.
   async start(grant) {
-    const { media_url: mediaUrl, media_token: mediaToken } = grant;
     try {
+      this.grant = grant;
       this.status = "Securing…";
       this.changed();
       await this.prepareKeys();
@@ -127,7 +273,11 @@ export class CallSession extends EventTarget {
       this.safetyCode = this.keys.safetyCode;
       this.status = "Connecting…";
       this.changed();
-      await this.connect(mediaUrl, mediaToken, await this.iceServers(grant));
+      this.startWorker();
+      this.statsTimer = setInterval(() => this.pollStats(), 1000);
+      // The grant of the hand-off (or a newer one from call.media) first.
+      this.pendingGrant = true;
+      await this.joinLoop("start");
     } catch (error) {
       if (!this.ended) this.fail(error.message || String(error));
     }
@@ -146,12 +296,9 @@ export class CallSession extends EventTarget {
     }
   }
 
-  async connect(mediaUrl, mediaToken, iceServers = []) {
-    this.mediaToken = mediaToken;
-    const worker = new Worker("/web/js/e2ee-worker.js", { name: `e2ee-${this.callId}` });
-    this.worker = worker;
-    worker.postMessage({ type: "keys", sendKey: this.keys.sendKey, receiveKey: this.keys.receiveKey });
-
+  // The call's encryption worker: one per call, whatever the connections (the keys belong
+  // to the call, not to the transport).
+  startWorker() {
     // RTCRtpScriptTransform where there is one (Chromium, Safari, Firefox); Chromium's older
     // createEncodedStreams otherwise. Without either, no call: never media in the clear.
     const scriptTransform = typeof RTCRtpScriptTransform !== "undefined" && !useEncodedStreams();
@@ -159,58 +306,203 @@ export class CallSession extends EventTarget {
     if (!scriptTransform && !encodedStreams) {
       throw new Error("This browser cannot encrypt calls end to end");
     }
-    const pc = new RTCPeerConnection({
-      iceServers, bundlePolicy: "max-bundle", encodedInsertableStreams: encodedStreams,
-    });
-    this.pc = pc;
-    const audioTrack = this.local.getAudioTracks()[0] || null;
-    const videoTrack = this.local.getVideoTracks()[0] || null;
-    const audio = pc.addTransceiver(audioTrack || "audio", { direction: "sendrecv", streams: [this.local] });
-    const video = pc.addTransceiver(videoTrack || "video", { direction: "sendrecv", streams: [this.local] });
-    // VP8 only: the clear header the worker leaves is VP8's, and the SFU forwards one codec.
-    const caps = RTCRtpReceiver.getCapabilities("video");
-    if (caps && video.setCodecPreferences) {
-      const vp8 = caps.codecs.filter((c) => /^video\/(vp8|rtx)$/i.test(c.mimeType));
-      if (vp8.length) video.setCodecPreferences(vp8);
-    }
-    for (const [kind, transceiver] of [["audio", audio], ["video", video]]) {
-      for (const [operation, end] of [["encrypt", transceiver.sender], ["decrypt", transceiver.receiver]]) {
-        if (scriptTransform) {
-          end.transform = new RTCRtpScriptTransform(worker, { operation, kind });
-        } else {
-          const { readable, writable } = end.createEncodedStreams();
-          worker.postMessage({ type: "streams", operation, kind, readable, writable }, [readable, writable]);
-        }
-      }
-    }
+    this.transforms = { scriptTransform, encodedStreams };
     this.transformApi = scriptTransform ? "RTCRtpScriptTransform" : "createEncodedStreams";
-    pc.ontrack = (event) => {
-      this.remote.addTrack(event.track);
-      this.changed();
-    };
-    pc.onconnectionstatechange = () => {
-      if (pc.connectionState === "connected" && !this.connectedAt) {
-        this.connectedAt = Date.now();
-        this.status = "";
-        this.changed();
-      } else if (pc.connectionState === "failed") {
-        this.fail("Connection failed");
-      }
-    };
-
-    await pc.setLocalDescription(await pc.createOffer());
-    await iceGatheringComplete(pc);
-    const { answer, location } = await this.api.joinMedia(mediaUrl, mediaToken, pc.localDescription.sdp);
-    this.session = location;
-    if (this.ended) return;
-    await pc.setRemoteDescription({ type: "answer", sdp: answer });
-    this.statsTimer = setInterval(() => this.pollStats(), 1000);
+    const worker = new Worker("/web/js/e2ee-worker.js", { name: `e2ee-${this.callId}` });
+    this.worker = worker;
+    worker.postMessage({ type: "keys", sendKey: this.keys.sendKey, receiveKey: this.keys.receiveKey });
   }
 
+  // ------------------------------------------------------------------ rejoin
+
+  // Asks for a new connection to the SFU: the current one broke (``reason``), or the call
+  // moved (``grant`` from call.media). One join loop at a time; a new grant wakes it.
+  rejoin(reason, grant = null) {
+    if (this.ended) return;
+    if (grant) {
+      this.grant = grant;
+      this.pendingGrant = true;
+    }
+    if (!this.keys || !this.worker) return; // not connected yet: start() uses the newest grant
+    if (this.joining) {
+      if (grant) {
+        this.joinAgain = true;
+        if (this.wake) this.wake();
+      }
+      return;
+    }
+    console.info(`dmcall: rejoin (${reason})`);
+    this.joinLoop(reason).catch((error) => { if (!this.ended) this.fail(error.message || String(error)); });
+  }
+
+  async joinLoop(reason) {
+    this.joining = true;
+    // A deploy (node_draining) keeps the old node forwarding: nothing for the user to see.
+    if (this.link && reason !== "node_draining") {
+      this.reconnecting = true;
+      this.status = "Reconnecting…";
+      this.changed();
+    }
+    let failures = 0;
+    try {
+      while (!this.ended) {
+        this.joinAgain = false;
+        let link = null;
+        try {
+          const grant = this.pendingGrant ? this.grant : await this.freshGrant();
+          this.pendingGrant = false;
+          link = new MediaLink(this, grant, await this.iceServers(grant));
+          this.candidate = link;
+          await link.join();
+          await link.connected(LINK_CONNECT_MS);
+          if (this.link) await link.firstMedia(HANDOVER_MS);
+          if (this.ended) return;
+          this.promote(link);
+          link = null;
+          if (!this.joinAgain) return;
+        } catch (error) {
+          if (link) link.close(this.api.token);
+          if (this.ended) return;
+          if (error instanceof CallOver) return;
+          if (error instanceof ApiError && (error.status === 409 || error.status === 404)) {
+            await this.checkOver(); // throws CallOver if the call has ended
+          }
+          failures += 1;
+          // A media node that refused (401/403 token, 503 draining or full, 409) or did not
+          // answer: ask signaling for a fresh grant on a live node next time.
+          console.info(`dmcall: join attempt ${failures} failed: ${error.message || error}`);
+          await this.backoff(failures);
+        } finally {
+          if (this.candidate && this.candidate.closed) this.candidate = null;
+        }
+      }
+    } catch (error) {
+      if (!(error instanceof CallOver)) throw error;
+    } finally {
+      this.joining = false;
+      this.candidate = null;
+    }
+  }
+
+  // POST /v1/calls/{id}/media: a grant on a live node (signaling moves the call if its node
+  // is gone). Signaling unreachable: the grant we have (its node may be fine).
+  async freshGrant() {
+    try {
+      this.grant = await this.api.media(this.callId);
+    } catch (error) {
+      if (error instanceof ApiError && (error.status === 409 || error.status === 404 || error.status === 403)) {
+        await this.checkOver();
+      }
+    }
+    return this.grant;
+  }
+
+  // Ends the session if signaling says the call is over (the "over" event carries the call).
+  async checkOver() {
+    let call;
+    try {
+      call = await this.api.getCall(this.callId);
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 404) call = { call_id: this.callId, state: "ended" };
+      else return;
+    }
+    if (call && FINAL_STATES.has(call.state)) {
+      this.dispatchEvent(new CustomEvent("over", { detail: call }));
+      if (!this.ended) this.finish("Call ended");
+      throw new CallOver("call over");
+    }
+  }
+
+  // Exponential backoff with full jitter; a call.media grant cuts it short.
+  backoff(failures) {
+    const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** (failures - 1));
+    const delay = ceiling / 2 + Math.random() * (ceiling / 2);
+    return new Promise((resolve) => {
+      const timer = setTimeout(done, delay);
+      function done() { clearTimeout(timer); resolve(); }
+      this.wake = () => { this.wake = null; done(); };
+    });
+  }
+
+  // The new connection carries media: it becomes the call's, the old one is closed.
+  promote(link) {
+    const old = this.link;
+    this.link = link;
+    this.candidate = null;
+    this.remote = link.remote;
+    this.inboundBytes = 0;
+    this.inboundAt = Date.now();
+    this.lastStats = null;
+    if (old) {
+      this.rejoins += 1;
+      old.close(this.api.token);
+    }
+    if (!this.connectedAt) this.connectedAt = Date.now();
+    this.reconnecting = false;
+    this.status = "";
+    this.sendMediaState();
+    this.changed();
+  }
+
+  // A state change of one of our peer connections.
+  onLinkState(link) {
+    if (link !== this.link || this.ended) return;
+    const { iceConnectionState, connectionState } = link.pc;
+    if (connectionState === "failed" || iceConnectionState === "failed") this.rejoin("ice_failed");
+    else if (iceConnectionState === "disconnected") this.rejoin("ice_disconnected");
+  }
+
+  // call.media: the call moved to another node (or this party should rejoin there).
+  onMedia(message) {
+    const { media_url, media_token, node_id, ice_servers, reason } = message;
+    if (typeof media_url !== "string" || typeof media_token !== "string") return;
+    this.rejoin(reason || "call.media", { media_url, media_token, node_id, ice_servers });
+  }
+
+  // ------------------------------------------------------------------ in-call state
+
+  // call.peer: the other party's connection, microphone and camera.
+  onPeer(message) {
+    if (message.user && message.user !== this.peer) return;
+    for (const field of ["connection", "audio", "video"]) {
+      if (typeof message[field] === "string") this.peerState[field] = message[field];
+    }
+    // The other party turned its camera on in an audio call: the call is a video call now
+    // (our camera stays off until we turn it on).
+    if (message.video === "on" && this.media === "audio") this.media = "video";
+    this.changed();
+  }
+
+  // The call became a video call (call.state after an upgrade).
+  onUpgraded(media) {
+    if (media === "video" && this.media === "audio") {
+      this.media = "video";
+      this.changed();
+    }
+  }
+
+  mediaState() {
+    return { audio: this.muted ? "muted" : "on", video: this.cameraOff ? "off" : "on" };
+  }
+
+  sendMediaState() {
+    if (this.ended || !this.local) return;
+    this.socket.send({ type: "call.media_state", call_id: this.callId, ...this.mediaState() });
+  }
+
+  // ------------------------------------------------------------------ stats
+
   async pollStats() {
-    if (!this.pc) return;
-    const report = await this.pc.getStats();
+    const link = this.link;
+    if (!link) return;
+    let report;
+    try {
+      report = await link.pc.getStats();
+    } catch {
+      report = new Map(); // closed under us: counts as nothing received
+    }
     const s = { framesDecoded: 0, framesEncoded: 0, packetsReceived: 0, packetsLost: 0, rtt: null, bytesReceived: 0 };
+    let transportBytes = 0;
     report.forEach((r) => {
       if (r.type === "inbound-rtp") {
         s.packetsReceived += r.packetsReceived || 0;
@@ -221,8 +513,12 @@ export class CallSession extends EventTarget {
         s.framesEncoded += r.framesEncoded || 0;
       } else if (r.type === "candidate-pair" && r.nominated && r.currentRoundTripTime !== undefined) {
         s.rtt = r.currentRoundTripTime;
+      } else if (r.type === "transport") {
+        transportBytes += r.bytesReceived || 0;
       }
     });
+    if (link !== this.link || this.ended) return;
+    this.watchInbound(transportBytes);
     const prev = this.lastStats;
     this.lastStats = s;
     if (!prev) return;
@@ -236,6 +532,19 @@ export class CallSession extends EventTarget {
     else quality = "poor";
     this.quality = quality;
     this.changed();
+  }
+
+  // Everything the SFU sends counts (its RTCP too, so the other party going quiet is not
+  // our connection breaking): nothing for STALL_MS and the connection is dead.
+  watchInbound(bytes) {
+    const now = Date.now();
+    if (bytes > this.inboundBytes) {
+      this.inboundBytes = bytes;
+      this.inboundAt = now;
+    } else if (now - this.inboundAt > STALL_MS) {
+      this.inboundAt = now; // once per stall
+      this.rejoin("no_media");
+    }
   }
 
   // What the encryption worker counted; with the first received key frame as it came
@@ -255,14 +564,29 @@ export class CallSession extends EventTarget {
     });
   }
 
+  // ------------------------------------------------------------------ controls
+
   setMuted(muted) {
     for (const track of this.local ? this.local.getAudioTracks() : []) track.enabled = !muted;
+    this.sendMediaState();
     this.changed();
   }
   get muted() { return !!this.local && this.local.getAudioTracks().every((t) => !t.enabled); }
 
-  setCameraOff(off) {
-    for (const track of this.local ? this.local.getVideoTracks() : []) track.enabled = !off;
+  // Camera off / on; on in an audio call (no camera yet) opens the camera and makes the
+  // call a video call: signaling upgrades it when call.media_state says video "on".
+  async setCameraOff(off) {
+    if (!this.local) return;
+    if (!off && !this.local.getVideoTracks().length) {
+      const stream = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 } });
+      const track = stream.getVideoTracks()[0];
+      if (this.ended) { track.stop(); return; }
+      this.local.addTrack(track);
+      this.media = "video";
+      for (const link of [this.link, this.candidate]) if (link) await link.setVideoTrack(track);
+    }
+    for (const track of this.local.getVideoTracks()) track.enabled = !off;
+    this.sendMediaState();
     this.changed();
   }
   get cameraOff() { return !!this.local && this.local.getVideoTracks().every((t) => !t.enabled); }
@@ -285,8 +609,13 @@ export class CallSession extends EventTarget {
     this.ended = true;
     this.endReason = reason;
     clearInterval(this.statsTimer);
-    if (this.session) this.api.leaveMedia(this.session, this.mediaToken);
-    if (this.pc) this.pc.close();
+    if (this.wake) this.wake();
+    for (const link of [this.link, this.candidate]) {
+      if (!link || link.closed) continue;
+      link.closed = true;
+      if (link.sessionUrl) this.api.leaveMedia(link.sessionUrl, link.mediaToken);
+      link.pc.close();
+    }
     if (this.worker) this.worker.terminate();
     if (this.local) for (const track of this.local.getTracks()) track.stop();
     for (const track of this.remote.getTracks()) track.stop();
@@ -298,6 +627,8 @@ export class CallSession extends EventTarget {
 function useEncodedStreams() {
   return new URLSearchParams(location.search).get("e2ee") === "encoded-streams";
 }
+
+function sleep(ms) { return new Promise((resolve) => setTimeout(resolve, ms)); }
 
 function iceGatheringComplete(pc) {
   if (pc.iceGatheringState === "complete") return Promise.resolve();

@@ -487,6 +487,8 @@ function connectSocket() {
   state.socket = socket;
   socket.on("open", () => {
     $("conn").classList.add("up");
+    // Signaling may have missed a change while we were away: say again how we are.
+    if (state.session) state.session.sendMediaState();
     // The server sends call.incoming for what rings now; drop what stopped while we were away.
     state.api.ringState().then(({ calls }) => {
       const live = new Set((calls || []).map((c) => c.call_id));
@@ -501,8 +503,16 @@ function connectSocket() {
   socket.on("call.incoming", onIncoming);
   socket.on("call.state", onCallState);
   socket.on("call.signal", onCallSignal);
+  socket.on("call.media", (message) => inCall(message, (session) => session.onMedia(message)));
+  socket.on("call.peer", (message) => inCall(message, (session) => session.onPeer(message)));
   socket.connect();
   scheduleTokenRefresh();
+}
+
+// A message about the call on this device's call screen (others are not this tab's).
+function inCall(message, handle) {
+  const session = state.session;
+  if (session && !session.ended && session.callId === message.call_id) handle(session);
 }
 
 function onIncoming(call) {
@@ -551,6 +561,8 @@ function sessionState(session, message) {
     session.role = message.caller === state.me ? "caller" : "callee";
     session.adoptMedia(message.media);
     session.start(message);
+  } else if ((message.state === "accepted" || message.state === "active") && session.started) {
+    session.onUpgraded(message.media); // an audio call whose camera was turned on is video now
   } else if (message.state === "cancelled" && message.replaced_by) {
     // Glare: we called them while they called us; the other call survives and goes on
     // in this same call screen (its accepted state, with our media, follows).
@@ -638,6 +650,8 @@ function openSession(call, role) {
   for (const message of state.pendingSignals.get(call.call_id) || []) session.onSignal(message);
   state.pendingSignals.delete(call.call_id);
   session.addEventListener("change", () => renderCall(session));
+  // A rejoin found the call over (its call.state may never have reached this socket).
+  session.addEventListener("over", (event) => sessionState(session, event.detail));
   session.addEventListener("end", () => {
     if (state.session === session) state.session = null;
     $("call").hidden = true;
@@ -659,14 +673,23 @@ function renderCall(session) {
   $("call-peer").textContent = session.peer;
   avatar($("call-avatar"), session.peer);
   const video = session.media === "video";
-  $("audio-only").hidden = video;
+  const peer = session.peerState;
+  const peerCameraOff = video && peer.video === "off";
+  $("audio-only").hidden = video && !peerCameraOff;
   $("remote-video").hidden = !video;
-  $("local-video").hidden = !video || !session.local;
-  $("btn-camera").hidden = !video;
+  $("local-video").hidden = !video || !session.local || !session.local.getVideoTracks().length;
   if ($("local-video").srcObject !== session.local) $("local-video").srcObject = session.local;
-  const remoteEl = video ? $("remote-video") : $("remote-audio");
+  // One element plays the other party (the video element its sound too); after a rejoin
+  // the stream is the new connection's.
+  const [remoteEl, otherEl] = video ? [$("remote-video"), $("remote-audio")] : [$("remote-audio"), $("remote-video")];
+  if (otherEl.srcObject) otherEl.srcObject = null;
   if (remoteEl.srcObject !== session.remote && session.remote.getTracks().length) remoteEl.srcObject = session.remote;
+  $("call").dataset.media = session.media;
   $("call-status").textContent = session.status;
+  $("call").classList.toggle("reconnecting", session.reconnecting);
+  $("peer-status").textContent = peer.connection === "reconnecting" ? `${session.peer} is reconnecting…` : "";
+  $("peer-muted").hidden = peer.audio !== "muted";
+  $("peer-camera-off").hidden = !peerCameraOff;
   $("call-quality").textContent = session.quality ? `${session.quality[0].toUpperCase()}${session.quality.slice(1)} connection` : "";
   $("call-quality").className = `quality ${session.quality || ""}`;
   $("e2ee").hidden = !session.safetyCode;
@@ -688,7 +711,11 @@ function renderCallClock() {
 
 $("btn-hangup").addEventListener("click", () => state.session && state.session.hangup());
 $("btn-mute").addEventListener("click", () => state.session && state.session.setMuted(!state.session.muted));
-$("btn-camera").addEventListener("click", () => state.session && state.session.setCameraOff(!state.session.cameraOff));
+$("btn-camera").addEventListener("click", () => {
+  const session = state.session;
+  if (!session) return;
+  session.setCameraOff(!session.cameraOff).catch((error) => toast(`Camera: ${error.message}`));
+});
 $("btn-report").addEventListener("click", () => state.session && report(state.session.callId, state.session.peer));
 $("btn-block").addEventListener("click", () => state.session && block(state.session.peer));
 
