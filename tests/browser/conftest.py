@@ -69,6 +69,8 @@ class Stack:
     policy: ServiceProcess
     notifications: ServiceProcess
     media: ServiceProcess | None
+    media_nodes: list[ServiceProcess] = field(default_factory=list)
+    """Every media node (``media`` is the first), by node id ``media-1``, ``media-2``..."""
     contexts: list[BrowserContext] = field(default_factory=list)
     traffic: dict[str, Traffic] = field(default_factory=dict)
 
@@ -107,10 +109,20 @@ def _text(payload: str | bytes) -> str:
 def make_stack(spawn: Callable[..., ServiceProcess]) -> Iterator[Callable[..., Stack]]:
     stacks: list[Stack] = []
 
-    def build(*, media: bool = True, **signaling_env: str) -> Stack:
+    def build(
+        *,
+        media: bool = True,
+        media_nodes: int = 1,
+        media_env: dict[str, str] | None = None,
+        **signaling_env: str,
+    ) -> Stack:
         policy = spawn("policy", wait=False)
         notifications = spawn("notifications", wait=False)
-        node = spawn("media", wait=False, MEDIA_NODE_ID="media-1") if media else None
+        nodes = [
+            spawn("media", wait=False, MEDIA_NODE_ID=f"media-{n}", **(media_env or {}))
+            for n in range(1, (media_nodes if media else 0) + 1)
+        ]
+        node = nodes[0] if nodes else None
         signaling = spawn(
             "signaling",
             wait=False,
@@ -118,11 +130,10 @@ def make_stack(spawn: Callable[..., ServiceProcess]) -> Iterator[Callable[..., S
             SIGNALING_NOTIFICATIONS_URL=notifications.url,
             **signaling_env,
         )
-        for proc in (policy, notifications, node, signaling):
-            if proc is not None:
-                proc.wait_ready(timeout=60)
+        for proc in (policy, notifications, *nodes, signaling):
+            proc.wait_ready(timeout=60)
         seed.seed(policy.url)
-        stack = Stack(signaling, policy, notifications, node)
+        stack = Stack(signaling, policy, notifications, node, nodes)
         stacks.append(stack)
         return stack
 
