@@ -167,3 +167,153 @@ def test_frozen_media_node_both_pages_rejoin_by_themselves(
     expect(history_item(bob, call_id).get_by_test_id("history-outcome")).to_have_text(
         re.compile(r"^\d+:\d\d$")
     )
+
+
+def test_sigterm_of_the_calls_media_node_both_pages_show_video_again(
+    browser: Browser, make_stack: Callable[..., Stack]
+) -> None:
+    # Two media nodes, as in a rolling deploy: the call's node gets SIGTERM, drains, and
+    # both browsers move to the other node by themselves (call.media).
+    stack = make_stack(media_nodes=2)
+    alice = open_as(browser, stack, "alice")
+    bob = open_as(browser, stack, "bob")
+    call_id = start_call(stack, alice, bob)
+    code = alice.get_by_test_id("safety-code").inner_text()
+    answered_at = get_call(stack, alice, call_id)["answered_at"]
+    node_id = alice.evaluate("window.dmcall.session.nodeId")
+    assert node_id and bob.evaluate("window.dmcall.session.nodeId") == node_id
+    node = next(n for n in stack.media_nodes if n.env["MEDIA_NODE_ID"] == node_id)
+    assert node.proc is not None
+
+    node.proc.send_signal(signal.SIGTERM)
+    # Within 5 s of the SIGTERM (a bound, not a speed test) both show the other's video
+    # again, from the other node.
+    for page in (alice, bob):
+        wait_until(
+            lambda page=page: shows_video_again(page, rejoined=lambda v: v["node"] != node_id),
+            timeout=5,
+            what="the other's video from the other node",
+        )
+    for page in (alice, bob):
+        expect(page.get_by_test_id("call-screen")).to_be_visible()
+        expect(page.get_by_test_id("safety-code")).to_have_text(code)
+        expect(page.get_by_test_id("toast")).to_be_hidden()
+    screenshot(bob, "call-after-node-drain")
+    call = get_call(stack, alice, call_id)
+    assert call["state"] == "active" and call["answered_at"] == answered_at, call
+    # The drained node exits by itself once both left it.
+    node.proc.wait(timeout=40)
+
+    bob.get_by_test_id("hangup").click()
+    for page in (alice, bob):
+        expect(page.get_by_test_id("call-screen")).to_be_hidden()
+        expect(page.get_by_test_id("toast")).to_have_text("Call ended")
+
+
+def test_camera_button_upgrades_an_audio_call_to_video(
+    browser: Browser, make_stack: Callable[..., Stack]
+) -> None:
+    stack = make_stack()
+    alice = open_as(browser, stack, "alice")
+    bob = open_as(browser, stack, "bob")
+    call_id = start_call(stack, alice, bob, media="audio")
+    code = alice.get_by_test_id("safety-code").inner_text()
+    for page in (alice, bob):
+        expect(page.get_by_test_id("call-screen")).to_have_attribute("data-media", "audio")
+        expect(page.get_by_test_id("camera")).to_have_attribute("title", "Camera on")
+
+    # alice turns her camera on: the call is a video call now; bob sees her, and alice
+    # sees that bob's camera is off.
+    alice.get_by_test_id("camera").click()
+    expect(alice.get_by_test_id("camera")).to_have_attribute("title", "Camera off")
+    for page in (alice, bob):
+        expect(page.get_by_test_id("call-screen")).to_have_attribute(
+            "data-media", "video", timeout=10_000
+        )
+    wait_until(
+        lambda: shows_video_again(bob, rejoined=lambda v: True), what="bob seeing alice's video"
+    )
+    expect(alice.get_by_test_id("peer-camera-off")).to_be_visible()
+    assert get_call(stack, alice, call_id)["media"] == "video"
+
+    # bob turns his on too: both see video.
+    bob.get_by_test_id("camera").click()
+    expect(alice.get_by_test_id("peer-camera-off")).to_be_hidden(timeout=10_000)
+    wait_until(
+        lambda: shows_video_again(alice, rejoined=lambda v: True), what="alice seeing bob's video"
+    )
+    for page in (alice, bob):
+        expect(page.get_by_test_id("safety-code")).to_have_text(code)
+    screenshot(alice, "call-upgraded-to-video")
+
+    alice.get_by_test_id("hangup").click()
+    expect(bob.get_by_test_id("call-screen")).to_be_hidden()
+    for page, direction in ((alice, "Outgoing"), (bob, "Incoming")):
+        open_history(page)
+        expect(history_item(page, call_id)).to_contain_text(f"{direction} video")
+
+
+def test_mute_and_camera_off_show_on_the_other_side(
+    browser: Browser, make_stack: Callable[..., Stack]
+) -> None:
+    stack = make_stack()
+    alice = open_as(browser, stack, "alice")
+    bob = open_as(browser, stack, "bob")
+    start_call(stack, alice, bob)
+    expect(bob.get_by_test_id("peer-muted")).to_be_hidden()
+
+    alice.get_by_test_id("mute").click()
+    expect(bob.get_by_test_id("peer-muted")).to_be_visible(timeout=10_000)
+    alice.get_by_test_id("camera").click()
+    expect(bob.get_by_test_id("peer-camera-off")).to_be_visible(timeout=10_000)
+    screenshot(bob, "call-peer-muted-camera-off")
+    # alice sees nothing of that about bob, who did neither.
+    expect(alice.get_by_test_id("peer-muted")).to_be_hidden()
+    expect(alice.get_by_test_id("peer-camera-off")).to_be_hidden()
+
+    alice.get_by_test_id("mute").click()
+    alice.get_by_test_id("camera").click()
+    expect(bob.get_by_test_id("peer-muted")).to_be_hidden(timeout=10_000)
+    expect(bob.get_by_test_id("peer-camera-off")).to_be_hidden(timeout=10_000)
+    alice.get_by_test_id("hangup").click()
+    expect(bob.get_by_test_id("call-screen")).to_be_hidden()
+
+
+def test_the_other_side_shows_a_party_reconnecting(
+    browser: Browser, make_stack: Callable[..., Stack]
+) -> None:
+    stack = make_stack()
+    alice = open_as(browser, stack, "alice")
+    bob = open_as(browser, stack, "bob")
+    start_call(stack, alice, bob)
+    code = alice.get_by_test_id("safety-code").inner_text()
+
+    # bob's connection dies and (held back here) he does not rejoin at once: the SFU sees
+    # his media stop, and alice is told he is reconnecting.
+    bob.evaluate(
+        """() => {
+            const session = window.dmcall.session;
+            session.rejoin = () => {};
+            session.pc.close();
+        }"""
+    )
+    expect(alice.get_by_test_id("peer-status")).to_have_text("bob is reconnecting…", timeout=15_000)
+    expect(alice.get_by_test_id("call-status")).to_have_text("")
+    screenshot(alice, "call-peer-reconnecting")
+
+    # He rejoins: the note goes, video again both ways, the same safety code.
+    bob.evaluate(
+        """() => {
+            const session = window.dmcall.session;
+            delete session.rejoin;
+            session.rejoin("test");
+        }"""
+    )
+    expect(alice.get_by_test_id("peer-status")).to_have_text("", timeout=15_000)
+    for page in (alice, bob):
+        wait_until(
+            lambda page=page: shows_video_again(page, rejoined=lambda v: True),
+            what="video again after bob rejoined",
+        )
+        expect(page.get_by_test_id("safety-code")).to_have_text(code)
+    assert bob.evaluate("window.dmcall.session.rejoins") == 1

@@ -175,7 +175,7 @@ export class CallSession extends EventTarget {
     this.inboundBytes = 0;
     this.inboundAt = 0;
     // What the other party said of itself (call.peer).
-    this.peerState = { connection: "connected", audio: "on", video: "on" };
+    this.peerState = { connection: "connected", audio: "on", video: call.media === "video" ? "on" : "off" };
   }
 
   changed() { this.dispatchEvent(new Event("change")); }
@@ -456,7 +456,14 @@ export class CallSession extends EventTarget {
   onMedia(message) {
     const { media_url, media_token, node_id, ice_servers, reason } = message;
     if (typeof media_url !== "string" || typeof media_token !== "string") return;
-    this.rejoin(reason || "call.media", { media_url, media_token, node_id, ice_servers });
+    const grant = { media_url, media_token, node_id, ice_servers };
+    // Already there (our own rejoin got a grant on that node first): nothing to do.
+    const target = this.candidate || this.link;
+    if (target && node_id && target.nodeId === node_id && !(target === this.link && this.reconnecting)) {
+      this.grant = grant;
+      return;
+    }
+    this.rejoin(reason || "call.media", grant);
   }
 
   // ------------------------------------------------------------------ in-call state
@@ -469,7 +476,10 @@ export class CallSession extends EventTarget {
     }
     // The other party turned its camera on in an audio call: the call is a video call now
     // (our camera stays off until we turn it on).
-    if (message.video === "on" && this.media === "audio") this.media = "video";
+    if (message.video === "on" && this.media === "audio") {
+      this.media = "video";
+      this.sendMediaState(); // camera off here: the other side shows that, not a black picture
+    }
     this.changed();
   }
 
