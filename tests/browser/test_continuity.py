@@ -71,7 +71,7 @@ def shows_video_again(page: Page, *, rejoined: Callable[[dict[str, Any]], bool])
 def start_call(stack: Stack, caller: Page, callee: Page, media: str = "video") -> str:
     """``caller`` calls ``callee`` (bob), who answers; returns the call id once media flows."""
     caller.get_by_test_id(f"call-{media}-bob").click()
-    expect(callee.get_by_test_id("incoming-call")).to_be_visible()
+    expect(callee.get_by_test_id("incoming-call")).to_be_visible(timeout=15_000)
     callee.get_by_test_id("accept").click()
     for page in (caller, callee):
         expect(page.get_by_test_id("safety-code")).to_have_text(SAFETY_CODE, timeout=30_000)
@@ -84,7 +84,12 @@ def start_call(stack: Stack, caller: Page, callee: Page, media: str = "video") -
     if media == "video":
         for page in (caller, callee):
             wait_until(lambda page=page: video_frames_decoded(page) > 0, what="video decoded")
-    return str(caller.evaluate("window.dmcall.session.callId"))
+    call_id = str(caller.evaluate("window.dmcall.session.callId"))
+    # The SFU told signaling that media flows both ways: the call is active.
+    wait_until(
+        lambda: get_call(stack, caller, call_id)["state"] == "active", what="the call active"
+    )
+    return call_id
 
 
 def get_call(stack: Stack, page: Page, call_id: str) -> dict[str, Any]:
