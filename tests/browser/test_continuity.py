@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -191,14 +192,17 @@ def test_sigterm_of_the_calls_media_node_both_pages_show_video_again(
     assert node.proc is not None
 
     node.proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
     # Within 5 s of the SIGTERM (a bound, not a speed test) both show the other's video
     # again, from the other node.
-    for page in (alice, bob):
+    for name, page in (("alice", alice), ("bob", bob)):
         wait_until(
             lambda page=page: shows_video_again(page, rejoined=lambda v: v["node"] != node_id),
-            timeout=5,
+            timeout=5 - (time.monotonic() - sent),
             what="the other's video from the other node",
         )
+        # A figure for the report (-s shows it), not an assertion.
+        print(f"{name}: the other's video from the other node {time.monotonic() - sent:.2f} s")
     for page in (alice, bob):
         expect(page.get_by_test_id("call-screen")).to_be_visible()
         expect(page.get_by_test_id("safety-code")).to_have_text(code)

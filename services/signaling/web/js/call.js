@@ -496,7 +496,7 @@ export class CallSession extends EventTarget {
   }
 
   sendMediaState() {
-    if (this.ended || !this.local) return;
+    if (this.ended || !this.local || !this.keys) return; // only once in the call
     this.socket.send({ type: "call.media_state", call_id: this.callId, ...this.mediaState() });
   }
 
