@@ -219,6 +219,38 @@ def test_sigterm_of_the_calls_media_node_both_pages_show_video_again(
         expect(page.get_by_test_id("toast")).to_have_text("Call ended")
 
 
+def test_sigkill_of_the_calls_media_node_both_pages_show_video_again(
+    browser: Browser, make_stack: Callable[..., Stack]
+) -> None:
+    # A crash: no drain, no goodbye. The pages see nothing from the SFU for 2 s and rejoin;
+    # signaling, once the node's heartbeat is gone (MEDIA_REGISTRY_TTL_S, 3 s), moves the
+    # call (call.media, and POST /media answers with the live node).
+    stack = make_stack(media_nodes=2)
+    alice = open_as(browser, stack, "alice")
+    bob = open_as(browser, stack, "bob")
+    call_id = start_call(stack, alice, bob)
+    code = alice.get_by_test_id("safety-code").inner_text()
+    node_id = alice.evaluate("window.dmcall.session.nodeId")
+    node = next(n for n in stack.media_nodes if n.env["MEDIA_NODE_ID"] == node_id)
+
+    node.kill()
+    killed = time.monotonic()
+    for name, page in (("alice", alice), ("bob", bob)):
+        wait_until(
+            lambda page=page: shows_video_again(page, rejoined=lambda v: v["node"] != node_id),
+            timeout=15 - (time.monotonic() - killed),
+            what="the other's video from the other node",
+        )
+        print(f"{name}: the other's video after SIGKILL {time.monotonic() - killed:.2f} s")
+    for page in (alice, bob):
+        expect(page.get_by_test_id("call-screen")).to_be_visible()
+        expect(page.get_by_test_id("safety-code")).to_have_text(code)
+        expect(page.get_by_test_id("call-status")).to_have_text("")
+    assert get_call(stack, alice, call_id)["state"] == "active"
+    alice.get_by_test_id("hangup").click()
+    expect(bob.get_by_test_id("call-screen")).to_be_hidden()
+
+
 def test_camera_button_upgrades_an_audio_call_to_video(
     browser: Browser, make_stack: Callable[..., Stack]
 ) -> None:
