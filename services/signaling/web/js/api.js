@@ -125,13 +125,15 @@ export class Api {
   }
 
   // media (SFU): the SDP offer goes to the media node with the media token
-  // (a node that does not answer within ``timeoutMs`` is given up: the caller tries another grant)
-  async joinMedia(mediaUrl, mediaToken, offerSdp, timeoutMs = 8000) {
+  // (a node that does not answer within ``timeoutMs`` is given up: the caller tries another
+  // grant; ``signal`` aborts it sooner)
+  async joinMedia(mediaUrl, mediaToken, offerSdp, timeoutMs = 8000, signal = null) {
+    const timeout = AbortSignal.timeout(timeoutMs);
     const response = await fetch(mediaUrl, {
       method: "POST",
       headers: { Authorization: `Bearer ${mediaToken}`, "Content-Type": "application/sdp" },
       body: offerSdp,
-      signal: AbortSignal.timeout(timeoutMs),
+      signal: signal ? AbortSignal.any([timeout, signal]) : timeout,
     });
     const text = await response.text();
     if (!response.ok) {

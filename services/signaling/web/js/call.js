@@ -29,6 +29,7 @@ class MediaLink {
     this.sessionUrl = null;
     this.remote = new MediaStream();
     this.closed = false;
+    this.abort = new AbortController(); // closing the link cuts its join short
     const { scriptTransform, encodedStreams } = session.transforms;
     const pc = new RTCPeerConnection({
       iceServers, bundlePolicy: "max-bundle", encodedInsertableStreams: encodedStreams,
@@ -77,6 +78,7 @@ class MediaLink {
     if (this.closed) throw new Error("link closed");
     const { answer, location } = await this.session.api.joinMedia(
       this.grant.media_url, this.mediaToken, pc.localDescription.sdp, JOIN_TIMEOUT_MS,
+      this.abort.signal,
     );
     this.sessionUrl = location;
     if (this.closed) throw new Error("link closed");
@@ -96,9 +98,11 @@ class MediaLink {
       const done = (error) => {
         clearTimeout(timer);
         pc.removeEventListener("connectionstatechange", check);
+        this.abort.signal.removeEventListener("abort", check);
         if (error) reject(error); else resolve();
       };
       pc.addEventListener("connectionstatechange", check);
+      this.abort.signal.addEventListener("abort", check);
       check();
     });
   }
@@ -129,6 +133,7 @@ class MediaLink {
   close(userToken) {
     if (this.closed) return;
     this.closed = true;
+    this.abort.abort();
     if (this.sessionUrl) this.session.api.leaveMedia(this.sessionUrl, userToken);
     this.pc.close();
     for (const track of this.remote.getTracks()) track.stop();
@@ -327,6 +332,9 @@ export class CallSession extends EventTarget {
     if (this.joining) {
       if (grant) {
         this.joinAgain = true;
+        // An attempt still going to another node is dropped for the new grant at once.
+        const candidate = this.candidate;
+        if (candidate && candidate.nodeId !== grant.node_id) candidate.close(this.api.token);
         if (this.wake) this.wake();
       }
       return;
@@ -349,14 +357,16 @@ export class CallSession extends EventTarget {
         this.joinAgain = false;
         let link = null;
         try {
-          const grant = this.pendingGrant ? this.grant : await this.freshGrant();
-          this.pendingGrant = false;
+          let grant = this.grant;
+          if (this.pendingGrant) this.pendingGrant = false;
+          else grant = await this.freshGrant();
           link = new MediaLink(this, grant, await this.iceServers(grant));
           this.candidate = link;
           await link.join();
           await link.connected(LINK_CONNECT_MS);
           if (this.link) await link.firstMedia(HANDOVER_MS);
           if (this.ended) return;
+          if (link.closed) throw new Error("dropped for a newer grant");
           this.promote(link);
           link = null;
           if (!this.joinAgain) return;
@@ -371,7 +381,7 @@ export class CallSession extends EventTarget {
           // A media node that refused (401/403 token, 503 draining or full, 409) or did not
           // answer: ask signaling for a fresh grant on a live node next time.
           console.info(`dmcall: join attempt ${failures} failed: ${error.message || error}`);
-          await this.backoff(failures);
+          if (!this.pendingGrant) await this.backoff(failures); // a new grant: at once
         } finally {
           if (this.candidate && this.candidate.closed) this.candidate = null;
         }
@@ -388,12 +398,14 @@ export class CallSession extends EventTarget {
   // is gone). Signaling unreachable: the grant we have (its node may be fine).
   async freshGrant() {
     try {
-      this.grant = await this.api.media(this.callId);
+      const grant = await this.api.media(this.callId);
+      if (!this.pendingGrant) this.grant = grant; // a call.media meanwhile is newer
     } catch (error) {
       if (error instanceof ApiError && (error.status === 409 || error.status === 404 || error.status === 403)) {
         await this.checkOver();
       }
     }
+    this.pendingGrant = false;
     return this.grant;
   }
 
