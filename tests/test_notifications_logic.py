@@ -116,6 +116,50 @@ def test_address_guard(address: str, public: bool) -> None:
     assert is_public_address(address) is public
 
 
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        # IPv4-mapped: judged as the IPv4 address
+        ("::ffff:8.8.8.8", True),
+        ("::ffff:10.0.0.1", False),
+        # IPv4-compatible ::a.b.c.d (deprecated, RFC 4291): never a target
+        ("::127.0.0.1", False),
+        ("::10.0.0.1", False),
+        ("::8.8.8.8", False),
+        # SIIT ::ffff:0:a.b.c.d (RFC 2765): never a target
+        ("::ffff:0:7f00:1", False),
+        ("::ffff:0:a00:1", False),
+        ("::ffff:0:808:808", False),
+        # NAT64 well-known prefix 64:ff9b::/96 (DNS64 answers these): the IPv4 decides
+        ("64:ff9b::a00:1", False),
+        ("64:ff9b::7f00:1", False),
+        ("64:ff9b::a9fe:a9fe", False),  # 169.254.169.254, the metadata address
+        ("64:ff9b::808:808", True),
+        # NAT64 local-use prefix 64:ff9b:1::/48 (RFC 8215): inside a network only
+        ("64:ff9b:1::a00:1", False),
+        # 6to4 2002::/16: the IPv4 in bits 16-48 decides
+        ("2002:7f00:1::", False),
+        ("2002:a00:1::1", False),
+        ("2002:c0a8:101::1", False),
+        ("2002:808:808::1", True),
+        # Teredo 2001::/32: server and (obfuscated) client IPv4 both decide
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", False),  # client 127.0.0.1
+        ("2001:0:4136:e378:8000:63bf:f5ff:fffe", False),  # client 10.0.0.1
+        ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", True),  # client 8.8.8.8
+        ("2001:0:a00:1:8000:63bf:f7f7:f7f7", False),  # server 10.0.0.1
+        # other IPv6 that is not global unicast
+        ("::", False),
+        ("100::1", False),
+        ("2001:db8::1", False),
+        ("ff02::1", False),
+        ("4000::1", False),
+    ],
+)
+def test_f3_address_guard_judges_ipv4_wrapped_in_ipv6(address: str, public: bool) -> None:
+    """F3: IPv6 forms that carry an IPv4 address are judged by that address (or refused)."""
+    assert is_public_address(address) is public, address
+
+
 def test_url_shapes() -> None:
     assert check_url_shape("https://hooks.example.com/x?y=1") == ("https", "hooks.example.com", 443)
     assert check_url_shape("http://example.com:8080/") == ("http", "example.com", 8080)

@@ -26,7 +26,8 @@ repeating cannot help. An ``incoming_call`` whose ring deadline has passed is dr
 worse than none.
 
 The guard: a webhook URL must be http(s) (a Web Push endpoint https) and every address its
-host resolves to must be public (not private, loopback, link-local, multicast or reserved)
+host resolves to must be public (not private, loopback, link-local, multicast or reserved;
+an IPv6 form that wraps an IPv4 address, such as NAT64 or 6to4, is judged by that address)
 unless ``NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE`` is set (which also admits http Web Push
 endpoints, for a local test receiver). It is checked at registration and again
 before every attempt (DNS may change), and the request goes to the address that was checked
@@ -122,11 +123,44 @@ class UrlRefused(ValueError):
         self.reason = reason
 
 
+_GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+"""The NAT64 well-known prefix (RFC 6052): DNS64 answers it for IPv4-only hosts."""
+_SIXTOFOUR = ipaddress.IPv6Network("2002::/16")
+_TEREDO = ipaddress.IPv6Network("2001::/32")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address] | None:
+    """The IPv4 addresses an IPv6 address stands for, where its form routes to them
+    (IPv4-mapped, NAT64, 6to4, Teredo's server and client); None for any other address."""
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if ip in _NAT64:
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)]
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        return list(ip.teredo)
+    return None
+
+
 def is_public_address(address: str) -> bool:
+    """Whether a push may go to ``address``: a global unicast address, judged by the IPv4
+    address inside it when it is an IPv6 form that wraps one (docs/notifications.md)."""
     ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    if isinstance(ip, ipaddress.IPv6Address):
+        wrapped = embedded_ipv4(ip)
+        if wrapped is not None:
+            return all(_is_public_ipv4(v4) for v4 in wrapped)
+        # Everything else outside 2000::/3 is refused, among it the forms that wrap an IPv4
+        # address but reach no one outside a host or a site: IPv4-compatible ::a.b.c.d
+        # (deprecated), SIIT ::ffff:0:a.b.c.d and NAT64's local-use 64:ff9b:1::/48.
+        return ip in _GLOBAL_UNICAST_V6 and ip.is_global and not ip.is_multicast
+    return _is_public_ipv4(ip)
+
+
+def _is_public_ipv4(ip: ipaddress.IPv4Address) -> bool:
+    return ip.is_global and not ip.is_multicast and not ip.is_reserved
 
 
 def check_push_endpoint(url: str, *, allow_insecure: bool) -> None:
