@@ -586,3 +586,63 @@ async def test_a_push_held_by_an_instance_that_dies_is_delivered_by_another(
     requests = receiver.received("/hook")
     assert len(requests) == 3  # hung, 500, 200: one push, at least once
     assert len({r.headers["x-dmcall-delivery"] for r in requests}) == 1
+
+
+IPV4_WRAPPED_IN_IPV6 = (
+    "http://[::127.0.0.1]/x",  # IPv4-compatible
+    "http://[64:ff9b::a00:1]/x",  # NAT64 of 10.0.0.1
+    "http://[64:ff9b::a9fe:a9fe]/latest/meta-data",  # NAT64 of 169.254.169.254
+    "http://[2002:7f00:1::]/x",  # 6to4 of 127.0.0.1
+    "http://[::ffff:0:7f00:1]/x",  # SIIT of 127.0.0.1
+    "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/x",  # Teredo, client 127.0.0.1
+)
+
+
+async def test_f3_ipv6_forms_of_private_ipv4_are_refused_at_registration_and_delivery(
+    spawn: Callable[..., ServiceProcess],
+    publish: Publish,
+    token: Callable[..., str],
+) -> None:
+    """F3: an IPv6 literal that wraps a private IPv4 address is a private address."""
+    bob = token("bob")
+    permissive = spawn("notifications", **FAST)
+    async with httpx.AsyncClient(base_url=permissive.url) as client:
+        wrapped = await register(client, bob, "http://[64:ff9b::7f00:1]:9/x")
+    permissive.stop()
+
+    strict = spawn("notifications", NOTIFICATIONS_SSE_KEEPALIVE_S="1")
+    async with httpx.AsyncClient(base_url=strict.url, headers=auth(bob)) as client:
+        for url in IPV4_WRAPPED_IN_IPV6:
+            response = await client.post("/v1/devices", json={"kind": "webhook", "url": url})
+            assert response.status_code == 422, (url, response.text)
+            assert response.json()["error"] == "validation_error", url
+            assert response.json()["reason"] == "private_address", url
+        listed = (await client.get("/v1/devices")).json()
+        assert [d["id"] for d in listed] == [wrapped["id"]]
+
+        # Registered while private addresses were allowed: refused again before the attempt.
+        await publish(ringing(new_call()))
+        log = await eventually(
+            lambda: _when_outcome(deliveries(client, bob, wrapped["id"]), "dead_lettered")
+        )
+        assert "private" in log[0]["error"] and log[0]["status"] is None
+
+
+async def test_f8_concurrent_registrations_never_exceed_the_device_cap(
+    spawn: Callable[..., ServiceProcess], token: Callable[..., str], receiver: WebhookReceiver
+) -> None:
+    """F8: the cap is counted and the device added in one step, however many race."""
+    proc = spawn("notifications", NOTIFICATIONS_MAX_DEVICES_PER_USER="20", **FAST)
+    bob = token("bob")
+    async with httpx.AsyncClient(base_url=proc.url, headers=auth(bob), timeout=30) as client:
+
+        async def add(n: int) -> httpx.Response:
+            body = {"kind": "webhook", "url": receiver.url(f"/d{n}")}
+            return await client.post("/v1/devices", json=body)
+
+        responses = await asyncio.gather(*(add(n) for n in range(60)))
+        codes = sorted(r.status_code for r in responses)
+        assert codes == [201] * 20 + [409] * 40, codes
+        refused = next(r for r in responses if r.status_code == 409).json()
+        assert refused["error"] == "conflict" and "20" in refused["message"]
+        assert len((await client.get("/v1/devices")).json()) == 20

@@ -154,6 +154,17 @@ redis.call('PUBLISH', ARGV[7], id)
 return id
 """
 
+# KEYS: 1 devices set, 2 new device hash
+# ARGV: 1 max devices, 2 new device id, 3.. the new device's field/value pairs
+# Counts and adds in one step, so concurrent registrations cannot pass the cap together.
+# Returns 1 when made, 0 when the user has the maximum of devices.
+_ADD_DEVICE = """
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+redis.call('SADD', KEYS[1], ARGV[2])
+return 1
+"""
+
 # KEYS: 1 devices set, 2 webpush endpoints hash, 3 new device hash
 # ARGV: 1 endpoint hash, 2 max devices, 3 new device id, 4.. the new device's field/value pairs
 # Registers a Web Push subscription once per user: returns {id, 1} when made, {id, 0} when
@@ -400,8 +411,6 @@ class NotificationStore:
     async def add_device(self, user: str, kind: str, url: str) -> Device | None:
         """Registers a push target; None when the user already has the maximum."""
         k = self.keys
-        if await self.redis.scard(k.devices(user)) >= self.settings.max_devices_per_user:
-            return None
         device = Device(
             id=f"dev_{uuid.uuid4().hex}",
             user=user,
@@ -410,21 +419,24 @@ class NotificationStore:
             secret=f"whsec_{secrets.token_urlsafe(32)}",
             created_at=utc_iso(),
         )
-        async with self.redis.pipeline(transaction=True) as tx:
-            tx.hset(
-                k.device(device.id),
-                mapping={
-                    "id": device.id,
-                    "user": user,
-                    "kind": kind,
-                    "url": url,
-                    "secret": device.secret,
-                    "created_at": device.created_at,
-                },
-            )
-            tx.sadd(k.devices(user), device.id)
-            await tx.execute()
-        return device
+        fields = {
+            "id": device.id,
+            "user": user,
+            "kind": kind,
+            "url": url,
+            "secret": device.secret,
+            "created_at": device.created_at,
+        }
+        made: Any = await self.redis.eval(
+            _ADD_DEVICE,
+            2,
+            k.devices(user),
+            k.device(device.id),
+            self.settings.max_devices_per_user,
+            device.id,
+            *(item for pair in fields.items() for item in pair),
+        )
+        return device if int(made) else None
 
     async def add_webpush(
         self, user: str, endpoint: str, p256dh: str, auth: str
