@@ -7,6 +7,7 @@ between users."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -646,3 +647,75 @@ async def test_f8_concurrent_registrations_never_exceed_the_device_cap(
         refused = next(r for r in responses if r.status_code == 409).json()
         assert refused["error"] == "conflict" and "20" in refused["message"]
         assert len((await client.get("/v1/devices")).json()) == 20
+
+
+# --------------------------------------------------------------------------- stream limits
+
+
+async def test_f10_a_stream_ends_with_token_expired_when_its_token_expires(
+    spawn: Callable[..., ServiceProcess], publish: Publish, token: Callable[..., str]
+) -> None:
+    """F10: a stream lives no longer than the token it was opened with; its last event
+    says so, and a call after the expiry is not delivered on it."""
+    proc = spawn("notifications", **FAST)
+    short = token("bob", ttl_s=4)
+    async with open_stream(proc.url, token=short) as live:
+        await publish(ringing(before := new_call()))
+        seen = await live.next_data()
+        assert seen.json()["call_id"] == before
+        async with asyncio.timeout(20):  # keep-alives until the token expires
+            message = await live.next()
+            while message.event is None:
+                message = await live.next()
+        assert message.event == "token_expired"
+        final = message.json()
+        assert final["kind"] == "token_expired" and final["expired_at"].endswith("Z")
+        expired_at = datetime.fromisoformat(final["expired_at"].replace("Z", "+00:00"))
+        assert expired_at <= datetime.now(UTC)
+        await asyncio.wait_for(live.ended(), 10)
+        await publish(ringing(later := new_call()))
+        await asyncio.sleep(1)
+        assert live.messages.empty()
+    # A fresh token, resuming from the last id seen: what came after the expiry arrives.
+    async with open_stream(proc.url, token=token("bob"), last_event_id=seen.id) as live:
+        assert (await live.next_data()).json()["call_id"] == later
+
+
+async def test_f17_streams_per_user_are_capped_across_instances_with_429(
+    spawn: Callable[..., ServiceProcess], token: Callable[..., str]
+) -> None:
+    """F17: at most NOTIFICATIONS_SSE_MAX_STREAMS_PER_USER streams per user, counted over
+    every instance; one more is refused with 429 (the open ones are kept)."""
+    cap = {"NOTIFICATIONS_SSE_MAX_STREAMS_PER_USER": "3"}
+    first, second = spawn("notifications", **FAST, **cap), spawn("notifications", **FAST, **cap)
+    bob, carol = token("bob"), token("carol")
+    async with contextlib.AsyncExitStack() as stack:
+        streams = [
+            await stack.enter_async_context(open_stream(proc.url, token=bob))
+            for proc in (first, first, second)
+        ]
+        async with httpx.AsyncClient(timeout=10) as client:
+            for proc in (first, second):
+                async with client.stream(
+                    "GET", f"{proc.url}/v1/notifications/stream", params={"token": bob}
+                ) as refused:
+                    assert refused.status_code == 429, refused.status_code
+                    body = json.loads(await refused.aread())
+                assert body["error"] == "rate_limited" and body["reason"] == "too_many_streams"
+                assert "3" in body["message"]
+        # Someone else is not affected; the open streams still work.
+        async with open_stream(first.url, token=carol) as other:
+            assert (await other.next()).retry is not None
+        assert (await streams[2].next()).retry is not None
+        assert (await streams[2].next()).comment == "keep-alive"
+        await streams[0].close()
+
+        # Closing one frees its place (released by the instance that served it).
+        async def reopened() -> bool:
+            async with httpx.AsyncClient(timeout=10) as client:
+                async with client.stream(
+                    "GET", f"{second.url}/v1/notifications/stream", params={"token": bob}
+                ) as response:
+                    return response.status_code == 200
+
+        assert await eventually(reopened)

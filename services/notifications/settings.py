@@ -48,6 +48,15 @@ class NotificationsSettings(CommonSettings):
         3000, ge=100, le=600_000, description="The reconnect delay the stream advises clients."
     )
 
+    sse_max_streams_per_user: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        validation_alias="NOTIFICATIONS_SSE_MAX_STREAMS_PER_USER",
+        description="Open live streams per user, counted over every instance (tabs and "
+        "devices); one more is refused with 429.",
+    )
+
     # ---- push targets
     max_devices_per_user: int = Field(20, ge=1, le=1000)
     webhook_allow_private: bool = Field(
