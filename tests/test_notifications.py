@@ -719,3 +719,90 @@ async def test_f17_streams_per_user_are_capped_across_instances_with_429(
                     return response.status_code == 200
 
         assert await eventually(reopened)
+
+
+# --------------------------------------------------------------------------- fair pushes
+
+
+async def test_f6_one_users_stuck_webhooks_do_not_hold_up_another_users_push(
+    spawn: Callable[..., ServiceProcess],
+    publish: Publish,
+    token: Callable[..., str],
+    receiver: WebhookReceiver,
+) -> None:
+    """F6: 20 targets of alice that never answer, rung 10 times (200 pushes, far more than
+    the instance's 32 slots), do not delay bob's push: it arrives while alice's are stuck."""
+    stuck = {
+        **FAST,
+        "NOTIFICATIONS_PUSH_TIMEOUT_S": "60",
+        "NOTIFICATIONS_PUSH_INCOMING_CALL_TIMEOUT_S": "60",
+    }
+    proc = spawn("notifications", **stuck)
+    alice, bob = token("alice"), token("bob")
+    async with httpx.AsyncClient(base_url=proc.url) as client:
+        for n in range(20):
+            receiver.script(f"/alice/{n}", HANG)
+            await register(client, alice, receiver.url(f"/alice/{n}"))
+        await register(client, bob, receiver.url("/bob"))
+    for _ in range(10):
+        await publish(ringing(new_call(), caller="carol", callee="alice"))
+
+    def alices() -> list[Any]:
+        return [r for r in receiver.requests if r.path.startswith("/alice/")]
+
+    await eventually(alices)  # alice's pushes are taken and hang
+    await publish(ringing(call_id := new_call(), caller="carol", callee="bob"))
+    [push] = await eventually(lambda: receiver.received("/bob"))
+    assert json.loads(push.body)["notification"]["call_id"] == call_id
+    # ...while alice's are still stuck: none of hers has ended (each holds for 60 s), and
+    # she holds no more than her share of the instance's requests.
+    waiting = alices()
+    assert 0 < len(waiting) <= 8 < 200
+    assert all(r.at <= push.at for r in waiting)
+
+
+async def test_f6_incoming_calls_time_out_sooner_and_a_breaker_spares_a_stuck_target(
+    spawn: Callable[..., ServiceProcess],
+    publish: Publish,
+    token: Callable[..., str],
+    receiver: WebhookReceiver,
+    redis_client: Redis,
+    namespace: str,
+) -> None:
+    """F6: an incoming_call attempt gives up after NOTIFICATIONS_PUSH_INCOMING_CALL_TIMEOUT_S,
+    not the general timeout; after NOTIFICATIONS_PUSH_BREAKER_TIMEOUTS timeouts in a row a
+    target is not tried for NOTIFICATIONS_PUSH_BREAKER_COOLOFF_S (the skipped attempts are
+    logged and retried like any failure), then one trial; the push is dead-lettered after
+    its last attempt, never lost."""
+    proc = spawn(
+        "notifications",
+        **{
+            **FAST,
+            "NOTIFICATIONS_PUSH_TIMEOUT_S": "60",
+            "NOTIFICATIONS_PUSH_INCOMING_CALL_TIMEOUT_S": "1",
+            "NOTIFICATIONS_PUSH_MAX_ATTEMPTS": "4",
+            "NOTIFICATIONS_PUSH_BREAKER_TIMEOUTS": "2",
+            "NOTIFICATIONS_PUSH_BREAKER_COOLOFF_S": "2",
+        },
+    )
+    bob = token("bob")
+    receiver.script("/hang", HANG)
+    async with httpx.AsyncClient(base_url=proc.url) as client:
+        hang = await register(client, bob, receiver.url("/hang"))
+        await publish(ringing(new_call()))
+        log = await eventually(
+            lambda: _when_outcome(deliveries(client, bob, hang["id"]), "dead_lettered")
+        )
+    outcomes = [(e["attempt"], e["outcome"], e["error"]) for e in reversed(log)]
+    assert [(a, o) for a, o, _ in outcomes] == [
+        (1, "retrying"),
+        (2, "retrying"),
+        (3, "retrying"),
+        (4, "dead_lettered"),
+    ]
+    assert "timed out after 1.0s" in outcomes[0][2] and "timed out" in outcomes[1][2]
+    assert "circuit open" in outcomes[2][2]  # not tried: the target timed out twice
+    assert "timed out" in outcomes[3][2]  # the trial after the cool-off
+    assert [r.headers["x-dmcall-attempt"] for r in receiver.received("/hang")] == ["1", "2", "4"]
+    dlq = await redis_client.xrange(f"dmcall:{namespace}:notifications:push:dlq")
+    assert [json.loads(f[b"job"])["attempt"] for _id, f in dlq] == [4]

@@ -26,6 +26,13 @@ from services.notifications.push import (
     sign,
     verify,
 )
+from services.notifications.scheduling import (
+    Breakers,
+    BreakerState,
+    FairScheduler,
+    Limits,
+    Queued,
+)
 from services.notifications.settings import NotificationsSettings
 from services.notifications.store import parse_stream_id
 from shared.contracts import (
@@ -318,3 +325,70 @@ def test_make_vapid_key_prints_a_key_the_settings_accept(
     public = lines[1].rsplit(" ", 1)[1]
     assert webpush.public_key_b64(webpush.load_private_key(value)) == public
     assert _production(vapid_private_key=value, vapid_subject="mailto:a@b.example")
+
+
+# --------------------------------------------------------------------------- push scheduling
+
+
+def _item(n: int, user: str, target: str, *, urgent: bool = False) -> Queued:
+    return Queued(entry_id=f"{n}-0", user=user, target=target, urgent=urgent, job=None)
+
+
+def test_f6_scheduler_takes_users_in_turn_within_per_user_and_per_target_caps() -> None:
+    limits = Limits(total=4, per_user=2, per_target=1, user_backlog=50, backlog=100)
+    scheduler = FairScheduler(limits)
+    for n in range(30):  # a flood from alice over three targets, queued first
+        assert scheduler.offer(_item(n, "alice", f"a{n % 3}"))
+    scheduler.offer(_item(100, "bob", "b0"))
+    scheduler.offer(_item(101, "carol", "c0"))
+    assert not scheduler.offer(_item(100, "bob", "b0"))  # the same entry again: ignored
+    started = []
+    while (item := scheduler.next()) is not None:
+        started.append(item)
+    # alice gets her two, one per target; bob and carol are not kept waiting behind her.
+    assert [(i.user, i.target) for i in started] == [
+        ("alice", "a0"),
+        ("bob", "b0"),
+        ("carol", "c0"),
+        ("alice", "a1"),
+    ]
+    assert scheduler.running == 4 and scheduler.next() is None  # the instance's total
+    scheduler.done(started[1])
+    following = scheduler.next()  # bob's slot: alice is at her cap, nobody else waits
+    assert following is None
+    scheduler.done(started[0])
+    assert (nxt := scheduler.next()) is not None and (nxt.user, nxt.target) == ("alice", "a2")
+
+
+def test_f6_scheduler_prefers_incoming_calls_and_bounds_each_users_backlog() -> None:
+    scheduler = FairScheduler(Limits(total=10, per_user=1, per_target=1, user_backlog=3, backlog=9))
+    scheduler.offer(_item(1, "bob", "b0"))
+    scheduler.offer(_item(2, "bob", "b1", urgent=True))
+    assert not scheduler.user_is_full("bob")
+    scheduler.offer(_item(3, "bob", "b2"))
+    assert scheduler.user_is_full("bob") and not scheduler.user_is_full("alice")
+    assert scheduler.room == 6
+    first = scheduler.next()
+    assert first is not None and first.entry_id == "2-0"
+    scheduler.done(first)
+    assert not scheduler.user_is_full("bob") and scheduler.held == 2
+
+
+def test_f6_breaker_opens_after_timeouts_in_a_row_then_half_opens_for_one_trial() -> None:
+    breakers = Breakers(threshold=3, cooloff_s=30)
+    assert breakers.allow("d", 0) is None
+    assert not breakers.timed_out("d", 0) and not breakers.timed_out("d", 1)
+    breakers.answered("d")  # an answer starts the count again
+    assert not breakers.timed_out("d", 2) and not breakers.timed_out("d", 3)
+    assert breakers.timed_out("d", 4)  # the third in a row
+    assert breakers.state("d") is BreakerState.OPEN
+    assert breakers.allow("d", 10) == pytest.approx(24)
+    assert breakers.allow("other", 10) is None  # per target
+    assert breakers.allow("d", 34) is None  # cool-off over: one trial...
+    assert breakers.state("d") is BreakerState.HALF_OPEN
+    assert breakers.allow("d", 34) is not None  # ...at a time
+    assert breakers.timed_out("d", 35)  # the trial timed out: open again
+    assert breakers.allow("d", 36) == pytest.approx(29)
+    assert breakers.allow("d", 65) is None
+    breakers.answered("d")
+    assert breakers.state("d") is BreakerState.CLOSED and breakers.allow("d", 66) is None
