@@ -46,6 +46,7 @@ FAST = {
     "NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE": "true",
     "NOTIFICATIONS_SSE_KEEPALIVE_S": "1",
     "NOTIFICATIONS_PUSH_TIMEOUT_S": "1",
+    "NOTIFICATIONS_PUSH_INCOMING_CALL_TIMEOUT_S": "1",
     "NOTIFICATIONS_PUSH_BACKOFF_BASE_MS": "100",
     "NOTIFICATIONS_PUSH_BACKOFF_MAX_MS": "400",
     "NOTIFICATIONS_PUSH_MAX_ATTEMPTS": "3",
@@ -571,7 +572,11 @@ async def test_a_push_held_by_an_instance_that_dies_is_delivered_by_another(
 ) -> None:
     bob = token("bob")
     receiver.script("/hook", HANG, 500, 200)
-    doomed = spawn("notifications", **{**FAST, "NOTIFICATIONS_PUSH_TIMEOUT_S": "60"})
+    hold = {
+        "NOTIFICATIONS_PUSH_TIMEOUT_S": "60",
+        "NOTIFICATIONS_PUSH_INCOMING_CALL_TIMEOUT_S": "60",
+    }
+    doomed = spawn("notifications", **{**FAST, **hold})
     async with httpx.AsyncClient(base_url=doomed.url) as client:
         device = await register(client, bob, receiver.url("/hook"))
     await publish(ringing(new_call()))
@@ -740,25 +745,28 @@ async def test_f6_one_users_stuck_webhooks_do_not_hold_up_another_users_push(
     proc = spawn("notifications", **stuck)
     alice, bob = token("alice"), token("bob")
     async with httpx.AsyncClient(base_url=proc.url) as client:
+        targets = []
         for n in range(20):
             receiver.script(f"/alice/{n}", HANG)
-            await register(client, alice, receiver.url(f"/alice/{n}"))
+            targets.append(await register(client, alice, receiver.url(f"/alice/{n}")))
         await register(client, bob, receiver.url("/bob"))
-    for _ in range(10):
-        await publish(ringing(new_call(), caller="carol", callee="alice"))
+        for _ in range(10):
+            await publish(ringing(new_call(), caller="carol", callee="alice"))
 
-    def alices() -> list[Any]:
-        return [r for r in receiver.requests if r.path.startswith("/alice/")]
+        def alices() -> list[Any]:
+            return [r for r in receiver.requests if r.path.startswith("/alice/")]
 
-    await eventually(alices)  # alice's pushes are taken and hang
-    await publish(ringing(call_id := new_call(), caller="carol", callee="bob"))
-    [push] = await eventually(lambda: receiver.received("/bob"))
-    assert json.loads(push.body)["notification"]["call_id"] == call_id
-    # ...while alice's are still stuck: none of hers has ended (each holds for 60 s), and
-    # she holds no more than her share of the instance's requests.
-    waiting = alices()
-    assert 0 < len(waiting) <= 8 < 200
-    assert all(r.at <= push.at for r in waiting)
+        await eventually(alices)  # alice's pushes are taken and hang
+        await publish(ringing(call_id := new_call(), caller="carol", callee="bob"))
+        [push] = await eventually(lambda: receiver.received("/bob"))
+        assert json.loads(push.body)["notification"]["call_id"] == call_id
+        # ...while alice's are still stuck: none of her attempts has ended (each hangs for
+        # 60 s), and she holds no more than her share of the instance's requests.
+        for target in targets:
+            assert await deliveries(client, alice, target["id"]) == []
+        waiting = alices()
+        assert 0 < len(waiting) <= 8 < 200
+        assert min(r.at for r in waiting) < push.at
 
 
 async def test_f6_incoming_calls_time_out_sooner_and_a_breaker_spares_a_stuck_target(

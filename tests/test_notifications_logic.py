@@ -335,7 +335,9 @@ def _item(n: int, user: str, target: str, *, urgent: bool = False) -> Queued:
 
 
 def test_f6_scheduler_takes_users_in_turn_within_per_user_and_per_target_caps() -> None:
-    limits = Limits(total=4, per_user=2, per_target=1, user_backlog=50, backlog=100)
+    limits = Limits(
+        total=4, per_user=2, per_target=1, user_backlog=50, target_backlog=50, backlog=100
+    )
     scheduler = FairScheduler(limits)
     for n in range(30):  # a flood from alice over three targets, queued first
         assert scheduler.offer(_item(n, "alice", f"a{n % 3}"))
@@ -361,17 +363,19 @@ def test_f6_scheduler_takes_users_in_turn_within_per_user_and_per_target_caps() 
 
 
 def test_f6_scheduler_prefers_incoming_calls_and_bounds_each_users_backlog() -> None:
-    scheduler = FairScheduler(Limits(total=10, per_user=1, per_target=1, user_backlog=3, backlog=9))
+    limits = Limits(total=10, per_user=1, per_target=1, user_backlog=3, target_backlog=2, backlog=9)
+    scheduler = FairScheduler(limits)
     scheduler.offer(_item(1, "bob", "b0"))
     scheduler.offer(_item(2, "bob", "b1", urgent=True))
-    assert not scheduler.user_is_full("bob")
-    scheduler.offer(_item(3, "bob", "b2"))
-    assert scheduler.user_is_full("bob") and not scheduler.user_is_full("alice")
+    assert not scheduler.is_full("bob", "b0")
+    scheduler.offer(_item(3, "bob", "b0"))
+    assert scheduler.is_full("bob", "b2")  # bob holds 3
+    assert scheduler.is_full("alice", "b0") and not scheduler.is_full("alice", "a0")  # b0 holds 2
     assert scheduler.room == 6
     first = scheduler.next()
-    assert first is not None and first.entry_id == "2-0"
+    assert first is not None and first.entry_id == "2-0"  # the incoming_call first
     scheduler.done(first)
-    assert not scheduler.user_is_full("bob") and scheduler.held == 2
+    assert not scheduler.is_full("bob", "b2") and scheduler.held == 2
 
 
 def test_f6_breaker_opens_after_timeouts_in_a_row_then_half_opens_for_one_trial() -> None:

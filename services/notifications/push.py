@@ -89,7 +89,8 @@ MAX_URL_LENGTH = 2048
 TIMED_OUT = "timed out"
 """How the error of an attempt that timed out begins (the breakers count these)."""
 BACKLOG_FACTOR = 4
-"""Jobs held in memory per instance (and per user): this many times the concurrency."""
+"""Jobs held in memory per instance (and per user, per target): this many times the
+concurrency (of the instance, the user, the target)."""
 FETCH_MAX = 100
 DEFER_MS = 1000
 """A job of a user with a full backlog here comes back after about this long."""
@@ -296,6 +297,7 @@ class PushWorker:
                 per_user=settings.push_per_user_concurrency,
                 per_target=settings.push_per_target_concurrency,
                 user_backlog=BACKLOG_FACTOR * settings.push_per_user_concurrency,
+                target_backlog=BACKLOG_FACTOR * settings.push_per_target_concurrency,
                 backlog=BACKLOG_FACTOR * settings.push_concurrency,
             )
         )
@@ -366,10 +368,10 @@ class PushWorker:
             self._start_ready()
 
     async def _accept(self, entry_id: str, job: PushJob | None) -> None:
-        """Takes a job into the scheduler, or, when its user has the most jobs waiting here
-        already, puts it back in the retry queue for a moment (not counted as an attempt),
-        so one user's flood leaves room for everyone else's pushes."""
-        if job is not None and self.scheduler.user_is_full(job.user):
+        """Takes a job into the scheduler, or, when its user or target has the most jobs
+        waiting here already, puts it back in the retry queue for a moment (not counted
+        as an attempt), so one user's flood leaves room for everyone else's pushes."""
+        if job is not None and self.scheduler.is_full(job.user, job.device):
             delay = int(DEFER_MS * (0.5 + self._random.random()))
             await self.store.finish_job(entry_id, retry=(job, _now_ms() + delay))
             PUSHES.labels("unknown", "deferred").inc()

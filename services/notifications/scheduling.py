@@ -9,9 +9,11 @@ it has taken in a :class:`FairScheduler` and starts them from there:
   user's targets together, inside the instance's ``total``;
 - users take turns (round robin over the users with a job that may start), and within one
   user an ``incoming_call`` goes before the rest;
-- at most ``user_backlog`` jobs of one user wait in memory (the worker puts the others
-  back in the retry queue for a moment, without counting an attempt), so a flood from one
-  user never fills the buffer that the next user's job must get into.
+- at most ``user_backlog`` jobs of one user (and ``target_backlog`` for one target) wait in
+  memory; the worker puts the others back in the retry queue for a moment, without
+  counting an attempt. So a flood from one user never fills the buffer the next user's job
+  must get into, and no job waits here so long that another instance takes it over as if
+  this one had died (``push_claim_idle_ms``).
 
 A :class:`Breakers` entry per target opens after ``threshold`` timeouts in a row: for
 ``cooloff_s`` attempts to it are not made (the worker ends them as failed attempts, retried
@@ -46,6 +48,8 @@ class Limits:
     per_target: int
     user_backlog: int
     """Jobs of one user held in memory, waiting and running together."""
+    target_backlog: int
+    """Jobs for one target held in memory, waiting and running together."""
     backlog: int
     """Jobs held in memory in all."""
 
@@ -56,6 +60,7 @@ class FairScheduler:
         self._waiting: OrderedDict[str, deque[Queued]] = OrderedDict()
         self._known: set[str] = set()
         self._held_by_user: dict[str, int] = {}
+        self._held_by_target: dict[str, int] = {}
         self._running_by_user: dict[str, int] = {}
         self._running_by_target: dict[str, int] = {}
         self.running = 0
@@ -73,9 +78,12 @@ class FairScheduler:
     def knows(self, entry_id: str) -> bool:
         return entry_id in self._known
 
-    def user_is_full(self, user: str) -> bool:
-        """Whether ``user`` has the most jobs the scheduler holds for one user."""
-        return self._held_by_user.get(user, 0) >= self.limits.user_backlog
+    def is_full(self, user: str, target: str) -> bool:
+        """Whether the scheduler holds the most jobs it may for ``user`` or ``target``."""
+        return (
+            self._held_by_user.get(user, 0) >= self.limits.user_backlog
+            or self._held_by_target.get(target, 0) >= self.limits.target_backlog
+        )
 
     def offer(self, item: Queued) -> bool:
         """Takes a job in; False when it is held already (taken again by a reclaim)."""
@@ -83,6 +91,7 @@ class FairScheduler:
             return False
         self._known.add(item.entry_id)
         self._held_by_user[item.user] = self._held_by_user.get(item.user, 0) + 1
+        self._held_by_target[item.target] = self._held_by_target.get(item.target, 0) + 1
         queue = self._waiting.setdefault(item.user, deque())
         queue.append(item)
         return True
@@ -113,6 +122,7 @@ class FairScheduler:
         _decrement(self._running_by_user, item.user)
         _decrement(self._running_by_target, item.target)
         _decrement(self._held_by_user, item.user)
+        _decrement(self._held_by_target, item.target)
         self._known.discard(item.entry_id)
 
     def _pick(self, queue: deque[Queued]) -> Queued | None:
