@@ -663,7 +663,7 @@ async def test_f10_a_stream_ends_with_token_expired_when_its_token_expires(
     """F10: a stream lives no longer than the token it was opened with; its last event
     says so, and a call after the expiry is not delivered on it."""
     proc = spawn("notifications", **FAST)
-    short = token("bob", ttl_s=4)
+    short = token("bob", ttl_s=6)
     async with open_stream(proc.url, token=short) as live:
         await publish(ringing(before := new_call()))
         seen = await live.next_data()
