@@ -86,8 +86,6 @@ SIGNATURE_HEADER = "X-Dmcall-Signature"
 DELIVERY_HEADER = "X-Dmcall-Delivery"
 USER_AGENT = "dmcall-notifications/1.0"
 MAX_URL_LENGTH = 2048
-TIMED_OUT = "timed out"
-"""How the error of an attempt that timed out begins (the breakers count these)."""
 BACKLOG_FACTOR = 4
 """Jobs held in memory per instance (and per user, per target): this many times the
 concurrency (of the instance, the user, the target)."""
@@ -259,6 +257,8 @@ class Attempt:
     error: str | None = None
     not_before_s: float | None = None
     """retrying: wait at least this long (a target's breaker is open)."""
+    timed_out: bool = False
+    """The target did not answer in time (what a breaker counts)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,7 +478,7 @@ class PushWorker:
         except BaseException:
             self.breakers.abandoned(device.id)
             raise
-        if attempt.error is not None and attempt.error.startswith(TIMED_OUT):
+        if attempt.timed_out:
             if self.breakers.timed_out(device.id, time.monotonic()):
                 log.warning(
                     "device %s timed out %d times in a row: not tried for %.0f s",
@@ -541,7 +541,8 @@ class PushWorker:
                 extensions={"sni_hostname": server_name},
             )
         except httpx.TimeoutException:
-            return self._failed(job, None, f"{TIMED_OUT} after {timeout_s}s")
+            failed = self._failed(job, None, f"timed out after {timeout_s}s")
+            return dataclasses.replace(failed, timed_out=True)
         except httpx.HTTPError as exc:
             return self._failed(job, None, f"{type(exc).__name__}: {exc}")
         status = response.status_code
