@@ -386,19 +386,38 @@ function loadNotifications() {
   }).catch(() => {});
 }
 
-function connectNotifications() {
-  loadNotifications();
+function connectNotifications(lastEventId) {
+  if (!lastEventId) loadNotifications();
   // EventSource reconnects by itself, resuming after the last id it saw (Last-Event-ID).
-  const events = new EventSource(state.api.streamUrl());
+  const events = new EventSource(state.api.streamUrl(lastEventId));
   state.events = events;
   // Some of what we missed while away is no longer kept: read the inbox again.
   events.addEventListener("resync", loadNotifications);
+  // The stream ends when its token expires: open a new one with a fresh token, resuming
+  // after the last id seen (a new EventSource does not send Last-Event-ID by itself).
+  events.addEventListener("token_expired", async (event) => {
+    events.close();
+    const token = await freshToken().catch(() => null);
+    if (!token) { toast("Your session has expired: sign in again"); return; }
+    state.api.token = token;
+    connectNotifications(event.lastEventId || lastEventId);
+  });
   const handle = (event) => {
     try { onNotification(JSON.parse(event.data), true); } catch { /* keep-alive or junk */ }
   };
   for (const name of ["message", "notification", "missed_call", "incoming_call", "ring_stopped"]) {
     events.addEventListener(name, handle);
   }
+}
+
+// A token newer than the one in use: one another tab stored, or (development) a new one.
+async function freshToken() {
+  const stored = localStorage.getItem(TOKEN_KEY);
+  if (stored && stored !== state.api.token && tokenSubject(stored) === state.me) return stored;
+  if (!state.config.dev_sign_in) return null;
+  const token = await devToken(state.me);
+  localStorage.setItem(TOKEN_KEY, token);
+  return token;
 }
 
 function onNotification(item, live) {
