@@ -397,8 +397,8 @@ function connectNotifications(lastEventId) {
   // after the last id seen (a new EventSource does not send Last-Event-ID by itself).
   events.addEventListener("token_expired", async (event) => {
     events.close();
-    const token = await freshToken().catch(() => null);
-    if (!token) { toast("Your session has expired: sign in again"); return; }
+    const token = await freshToken(true).catch(() => null);
+    if (!token) return; // signed out: the sign-in screen says what to do
     state.api.token = token;
     connectNotifications(event.lastEventId || lastEventId);
   });
@@ -408,16 +408,6 @@ function connectNotifications(lastEventId) {
   for (const name of ["message", "notification", "missed_call", "incoming_call", "ring_stopped"]) {
     events.addEventListener(name, handle);
   }
-}
-
-// A token newer than the one in use: one another tab stored, or (development) a new one.
-async function freshToken() {
-  const stored = localStorage.getItem(TOKEN_KEY);
-  if (stored && stored !== state.api.token && tokenSubject(stored) === state.me) return stored;
-  if (!state.config.dev_sign_in) return null;
-  const token = await devToken(state.me);
-  localStorage.setItem(TOKEN_KEY, token);
-  return token;
 }
 
 function onNotification(item, live) {
@@ -467,12 +457,21 @@ function markMissedRead() {
 
 // ------------------------------------------------------------------ signaling socket
 
-// A token good for a while yet: the one we have or (with development sign-in) a new one;
-// null when the user must sign in again. ``force``: the server said ours expired.
+// A token good for a while yet: the one we have, a newer one another tab stored, or (with
+// development sign-in) a new one; null when the user must sign in again. ``force``: a server
+// (the socket's close code, the stream's token_expired) said ours expired.
 async function freshToken(force = false) {
   const token = state.api.token;
   const expiry = tokenExpiry(token);
   if (!force && (!expiry || expiry - Date.now() > TOKEN_MARGIN_MS)) return token;
+  const stored = localStorage.getItem(TOKEN_KEY);
+  const storedExpiry = stored ? tokenExpiry(stored) : null;
+  if (stored && stored !== token && tokenSubject(stored) === state.me
+      && storedExpiry && storedExpiry - Date.now() > TOKEN_MARGIN_MS) {
+    state.api.token = stored;
+    scheduleTokenRefresh();
+    return stored;
+  }
   if (!state.config.dev_sign_in) {
     signOut();
     return null;
