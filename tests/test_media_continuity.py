@@ -331,6 +331,8 @@ async def test_sigterm_drains_the_node_it_forwards_on_refuses_new_sessions_and_e
         )
         assert rejoin.status_code == 503 and rejoin.json()["error"] == "node_draining"
         assert media.proc.poll() is None  # still serving its call
+        metrics = (await http.get(f"{media.url}/metrics")).text
+        assert f'dmcall_media_draining{{node_id="{NODE}"}} 1.0' in metrics
 
         # Both parties move elsewhere (their connections here close): the node exits.
         await asyncio.gather(alice.close(), bob.close())
