@@ -76,8 +76,8 @@ async def tap(infra: Infra, namespace: str) -> AsyncIterator[EventTap]:
         yield events
 
 
-def media_token(settings: MediaSettings, call_id: str, user: str) -> str:
-    return issue_media_token(settings, MediaGrant(call_id, user, NODE))
+def media_token(settings: MediaSettings, call_id: str, user: str, node_id: str = NODE) -> str:
+    return issue_media_token(settings, MediaGrant(call_id, user, node_id))
 
 
 def sessions_url(proc: ServiceProcess, call_id: str) -> str:
@@ -368,5 +368,114 @@ async def test_a_draining_node_exits_after_media_drain_s_when_its_parties_never_
         assert bob.received["video"].packets > got  # it forwarded until it left
         assert await node_in_registry(MediaRegistry(redis_client, media_settings), NODE) is None
         assert tap.of(EventType.CALL_MEDIA_FAILED, call_id) == []
+    finally:
+        await asyncio.gather(alice.close(), bob.close())
+
+
+async def test_both_parties_move_from_a_draining_node_to_another_and_media_flows_again(
+    spawn: Callable[..., ServiceProcess],
+    media_settings: MediaSettings,
+    http: httpx.AsyncClient,
+    tap: EventTap,
+    videos: tuple[EncodedMedia, EncodedMedia],
+    audios: tuple[EncodedMedia, EncodedMedia],
+) -> None:
+    """What a rolling deploy does to a call (signaling's part, the grants for the new
+    node, is played by the test): the media gap at each receiver is printed."""
+    old_node = spawn("media", MEDIA_NODE_ID=NODE, MEDIA_STALL_S="1")
+    new_node = spawn("media", MEDIA_NODE_ID="node-next")
+    alice, bob = MediaClient(videos[0], audios[0]), MediaClient(videos[0], audios[0])
+    try:
+        call_id = await start_call(old_node, media_settings, http, alice, bob, tap)
+        assert old_node.proc is not None
+        old_node.proc.send_signal(signal.SIGTERM)
+        await eventually(
+            lambda: [m for m in tap.messages if m["type"] == "media_node_draining"], timeout=10
+        )
+        moved_at = time.monotonic()
+        got = {c: c.received["video"].packets for c in (alice, bob)}
+        answers = await asyncio.gather(
+            *(
+                client.rejoin(
+                    sessions_url(new_node, call_id),
+                    media_token(media_settings, call_id, user, "node-next"),
+                    http,
+                )
+                for client, user in ((alice, "alice"), (bob, "bob"))
+            )
+        )
+        assert [a.status_code for a in answers] == [201, 201], [a.text for a in answers]
+        await eventually(
+            lambda: all(c.received["video"].packets >= got[c] + 60 for c in (alice, bob)),
+            timeout=20,
+        )
+        connected = await eventually(
+            lambda: [
+                m
+                for m in tap.of(EventType.CALL_MEDIA_CONNECTED, call_id)
+                if m["node_id"] == "node-next"
+            ]
+        )
+        assert len(connected) == 1
+        assert await exited(old_node, timeout=20) == 0  # both left it: it exits by itself
+        report = []
+        for name, client in (("alice", alice), ("bob", bob)):
+            for kind in ("video", "audio"):
+                gap = client.received[kind].largest_gap(moved_at - 1.0)
+                assert gap is not None
+                report.append(f"{name} {kind} {gap * 1000:.0f} ms")
+        print("\nmove to another node, media gap at each receiver: " + ", ".join(report))
+        assert tap.of(EventType.CALL_MEDIA_FAILED, call_id) == []
+    finally:
+        await asyncio.gather(alice.close(), bob.close())
+
+
+async def test_clients_rejoin_by_themselves_when_their_node_dies(
+    spawn: Callable[..., ServiceProcess],
+    media_settings: MediaSettings,
+    http: httpx.AsyncClient,
+    tap: EventTap,
+    videos: tuple[EncodedMedia, EncodedMedia],
+    audios: tuple[EncodedMedia, EncodedMedia],
+) -> None:
+    """SIGKILL: nothing is announced; each client sees its inbound media stop and
+    rejoins by itself with a grant for another node (signaling's answer, played by the
+    test). The gap at each receiver, from the kill, is printed."""
+    dying = spawn("media", MEDIA_NODE_ID=NODE)
+    spare = spawn("media", MEDIA_NODE_ID="node-spare")
+    alice, bob = MediaClient(videos[0], audios[0]), MediaClient(videos[0], audios[0])
+    try:
+        call_id = await start_call(dying, media_settings, http, alice, bob, tap)
+        for client, user in ((alice, "alice"), (bob, "bob")):
+
+            def grant(user: str = user) -> tuple[str, str]:
+                token = media_token(media_settings, call_id, user, "node-spare")
+                return sessions_url(spare, call_id), token
+
+            client.auto_rejoin(http, stall_s=1.0, grant=grant)
+        got = {c: c.received["video"].packets for c in (alice, bob)}
+        killed_at = time.monotonic()
+        dying.kill()
+        await eventually(
+            lambda: all(c.received["video"].packets >= got[c] + 60 for c in (alice, bob)),
+            timeout=30,
+        )
+        assert all(c.rejoins and c.rejoins[0][1] is not None for c in (alice, bob))
+        await eventually(
+            lambda: [
+                m
+                for m in tap.of(EventType.CALL_MEDIA_CONNECTED, call_id)
+                if m["node_id"] == "node-spare"
+            ]
+        )
+        report = []
+        for name, client in (("alice", alice), ("bob", bob)):
+            for kind in ("video", "audio"):
+                rejoined_at = client.rejoins[0][0]  # packets in flight at the kill aside
+                first_after = next(
+                    at for at, *_ in client.received[kind].arrivals if at > rejoined_at
+                )
+                report.append(f"{name} {kind} {(first_after - killed_at) * 1000:.0f} ms")
+        print("\nSIGKILL, clients rejoin by themselves: media back after " + ", ".join(report))
     finally:
         await asyncio.gather(alice.close(), bob.close())

@@ -122,16 +122,40 @@ def encode_opus(seconds: float = 1.0) -> EncodedMedia:
     return EncodedMedia(frames, AUDIO_CLOCK, samples, 0.02)
 
 
+def is_vp8_keyframe(frame: bytes) -> bool:
+    """A VP8 frame (not RTP) that is a keyframe: the P bit of its first byte is 0."""
+    return bool(frame) and not frame[0] & 0x01
+
+
 class EncodedTrack(MediaStreamTrack):
     """Plays an :class:`EncodedMedia` loop in real time, as ``av.Packet`` (aiortc packs it
-    into RTP without encoding)."""
+    into RTP without encoding). Like an encoder, it answers a keyframe request: the next
+    frame it plays is the loop's next keyframe."""
 
     def __init__(self, kind: str, media: EncodedMedia) -> None:
         super().__init__()
         self.kind = kind
         self._media = media
         self._index = 0
+        self._shift = 0
         self._start: float | None = None
+        self._keys = (
+            [i for i, f in enumerate(media.frames) if is_vp8_keyframe(f)] if kind == "video" else []
+        )
+        self._key_wanted = False
+
+    def request_keyframe(self) -> None:
+        self._key_wanted = bool(self._keys)
+
+    def _next_frame(self) -> bytes:
+        frames = self._media.frames
+        position = (self._index + self._shift) % len(frames)
+        if self._key_wanted:
+            self._key_wanted = False
+            key = next((k for k in self._keys if k >= position), self._keys[0])
+            self._shift += (key - position) % len(frames)
+            position = key
+        return frames[position]
 
     async def recv(self) -> Any:
         media = self._media
@@ -141,7 +165,7 @@ class EncodedTrack(MediaStreamTrack):
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        packet = av.Packet(media.frames[self._index % len(media.frames)])
+        packet = av.Packet(self._next_frame())
         packet.pts = self._index * media.ticks_per_frame
         packet.time_base = fractions.Fraction(1, media.clock_rate)
         self._index += 1
@@ -363,6 +387,8 @@ class MediaClient:
         async def handle(packet: Any) -> None:
             if isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
                 self.keyframe_requests += 1
+                if isinstance(sender.track, EncodedTrack):
+                    sender.track.request_keyframe()
             elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
                 self.rembs.append(unpack_remb_fci(packet.fci)[0])
             await original(packet)
