@@ -479,3 +479,38 @@ async def test_clients_rejoin_by_themselves_when_their_node_dies(
         print("\nSIGKILL, clients rejoin by themselves: media back after " + ", ".join(report))
     finally:
         await asyncio.gather(alice.close(), bob.close())
+
+
+async def test_a_rejoin_that_never_connects_leaves_the_old_session_forwarding(
+    spawn: Callable[..., ServiceProcess],
+    media_settings: MediaSettings,
+    http: httpx.AsyncClient,
+    tap: EventTap,
+    videos: tuple[EncodedMedia, EncodedMedia],
+    audios: tuple[EncodedMedia, EncodedMedia],
+) -> None:
+    media = spawn("media", MEDIA_NODE_ID=NODE, MEDIA_ICE_TIMEOUT_S="2")
+    alice, bob = MediaClient(videos[0], audios[0]), MediaClient(videos[0], audios[0])
+    ghost = MediaClient(videos[1], audios[1])  # Alice's second offer: it never starts ICE
+    try:
+        call_id = await start_call(media, media_settings, http, alice, bob, tap)
+        token = media_token(media_settings, call_id, "alice")
+        offered = await ghost.connect(sessions_url(media, call_id), token, http, apply_answer=False)
+        assert offered.status_code == 201, offered.text
+        from_alice = ssrcs(alice)["video"]
+
+        def bob_got_alices() -> int:
+            sent = sent_by(alice, "video", from_alice)
+            return sum(1 for _, p in bob.received["video"].payloads if p in sent)
+
+        async def dropped() -> bool:  # past the ICE deadline the pending session is gone
+            return await ghost.leave(http, media.url, token) == 404
+
+        await eventually(dropped, timeout=15, step=0.5)
+        got = bob_got_alices()
+        # Alice's old session forwarded all along, and goes on.
+        await eventually(lambda: bob_got_alices() >= got + 60, timeout=15)
+        assert tap.of(EventType.CALL_MEDIA_FAILED, call_id) == []
+        assert peer_events(tap, call_id) == []
+    finally:
+        await asyncio.gather(alice.close(), bob.close(), ghost.close())
