@@ -417,8 +417,14 @@ class Room:
                 if pc.connectionState == "connected" and participant.connected_at is None:
                     participant.connected_at = time.monotonic()
                 failed = "failed" in (pc.connectionState, pc.iceConnectionState)
-                # A session that was replaced (or never joined) fails nobody's call.
-                if failed and self.participants.get(user_id) is participant:
+                # A session that was replaced (or never joined) fails nobody's call; one
+                # that did connect and then failed (ICE consent lost: the party's network
+                # went away) is a silent party, which the rejoin grace judges.
+                if (
+                    failed
+                    and participant.connected_at is None
+                    and self.participants.get(user_id) is participant
+                ):
                     log.warning(
                         "room %s: %s's session %s failed (connection %s, ICE %s)",
                         self.call_id,
