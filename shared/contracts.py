@@ -236,6 +236,9 @@ class CallEnded(CallEvent):
     version: int = 2
     reason: EndReason
     duration_s: float = Field(ge=0)
+    media: MediaKind | None = None
+    """What the call was when it ended (``video`` once upgraded); absent from older
+    producers."""
 
 
 class CallMediaConnected(Event):

@@ -91,8 +91,15 @@ def test_nothing_missing_means_nothing_installed(tmp_path: Path) -> None:
 
 def test_make_test_and_make_run_make_the_machine_ready_and_ci_is_make_test() -> None:
     def dry(target: str) -> list[str]:
+        # as from a shell: not as a sub-make of the `make test` this may run under
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
         out = subprocess.run(
-            ["make", "-n", target], cwd=ROOT, capture_output=True, text=True, check=True
+            ["make", "--no-print-directory", "-n", target],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         return out.splitlines()
 

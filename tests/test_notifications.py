@@ -7,6 +7,7 @@ between users."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -45,6 +46,7 @@ FAST = {
     "NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE": "true",
     "NOTIFICATIONS_SSE_KEEPALIVE_S": "1",
     "NOTIFICATIONS_PUSH_TIMEOUT_S": "1",
+    "NOTIFICATIONS_PUSH_INCOMING_CALL_TIMEOUT_S": "1",
     "NOTIFICATIONS_PUSH_BACKOFF_BASE_MS": "100",
     "NOTIFICATIONS_PUSH_BACKOFF_MAX_MS": "400",
     "NOTIFICATIONS_PUSH_MAX_ATTEMPTS": "3",
@@ -570,7 +572,11 @@ async def test_a_push_held_by_an_instance_that_dies_is_delivered_by_another(
 ) -> None:
     bob = token("bob")
     receiver.script("/hook", HANG, 500, 200)
-    doomed = spawn("notifications", **{**FAST, "NOTIFICATIONS_PUSH_TIMEOUT_S": "60"})
+    hold = {
+        "NOTIFICATIONS_PUSH_TIMEOUT_S": "60",
+        "NOTIFICATIONS_PUSH_INCOMING_CALL_TIMEOUT_S": "60",
+    }
+    doomed = spawn("notifications", **{**FAST, **hold})
     async with httpx.AsyncClient(base_url=doomed.url) as client:
         device = await register(client, bob, receiver.url("/hook"))
     await publish(ringing(new_call()))
@@ -586,3 +592,225 @@ async def test_a_push_held_by_an_instance_that_dies_is_delivered_by_another(
     requests = receiver.received("/hook")
     assert len(requests) == 3  # hung, 500, 200: one push, at least once
     assert len({r.headers["x-dmcall-delivery"] for r in requests}) == 1
+
+
+IPV4_WRAPPED_IN_IPV6 = (
+    "http://[::127.0.0.1]/x",  # IPv4-compatible
+    "http://[64:ff9b::a00:1]/x",  # NAT64 of 10.0.0.1
+    "http://[64:ff9b::a9fe:a9fe]/latest/meta-data",  # NAT64 of 169.254.169.254
+    "http://[2002:7f00:1::]/x",  # 6to4 of 127.0.0.1
+    "http://[::ffff:0:7f00:1]/x",  # SIIT of 127.0.0.1
+    "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/x",  # Teredo, client 127.0.0.1
+)
+
+
+async def test_f3_ipv6_forms_of_private_ipv4_are_refused_at_registration_and_delivery(
+    spawn: Callable[..., ServiceProcess],
+    publish: Publish,
+    token: Callable[..., str],
+) -> None:
+    """F3: an IPv6 literal that wraps a private IPv4 address is a private address."""
+    bob = token("bob")
+    permissive = spawn("notifications", **FAST)
+    async with httpx.AsyncClient(base_url=permissive.url) as client:
+        wrapped = await register(client, bob, "http://[64:ff9b::7f00:1]:9/x")
+    permissive.stop()
+
+    strict = spawn("notifications", NOTIFICATIONS_SSE_KEEPALIVE_S="1")
+    async with httpx.AsyncClient(base_url=strict.url, headers=auth(bob)) as client:
+        for url in IPV4_WRAPPED_IN_IPV6:
+            response = await client.post("/v1/devices", json={"kind": "webhook", "url": url})
+            assert response.status_code == 422, (url, response.text)
+            assert response.json()["error"] == "validation_error", url
+            assert response.json()["reason"] == "private_address", url
+        listed = (await client.get("/v1/devices")).json()
+        assert [d["id"] for d in listed] == [wrapped["id"]]
+
+        # Registered while private addresses were allowed: refused again before the attempt.
+        await publish(ringing(new_call()))
+        log = await eventually(
+            lambda: _when_outcome(deliveries(client, bob, wrapped["id"]), "dead_lettered")
+        )
+        assert "private" in log[0]["error"] and log[0]["status"] is None
+
+
+async def test_f8_concurrent_registrations_never_exceed_the_device_cap(
+    spawn: Callable[..., ServiceProcess], token: Callable[..., str], receiver: WebhookReceiver
+) -> None:
+    """F8: the cap is counted and the device added in one step, however many race."""
+    proc = spawn("notifications", NOTIFICATIONS_MAX_DEVICES_PER_USER="20", **FAST)
+    bob = token("bob")
+    async with httpx.AsyncClient(base_url=proc.url, headers=auth(bob), timeout=30) as client:
+
+        async def add(n: int) -> httpx.Response:
+            body = {"kind": "webhook", "url": receiver.url(f"/d{n}")}
+            return await client.post("/v1/devices", json=body)
+
+        responses = await asyncio.gather(*(add(n) for n in range(60)))
+        codes = sorted(r.status_code for r in responses)
+        assert codes == [201] * 20 + [409] * 40, codes
+        refused = next(r for r in responses if r.status_code == 409).json()
+        assert refused["error"] == "conflict" and "20" in refused["message"]
+        assert len((await client.get("/v1/devices")).json()) == 20
+
+
+# --------------------------------------------------------------------------- stream limits
+
+
+async def test_f10_a_stream_ends_with_token_expired_when_its_token_expires(
+    spawn: Callable[..., ServiceProcess], publish: Publish, token: Callable[..., str]
+) -> None:
+    """F10: a stream lives no longer than the token it was opened with; its last event
+    says so, and a call after the expiry is not delivered on it."""
+    proc = spawn("notifications", **FAST)
+    short = token("bob", ttl_s=6)
+    async with open_stream(proc.url, token=short) as live:
+        await publish(ringing(before := new_call()))
+        seen = await live.next_data()
+        assert seen.json()["call_id"] == before
+        async with asyncio.timeout(20):  # keep-alives until the token expires
+            message = await live.next()
+            while message.event is None:
+                message = await live.next()
+        assert message.event == "token_expired"
+        final = message.json()
+        assert final["kind"] == "token_expired" and final["expired_at"].endswith("Z")
+        expired_at = datetime.fromisoformat(final["expired_at"].replace("Z", "+00:00"))
+        assert expired_at <= datetime.now(UTC)
+        await asyncio.wait_for(live.ended(), 10)
+        await publish(ringing(later := new_call()))
+        await asyncio.sleep(1)
+        assert live.messages.empty()
+    # A fresh token, resuming from the last id seen: what came after the expiry arrives.
+    async with open_stream(proc.url, token=token("bob"), last_event_id=seen.id) as live:
+        assert (await live.next_data()).json()["call_id"] == later
+
+
+async def test_f17_streams_per_user_are_capped_across_instances_with_429(
+    spawn: Callable[..., ServiceProcess], token: Callable[..., str]
+) -> None:
+    """F17: at most NOTIFICATIONS_SSE_MAX_STREAMS_PER_USER streams per user, counted over
+    every instance; one more is refused with 429 (the open ones are kept)."""
+    cap = {"NOTIFICATIONS_SSE_MAX_STREAMS_PER_USER": "3"}
+    first, second = spawn("notifications", **FAST, **cap), spawn("notifications", **FAST, **cap)
+    bob, carol = token("bob"), token("carol")
+    async with contextlib.AsyncExitStack() as stack:
+        streams = [
+            await stack.enter_async_context(open_stream(proc.url, token=bob))
+            for proc in (first, first, second)
+        ]
+        async with httpx.AsyncClient(timeout=10) as client:
+            for proc in (first, second):
+                async with client.stream(
+                    "GET", f"{proc.url}/v1/notifications/stream", params={"token": bob}
+                ) as refused:
+                    assert refused.status_code == 429, refused.status_code
+                    body = json.loads(await refused.aread())
+                assert body["error"] == "rate_limited" and body["reason"] == "too_many_streams"
+                assert "3" in body["message"]
+        # Someone else is not affected; the open streams still work.
+        async with open_stream(first.url, token=carol) as other:
+            assert (await other.next()).retry is not None
+        assert (await streams[2].next()).retry is not None
+        assert (await streams[2].next()).comment == "keep-alive"
+        await streams[0].close()
+
+        # Closing one frees its place (released by the instance that served it).
+        async def reopened() -> bool:
+            async with httpx.AsyncClient(timeout=10) as client:
+                async with client.stream(
+                    "GET", f"{second.url}/v1/notifications/stream", params={"token": bob}
+                ) as response:
+                    return response.status_code == 200
+
+        assert await eventually(reopened)
+
+
+# --------------------------------------------------------------------------- fair pushes
+
+
+async def test_f6_one_users_stuck_webhooks_do_not_hold_up_another_users_push(
+    spawn: Callable[..., ServiceProcess],
+    publish: Publish,
+    token: Callable[..., str],
+    receiver: WebhookReceiver,
+) -> None:
+    """F6: 20 targets of alice that never answer, rung 10 times (200 pushes, far more than
+    the instance's 32 slots), do not delay bob's push: it arrives while alice's are stuck."""
+    stuck = {
+        **FAST,
+        "NOTIFICATIONS_PUSH_TIMEOUT_S": "60",
+        "NOTIFICATIONS_PUSH_INCOMING_CALL_TIMEOUT_S": "60",
+    }
+    proc = spawn("notifications", **stuck)
+    alice, bob = token("alice"), token("bob")
+    async with httpx.AsyncClient(base_url=proc.url) as client:
+        targets = []
+        for n in range(20):
+            receiver.script(f"/alice/{n}", HANG)
+            targets.append(await register(client, alice, receiver.url(f"/alice/{n}")))
+        await register(client, bob, receiver.url("/bob"))
+        for _ in range(10):
+            await publish(ringing(new_call(), caller="carol", callee="alice"))
+
+        def alices() -> list[Any]:
+            return [r for r in receiver.requests if r.path.startswith("/alice/")]
+
+        await eventually(alices)  # alice's pushes are taken and hang
+        await publish(ringing(call_id := new_call(), caller="carol", callee="bob"))
+        [push] = await eventually(lambda: receiver.received("/bob"))
+        assert json.loads(push.body)["notification"]["call_id"] == call_id
+        # ...while alice's are still stuck: none of her attempts has ended (each hangs for
+        # 60 s), and she holds no more than her share of the instance's requests.
+        for target in targets:
+            assert await deliveries(client, alice, target["id"]) == []
+        waiting = alices()
+        assert 0 < len(waiting) <= 8 < 200
+        assert min(r.at for r in waiting) < push.at
+
+
+async def test_f6_incoming_calls_time_out_sooner_and_a_breaker_spares_a_stuck_target(
+    spawn: Callable[..., ServiceProcess],
+    publish: Publish,
+    token: Callable[..., str],
+    receiver: WebhookReceiver,
+    redis_client: Redis,
+    namespace: str,
+) -> None:
+    """F6: an incoming_call attempt gives up after NOTIFICATIONS_PUSH_INCOMING_CALL_TIMEOUT_S,
+    not the general timeout; after NOTIFICATIONS_PUSH_BREAKER_TIMEOUTS timeouts in a row a
+    target is not tried for NOTIFICATIONS_PUSH_BREAKER_COOLOFF_S (the skipped attempts are
+    logged and retried like any failure), then one trial; the push is dead-lettered after
+    its last attempt, never lost."""
+    proc = spawn(
+        "notifications",
+        **{
+            **FAST,
+            "NOTIFICATIONS_PUSH_TIMEOUT_S": "60",
+            "NOTIFICATIONS_PUSH_INCOMING_CALL_TIMEOUT_S": "1",
+            "NOTIFICATIONS_PUSH_MAX_ATTEMPTS": "4",
+            "NOTIFICATIONS_PUSH_BREAKER_TIMEOUTS": "2",
+            "NOTIFICATIONS_PUSH_BREAKER_COOLOFF_S": "2",
+        },
+    )
+    bob = token("bob")
+    receiver.script("/hang", HANG)
+    async with httpx.AsyncClient(base_url=proc.url) as client:
+        hang = await register(client, bob, receiver.url("/hang"))
+        await publish(ringing(new_call()))
+        log = await eventually(
+            lambda: _when_outcome(deliveries(client, bob, hang["id"]), "dead_lettered")
+        )
+    outcomes = [(e["attempt"], e["outcome"], e["error"]) for e in reversed(log)]
+    assert [(a, o) for a, o, _ in outcomes] == [
+        (1, "retrying"),
+        (2, "retrying"),
+        (3, "retrying"),
+        (4, "dead_lettered"),
+    ]
+    assert "timed out after 1.0s" in outcomes[0][2] and "timed out" in outcomes[1][2]
+    assert "circuit open" in outcomes[2][2]  # not tried: the target timed out twice
+    assert "timed out" in outcomes[3][2]  # the trial after the cool-off
+    assert [r.headers["x-dmcall-attempt"] for r in receiver.received("/hang")] == ["1", "2", "4"]
+    dlq = await redis_client.xrange(f"dmcall:{namespace}:notifications:push:dlq")
+    assert [json.loads(f[b"job"])["attempt"] for _id, f in dlq] == [4]

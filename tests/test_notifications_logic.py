@@ -26,6 +26,13 @@ from services.notifications.push import (
     sign,
     verify,
 )
+from services.notifications.scheduling import (
+    Breakers,
+    BreakerState,
+    FairScheduler,
+    Limits,
+    Queued,
+)
 from services.notifications.settings import NotificationsSettings
 from services.notifications.store import parse_stream_id
 from shared.contracts import (
@@ -114,6 +121,50 @@ def test_backoff_doubles_within_jitter_and_is_capped() -> None:
 )
 def test_address_guard(address: str, public: bool) -> None:
     assert is_public_address(address) is public
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        # IPv4-mapped: judged as the IPv4 address
+        ("::ffff:8.8.8.8", True),
+        ("::ffff:10.0.0.1", False),
+        # IPv4-compatible ::a.b.c.d (deprecated, RFC 4291): never a target
+        ("::127.0.0.1", False),
+        ("::10.0.0.1", False),
+        ("::8.8.8.8", False),
+        # SIIT ::ffff:0:a.b.c.d (RFC 2765): never a target
+        ("::ffff:0:7f00:1", False),
+        ("::ffff:0:a00:1", False),
+        ("::ffff:0:808:808", False),
+        # NAT64 well-known prefix 64:ff9b::/96 (DNS64 answers these): the IPv4 decides
+        ("64:ff9b::a00:1", False),
+        ("64:ff9b::7f00:1", False),
+        ("64:ff9b::a9fe:a9fe", False),  # 169.254.169.254, the metadata address
+        ("64:ff9b::808:808", True),
+        # NAT64 local-use prefix 64:ff9b:1::/48 (RFC 8215): inside a network only
+        ("64:ff9b:1::a00:1", False),
+        # 6to4 2002::/16: the IPv4 in bits 16-48 decides
+        ("2002:7f00:1::", False),
+        ("2002:a00:1::1", False),
+        ("2002:c0a8:101::1", False),
+        ("2002:808:808::1", True),
+        # Teredo 2001::/32: server and (obfuscated) client IPv4 both decide
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", False),  # client 127.0.0.1
+        ("2001:0:4136:e378:8000:63bf:f5ff:fffe", False),  # client 10.0.0.1
+        ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", True),  # client 8.8.8.8
+        ("2001:0:a00:1:8000:63bf:f7f7:f7f7", False),  # server 10.0.0.1
+        # other IPv6 that is not global unicast
+        ("::", False),
+        ("100::1", False),
+        ("2001:db8::1", False),
+        ("ff02::1", False),
+        ("4000::1", False),
+    ],
+)
+def test_f3_address_guard_judges_ipv4_wrapped_in_ipv6(address: str, public: bool) -> None:
+    """F3: IPv6 forms that carry an IPv4 address are judged by that address (or refused)."""
+    assert is_public_address(address) is public, address
 
 
 def test_url_shapes() -> None:
@@ -274,3 +325,74 @@ def test_make_vapid_key_prints_a_key_the_settings_accept(
     public = lines[1].rsplit(" ", 1)[1]
     assert webpush.public_key_b64(webpush.load_private_key(value)) == public
     assert _production(vapid_private_key=value, vapid_subject="mailto:a@b.example")
+
+
+# --------------------------------------------------------------------------- push scheduling
+
+
+def _item(n: int, user: str, target: str, *, urgent: bool = False) -> Queued:
+    return Queued(entry_id=f"{n}-0", user=user, target=target, urgent=urgent, job=None)
+
+
+def test_f6_scheduler_takes_users_in_turn_within_per_user_and_per_target_caps() -> None:
+    limits = Limits(
+        total=4, per_user=2, per_target=1, user_backlog=50, target_backlog=50, backlog=100
+    )
+    scheduler = FairScheduler(limits)
+    for n in range(30):  # a flood from alice over three targets, queued first
+        assert scheduler.offer(_item(n, "alice", f"a{n % 3}"))
+    scheduler.offer(_item(100, "bob", "b0"))
+    scheduler.offer(_item(101, "carol", "c0"))
+    assert not scheduler.offer(_item(100, "bob", "b0"))  # the same entry again: ignored
+    started = []
+    while (item := scheduler.next()) is not None:
+        started.append(item)
+    # alice gets her two, one per target; bob and carol are not kept waiting behind her.
+    assert [(i.user, i.target) for i in started] == [
+        ("alice", "a0"),
+        ("bob", "b0"),
+        ("carol", "c0"),
+        ("alice", "a1"),
+    ]
+    assert scheduler.running == 4 and scheduler.next() is None  # the instance's total
+    scheduler.done(started[1])
+    following = scheduler.next()  # bob's slot: alice is at her cap, nobody else waits
+    assert following is None
+    scheduler.done(started[0])
+    assert (nxt := scheduler.next()) is not None and (nxt.user, nxt.target) == ("alice", "a2")
+
+
+def test_f6_scheduler_prefers_incoming_calls_and_bounds_each_users_backlog() -> None:
+    limits = Limits(total=10, per_user=1, per_target=1, user_backlog=3, target_backlog=2, backlog=9)
+    scheduler = FairScheduler(limits)
+    scheduler.offer(_item(1, "bob", "b0"))
+    scheduler.offer(_item(2, "bob", "b1", urgent=True))
+    assert not scheduler.is_full("bob", "b0")
+    scheduler.offer(_item(3, "bob", "b0"))
+    assert scheduler.is_full("bob", "b2")  # bob holds 3
+    assert scheduler.is_full("alice", "b0") and not scheduler.is_full("alice", "a0")  # b0 holds 2
+    assert scheduler.room == 6
+    first = scheduler.next()
+    assert first is not None and first.entry_id == "2-0"  # the incoming_call first
+    scheduler.done(first)
+    assert not scheduler.is_full("bob", "b2") and scheduler.held == 2
+
+
+def test_f6_breaker_opens_after_timeouts_in_a_row_then_half_opens_for_one_trial() -> None:
+    breakers = Breakers(threshold=3, cooloff_s=30)
+    assert breakers.allow("d", 0) is None
+    assert not breakers.timed_out("d", 0) and not breakers.timed_out("d", 1)
+    breakers.answered("d")  # an answer starts the count again
+    assert not breakers.timed_out("d", 2) and not breakers.timed_out("d", 3)
+    assert breakers.timed_out("d", 4)  # the third in a row
+    assert breakers.state("d") is BreakerState.OPEN
+    assert breakers.allow("d", 10) == pytest.approx(24)
+    assert breakers.allow("other", 10) is None  # per target
+    assert breakers.allow("d", 34) is None  # cool-off over: one trial...
+    assert breakers.state("d") is BreakerState.HALF_OPEN
+    assert breakers.allow("d", 34) is not None  # ...at a time
+    assert breakers.timed_out("d", 35)  # the trial timed out: open again
+    assert breakers.allow("d", 36) == pytest.approx(29)
+    assert breakers.allow("d", 65) is None
+    breakers.answered("d")
+    assert breakers.state("d") is BreakerState.CLOSED and breakers.allow("d", 66) is None

@@ -14,7 +14,10 @@ from services.signaling.domain import (
     CallAction,
     IllegalTransition,
     glare_winner,
+    media_connected_action,
+    move_media,
     next_state,
+    upgrade_to_video,
 )
 from shared.contracts import FINAL_STATES, CallState, EndReason, MediaKind
 from shared.ids import new_call_id
@@ -41,6 +44,11 @@ EXPECTED: dict[tuple[CallState, CallAction], CallState] = {
     (S.ACCEPTED, A.HANGUP): S.ENDED,
     (S.ACTIVE, A.MEDIA_FAILED): S.ENDED,
     (S.ACTIVE, A.HANGUP): S.ENDED,
+    (S.ACCEPTED, A.MOVE_MEDIA): S.ACCEPTED,
+    (S.ACTIVE, A.MOVE_MEDIA): S.ACTIVE,
+    (S.ACTIVE, A.MEDIA_RESUMED): S.ACTIVE,
+    (S.ACCEPTED, A.UPGRADE_VIDEO): S.ACCEPTED,
+    (S.ACTIVE, A.UPGRADE_VIDEO): S.ACTIVE,
 }
 
 T0 = datetime(2026, 11, 21, 8, 0, tzinfo=UTC)
@@ -136,3 +144,108 @@ def test_the_callee_sees_a_call_only_once_it_reached_them() -> None:
 
 def _fields(call: Call) -> dict[str, object]:
     return {name: getattr(call, name) for name in Call.__slots__}
+
+
+def _on_node(state: CallState, node: str = "node-1") -> Call:
+    return Call(
+        **{
+            **_fields(make_call(state)),
+            "answered_at": T0,
+            "media_node": node,
+            "media_url": f"http://{node}/v1/rooms/x/sessions",
+        }
+    )
+
+
+@pytest.mark.parametrize("state", [S.ACCEPTED, S.ACTIVE], ids=str)
+def test_moving_media_keeps_the_call_and_starts_a_rejoin_deadline(state: CallState) -> None:
+    call = _on_node(state)
+    deadline = T0 + timedelta(seconds=33)
+    moved = move_media(
+        call, leaving="node-1", node_id="node-2", media_url="u2", at=T0, rejoin_deadline=deadline
+    )
+    assert moved is not None
+    assert (moved.state, moved.media_node, moved.media_url) == (state, "node-2", "u2")
+    assert (moved.call_id, moved.answered_at, moved.rejoin_deadline) == (
+        call.call_id,
+        T0,
+        deadline,
+    )
+    assert moved.ended_at is None and moved.end_reason is None
+
+
+def test_a_move_away_from_a_node_the_call_already_left_is_nothing() -> None:
+    moved_before = _on_node(S.ACTIVE, node="node-2")
+    args = {"leaving": "node-1", "node_id": "node-3", "media_url": "u3", "at": T0}
+    assert move_media(moved_before, rejoin_deadline=T0, **args) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("state", [s for s in CallState if s not in (S.ACCEPTED, S.ACTIVE)])
+def test_a_call_not_in_progress_is_never_moved(state: CallState) -> None:
+    call = _on_node(state)
+    args = {"leaving": "node-1", "node_id": "node-2", "media_url": "u2", "at": T0}
+    assert move_media(call, rejoin_deadline=T0, **args) is None  # type: ignore[arg-type]
+
+
+def test_media_on_the_new_node_ends_the_rejoin_deadline() -> None:
+    call = _on_node(S.ACTIVE)
+    moved = move_media(
+        call, leaving="node-1", node_id="node-2", media_url="u2", at=T0, rejoin_deadline=T0
+    )
+    assert moved is not None
+    assert media_connected_action(moved) is A.MEDIA_RESUMED
+    resumed = moved.step(A.MEDIA_RESUMED, at=T0)
+    assert (resumed.state, resumed.rejoin_deadline) == (S.ACTIVE, None)
+    # An active call with no move pending: a repeated connected event, refused.
+    with pytest.raises(IllegalTransition):
+        resumed.step(media_connected_action(resumed), at=T0)
+    # Moved before its first media: connecting makes it active and ends the deadline too.
+    accepted = move_media(
+        _on_node(S.ACCEPTED),
+        leaving="node-1",
+        node_id="node-2",
+        media_url="u2",
+        at=T0,
+        rejoin_deadline=T0,
+    )
+    assert accepted is not None and media_connected_action(accepted) is A.MEDIA_CONNECTED
+    active = accepted.step(A.MEDIA_CONNECTED, at=T0)
+    assert (active.state, active.rejoin_deadline) == (S.ACTIVE, None)
+
+
+def test_a_moved_call_that_times_out_ends_media_timeout() -> None:
+    moved = move_media(
+        _on_node(S.ACTIVE),
+        leaving="node-1",
+        node_id="node-2",
+        media_url="u2",
+        at=T0,
+        rejoin_deadline=T0,
+    )
+    assert moved is not None
+    ended = moved.step(
+        A.MEDIA_FAILED, at=T0 + timedelta(seconds=40), media_failure=EndReason.MEDIA_TIMEOUT
+    )
+    assert (ended.state, ended.end_reason, ended.rejoin_deadline) == (
+        S.ENDED,
+        EndReason.MEDIA_TIMEOUT,
+        None,
+    )
+
+
+@pytest.mark.parametrize("state", [S.ACCEPTED, S.ACTIVE], ids=str)
+def test_an_audio_call_upgrades_to_video_once(state: CallState) -> None:
+    call = _on_node(state)
+    upgraded = upgrade_to_video(call, at=T0)
+    assert upgraded is not None
+    assert (upgraded.state, upgraded.media) == (state, MediaKind.VIDEO)
+    assert upgrade_to_video(upgraded, at=T0) is None
+
+
+@pytest.mark.parametrize("state", [s for s in CallState if s not in (S.ACCEPTED, S.ACTIVE)])
+def test_a_call_not_in_progress_is_never_upgraded(state: CallState) -> None:
+    with pytest.raises(IllegalTransition):
+        upgrade_to_video(_on_node(state), at=T0)
+    video = Call(**{**_fields(_on_node(state)), "media": MediaKind.VIDEO})
+    with pytest.raises(IllegalTransition):
+        upgrade_to_video(video, at=T0)

@@ -28,6 +28,7 @@ from shared.contracts import (
     CallState,
     EventType,
     MediaKind,
+    MediaMoveReason,
     parse_event,
 )
 from shared.media_registry import MediaNode, MediaRegistry
@@ -248,3 +249,38 @@ async def test_duplicated_and_out_of_order_events_change_nothing_twice(
     await one.service.media_connected(early)
     await one.service.media_connected(early)
     assert (await state_of(one, call)).state is CallState.ACTIVE
+
+
+async def test_many_instances_moving_one_call_off_a_lost_node_move_it_once(
+    instances: tuple[Callable[[int], Any], EventTap],
+) -> None:
+    make, _tap = instances
+    many = await make(4)
+    call = await place(many[0], "kai", "lia", "k1")
+    await many[0].service.authorized(authorized(call))
+    await many[0].service.accept("lia", call.call_id, "l1")
+    assert (await state_of(many[0], call)).media_node == NODE.node_id
+    assert await many[0].store.node_calls(NODE.node_id) == [call.call_id]
+    spare = MediaNode(node_id="node-b", url="http://127.0.0.1:9/b", capacity=10, load=0)
+    await many[0].service.registry.heartbeat(spare, ttl_s=300)
+    await many[0].service.registry.deregister(NODE.node_id)
+
+    moved = await asyncio.gather(
+        *(
+            one.service.move_media(call.call_id, NODE.node_id, MediaMoveReason.NODE_LOST)
+            for one in many * 3
+        ),
+        *(one.service.move_off_unusable_nodes() for one in many),
+    )
+    assert sum(moved) == 1
+    after = await state_of(many[0], call)
+    assert (after.state, after.media_node) == (CallState.ACCEPTED, spare.node_id)
+    assert after.rejoin_deadline is not None
+    # The index follows the call: the lost node hosts nothing, the spare hosts it.
+    store = many[0].store
+    assert await store.node_calls(NODE.node_id) == []
+    assert await store.node_calls(spare.node_id) == [call.call_id]
+    assert await store.call_nodes() == [spare.node_id]
+    await many[0].service.hangup("kai", call.call_id)
+    assert await store.call_nodes() == []
+    assert await store.rejoin_poll(2**62) == ([], None)

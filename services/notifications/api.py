@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from redis.exceptions import RedisError
 
 from services.notifications import webpush
-from services.notifications.live import LiveHub
+from services.notifications.live import LiveHub, StreamLease
 from services.notifications.push import UrlRefused, resolve_allowed
 from services.notifications.settings import NotificationsSettings
 from services.notifications.store import (
@@ -31,6 +32,7 @@ from services.notifications.store import (
     NotificationStore,
     StreamEntry,
     parse_stream_id,
+    utc_iso,
 )
 from shared.auth import CurrentUser, StreamUser
 from shared.service import app_state
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 SSE_BATCH = 200
+TOKEN_EXPIRED_EVENT = "token_expired"
+"""The SSE event that ends a stream whose token expired."""
 SSE_STREAMS = Gauge("dmcall_notifications_sse_streams", "Open notification streams")
 
 NotificationId = Annotated[
@@ -270,17 +274,27 @@ def _sse(entry: StreamEntry) -> str:
     return f"id: {entry.id}\ndata: {json.dumps(entry.as_event(), separators=(',', ':'))}\n\n"
 
 
+def _token_expired(expires_at: float) -> str:
+    data = {"kind": "token_expired", "expired_at": utc_iso(datetime.fromtimestamp(expires_at, UTC))}
+    return f"event: {TOKEN_EXPIRED_EVENT}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
 @router.get(
     "/v1/notifications/stream",
     summary="My notifications as Server-Sent Events",
     description="Live `incoming_call`, `missed_call` and `ring_stopped` objects, each with an "
     "`id:` line. Reconnect with `Last-Event-ID` (the header an EventSource sends, or "
     "`?last_event_id=`) to receive what was missed, once. Without it the stream starts "
-    "with what happens next. The token may be passed as `?token=`.",
+    "with what happens next. The token may be passed as `?token=`. When the token expires "
+    'the stream ends with `event: token_expired` (data `{"kind": "token_expired", '
+    '"expired_at": <ISO time>}`): reconnect with a fresh token and `?last_event_id=` the '
+    "last id seen. At most `NOTIFICATIONS_SSE_MAX_STREAMS_PER_USER` streams per user are open "
+    "at once (over every instance); one more is refused with 429, reason `too_many_streams`.",
     response_class=StreamingResponse,
     responses={
         200: {"content": {"text/event-stream": {}}},
         400: {"description": "Last-Event-ID is not an id this service gave"},
+        429: {"description": "The user has the maximum of streams open (too_many_streams)"},
     },
     tags=["notifications"],
 )
@@ -296,8 +310,21 @@ async def stream(
     resume = request.headers.get("last-event-id") or last_event_id
     if resume is not None and parse_stream_id(resume) is None:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="Last-Event-ID is not valid")
+    expires_at = principal.expires_at  # the verifier requires exp: never None here
+    if expires_at is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="the token has no expiry")
+    lease = await hub.admit(user)
+    if lease is None:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail={
+                "message": f"at most {settings.sse_max_streams_per_user} notification streams "
+                "may be open per user; close one first",
+                "reason": "too_many_streams",
+            },
+        )
     return StreamingResponse(
-        _events(store, hub, settings, user, resume),
+        _events(store, hub, settings, lease, resume, expires_at),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -307,9 +334,11 @@ async def _events(
     store: NotificationStore,
     hub: LiveHub,
     settings: NotificationsSettings,
-    user: str,
+    lease: StreamLease,
     resume: str | None,
+    expires_at: float,
 ) -> AsyncIterator[str]:
+    user = lease.user
     # Registered before the first read, so nothing published after it waits for a keep-alive.
     wake = hub.register(user)
     SSE_STREAMS.inc()
@@ -329,12 +358,19 @@ async def _events(
                 continue
             if hub.closing:
                 return
+            left_s = expires_at - time.time()
+            if left_s <= 0:
+                # The session ends with its token: the client reconnects with a fresh one.
+                yield _token_expired(expires_at)
+                return
             try:
-                await asyncio.wait_for(wake.wait(), settings.sse_keepalive_s)
+                await asyncio.wait_for(wake.wait(), min(settings.sse_keepalive_s, left_s))
             except TimeoutError:
-                yield ": keep-alive\n\n"
+                if expires_at > time.time():
+                    yield ": keep-alive\n\n"
     finally:
         hub.unregister(user, wake)
+        hub.leave(lease)
         SSE_STREAMS.dec()
 
 

@@ -26,7 +26,7 @@ def create_app(settings: NotificationsSettings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def setup(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
         store = NotificationStore(runtime.redis, settings)
-        hub = LiveHub(runtime.redis, store.keys)
+        hub = LiveHub(store)
         app.state.notification_store = store
         app.state.live_hub = hub
         vapid = VapidKeys(settings, store) if settings.webpush_enabled else None

@@ -15,18 +15,28 @@ users connected to this process (SUBSCRIBE when the first of a user's streams op
 UNSUBSCRIBE when the last closes). Only the hub's task touches that connection; streams ask
 it for changes. A stream registered before its channel's subscription is confirmed is woken
 again on the confirmation, so nothing published in between waits for a keep-alive.
+
+The hub also holds the leases that count a user's streams over every instance
+(``sse:<user>`` in store.py): :meth:`LiveHub.admit` takes one (or refuses, at
+``sse_max_streams_per_user``), the hub's task renews the leases of this process's open
+streams and removes those that ended. A lease is only renewed while its
+:class:`StreamLease` is alive, so a stream whose response was dropped before it started,
+or whose instance died, lapses after ``lease_ms`` instead of holding its place for ever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
+import weakref
 from collections import defaultdict
+from dataclasses import dataclass
 
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from services.notifications.store import Keys
+from services.notifications.store import NotificationStore
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +44,24 @@ POLL_S = 0.25
 """How long the hub waits for a message before applying subscription changes."""
 
 
+@dataclass(eq=False)
+class StreamLease:
+    """One open stream's place among its user's ``sse_max_streams_per_user``."""
+
+    user: str
+    id: str
+
+
 class LiveHub:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
-        self._redis = redis
-        self._keys = keys
+    def __init__(self, store: NotificationStore) -> None:
+        self._store = store
+        self._redis = store.redis
+        self._keys = store.keys
+        # Long enough that a renewal every keep-alive survives two missed ones.
+        self.lease_ms = int(max(3 * store.settings.sse_keepalive_s, 10.0) * 1000)
+        self._leases: weakref.WeakSet[StreamLease] = weakref.WeakSet()
+        self._released: list[tuple[str, str]] = []
+        self._renew_at = 0.0
         self._listeners: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._channel_user: dict[str, str] = {}
         self._subscribed: set[str] = set()
@@ -48,6 +72,22 @@ class LiveHub:
     @property
     def connections(self) -> int:
         return sum(len(v) for v in self._listeners.values())
+
+    async def admit(self, user: str) -> StreamLease | None:
+        """A place for one more stream of ``user``; None when they have the maximum open.
+        Pass it to :meth:`leave` when the stream ends."""
+        lease = StreamLease(user, f"{self._store.settings.instance_id}:{uuid.uuid4().hex}")
+        if not await self._store.admit_stream(user, lease.id, self.lease_ms):
+            return None
+        self._leases.add(lease)
+        return lease
+
+    def leave(self, lease: StreamLease) -> None:
+        """Frees a stream's place (the hub's task removes it from Redis); idempotent."""
+        if lease in self._leases:
+            self._leases.discard(lease)
+            self._released.append((lease.user, lease.id))
+            self._changed.set()
 
     def register(self, user: str) -> asyncio.Event:
         """A wake-up event for one stream of ``user``; pass it to :meth:`unregister` after."""
@@ -107,6 +147,7 @@ class LiveHub:
     async def _serve(self, pubsub: PubSub) -> None:
         while True:
             await self._apply_changes(pubsub)
+            await self._renew_leases()
             if not self._subscribed:
                 await self._changed.wait()
                 continue
@@ -119,10 +160,26 @@ class LiveHub:
             if user is not None and message.get("type") in ("message", "subscribe"):
                 self._wake(user)
 
+    async def _renew_leases(self) -> None:
+        now = time.monotonic()
+        if now < self._renew_at:
+            return
+        self._renew_at = now + self.lease_ms / 3000
+        open_streams = [(lease.user, lease.id) for lease in list(self._leases)]
+        if open_streams:
+            await self._store.renew_streams(open_streams, self.lease_ms)
+
     async def _apply_changes(self, pubsub: PubSub) -> None:
         if not self._changed.is_set():
             return
         self._changed.clear()
+        if self._released:
+            released, self._released = self._released, []
+            try:
+                await self._store.release_streams(released)
+            except BaseException:
+                self._released.extend(released)  # tried again after the reconnect
+                raise
         wanted = {self._keys.live_channel(user): user for user in self._listeners}
         added = [c for c in wanted if c not in self._subscribed]
         removed = [c for c in self._subscribed if c not in wanted]

@@ -16,6 +16,15 @@ Where pushes wait (nothing is held only in memory, so a restart loses nothing):
   the ``X-Dmcall-Delivery`` header is the same on every attempt of one job, so a receiver
   can drop a repeat.
 
+Fairness (scheduling.py): the jobs an instance has taken wait in a fair queue in front of
+its ``push_concurrency`` slots, with caps per target and per user and users taking turns,
+so one user's slow targets cannot hold up another user's ring. A job of a user who has
+the most jobs waiting here already goes back to ``push:retry`` for a moment, without
+counting an attempt. An ``incoming_call`` attempt has its own, shorter timeout. A target
+that timed out ``push_breaker_timeouts`` times in a row is not tried for the cool-off (its
+breaker, per instance, is open): each attempt skipped so is a failed attempt like a
+timeout, retried no sooner than the cool-off ends and dead-lettered after the last one.
+
 Outcomes: 2xx delivered; 410 Gone (and, from a Web Push service, 404: the subscription
 expired or was unsubscribed) removes the device; a timeout, a connection error, 408,
 429 or 5xx is retried with exponential backoff (``base * 2^(attempt-1)``, capped, with
@@ -26,7 +35,8 @@ repeating cannot help. An ``incoming_call`` whose ring deadline has passed is dr
 worse than none.
 
 The guard: a webhook URL must be http(s) (a Web Push endpoint https) and every address its
-host resolves to must be public (not private, loopback, link-local, multicast or reserved)
+host resolves to must be public (not private, loopback, link-local, multicast or reserved;
+an IPv6 form that wraps an IPv4 address, such as NAT64 or 6to4, is judged by that address)
 unless ``NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE`` is set (which also admits http Web Push
 endpoints, for a local test receiver). It is checked at registration and again
 before every attempt (DNS may change), and the request goes to the address that was checked
@@ -38,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -58,6 +69,7 @@ from py_vapid import VapidException
 
 from services.notifications import webpush
 from services.notifications.notices import NoticeKind, Priority
+from services.notifications.scheduling import Breakers, FairScheduler, Limits, Queued
 from services.notifications.settings import NotificationsSettings
 from services.notifications.store import (
     Device,
@@ -74,6 +86,12 @@ SIGNATURE_HEADER = "X-Dmcall-Signature"
 DELIVERY_HEADER = "X-Dmcall-Delivery"
 USER_AGENT = "dmcall-notifications/1.0"
 MAX_URL_LENGTH = 2048
+BACKLOG_FACTOR = 4
+"""Jobs held in memory per instance (and per user, per target): this many times the
+concurrency (of the instance, the user, the target)."""
+FETCH_MAX = 100
+DEFER_MS = 1000
+"""A job of a user with a full backlog here comes back after about this long."""
 
 PUSHES = Counter(
     "dmcall_notifications_push_total",
@@ -122,11 +140,44 @@ class UrlRefused(ValueError):
         self.reason = reason
 
 
+_GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+"""The NAT64 well-known prefix (RFC 6052): DNS64 answers it for IPv4-only hosts."""
+_SIXTOFOUR = ipaddress.IPv6Network("2002::/16")
+_TEREDO = ipaddress.IPv6Network("2001::/32")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address] | None:
+    """The IPv4 addresses an IPv6 address stands for, where its form routes to them
+    (IPv4-mapped, NAT64, 6to4, Teredo's server and client); None for any other address."""
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if ip in _NAT64:
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)]
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        return list(ip.teredo)
+    return None
+
+
 def is_public_address(address: str) -> bool:
+    """Whether a push may go to ``address``: a global unicast address, judged by the IPv4
+    address inside it when it is an IPv6 form that wraps one (docs/notifications.md)."""
     ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    if isinstance(ip, ipaddress.IPv6Address):
+        wrapped = embedded_ipv4(ip)
+        if wrapped is not None:
+            return all(_is_public_ipv4(v4) for v4 in wrapped)
+        # Everything else outside 2000::/3 is refused, among it the forms that wrap an IPv4
+        # address but reach no one outside a host or a site: IPv4-compatible ::a.b.c.d
+        # (deprecated), SIIT ::ffff:0:a.b.c.d and NAT64's local-use 64:ff9b:1::/48.
+        return ip in _GLOBAL_UNICAST_V6 and ip.is_global and not ip.is_multicast
+    return _is_public_ipv4(ip)
+
+
+def _is_public_ipv4(ip: ipaddress.IPv4Address) -> bool:
+    return ip.is_global and not ip.is_multicast and not ip.is_reserved
 
 
 def check_push_endpoint(url: str, *, allow_insecure: bool) -> None:
@@ -204,6 +255,10 @@ class Attempt:
     """delivered | retrying | dead_lettered | gone | expired"""
     status: int | None = None
     error: str | None = None
+    not_before_s: float | None = None
+    """retrying: wait at least this long (a target's breaker is open)."""
+    timed_out: bool = False
+    """The target did not answer in time (what a breaker counts)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,9 +291,20 @@ class PushWorker:
             default_ttl_s=settings.webpush_ttl_s,
             ring_stopped_ttl_s=settings.webpush_ring_stopped_ttl_s,
         )
-        self._slots = asyncio.Semaphore(settings.push_concurrency)
+        self.scheduler = FairScheduler(
+            Limits(
+                total=settings.push_concurrency,
+                per_user=settings.push_per_user_concurrency,
+                per_target=settings.push_per_target_concurrency,
+                user_backlog=BACKLOG_FACTOR * settings.push_per_user_concurrency,
+                target_backlog=BACKLOG_FACTOR * settings.push_per_target_concurrency,
+                backlog=BACKLOG_FACTOR * settings.push_concurrency,
+            )
+        )
+        self.breakers = Breakers(settings.push_breaker_timeouts, settings.push_breaker_cooloff_s)
+        self._room = asyncio.Event()
+        self._room.set()
         self._inflight = TaskSet()
-        self._running = 0
         self._random = random.SystemRandom()
 
     async def close(self) -> None:
@@ -250,10 +316,14 @@ class PushWorker:
         await _until_ok(self.store.ensure_push_group, "create the push consumer group")
         while True:
             try:
-                await self._slots.acquire()  # wait for a free slot before taking work
-                self._slots.release()
-                free = max(self.settings.push_concurrency - self._running, 1)
-                jobs = await self.store.take_jobs(self.consumer, free, block_ms=2000)
+                while self.scheduler.room == 0:  # wait for room before taking work
+                    self._room.clear()
+                    await self._room.wait()
+                jobs = await self.store.take_jobs(
+                    self.consumer, min(self.scheduler.room, FETCH_MAX), block_ms=2000
+                )
+                for entry_id, job in jobs:
+                    await self._accept(entry_id, job)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -262,8 +332,7 @@ class PushWorker:
                 with contextlib.suppress(Exception):
                     await self.store.ensure_push_group()
                 continue
-            for entry_id, job in jobs:
-                await self._dispatch(entry_id, job)
+            self._start_ready()
 
     async def run_mover(self) -> None:
         while True:
@@ -286,21 +355,43 @@ class PushWorker:
             await asyncio.sleep(min(idle / 2000, 30.0))
             try:
                 jobs = await self.store.reclaim_jobs(self.consumer, idle)
+                for entry_id, job in jobs:
+                    if self.scheduler.knows(entry_id):
+                        continue  # ours, still waiting or running here
+                    log.info("took over push job %s from a consumer that stopped", entry_id)
+                    await self._accept(entry_id, job)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("reclaiming push jobs failed (%s)", exc)
                 continue
-            for entry_id, job in jobs:
-                log.info("took over push job %s from a consumer that stopped", entry_id)
-                await self._dispatch(entry_id, job)
+            self._start_ready()
 
-    async def _dispatch(self, entry_id: str, job: PushJob | None) -> None:
-        await self._slots.acquire()
-        self._running += 1
-        self._inflight.spawn(self._run_one(entry_id, job), name=f"push-{entry_id}")
+    async def _accept(self, entry_id: str, job: PushJob | None) -> None:
+        """Takes a job into the scheduler, or, when its user or target has the most jobs
+        waiting here already, puts it back in the retry queue for a moment (not counted
+        as an attempt), so one user's flood leaves room for everyone else's pushes."""
+        if job is not None and self.scheduler.is_full(job.user, job.device):
+            delay = int(DEFER_MS * (0.5 + self._random.random()))
+            await self.store.finish_job(entry_id, retry=(job, _now_ms() + delay))
+            PUSHES.labels("unknown", "deferred").inc()
+            return
+        self.scheduler.offer(
+            Queued(
+                entry_id=entry_id,
+                user=job.user if job else "",
+                target=job.device if job else "",
+                urgent=job is not None and _is_incoming_call(job),
+                job=job,
+            )
+        )
 
-    async def _run_one(self, entry_id: str, job: PushJob | None) -> None:
+    def _start_ready(self) -> None:
+        while (item := self.scheduler.next()) is not None:
+            self._inflight.spawn(self._run_one(item), name=f"push-{item.entry_id}")
+
+    async def _run_one(self, item: Queued) -> None:
+        entry_id, job = item.entry_id, item.job
         try:
             if job is None:
                 log.error("push job %s cannot be decoded; dead-lettering it", entry_id)
@@ -312,8 +403,9 @@ class PushWorker:
         except Exception:
             log.exception("push job %s failed; it will be claimed again", entry_id)
         finally:
-            self._running -= 1
-            self._slots.release()
+            self.scheduler.done(item)
+            self._room.set()
+            self._start_ready()
 
     # ------------------------------------------------------------------ one attempt
 
@@ -346,6 +438,8 @@ class PushWorker:
                 self.settings.push_backoff_max_ms,
                 self._random.random,
             )
+            if attempt.not_before_s is not None:  # a breaker's cool-off: no sooner than that
+                delay = max(delay, int(attempt.not_before_s * 1000))
             record["next_attempt_at"] = utc_iso(
                 datetime.fromtimestamp((_now_ms() + delay) / 1000, UTC)
             )
@@ -370,6 +464,43 @@ class PushWorker:
             target = DeviceKind(device.kind)
         except ValueError:
             return Attempt("dead_lettered", error=f"unknown device kind {device.kind!r}")
+        wait_s = self.breakers.allow(device.id, time.monotonic())
+        if wait_s is not None:
+            skipped = self._failed(
+                job,
+                None,
+                f"circuit open: the target timed out {self.breakers.threshold} times in a "
+                "row; not tried",
+            )
+            return dataclasses.replace(skipped, not_before_s=wait_s)
+        try:
+            attempt = await self._request(device, job, notification, target, kind, priority)
+        except BaseException:
+            self.breakers.abandoned(device.id)
+            raise
+        if attempt.timed_out:
+            if self.breakers.timed_out(device.id, time.monotonic()):
+                log.warning(
+                    "device %s timed out %d times in a row: not tried for %.0f s",
+                    device.id,
+                    self.breakers.threshold,
+                    self.breakers.cooloff_s,
+                )
+        elif attempt.status is not None or attempt.outcome == "retrying":
+            self.breakers.answered(device.id)
+        else:
+            self.breakers.abandoned(device.id)
+        return attempt
+
+    async def _request(
+        self,
+        device: Device,
+        job: PushJob,
+        notification: dict[str, Any],
+        target: DeviceKind,
+        kind: Any,
+        priority: Priority,
+    ) -> Attempt:
         try:
             address = await resolve_allowed(
                 device.url, allow_private=self.settings.webhook_allow_private, kind=target
@@ -396,16 +527,22 @@ class PushWorker:
             return outgoing
         url, host_header, server_name = pinned(device.url, address)
         headers = {"User-Agent": USER_AGENT, "Host": host_header, **outgoing.headers}
+        timeout_s = (
+            self.settings.push_incoming_call_timeout_s
+            if kind == NoticeKind.INCOMING_CALL
+            else self.settings.push_timeout_s
+        )
         try:
             response = await self.client.post(
                 url,
                 content=outgoing.body,
                 headers=headers,
-                timeout=self.settings.push_timeout_s,
+                timeout=timeout_s,
                 extensions={"sni_hostname": server_name},
             )
         except httpx.TimeoutException:
-            return self._failed(job, None, f"timed out after {self.settings.push_timeout_s}s")
+            failed = self._failed(job, None, f"timed out after {timeout_s}s")
+            return dataclasses.replace(failed, timed_out=True)
         except httpx.HTTPError as exc:
             return self._failed(job, None, f"{type(exc).__name__}: {exc}")
         status = response.status_code
@@ -466,6 +603,13 @@ class PushWorker:
         if job.attempt >= self.settings.push_max_attempts:
             return Attempt("dead_lettered", status=status, error=f"{error} (last attempt)")
         return Attempt("retrying", status=status, error=error)
+
+
+def _is_incoming_call(job: PushJob) -> bool:
+    try:
+        return bool(json.loads(job.notification).get("kind") == NoticeKind.INCOMING_CALL)
+    except (ValueError, AttributeError):
+        return False
 
 
 def _deadline_passed(notification: dict[str, Any]) -> bool:

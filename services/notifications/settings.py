@@ -48,6 +48,15 @@ class NotificationsSettings(CommonSettings):
         3000, ge=100, le=600_000, description="The reconnect delay the stream advises clients."
     )
 
+    sse_max_streams_per_user: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        validation_alias="NOTIFICATIONS_SSE_MAX_STREAMS_PER_USER",
+        description="Open live streams per user, counted over every instance (tabs and "
+        "devices); one more is refused with 429.",
+    )
+
     # ---- push targets
     max_devices_per_user: int = Field(20, ge=1, le=1000)
     webhook_allow_private: bool = Field(
@@ -57,6 +66,14 @@ class NotificationsSettings(CommonSettings):
         "and tests only: it opens server-side request forgery).",
     )
     push_timeout_s: float = Field(5.0, gt=0, le=120, description="Per-attempt webhook timeout.")
+    push_incoming_call_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        le=120,
+        validation_alias="NOTIFICATIONS_PUSH_INCOMING_CALL_TIMEOUT_S",
+        description="Per-attempt timeout of an incoming_call push: a ring is only worth "
+        "something for seconds, and a slow target must not hold a slot for long.",
+    )
     push_max_attempts: int = Field(
         8, ge=1, le=50, description="Attempts before a push is dead-lettered."
     )
@@ -66,6 +83,34 @@ class NotificationsSettings(CommonSettings):
     push_backoff_max_ms: int = Field(300_000, ge=10, description="Cap of the retry delay.")
     push_concurrency: int = Field(
         32, ge=1, le=1000, description="Webhook requests in flight per instance."
+    )
+    push_per_user_concurrency: int = Field(
+        8,
+        ge=1,
+        le=1000,
+        validation_alias="NOTIFICATIONS_PUSH_PER_USER_CONCURRENCY",
+        description="Push requests in flight per instance to one user's targets together.",
+    )
+    push_per_target_concurrency: int = Field(
+        2,
+        ge=1,
+        le=1000,
+        validation_alias="NOTIFICATIONS_PUSH_PER_TARGET_CONCURRENCY",
+        description="Push requests in flight per instance to one target.",
+    )
+    push_breaker_timeouts: int = Field(
+        3,
+        ge=1,
+        le=1000,
+        validation_alias="NOTIFICATIONS_PUSH_BREAKER_TIMEOUTS",
+        description="Timeouts in a row after which a target is not tried for the cool-off.",
+    )
+    push_breaker_cooloff_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        validation_alias="NOTIFICATIONS_PUSH_BREAKER_COOLOFF_S",
+        description="How long a target whose breaker opened is not tried; then one trial.",
     )
     push_claim_idle_ms: int = Field(
         60_000,

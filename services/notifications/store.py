@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,6 +120,13 @@ class Keys:
         # STREAM of dead-lettered jobs {"job", "error", "at"}, MAXLEN ~ dead_letter_max.
         return self._k("push", "dlq")
 
+    def sse_streams(self, user: str) -> str:
+        # ZSET of the user's open SSE streams on every instance: stream id -> lease expiry
+        # (unix ms). The serving instance renews the lease while the stream is open and
+        # removes it when it ends; an instance that dies leaves entries that lapse.
+        # PEXPIRE the lease, so an idle user's key goes by itself.
+        return self._k("sse", user)
+
     def live_channel(self, user: str) -> str:
         # pub/sub channel (not a key): a notification id, published when stream(user) grows.
         return self._k("live", user)
@@ -154,6 +162,17 @@ redis.call('PUBLISH', ARGV[7], id)
 return id
 """
 
+# KEYS: 1 devices set, 2 new device hash
+# ARGV: 1 max devices, 2 new device id, 3.. the new device's field/value pairs
+# Counts and adds in one step, so concurrent registrations cannot pass the cap together.
+# Returns 1 when made, 0 when the user has the maximum of devices.
+_ADD_DEVICE = """
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+redis.call('SADD', KEYS[1], ARGV[2])
+return 1
+"""
+
 # KEYS: 1 devices set, 2 webpush endpoints hash, 3 new device hash
 # ARGV: 1 endpoint hash, 2 max devices, 3 new device id, 4.. the new device's field/value pairs
 # Registers a Web Push subscription once per user: returns {id, 1} when made, {id, 0} when
@@ -166,6 +185,17 @@ redis.call('HSET', KEYS[3], unpack(ARGV, 4))
 redis.call('SADD', KEYS[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return {ARGV[3], 1}
+"""
+
+# KEYS: 1 the user's sse streams zset. ARGV: 1 now ms, 2 cap, 3 lease expiry ms, 4 stream id,
+#       5 lease ms. Drops lapsed leases, then admits the stream if the user is under the cap.
+# Returns 1 when admitted, 0 at the cap.
+_ADMIT_STREAM = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
 """
 
 # KEYS: 1 retry zset, 2 jobs stream. ARGV: 1 now ms, 2 batch.
@@ -395,13 +425,41 @@ class NotificationStore:
         first = parse_stream_id(_s(oldest[0][0]))
         return first is not None and first > position
 
+    async def admit_stream(self, user: str, stream_id: str, lease_ms: int) -> bool:
+        """Counts a new SSE stream of ``user`` unless they have the maximum open already."""
+        now = _now_ms()
+        admitted: Any = await self.redis.eval(
+            _ADMIT_STREAM,
+            1,
+            self.keys.sse_streams(user),
+            now,
+            self.settings.sse_max_streams_per_user,
+            now + lease_ms,
+            stream_id,
+            lease_ms,
+        )
+        return bool(int(admitted))
+
+    async def renew_streams(self, streams: list[tuple[str, str]], lease_ms: int) -> None:
+        """Extends the leases of open ``(user, stream id)`` streams (re-adding a lapsed one)."""
+        expiry = _now_ms() + lease_ms
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user, stream_id in streams:
+                pipe.zadd(self.keys.sse_streams(user), {stream_id: expiry})
+                pipe.pexpire(self.keys.sse_streams(user), lease_ms)
+            await pipe.execute()
+
+    async def release_streams(self, streams: list[tuple[str, str]]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user, stream_id in streams:
+                pipe.zrem(self.keys.sse_streams(user), stream_id)
+            await pipe.execute()
+
     # ------------------------------------------------------------------ devices
 
     async def add_device(self, user: str, kind: str, url: str) -> Device | None:
         """Registers a push target; None when the user already has the maximum."""
         k = self.keys
-        if await self.redis.scard(k.devices(user)) >= self.settings.max_devices_per_user:
-            return None
         device = Device(
             id=f"dev_{uuid.uuid4().hex}",
             user=user,
@@ -410,21 +468,24 @@ class NotificationStore:
             secret=f"whsec_{secrets.token_urlsafe(32)}",
             created_at=utc_iso(),
         )
-        async with self.redis.pipeline(transaction=True) as tx:
-            tx.hset(
-                k.device(device.id),
-                mapping={
-                    "id": device.id,
-                    "user": user,
-                    "kind": kind,
-                    "url": url,
-                    "secret": device.secret,
-                    "created_at": device.created_at,
-                },
-            )
-            tx.sadd(k.devices(user), device.id)
-            await tx.execute()
-        return device
+        fields = {
+            "id": device.id,
+            "user": user,
+            "kind": kind,
+            "url": url,
+            "secret": device.secret,
+            "created_at": device.created_at,
+        }
+        made: Any = await self.redis.eval(
+            _ADD_DEVICE,
+            2,
+            k.devices(user),
+            k.device(device.id),
+            self.settings.max_devices_per_user,
+            device.id,
+            *(item for pair in fields.items() for item in pair),
+        )
+        return device if int(made) else None
 
     async def add_webpush(
         self, user: str, endpoint: str, p256dh: str, auth: str
@@ -599,6 +660,10 @@ class NotificationStore:
             }
             for eid, fields in entries
         ]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _endpoint_field(endpoint: str) -> str:

@@ -150,7 +150,15 @@ async def accept(call_id: CallId, body: Accept, user: CurrentUser, calls: Calls)
     return offer.public()
 
 
-@router.post("/v1/calls/{call_id}/media", summary="A fresh media token for an answered call")
+@router.post(
+    "/v1/calls/{call_id}/media",
+    summary="A fresh media grant for an answered call, always on a live node (the call "
+    "moves first if its node is gone or draining)",
+    responses={
+        409: {"description": "The call is not in progress (e.g. it ended)"},
+        503: {"description": "Its node is gone and no other media node is available"},
+    },
+)
 async def media(call_id: CallId, user: CurrentUser, calls: Calls) -> dict[str, Any]:
     try:
         return (await calls.media_for(user, call_id)).public()
@@ -158,6 +166,12 @@ async def media(call_id: CallId, user: CurrentUser, calls: Calls) -> dict[str, A
         raise _not_found(call_id) from None
     except IllegalTransition as exc:
         raise _conflict(exc) from None
+    except NoMediaNode:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail={"message": "no media node is available for this call now; retry"},
+            headers={"Retry-After": "1"},
+        ) from None
 
 
 @router.post("/v1/calls/{call_id}/decline", summary="Decline on any device: stops all")

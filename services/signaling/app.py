@@ -31,6 +31,14 @@ has more than `SIGNALING_MAX_DEVICES_PER_USER` sockets and this was the oldest (
 `call.signal` is limited per user and call (`SIGNALING_SIGNALS_PER_CALL_PER_S`; beyond:
 `error` `rate_limited`), and while a call rings it reaches the callee's
 `SIGNALING_RING_SIGNAL_DEVICES` most recently connected devices.
+
+In a call, a device may send `{"type": "call.media_state", "call_id", "audio": "on"|"muted",
+"video": "on"|"off"}` (the other party's in-call device gets `call.peer`; `video: on` in an
+audio call upgrades it to video); bad ones get an `error` frame (`bad_request`,
+`not_found`, `conflict`, `rate_limited`) and the socket stays. When a call's media node is
+draining or gone, both parties' in-call devices get `call.media` (a fresh grant on another
+node, `reason` `node_draining`|`node_lost`), and `call.peer` with `connection`
+`reconnecting`|`connected` tells one party about the other's media.
 """
 
 
@@ -56,6 +64,12 @@ def create_app(settings: SignalingSettings | None = None) -> FastAPI:
         runtime.tasks.spawn(timers.heartbeat_loop(store, settings), name="presence-heartbeat")
         runtime.tasks.spawn(
             timers.ring_timer_loop(calls, store, settings.timer_poll_ms), name="ring-timers"
+        )
+        runtime.tasks.spawn(
+            timers.rejoin_timer_loop(calls, store, settings.timer_poll_ms), name="rejoin-timers"
+        )
+        runtime.tasks.spawn(
+            timers.node_watch_loop(calls, settings.node_watch_ms), name="media-node-watch"
         )
         runtime.tasks.spawn(timers.outbox_relay_loop(calls, store), name="outbox-relay")
         try:

@@ -15,17 +15,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from services.signaling.domain import (
     IN_CALL_STATES,
     SIGNAL_STATES,
+    AudioState,
     Call,
     CallAction,
     IllegalTransition,
     Role,
+    VideoState,
     allowed,
     glare_winner,
+    media_connected_action,
+    move_media,
+    upgrade_to_video,
     utcnow,
 )
 from services.signaling.presence import Hub, Push
@@ -42,6 +47,7 @@ from shared.contracts import (
     CallEnded,
     CallMediaConnected,
     CallMediaFailed,
+    CallMediaPeer,
     CallMissed,
     CallRejected,
     CallRequested,
@@ -50,6 +56,8 @@ from shared.contracts import (
     EndReason,
     Event,
     MediaKind,
+    MediaMoveReason,
+    MediaNodeDraining,
 )
 from shared.ids import new_call_id
 from shared.media_registry import MediaNode, MediaRegistry
@@ -65,6 +73,14 @@ GLARE_DEVICE = "glare"
 """``device_id`` of a glare accept when the answering party's device is not known."""
 
 CURSOR_RE = re.compile(r"^[0-9a-f]{1,64}$")
+
+MEDIA_MOVES = Counter(
+    "dmcall_signaling_media_moves_total",
+    "Calls whose media moved to another node, by why",
+    ["reason"],
+)
+MOVE_ATTEMPTS = 3
+"""How often ``POST /media`` moves a call whose node is gone before answering 503."""
 
 MISSED_LATENESS = Histogram(
     "dmcall_signaling_missed_lateness_seconds",
@@ -174,10 +190,11 @@ class CallService:
             if call is None:
                 raise NotFound(call_id)
             step = await decide(call)
-            try:
-                await self.store.commit(step.commit)
-            except Conflict:
-                continue
+            if step.commit.calls or step.commit.events:  # else: nothing to change
+                try:
+                    await self.store.commit(step.commit)
+                except Conflict:
+                    continue
             await self._after(step)
             return step
         raise RuntimeError(f"call {call_id}: too many concurrent changes")
@@ -235,6 +252,14 @@ class CallService:
             else:
                 pushes.append(Push(call.callee, message))
         return pushes
+
+    def _in_call_push(self, call: Call, user: str, message: dict[str, Any]) -> Push:
+        """``message`` for ``user``'s device in the call: the answering one, the one the
+        caller called from (all of theirs when it is not known)."""
+        device = call.answered_device if user == call.callee else call.caller_device
+        if device and device != GLARE_DEVICE:
+            return Push(user, message, devices=frozenset({device}))
+        return Push(user, message)
 
     def _accepted_pushes(self, call: Call, now: datetime) -> tuple[list[Push], MediaOffer]:
         """Accepted: each party its own media; the callee's other devices: answered elsewhere."""
@@ -457,12 +482,16 @@ class CallService:
 
     async def media_connected(self, event: CallMediaConnected) -> None:
         async def decide(call: Call) -> Step:
-            _from_the_calls_node(call, CallAction.MEDIA_CONNECTED, event.node_id)
+            action = media_connected_action(call)
+            _from_the_calls_node(call, action, event.node_id)
             step = Step()
             now = utcnow()
-            after = call.step(CallAction.MEDIA_CONNECTED, at=now)
+            after = call.step(action, at=now)
             self.store.stage(step.commit, call, after)
-            step.pushes = self._fanout(after, now, callee_too=True)
+            if action is CallAction.MEDIA_RESUMED:
+                log.info("call %s: media flows on %s after its move", call.call_id, event.node_id)
+            else:
+                step.pushes = self._fanout(after, now, callee_too=True)
             return step
 
         await self._consume(event.call_id, decide)
@@ -491,6 +520,34 @@ class CallService:
         except IllegalTransition as exc:
             log.info("event dropped: %s", exc)
 
+    async def media_peer(self, event: CallMediaPeer) -> None:
+        """A party's media stopped or flows again: the other party's in-call device hears."""
+        call = await self.store.get(event.call_id)
+        if (
+            call is None
+            or call.state not in IN_CALL_STATES
+            or call.media_node != event.node_id
+            or call.role_of(event.user) is None
+        ):
+            log.info(
+                "call_media_peer for %s from %s dropped (not that call's node or party)",
+                event.call_id,
+                event.node_id,
+            )
+            return
+        message = {
+            "type": "call.peer",
+            "call_id": call.call_id,
+            "user": event.user,
+            "connection": event.connection.value,
+        }
+        await self.hub.deliver([self._in_call_push(call, call.other(event.user), message)])
+
+    async def node_draining(self, event: MediaNodeDraining) -> None:
+        """Move every call of a draining node (those it named and those indexed on it)."""
+        call_ids = set(event.call_ids) | set(await self.store.node_calls(event.node_id))
+        await self._move_all(sorted(call_ids), event.node_id, MediaMoveReason.NODE_DRAINING)
+
     def _ended(self, call: Call, now: datetime) -> CallEnded:
         assert call.end_reason is not None
         return CallEnded(
@@ -499,7 +556,133 @@ class CallService:
             callee=call.callee,
             reason=call.end_reason,
             duration_s=call.duration_s(now),
+            media=call.media,
         )
+
+    # ------------------------------------------------------------------ moving media
+
+    async def move_media(self, call_id: str, leaving: str, reason: MediaMoveReason) -> bool:
+        """Move the call's media off ``leaving`` to a live node that is not draining, and
+        tell both parties' in-call devices (``call.media``). True if this call did it; a
+        call already off ``leaving`` (another instance or request moved it) is left alone.
+        NoMediaNode when no node can take it."""
+
+        async def decide(call: Call) -> Step:
+            if call.media_node != leaving or call.state not in IN_CALL_STATES:
+                return Step()
+            node = await self.registry.pick(avoid=leaving)
+            if node is None:
+                raise NoMediaNode()
+            now = utcnow()
+            # From the move: a lost node's parties stopped about a registry TTL before it,
+            # so a call nobody rejoins ends within TTL + grace of the crash.
+            grace = self.settings.media_rejoin_grace_s
+            after = move_media(
+                call,
+                leaving=leaving,
+                node_id=node.node_id,
+                media_url=node.session_url(call.call_id),
+                at=now,
+                rejoin_deadline=now + timedelta(seconds=grace),
+            )
+            if after is None:
+                return Step()
+            step = Step(result=after)
+            self.store.stage(step.commit, call, after)
+            for user in (after.caller, after.callee):
+                offer = self._mint(after, user, node.node_id, node.session_url(call.call_id))
+                message = {
+                    "type": "call.media",
+                    "call_id": after.call_id,
+                    **offer.media_fields(),
+                    "reason": reason.value,
+                }
+                step.pushes.append(self._in_call_push(after, user, message))
+            return step
+
+        try:
+            step = await self._run(call_id, decide)
+        except NotFound:
+            await self.store.forget_node_call(leaving, call_id)
+            return False
+        if step.result is None:
+            # Nothing to move: the call is off that node already or over. An index entry
+            # left behind (there should be none) goes, so the watcher stops looking.
+            await self.store.forget_node_call(leaving, call_id)
+            return False
+        moved: Call = step.result
+        MEDIA_MOVES.labels(reason.value).inc()
+        log.info(
+            "call %s moved from %s to %s (%s)", call_id, leaving, moved.media_node, reason.value
+        )
+        return True
+
+    async def _move_all(
+        self, call_ids: Sequence[str], leaving: str, reason: MediaMoveReason
+    ) -> int:
+        results = await asyncio.gather(
+            *(self.move_media(call_id, leaving, reason) for call_id in call_ids),
+            return_exceptions=True,
+        )
+        moved = 0
+        for call_id, result in zip(call_ids, results, strict=True):
+            if isinstance(result, NoMediaNode):
+                log.error("call %s cannot leave %s: no other media node", call_id, leaving)
+            elif isinstance(result, BaseException):
+                log.error("moving call %s off %s failed: %r", call_id, leaving, result)
+            elif result:
+                moved += 1
+        return moved
+
+    async def move_off_unusable_nodes(self) -> int:
+        """The node watcher's pass: calls on nodes gone from the registry (``node_lost``)
+        or draining (``node_draining``) move. Every instance runs it; each call moves once."""
+        hosting = await self.store.call_nodes()
+        if not hosting:
+            return 0
+        live = {node.node_id: node for node in await self.registry.live_nodes()}
+        moved = 0
+        for node_id in hosting:
+            node = live.get(node_id)
+            if node is not None and not node.draining:
+                continue
+            reason = MediaMoveReason.NODE_LOST if node is None else MediaMoveReason.NODE_DRAINING
+            call_ids = await self.store.node_calls(node_id)
+            if call_ids:
+                moved += await self._move_all(call_ids, node_id, reason)
+        return moved
+
+    async def rejoin_timeout(self, call_id: str) -> bool:
+        """End a moved call whose media did not flow on its new node in time; True if this
+        instance did (every instance polls; the versioned commit lets one)."""
+
+        async def decide(call: Call) -> Step:
+            action = CallAction.MEDIA_FAILED
+            if call.state not in IN_CALL_STATES or call.rejoin_deadline is None:
+                raise IllegalTransition(call.state, action, call.call_id)
+            if call.rejoin_deadline > utcnow():
+                raise IllegalTransition(call.state, action, call.call_id)
+            step = Step()
+            now = utcnow()
+            after = call.step(action, at=now, media_failure=EndReason.MEDIA_TIMEOUT)
+            self.store.stage(step.commit, call, after)
+            step.commit.events.append(self._ended(after, now))
+            step.pushes = self._fanout(after, now, callee_too=True)
+            step.result = after
+            return step
+
+        try:
+            await self._run(call_id, decide)
+        except NotFound:
+            await self.store.drop_rejoin(call_id)
+            return False
+        except IllegalTransition:
+            call = await self.store.get(call_id)
+            if call is None or call.rejoin_deadline is None or call.state not in IN_CALL_STATES:
+                await self.store.drop_rejoin(call_id)
+            return False
+        log.info("call %s ended media_timeout: nobody rejoined after its move", call_id)
+        return True
 
     # ------------------------------------------------------------------ the parties
 
@@ -554,10 +737,19 @@ class CallService:
         return offer_box[-1]
 
     async def media_for(self, user: str, call_id: str) -> MediaOffer:
-        call = await self.visible(user, call_id)
-        if call.state not in IN_CALL_STATES or not call.media_node or not call.media_url:
-            raise IllegalTransition(call.state, CallAction.ACCEPT, call.call_id)
-        return self._mint(call, user, call.media_node, call.media_url)
+        """A fresh grant on the call's node, which is live and not draining: a call on a
+        node that is gone or draining is moved first (once, however many ask at once)."""
+        for _ in range(MOVE_ATTEMPTS):
+            call = await self.visible(user, call_id)
+            if call.state not in IN_CALL_STATES or not call.media_node or not call.media_url:
+                raise IllegalTransition(call.state, CallAction.ACCEPT, call.call_id)
+            live = {node.node_id: node for node in await self.registry.live_nodes()}
+            node = live.get(call.media_node)
+            if node is not None and not node.draining:
+                return self._mint(call, user, call.media_node, call.media_url)
+            reason = MediaMoveReason.NODE_LOST if node is None else MediaMoveReason.NODE_DRAINING
+            await self.move_media(call_id, call.media_node, reason)
+        raise NoMediaNode()
 
     async def decline(self, user: str, call_id: str) -> Call:
         async def decide(call: Call) -> Step:
@@ -668,6 +860,49 @@ class CallService:
                 out.append({**call.public(now), "direction": "outgoing"})
         out.sort(key=lambda c: str(c["call_id"]), reverse=True)
         return out
+
+    # ------------------------------------------------------------------ call.media_state
+
+    async def relay_media_state(
+        self, user: str, call_id: str, audio: AudioState, video: VideoState
+    ) -> None:
+        """A party's microphone and camera, for the other party's in-call device
+        (``call.peer``); the camera on in an audio call upgrades the call to video."""
+        call = await self.visible(user, call_id)
+        if call.state not in IN_CALL_STATES:
+            raise IllegalTransition(call.state, CallAction.UPGRADE_VIDEO, call.call_id)
+        # The same budget as call.signal: one per user and call, across sockets.
+        if not await self.store.take_signal_token(
+            user,
+            call_id,
+            rate_per_s=self.settings.signals_per_call_per_s,
+            burst=self.settings.signals_per_call_per_s * 2,
+        ):
+            raise SignalRateLimited(call_id)
+        if video is VideoState.ON and call.media is MediaKind.AUDIO:
+            call = await self._upgrade(user, call_id)
+        message = {
+            "type": "call.peer",
+            "call_id": call_id,
+            "user": user,
+            "audio": audio.value,
+            "video": video.value,
+        }
+        await self.hub.deliver([self._in_call_push(call, call.other(user), message)])
+
+    async def _upgrade(self, user: str, call_id: str) -> Call:
+        async def decide(call: Call) -> Step:
+            if not call.visible_to(user):
+                raise NotFound(call_id)
+            upgraded = upgrade_to_video(call, at=utcnow())
+            step = Step(result=upgraded or call)
+            if upgraded is not None:
+                self.store.stage(step.commit, call, upgraded)
+                log.info("call %s upgraded to video by %s", call_id, user)
+            return step
+
+        step = await self._run(call_id, decide)
+        return step.result  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ call.signal
 

@@ -35,6 +35,13 @@ class CallAction(StrEnum):
     MEDIA_FAILED = "media_failed"
     HANGUP = "hangup"
     """Either party ended an answered call."""
+    MOVE_MEDIA = "move_media"
+    """The call's media node is draining or gone: its room moves to another node (the
+    call stays what it is; a rejoin deadline starts)."""
+    MEDIA_RESUMED = "media_resumed"
+    """Media flows on the call's (new) node after a move: the rejoin deadline is over."""
+    UPGRADE_VIDEO = "upgrade_video"
+    """A party turned the camera on in an audio call: the call is a video call now."""
 
 
 S = CallState
@@ -59,6 +66,11 @@ TRANSITIONS: dict[tuple[CallState, CallAction], CallState] = {
     (S.ACCEPTED, A.HANGUP): S.ENDED,
     (S.ACTIVE, A.MEDIA_FAILED): S.ENDED,
     (S.ACTIVE, A.HANGUP): S.ENDED,
+    (S.ACCEPTED, A.MOVE_MEDIA): S.ACCEPTED,
+    (S.ACTIVE, A.MOVE_MEDIA): S.ACTIVE,
+    (S.ACTIVE, A.MEDIA_RESUMED): S.ACTIVE,
+    (S.ACCEPTED, A.UPGRADE_VIDEO): S.ACCEPTED,
+    (S.ACTIVE, A.UPGRADE_VIDEO): S.ACTIVE,
 }
 """(current state, action) -> next state. The only place transitions are allowed."""
 
@@ -79,6 +91,20 @@ IN_CALL_STATES = frozenset({S.ACCEPTED, S.ACTIVE})
 """A party of a call in one of these is busy."""
 SIGNAL_STATES = frozenset({S.RINGING, S.ACCEPTED, S.ACTIVE})
 """``call.signal`` is relayed only for calls in these states: never before policy allowed it."""
+
+
+class AudioState(StrEnum):
+    """``call.media_state``'s ``audio``: a party's microphone."""
+
+    ON = "on"
+    MUTED = "muted"
+
+
+class VideoState(StrEnum):
+    """``call.media_state``'s ``video``: a party's camera."""
+
+    ON = "on"
+    OFF = "off"
 
 
 class IllegalTransition(Exception):
@@ -138,6 +164,9 @@ class Call:
     media_node: str | None = None
     media_url: str | None = None
     replaced_by: str | None = None
+    rejoin_deadline: datetime | None = None
+    """Set when the call's media moved: if media does not flow on the new node by then,
+    the call ends ``media_timeout``."""
 
     def role_of(self, user: str) -> Role | None:
         if user == self.caller:
@@ -188,6 +217,8 @@ class Call:
         updates: dict[str, Any] = {"state": new_state, **changes}
         if new_state is CallState.ACCEPTED:
             updates.setdefault("answered_at", at)
+        if action in (A.MEDIA_CONNECTED, A.MEDIA_RESUMED) or new_state.is_final:
+            updates["rejoin_deadline"] = None
         if new_state.is_final:
             updates["ended_at"] = at
             reason = media_failure if action is A.MEDIA_FAILED else END_REASONS.get(action)
@@ -214,6 +245,45 @@ class Call:
             "duration_s": self.duration_s(now),
             "replaced_by": self.replaced_by,
         }
+
+
+def move_media(
+    call: Call,
+    *,
+    leaving: str,
+    node_id: str,
+    media_url: str,
+    at: datetime,
+    rejoin_deadline: datetime,
+) -> Call | None:
+    """The call with its media on ``node_id`` instead of ``leaving``, or None when there
+    is nothing to move: the call is not (or no longer) on ``leaving`` (another instance or
+    request moved it first), or it is not in a call. However many race, one move."""
+    if call.media_node != leaving or call.state not in IN_CALL_STATES:
+        return None
+    return call.step(
+        A.MOVE_MEDIA,
+        at=at,
+        media_node=node_id,
+        media_url=media_url,
+        rejoin_deadline=rejoin_deadline,
+    )
+
+
+def media_connected_action(call: Call) -> CallAction:
+    """What ``call_media_connected`` from the call's node means: the first media of an
+    accepted call, or media again after a move; else the table refuses it (a duplicate)."""
+    if call.state is S.ACTIVE and call.rejoin_deadline is not None:
+        return A.MEDIA_RESUMED
+    return A.MEDIA_CONNECTED
+
+
+def upgrade_to_video(call: Call, *, at: datetime) -> Call | None:
+    """The call as a video call, or None if it is one already (nothing to commit)."""
+    if call.media is MediaKind.VIDEO:
+        next_state(call.state, A.UPGRADE_VIDEO)  # an ended video call is still refused
+        return None
+    return call.step(A.UPGRADE_VIDEO, at=at, media=MediaKind.VIDEO)
 
 
 def glare_winner(first: str, second: str) -> str:

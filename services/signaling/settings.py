@@ -89,6 +89,23 @@ class SignalingSettings(CommonSettings):
         description="While a call rings, the caller's call.signal goes to this many of the "
         "callee's devices, the most recently connected (after the answer: the answering one).",
     )
+    media_rejoin_grace_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        validation_alias=AliasChoices("MEDIA_REJOIN_GRACE_S", "SIGNALING_MEDIA_REJOIN_GRACE_S"),
+        description="Seconds a party may take to rejoin (the media service reads the same "
+        "name): how long a moved call waits for media on its new node before it ends "
+        "media_timeout.",
+    )
+    node_watch_ms: int = Field(
+        1000,
+        ge=50,
+        le=60_000,
+        validation_alias=AliasChoices("SIGNALING_NODE_WATCH_MS"),
+        description="How often every instance looks for calls on media nodes that are gone "
+        "or draining, and moves them.",
+    )
 
     # The web client (services/signaling/web/) runs in the browser and calls the other
     # services directly: these are their public base URLs, served to it in /config.json.

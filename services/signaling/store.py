@@ -5,8 +5,9 @@ Keys (``<p>`` is the deployment's prefix, ``dmcall`` or ``dmcall:<namespace>``; 
 
 - ``<p>:signaling:call:<call_id>``: HASH, one call: ``call_id caller callee media state
   created_at version`` and, when set, ``end_reason reject_reason ring_deadline answered_at
-  ended_at answered_device caller_device media_node media_url replaced_by`` (times ISO-8601
-  UTC). ``version`` grows by one with every commit; a commit names the version it read.
+  ended_at answered_device caller_device media_node media_url replaced_by
+  rejoin_deadline`` (times ISO-8601 UTC). ``version`` grows by one with every commit; a
+  commit names the version it read.
 - ``<p>:signaling:live:<user>``: SET of the user's calls that are not final: as caller from
   creation, as callee from ringing (or a glare accept). Busy and glare are read from it.
 - ``<p>:signaling:history:<user>``: ZSET, all scores 0, members call ids; call ids are
@@ -15,6 +16,15 @@ Keys (``<p>`` is the deployment's prefix, ``dmcall`` or ``dmcall:<namespace>``; 
 - ``<p>:signaling:ring_deadlines``: ZSET call_id -> ring deadline (Unix ms). Every live
   instance polls it; the commit that moves the call to ``missed`` removes the entry, and
   the version check lets exactly one instance make that commit.
+- ``<p>:signaling:node_calls:<node_id>``: SET of the calls in progress (accepted or active)
+  whose media is on that media node; written in the same commit as the call, so a call is
+  in exactly its current node's set.
+- ``<p>:signaling:call_nodes``: SET of the media node ids whose ``node_calls`` set is not
+  empty (the commit removes a node when its set empties). The node watcher reads it to
+  find calls on nodes that are gone or draining.
+- ``<p>:signaling:rejoin_deadlines``: ZSET call_id -> Unix ms by which media must flow on
+  the node a call moved to (else it ends ``media_timeout``). Polled by every instance like
+  the ring deadlines; the commit that clears or passes the deadline removes the entry.
 - ``<p>:signaling:outbox``: HASH event_id -> event JSON, written in the same commit as the
   transition that produced the event; removed once the event is published.
 - ``<p>:signaling:outbox_due``: ZSET event_id -> Unix ms after which any instance may
@@ -52,7 +62,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from services.signaling.domain import LIVE_STATES, Call
+from services.signaling.domain import IN_CALL_STATES, LIVE_STATES, Call
 from shared.contracts import CallState, EndReason, Event, MediaKind, RejectReason
 from shared.redis import KeySpace
 from shared.settings import CommonSettings
@@ -95,6 +105,9 @@ for _, op in ipairs(plan.sadd) do redis.call('SADD', op[1], op[2]) end
 for _, op in ipairs(plan.srem) do redis.call('SREM', op[1], op[2]) end
 for _, op in ipairs(plan.zadd) do redis.call('ZADD', op[1], op[2], op[3]) end
 for _, op in ipairs(plan.zrem) do redis.call('ZREM', op[1], op[2]) end
+for _, op in ipairs(plan.prune) do
+  if redis.call('SCARD', op[1]) == 0 then redis.call('SREM', op[2], op[3]) end
+end
 for _, o in ipairs(plan.outbox) do
   redis.call('HSET', KEYS[1], o[1], o[2])
   redis.call('ZADD', KEYS[2], o[3], o[1])
@@ -269,6 +282,13 @@ local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {due, first[2] or false}
 """
 
+_FORGET_NODE_CALL = """
+-- KEYS[1]: a node's node_calls set, KEYS[2]: call_nodes; ARGV: the call id, the node id.
+redis.call('SREM', KEYS[1], ARGV[1])
+if redis.call('SCARD', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[2]) end
+return 1
+"""
+
 _UNREGISTER_DEVICE = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   redis.call('ZREM', KEYS[2], ARGV[1])
@@ -306,7 +326,7 @@ def _ms(value: datetime) -> int:
     return int(value.timestamp() * 1000)
 
 
-_TIME_FIELDS = ("created_at", "ring_deadline", "answered_at", "ended_at")
+_TIME_FIELDS = ("created_at", "ring_deadline", "answered_at", "ended_at", "rejoin_deadline")
 _OPTIONAL_TEXT = ("answered_device", "caller_device", "media_node", "media_url", "replaced_by")
 
 
@@ -357,6 +377,7 @@ def decode_call(row: Mapping[Any, Any]) -> Call:
         media_node=get.get("media_node"),
         media_url=get.get("media_url"),
         replaced_by=get.get("replaced_by"),
+        rejoin_deadline=when("rejoin_deadline"),
     )
 
 
@@ -369,6 +390,8 @@ class Commit:
     srem: list[list[str]] = field(default_factory=list)
     zadd: list[list[str]] = field(default_factory=list)
     zrem: list[list[str]] = field(default_factory=list)
+    prune: list[list[str]] = field(default_factory=list)
+    """[set, index, member]: after the rest, ``member`` leaves ``index`` if ``set`` is empty."""
     events: list[Event] = field(default_factory=list)
     claim: list[str] | None = None
 
@@ -389,6 +412,7 @@ class CallStore:
         self._presence = redis.register_script(_PRESENCE)
         self._live = redis.register_script(_LIVE_CALLS)
         self._ring_poll = redis.register_script(_RING_POLL)
+        self._forget_node_call = redis.register_script(_FORGET_NODE_CALL)
         self._published: set[str] = set()
         self._flush: asyncio.Task[None] | None = None
 
@@ -406,6 +430,17 @@ class CallStore:
     @property
     def ring_key(self) -> str:
         return self.keys("ring_deadlines")
+
+    @property
+    def rejoin_key(self) -> str:
+        return self.keys("rejoin_deadlines")
+
+    def node_calls_key(self, node_id: str) -> str:
+        return self.keys("node_calls", node_id)
+
+    @property
+    def call_nodes_key(self) -> str:
+        return self.keys("call_nodes")
 
     @property
     def outbox_key(self) -> str:
@@ -514,6 +549,20 @@ class CallStore:
             commit.zadd.append([self.ring_key, str(_ms(after.ring_deadline)), cid])
         elif before is not None and before.state is CallState.RINGING:
             commit.zrem.append([self.ring_key, cid])
+        before_node = before.media_node if before and before.state in IN_CALL_STATES else None
+        after_node = after.media_node if after.state in IN_CALL_STATES else None
+        if after_node:
+            commit.sadd.append([self.node_calls_key(after_node), cid])
+            commit.sadd.append([self.call_nodes_key, after_node])
+        if before_node and before_node != after_node:
+            commit.srem.append([self.node_calls_key(before_node), cid])
+            commit.prune.append(
+                [self.node_calls_key(before_node), self.call_nodes_key, before_node]
+            )
+        if after.state in IN_CALL_STATES and after.rejoin_deadline is not None:
+            commit.zadd.append([self.rejoin_key, str(_ms(after.rejoin_deadline)), cid])
+        elif before is not None and before.rejoin_deadline is not None:
+            commit.zrem.append([self.rejoin_key, cid])
 
     def check(self, commit: Commit, unchanged: Iterable[Call]) -> None:
         """The commit fails if any of these calls changed since they were read."""
@@ -532,6 +581,7 @@ class CallStore:
             "srem": commit.srem,
             "zadd": commit.zadd,
             "zrem": commit.zrem,
+            "prune": commit.prune,
             "outbox": [[str(e.event_id), e.model_dump_json(), due] for e in commit.events],
         }
         if commit.claim is not None:
@@ -605,6 +655,32 @@ class CallStore:
 
     async def drop_ring(self, call_id: str) -> None:
         await self.redis.zrem(self.ring_key, call_id)
+
+    # ------------------------------------------------------------------ media nodes
+
+    async def call_nodes(self) -> list[str]:
+        """The media nodes that host calls in progress."""
+        members = await self.redis.smembers(self.call_nodes_key)  # type: ignore[misc]
+        return sorted(_text(m) for m in members)
+
+    async def node_calls(self, node_id: str) -> list[str]:
+        """The calls in progress on ``node_id``."""
+        members = await self.redis.smembers(self.node_calls_key(node_id))  # type: ignore[misc]
+        return sorted(_text(m) for m in members)
+
+    async def forget_node_call(self, node_id: str, call_id: str) -> None:
+        """Drop a stale index entry (the call is no longer on that node)."""
+        await self._forget_node_call(
+            keys=[self.node_calls_key(node_id), self.call_nodes_key], args=[call_id, node_id]
+        )
+
+    async def rejoin_poll(self, now_ms: int, limit: int = 100) -> tuple[list[str], int | None]:
+        """Calls whose rejoin deadline passed, and the earliest one still waiting."""
+        due, first = await self._ring_poll(keys=[self.rejoin_key], args=[now_ms, limit])
+        return [_text(i) for i in due], int(first) if first else None
+
+    async def drop_rejoin(self, call_id: str) -> None:
+        await self.redis.zrem(self.rejoin_key, call_id)
 
     # ------------------------------------------------------------------ rate limit
 

@@ -4,6 +4,10 @@
   call whose deadline passed to ``missed``. All may try at once; the versioned commit lets
   exactly one succeed, so ``call_missed`` is published once, and a killed instance costs
   nothing but its share of the polling.
+- The rejoin timer: like the ring timer, over ``rejoin_deadlines``: a call moved to another
+  media node whose media has not flowed there in time ends ``media_timeout``, once.
+- The node watcher: every ``SIGNALING_NODE_WATCH_MS``, calls on media nodes that left the
+  registry (crashed) or are draining move to a live node; the commit makes each move once.
 - The outbox relay: an event committed by an instance that died before publishing it is
   published by whichever instance claims it once its lease is over.
 - The presence heartbeat: this instance's key, whose expiry makes its devices vanish.
@@ -51,6 +55,42 @@ async def ring_timer_loop(service: CallService, store: CallStore, poll_ms: int) 
         except Exception:
             log.exception("ring timer pass failed; trying again")
             await asyncio.sleep(poll_s * 4)
+
+
+async def rejoin_timer_loop(service: CallService, store: CallStore, poll_ms: int) -> None:
+    poll_s = poll_ms / 1000
+    while True:
+        try:
+            due, upcoming = await store.rejoin_poll(int(time.time() * 1000))
+            if due:
+                results = await asyncio.gather(
+                    *(service.rejoin_timeout(call_id) for call_id in due), return_exceptions=True
+                )
+                for call_id, result in zip(due, results, strict=True):
+                    if isinstance(result, Exception):
+                        log.error("rejoin timeout of %s failed: %r", call_id, result)
+            wait = poll_s
+            if due:
+                wait = 0.0
+            elif upcoming is not None:
+                wait = min(poll_s, max(upcoming - int(time.time() * 1000), 0) / 1000)
+            await asyncio.sleep(max(wait, 0.002))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("rejoin timer pass failed; trying again")
+            await asyncio.sleep(poll_s * 4)
+
+
+async def node_watch_loop(service: CallService, interval_ms: int) -> None:
+    while True:
+        await asyncio.sleep(interval_ms / 1000)
+        try:
+            await service.move_off_unusable_nodes()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("node watch pass failed; trying again")
 
 
 async def outbox_relay_loop(service: CallService, store: CallStore) -> None:

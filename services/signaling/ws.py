@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from services.signaling.calls import CallService, NotFound, SignalRateLimited
-from services.signaling.domain import IllegalTransition
+from services.signaling.domain import AudioState, IllegalTransition, VideoState
 from services.signaling.presence import CloseCode, Hub
 from services.signaling.settings import SignalingSettings
 from shared.auth import AuthError, TokenVerifier, authenticate_websocket
@@ -167,6 +167,8 @@ async def _handle_frame(
         return {"type": "pong"}
     if kind == "auth.refresh":
         return _refresh(message, session, verifier)
+    if kind == "call.media_state":
+        return await _media_state(message, session, calls, settings)
     call_id = message.get("call_id")
     payload = message.get("payload")
     if not isinstance(call_id, str) or not is_user_id(call_id):
@@ -181,16 +183,54 @@ async def _handle_frame(
             f"over {settings.signals_per_call_per_s} call.signal/s for this call; dropped",
             call_id=call_id,
         )
-    except NotFound:
-        return _error("not_found", f"no call {call_id} of yours", call_id=call_id)
-    except IllegalTransition as exc:
-        return _error(
-            "conflict",
-            f"call {call_id} is {exc.state.value}",
-            call_id=call_id,
-            state=exc.state.value,
-        )
+    except (NotFound, IllegalTransition) as exc:
+        return _call_error(exc, call_id)
     return None
+
+
+async def _media_state(
+    message: Mapping[str, Any],
+    session: _Session,
+    calls: CallService,
+    settings: SignalingSettings,
+) -> dict[str, Any] | None:
+    """``call.media_state``: this party's microphone and camera, for the other party."""
+    call_id = message.get("call_id")
+    if not isinstance(call_id, str) or not is_user_id(call_id):
+        return _error("bad_request", "call.media_state needs a call_id string")
+    raw_audio, raw_video = message.get("audio"), message.get("video")
+    try:
+        if not isinstance(raw_audio, str) or not isinstance(raw_video, str):
+            raise ValueError("not strings")
+        audio, video = AudioState(raw_audio), VideoState(raw_video)
+    except ValueError:
+        return _error(
+            "bad_request",
+            "call.media_state needs audio: on|muted and video: on|off",
+            call_id=call_id,
+        )
+    try:
+        await calls.relay_media_state(session.user, call_id, audio, video)
+    except SignalRateLimited:
+        return _error(
+            "rate_limited",
+            f"over {settings.signals_per_call_per_s} frames/s for this call; dropped",
+            call_id=call_id,
+        )
+    except (NotFound, IllegalTransition) as exc:
+        return _call_error(exc, call_id)
+    return None
+
+
+def _call_error(exc: NotFound | IllegalTransition, call_id: str) -> dict[str, Any]:
+    if isinstance(exc, NotFound):
+        return _error("not_found", f"no call {call_id} of yours", call_id=call_id)
+    return _error(
+        "conflict",
+        f"call {call_id} is {exc.state.value}",
+        call_id=call_id,
+        state=exc.state.value,
+    )
 
 
 def _refresh(
@@ -215,7 +255,7 @@ def _refresh(
     return {"type": "auth.refreshed", "expires_at": expires}
 
 
-MESSAGE_TYPES = ("call.signal", "ping", "auth.refresh")
+MESSAGE_TYPES = ("call.signal", "call.media_state", "ping", "auth.refresh")
 
 
 def _parse(raw: str) -> dict[str, Any]:

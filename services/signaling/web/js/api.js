@@ -120,8 +120,10 @@ export class Api {
   // notifications
   listNotifications() { return this.notifications("/v1/notifications"); }
   markRead(id) { return this.notifications(`/v1/notifications/${id}/read`, { method: "POST" }); }
-  streamUrl() {
-    return `${this.config.notifications_url}/v1/notifications/stream?token=${encodeURIComponent(this.token)}`;
+  streamUrl(lastEventId) {
+    const params = new URLSearchParams({ token: this.token });
+    if (lastEventId) params.set("last_event_id", lastEventId);
+    return `${this.config.notifications_url}/v1/notifications/stream?${params}`;
   }
 
   // media (SFU): the SDP offer goes to the media node with the media token

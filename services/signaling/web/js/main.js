@@ -386,13 +386,22 @@ function loadNotifications() {
   }).catch(() => {});
 }
 
-function connectNotifications() {
-  loadNotifications();
+function connectNotifications(lastEventId) {
+  if (!lastEventId) loadNotifications();
   // EventSource reconnects by itself, resuming after the last id it saw (Last-Event-ID).
-  const events = new EventSource(state.api.streamUrl());
+  const events = new EventSource(state.api.streamUrl(lastEventId));
   state.events = events;
   // Some of what we missed while away is no longer kept: read the inbox again.
   events.addEventListener("resync", loadNotifications);
+  // The stream ends when its token expires: open a new one with a fresh token, resuming
+  // after the last id seen (a new EventSource does not send Last-Event-ID by itself).
+  events.addEventListener("token_expired", async (event) => {
+    events.close();
+    const token = await freshToken(true).catch(() => null);
+    if (!token) return; // signed out: the sign-in screen says what to do
+    state.api.token = token;
+    connectNotifications(event.lastEventId || lastEventId);
+  });
   const handle = (event) => {
     try { onNotification(JSON.parse(event.data), true); } catch { /* keep-alive or junk */ }
   };
@@ -448,12 +457,21 @@ function markMissedRead() {
 
 // ------------------------------------------------------------------ signaling socket
 
-// A token good for a while yet: the one we have or (with development sign-in) a new one;
-// null when the user must sign in again. ``force``: the server said ours expired.
+// A token good for a while yet: the one we have, a newer one another tab stored, or (with
+// development sign-in) a new one; null when the user must sign in again. ``force``: a server
+// (the socket's close code, the stream's token_expired) said ours expired.
 async function freshToken(force = false) {
   const token = state.api.token;
   const expiry = tokenExpiry(token);
   if (!force && (!expiry || expiry - Date.now() > TOKEN_MARGIN_MS)) return token;
+  const stored = localStorage.getItem(TOKEN_KEY);
+  const storedExpiry = stored ? tokenExpiry(stored) : null;
+  if (stored && stored !== token && tokenSubject(stored) === state.me
+      && storedExpiry && storedExpiry - Date.now() > TOKEN_MARGIN_MS) {
+    state.api.token = stored;
+    scheduleTokenRefresh();
+    return stored;
+  }
   if (!state.config.dev_sign_in) {
     signOut();
     return null;
