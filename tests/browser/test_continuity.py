@@ -27,6 +27,7 @@ from tests.browser.conftest import (
     video_frames_decoded,
     wait_until,
 )
+from tools.procs import ServiceProcess
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
@@ -42,8 +43,9 @@ REMOTE_VIDEO = """async () => {
     });
     const video = document.getElementById("remote-video");
     return {
-        node: session.nodeId,
-        rejoins: session.rejoins,
+        // the media node its SFU session is on (the session's URL, from the offer's Location)
+        node: session.session ? new URL(session.session).origin : null,
+        rejoins: session.rejoins || 0,
         frames,
         shown: !video.hidden && video.srcObject === session.remote && video.videoWidth > 0,
         played: video.getVideoPlaybackQuality().totalVideoFrames,
@@ -102,6 +104,13 @@ def get_call(stack: Stack, page: Page, call_id: str) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
+
+
+def call_node(stack: Stack, page: Page) -> ServiceProcess:
+    """The media node the page's SFU session is on."""
+    video = remote_video(page)
+    assert video is not None
+    return next(n for n in stack.media_nodes if n.url == video["node"])
 
 
 def media_posts(stack: Stack, user: str, path: str) -> int:
@@ -186,9 +195,8 @@ def test_sigterm_of_the_calls_media_node_both_pages_show_video_again(
     call_id = start_call(stack, alice, bob)
     code = alice.get_by_test_id("safety-code").inner_text()
     answered_at = get_call(stack, alice, call_id)["answered_at"]
-    node_id = alice.evaluate("window.dmcall.session.nodeId")
-    assert node_id and bob.evaluate("window.dmcall.session.nodeId") == node_id
-    node = next(n for n in stack.media_nodes if n.env["MEDIA_NODE_ID"] == node_id)
+    node = call_node(stack, alice)
+    assert call_node(stack, bob) is node
     assert node.proc is not None
 
     node.proc.send_signal(signal.SIGTERM)
@@ -197,7 +205,9 @@ def test_sigterm_of_the_calls_media_node_both_pages_show_video_again(
     # again, from the other node.
     for name, page in (("alice", alice), ("bob", bob)):
         wait_until(
-            lambda page=page: shows_video_again(page, rejoined=lambda v: v["node"] != node_id),
+            lambda page=page: shows_video_again(
+                page, rejoined=lambda v: v["node"] not in (None, node.url)
+            ),
             timeout=5 - (time.monotonic() - sent),
             what="the other's video from the other node",
         )
@@ -230,14 +240,15 @@ def test_sigkill_of_the_calls_media_node_both_pages_show_video_again(
     bob = open_as(browser, stack, "bob")
     call_id = start_call(stack, alice, bob)
     code = alice.get_by_test_id("safety-code").inner_text()
-    node_id = alice.evaluate("window.dmcall.session.nodeId")
-    node = next(n for n in stack.media_nodes if n.env["MEDIA_NODE_ID"] == node_id)
+    node = call_node(stack, alice)
 
     node.kill()
     killed = time.monotonic()
     for name, page in (("alice", alice), ("bob", bob)):
         wait_until(
-            lambda page=page: shows_video_again(page, rejoined=lambda v: v["node"] != node_id),
+            lambda page=page: shows_video_again(
+                page, rejoined=lambda v: v["node"] not in (None, node.url)
+            ),
             timeout=15 - (time.monotonic() - killed),
             what="the other's video from the other node",
         )
