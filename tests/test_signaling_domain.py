@@ -105,7 +105,8 @@ def test_a_step_into_a_final_state_records_when_and_why(
     else:
         assert after.ended_at is None and after.end_reason is None
     if after.state is S.ACCEPTED:
-        assert after.answered_at == at
+        # answered by this step; one answered already (a move, an upgrade) keeps its time
+        assert after.answered_at == (T0 if state is S.ACCEPTED else at)
 
 
 def test_an_illegal_step_on_a_call_names_the_call_and_its_state() -> None:
@@ -249,3 +250,17 @@ def test_a_call_not_in_progress_is_never_upgraded(state: CallState) -> None:
     video = Call(**{**_fields(_on_node(state)), "media": MediaKind.VIDEO})
     with pytest.raises(IllegalTransition):
         upgrade_to_video(video, at=T0)
+
+
+@pytest.mark.parametrize("state", [S.ACCEPTED, S.ACTIVE], ids=str)
+def test_a_move_or_an_upgrade_later_keeps_when_the_call_was_answered(state: CallState) -> None:
+    # A step that lands in ACCEPTED again (a move or an upgrade before the first media)
+    # is not a new answer: the duration and history count from the one answer.
+    call = _on_node(state)
+    later = T0 + timedelta(seconds=5)
+    moved = move_media(
+        call, leaving="node-1", node_id="node-2", media_url="u2", at=later, rejoin_deadline=later
+    )
+    upgraded = upgrade_to_video(call, at=later)
+    assert moved is not None and upgraded is not None
+    assert (moved.answered_at, upgraded.answered_at) == (T0, T0)

@@ -215,8 +215,8 @@ class Call:
         except IllegalTransition:
             raise IllegalTransition(self.state, action, self.call_id) from None
         updates: dict[str, Any] = {"state": new_state, **changes}
-        if new_state is CallState.ACCEPTED:
-            updates.setdefault("answered_at", at)
+        if new_state is CallState.ACCEPTED and self.answered_at is None:
+            updates.setdefault("answered_at", at)  # answered once (not again by a move)
         if action in (A.MEDIA_CONNECTED, A.MEDIA_RESUMED) or new_state.is_final:
             updates["rejoin_deadline"] = None
         if new_state.is_final:
