@@ -96,10 +96,18 @@ async def test_video_waits_for_a_keyframe_and_stays_continuous_across_publishers
     assert {p.timestamp for p in port.sent} == {2000}
     first = port.sent[0].sequence_number
     assert [p.sequence_number for p in port.sent] == [first, first + 1, first + 2]
-    # The publisher reconnects: a new ssrc and numbering; the subscriber sees no gap.
+    assert forwarder.out_timestamp(99, 2000) == 2000  # the first source's, as they are
+    # The publisher rejoins: a new ssrc, numbering and timestamp base; the subscriber sees
+    # the next sequence number and a timestamp just past the last one (time went on).
     await forwarder.forward(_packet(500, 9000, VP8_KEY, ssrc=77), 0.0)
     assert port.sent[-1].sequence_number == first + 3
-    assert port.sent[-1].timestamp == 9000
+    assert 2000 < port.sent[-1].timestamp < 2000 + 90_000
+    shift = port.sent[-1].timestamp - 9000
+    await forwarder.forward(_packet(501, 12_000, VP8_DELTA, ssrc=77), 0.0)
+    assert port.sent[-1].timestamp == 12_000 + shift
+    # Its sender reports are translated the same way (lip sync); the old source's are not.
+    assert forwarder.out_timestamp(77, 15_000) == 15_000 + shift
+    assert forwarder.out_timestamp(99, 2000) is None
 
 
 def test_public_ip_replaces_host_candidates() -> None:

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from services.media.delays import DelayRecorder
 from services.media.room import NegotiationError, Participant, Room, RoomState, payload_type_map
 from services.media.settings import MediaSettings
+from shared.contracts import PeerConnection
 
 
 @pytest.fixture
@@ -116,6 +117,7 @@ def at(room: Room, peers: list[RTCPeerConnection], user: str, created_at: float)
 
 
 MEDIA_S, ICE_S = 15.0, 10.0
+STALL_S, GRACE_S = 2.0, 30.0
 
 
 async def test_a_session_not_connected_within_the_ice_deadline_is_overdue(
@@ -151,27 +153,36 @@ async def test_a_session_still_connecting_holds_the_media_timeout_off_for_a_whil
     assert room.stalled(125.1, MEDIA_S, ICE_S)
 
 
-async def test_a_connected_room_times_out_on_a_silent_party_not_a_connecting_one(
+async def test_a_silent_party_is_reconnecting_then_connected_and_fails_only_past_the_grace(
     peers: list[RTCPeerConnection],
 ) -> None:
     room = make_room("c6")
     room.created_at = 100.0
     alice = at(room, peers, "alice", 100.0)
-    alice.connected_at, alice.last_packet_at = 100.5, 130.0
+    alice.connected_at, alice.last_packet_at = 100.5, 101.0
     bob = at(room, peers, "bob", 101.0)
-    bob.connected_at = 101.5
+    bob.connected_at, bob.last_packet_at = 101.5, 102.0
+    assert room.links_changed(102.0, STALL_S) == []  # waiting: nobody is judged yet
     room.set_state(RoomState.CONNECTED)
-    assert not room.stalled(116.0, MEDIA_S, ICE_S)  # bob connected at 101.5: silent 14.5 s
-    assert room.stalled(116.6, MEDIA_S, ICE_S)
-    bob.last_packet_at = 130.0
-    new_bob = at(room, peers, "bob", 131.0)  # bob comes back on a new session
-    assert not room.stalled(144.0, MEDIA_S, ICE_S)
-    assert room.ice_overdue(141.1, ICE_S) is new_bob
-    new_bob.connected_at = 132.0
-    assert room.ice_overdue(141.1, ICE_S) is None
-    alice.last_packet_at = 146.0
-    assert not room.stalled(146.9, MEDIA_S, ICE_S)
-    assert room.stalled(147.1, MEDIA_S, ICE_S)  # nothing from bob 15 s after he connected
+    assert not room.stalled(200.0, MEDIA_S, ICE_S)  # a connected room: links decide
+    assert room.links_changed(102.5, STALL_S) == []
+    alice.last_packet_at = 104.0
+    assert room.links_changed(104.1, STALL_S) == [("bob", PeerConnection.RECONNECTING)]
+    alice.last_packet_at = 109.5
+    assert room.links_changed(110.0, STALL_S) == []  # said once
+    assert room.gone_past(131.9, GRACE_S) is None  # silent since 102.0: within the grace
+    alice.last_packet_at = bob.last_packet_at = 120.0  # he came back
+    assert room.links_changed(120.1, STALL_S) == [("bob", PeerConnection.CONNECTED)]
+    assert room.gone_past(140.0, GRACE_S) is None
+    alice.last_packet_at = bob.last_packet_at = 150.0
+    assert room.links_changed(150.1, STALL_S) == []
+    assert room.links_changed(152.1, STALL_S) == [
+        ("alice", PeerConnection.RECONNECTING),
+        ("bob", PeerConnection.RECONNECTING),
+    ]
+    assert room.gone_past(179.9, GRACE_S) is None
+    assert room.gone_past(180.1, GRACE_S) in ("alice", "bob")  # media_timeout
+    assert room.abandoned(180.1, STALL_S)
 
 
 @pytest.mark.parametrize("value", [0, 0.5, 121, -1])

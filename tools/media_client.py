@@ -3,13 +3,21 @@
 
 What it records is the RTP payload of each media packet, before SRTP on the way out
 and after it on the way in (retransmissions unwrapped), with the RTP timestamp: the SFU
-keeps timestamps and payloads, so the two sides can be compared byte for byte.
+keeps payloads (and the first source's timestamps), so the two sides can be compared byte
+for byte. With each packet it records its arrival (monotonic time, sequence number, RTP
+timestamp), so a test can measure a media gap and check continuity across a rejoin.
+
+A client rejoins (:meth:`MediaClient.rejoin`) as a browser does: a new peer connection,
+a new offer, make-before-break (the old connection goes on until the new one carries
+media). :meth:`MediaClient.go_offline` makes its transport go silent both ways (the SFU
+hears nothing, as when a network goes away) without closing anything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fractions
+import itertools
 import os
 import random
 import time
@@ -114,16 +122,40 @@ def encode_opus(seconds: float = 1.0) -> EncodedMedia:
     return EncodedMedia(frames, AUDIO_CLOCK, samples, 0.02)
 
 
+def is_vp8_keyframe(frame: bytes) -> bool:
+    """A VP8 frame (not RTP) that is a keyframe: the P bit of its first byte is 0."""
+    return bool(frame) and not frame[0] & 0x01
+
+
 class EncodedTrack(MediaStreamTrack):
     """Plays an :class:`EncodedMedia` loop in real time, as ``av.Packet`` (aiortc packs it
-    into RTP without encoding)."""
+    into RTP without encoding). Like an encoder, it answers a keyframe request: the next
+    frame it plays is the loop's next keyframe."""
 
     def __init__(self, kind: str, media: EncodedMedia) -> None:
         super().__init__()
         self.kind = kind
         self._media = media
         self._index = 0
+        self._shift = 0
         self._start: float | None = None
+        self._keys = (
+            [i for i, f in enumerate(media.frames) if is_vp8_keyframe(f)] if kind == "video" else []
+        )
+        self._key_wanted = False
+
+    def request_keyframe(self) -> None:
+        self._key_wanted = bool(self._keys)
+
+    def _next_frame(self) -> bytes:
+        frames = self._media.frames
+        position = (self._index + self._shift) % len(frames)
+        if self._key_wanted:
+            self._key_wanted = False
+            key = next((k for k in self._keys if k >= position), self._keys[0])
+            self._shift += (key - position) % len(frames)
+            position = key
+        return frames[position]
 
     async def recv(self) -> Any:
         media = self._media
@@ -133,7 +165,7 @@ class EncodedTrack(MediaStreamTrack):
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        packet = av.Packet(media.frames[self._index % len(media.frames)])
+        packet = av.Packet(self._next_frame())
         packet.pts = self._index * media.ticks_per_frame
         packet.time_base = fractions.Fraction(1, media.clock_rate)
         self._index += 1
@@ -154,7 +186,19 @@ class Flow:
     window_frames: int = 0
     window_seqs: set[int] = field(default_factory=set)
     """Extended (unwrapped) sequence numbers seen in the window."""
+    arrivals: list[tuple[float, int, int, int]] = field(default_factory=list)
+    """(monotonic time, sequence number, RTP timestamp, ssrc) of each packet, in step
+    with ``payloads``: when it was sent or arrived."""
+    last_at: float | None = None
     _ext: int | None = None
+
+    def largest_gap(self, start: float, end: float = float("inf")) -> float | None:
+        """The longest time between two packets that arrived in [start, end]: the media
+        gap of a rejoin (last packet before it, first packet after it)."""
+        times = [at for at, *_ in self.arrivals if start <= at <= end]
+        if len(times) < 2:
+            return None
+        return max(b - a for a, b in itertools.pairwise(times))
 
     def extend(self, seq: int) -> int:
         if self._ext is None:
@@ -198,6 +242,14 @@ class MediaClient:
         """Bitrates of the REMBs received for what this client sends."""
         """PLI/FIR received for what this client sends."""
         self._ssrc_kind: dict[int, str] = {}
+        self.offline = False
+        """Drop every SRTP/SRTCP packet both ways (the transport goes silent)."""
+        self.rejoins: list[tuple[float, float | None]] = []
+        """Per rejoin: when it started, and when its connection's first packet came."""
+        self.retired: list[RTCPeerConnection] = []
+        self._media_url: str | None = None
+        self._token: str | None = None
+        self._auto: asyncio.Task[None] | None = None
 
     async def connect(
         self,
@@ -213,18 +265,31 @@ class MediaClient:
         ``rewrite_offer`` changes the SDP posted (not the client's own description), and
         without ``apply_answer`` the client never starts ICE: ways to break a session.
         """
+        self._media_url, self._token = url, token
+        return await self._offer(self.pc, url, token, client, rewrite_offer, apply_answer)
+
+    async def _offer(
+        self,
+        pc: RTCPeerConnection,
+        url: str,
+        token: str,
+        client: httpx.AsyncClient,
+        rewrite_offer: Callable[[str], str] | None = None,
+        apply_answer: bool = True,
+        on_first_packet: Callable[[], None] | None = None,
+    ) -> httpx.Response:
         for kind, media in (("audio", self._audio), ("video", self._video)):
             if media is None:
-                self.pc.addTransceiver(kind, direction="recvonly")
+                pc.addTransceiver(kind, direction="recvonly")
             else:
-                self.pc.addTrack(EncodedTrack(kind, media))
-        for transceiver in self.pc.getTransceivers():
+                pc.addTrack(EncodedTrack(kind, media))
+        for transceiver in pc.getTransceivers():
             self._ssrc_kind[transceiver.sender._ssrc] = transceiver.kind
-            self._tap_receiver(transceiver.kind, transceiver.receiver)
+            self._tap_receiver(transceiver.kind, transceiver.receiver, on_first_packet)
             self._tap_sender_rtcp(transceiver.sender)
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        self._tap_sending()
-        offer = self.pc.localDescription.sdp
+        await pc.setLocalDescription(await pc.createOffer())
+        self._tap_sending(pc)
+        offer = pc.localDescription.sdp
         response = await client.post(
             url,
             content=rewrite_offer(offer) if rewrite_offer else offer,
@@ -233,10 +298,88 @@ class MediaClient:
         if response.status_code == 201:
             self.location = response.headers["location"]
             if apply_answer:
-                await self.pc.setRemoteDescription(
+                await pc.setRemoteDescription(
                     RTCSessionDescription(sdp=response.text, type="answer")
                 )
         return response
+
+    async def rejoin(
+        self,
+        media_url: str,
+        media_token: str,
+        client: httpx.AsyncClient,
+        *,
+        video: EncodedMedia | None = None,
+        audio: EncodedMedia | None = None,
+        carried_timeout_s: float = 10.0,
+    ) -> httpx.Response:
+        """A new peer connection to ``media_url`` (the same node or another), replacing
+        this client's session make-before-break: the old connection goes on until the new
+        one carries media (or ``carried_timeout_s`` passed), then it is closed.
+
+        ``video``/``audio`` replace what the client sends from now on (a test tells the
+        two sessions' packets apart by their payloads)."""
+        self._video = video or self._video
+        self._audio = audio or self._audio
+        old, new = self.pc, RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        carried = asyncio.Event()
+        started = time.monotonic()
+        self.rejoins.append((started, None))
+        index = len(self.rejoins) - 1
+
+        def first_packet() -> None:
+            if not carried.is_set():
+                self.rejoins[index] = (started, time.monotonic())
+                carried.set()
+
+        response = await self._offer(
+            new, media_url, media_token, client, on_first_packet=first_packet
+        )
+        if response.status_code != 201:
+            await new.close()
+            return response
+        self.pc = new
+        self._media_url, self._token = media_url, media_token
+        self.retired.append(old)
+        try:
+            await asyncio.wait_for(carried.wait(), carried_timeout_s)
+        except TimeoutError:
+            pass
+        await old.close()
+        return response
+
+    def auto_rejoin(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        stall_s: float = 2.0,
+        grant: Callable[[], Any] | None = None,
+    ) -> None:
+        """Rejoin by itself when nothing has arrived for ``stall_s`` (as the web client
+        does); ``grant()`` (sync or async) may give a new ``(media_url, media_token)``,
+        else the last ones are used again."""
+
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(stall_s / 4)
+                last = max(
+                    (f.last_at for f in self.received.values() if f.last_at is not None),
+                    default=None,
+                )
+                if last is None or time.monotonic() - last < stall_s or self.offline:
+                    continue
+                target = grant() if grant is not None else (self._media_url, self._token)
+                if asyncio.iscoroutine(target):
+                    target = await target
+                url, token = target
+                if url and token:
+                    await self.rejoin(url, token, client)
+
+        self._auto = asyncio.get_running_loop().create_task(watch())
+
+    def go_offline(self, offline: bool = True) -> None:
+        """The transport goes silent both ways (or comes back): nothing is closed."""
+        self.offline = offline
 
     def _tap_sender_rtcp(self, sender: RTCRtpSender) -> None:
         original = sender._handle_rtcp_packet
@@ -244,6 +387,8 @@ class MediaClient:
         async def handle(packet: Any) -> None:
             if isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
                 self.keyframe_requests += 1
+                if isinstance(sender.track, EncodedTrack):
+                    sender.track.request_keyframe()
             elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
                 self.rembs.append(unpack_remb_fci(packet.fci)[0])
             await original(packet)
@@ -270,8 +415,8 @@ class MediaClient:
                 )
                 await transceiver.receiver._send_rtcp(packet)
 
-    def _tap_sending(self) -> None:
-        transports = {id(t.sender.transport): t.sender.transport for t in self.pc.getTransceivers()}
+    def _tap_sending(self, pc: RTCPeerConnection) -> None:
+        transports = {id(t.sender.transport): t.sender.transport for t in pc.getTransceivers()}
         for transport in transports.values():
             self._tap_transport(transport)
 
@@ -279,6 +424,8 @@ class MediaClient:
         original: Callable[[bytes], Any] = transport._send_rtp
 
         async def send(data: bytes) -> None:
+            if self.offline:
+                return
             if not is_rtcp(data):
                 packet = RtpPacket.parse(data)
                 kind = self._ssrc_kind.get(packet.ssrc)
@@ -294,17 +441,25 @@ class MediaClient:
 
     def _note(self, flow: Flow, packet: RtpPacket) -> None:
         flow.packets += 1
+        now = time.monotonic()
+        flow.last_at = now
         if flow.first_at is None:
-            flow.first_at = time.monotonic()
+            flow.first_at = now
         if self.measuring:
             flow.window_packets += 1
             flow.window_frames += packet.marker
             flow.window_seqs.add(flow.extend(packet.sequence_number))
         if self.record:
             flow.payloads.append((packet.timestamp, packet.payload))
+            flow.arrivals.append((now, packet.sequence_number, packet.timestamp, packet.ssrc))
             flow.sequence_numbers.add(packet.sequence_number)
 
-    def _tap_receiver(self, kind: str, receiver: RTCRtpReceiver) -> None:
+    def _tap_receiver(
+        self,
+        kind: str,
+        receiver: RTCRtpReceiver,
+        on_first_packet: Callable[[], None] | None = None,
+    ) -> None:
         original = receiver._handle_rtp_packet
         codecs = internals.receiver_codecs(receiver)
         rtx_ssrcs = internals.receiver_rtx_ssrcs(receiver)
@@ -312,6 +467,10 @@ class MediaClient:
 
         async def handle(packet: RtpPacket, arrival_time_ms: int) -> None:
             internals.stop_decoder(receiver)
+            if self.offline:
+                return
+            if on_first_packet is not None:
+                on_first_packet()
             if self.drop_in and self._random.random() < self.drop_in:
                 flow.dropped += 1
                 return
@@ -341,4 +500,9 @@ class MediaClient:
         return response.status_code
 
     async def close(self) -> None:
-        await self.pc.close()
+        if self._auto is not None:
+            self._auto.cancel()
+            await asyncio.gather(self._auto, return_exceptions=True)
+        await asyncio.gather(
+            self.pc.close(), *(pc.close() for pc in self.retired), return_exceptions=True
+        )

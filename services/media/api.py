@@ -78,7 +78,11 @@ def _caller(request: Request, call_id: str) -> str | None:
         403: {"description": "Token for another call or node, or a third party"},
         409: {"description": "The call has ended"},
         415: {"description": "Not application/sdp"},
-        503: {"description": "This node is full"},
+        503: {
+            "description": "`node_full`: this node is full; `node_draining`: this node is "
+            "shutting down (SIGTERM) and takes no session, not even a rejoin: ask "
+            "`POST /v1/calls/{call_id}/media` for a grant on another node"
+        },
     },
 )
 async def create_session(call_id: CallIdPath, request: Request) -> Response:
@@ -104,9 +108,10 @@ async def create_session(call_id: CallIdPath, request: Request) -> Response:
         session = await rooms.open_session(grant, call_id, offer)
     except SessionRefused as exc:
         headers = {"Retry-After": "5"} if exc.status == 503 else None
-        raise HTTPException(
-            exc.status, detail={"message": str(exc), "reason": exc.reason.value}, headers=headers
-        ) from exc
+        detail = {"message": str(exc), "reason": exc.reason.value}
+        if exc.reason is Refusal.NODE_DRAINING:
+            detail["error"] = exc.reason.value  # not "unavailable": retrying here is no use
+        raise HTTPException(exc.status, detail=detail, headers=headers) from exc
     return Response(
         session.answer_sdp,
         status_code=201,
@@ -127,10 +132,7 @@ async def delete_session(
     user = _caller(request, call_id)
     rooms = _rooms(request)
     room = rooms.find(call_id)
-    participant = next(
-        (p for p in (room.participants.values() if room else ()) if p.session_id == session_id),
-        None,
-    )
+    participant = room.session(session_id) if room else None
     if participant is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such session")
     if user is not None and user != participant.user_id:

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from services.media import aiortc_internals, consumers, metrics, registration
 from services.media.api import router
+from services.media.drain import Drain
 from services.media.rooms import Rooms
 from services.media.settings import MediaSettings
 from shared.media_registry import MediaRegistry
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: MediaSettings | None = None) -> FastAPI:
     settings = settings or MediaSettings()
+    drain = Drain()
 
     @contextlib.asynccontextmanager
     async def setup(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
@@ -47,9 +49,16 @@ def create_app(settings: MediaSettings | None = None) -> FastAPI:
         collector = metrics.install(rooms)
         registry = MediaRegistry(runtime.redis, settings)
         runtime.tasks.spawn(rooms.watch(), name="media-watchdog")
-        runtime.tasks.spawn(
+        beating = runtime.tasks.spawn(
             registration.heartbeat(registry, settings, rooms), name="media-heartbeat"
         )
+
+        async def stop_when_drained() -> None:
+            await rooms.drained.wait()
+            log.info("media node %s drained; stopping", settings.node_id)
+            drain.finished()
+
+        runtime.tasks.spawn(stop_when_drained(), name="media-drain")
         log.info(
             "media node %s at %s (capacity %d rooms)",
             settings.node_id,
@@ -58,9 +67,13 @@ def create_app(settings: MediaSettings | None = None) -> FastAPI:
         )
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
+        drain.attach(loop, rooms.start_drain)
         try:
             yield
         finally:
+            drain.detach()
+            beating.cancel()  # no beat may bring the node back after it deregistered
+            await asyncio.gather(beating, return_exceptions=True)
             try:
                 await registry.deregister(settings.node_id)
             except Exception as exc:
@@ -72,14 +85,19 @@ def create_app(settings: MediaSettings | None = None) -> FastAPI:
                 log.warning("rooms not all closed within %ss; leaving anyway", SHUTDOWN_CLOSE_S)
             metrics.uninstall(collector)
 
-    return create_service_app(
+    app = create_service_app(
         service=SERVICE,
         settings=settings,
         routers=[router],
         setup=setup,
         title="dmcall media",
-        description="the SFU: forwards the callers' RTP packets without decoding them.",
+        description="the SFU: forwards the callers' RTP packets without decoding them. "
+        "On SIGTERM it drains: new sessions are refused with 503 `node_draining`, "
+        "`media_node_draining` asks for its calls to be moved, and it forwards on until "
+        "both parties of each call have left it (or `MEDIA_DRAIN_S` passed), then exits.",
     )
+    app.state.drain = drain
+    return app
 
 
 def _log_tasks() -> None:

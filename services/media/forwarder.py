@@ -1,10 +1,12 @@
 """Packet forwarding: one party's published track into the other party's sender.
 
-Nothing is decoded. A forwarded packet keeps its payload, marker and RTP timestamp; it
-gets the subscriber sender's ssrc, the payload type the subscriber negotiated for the
-same codec, and a sequence number shifted by an offset, so the subscriber sees one
-continuous stream even when the publisher reconnects (new ssrc, new numbering). Video is
-held back from a new source until a keyframe starts, and a keyframe is asked for.
+Nothing is decoded. A forwarded packet keeps its payload and marker; it gets the
+subscriber sender's ssrc, the payload type the subscriber negotiated for the same codec,
+and a sequence number and RTP timestamp shifted by offsets, so the subscriber sees one
+continuous stream even when the publisher rejoins (new ssrc, new numbering, a new random
+timestamp base): after a switch the timestamps go on from the last one sent, advanced by
+the time that passed. The first source's timestamps are kept as they are. Video is held
+back from a new source until a keyframe starts, and a keyframe is asked for.
 """
 
 from __future__ import annotations
@@ -95,15 +97,29 @@ class Forwarder:
     holding: bool = False
     subscriber_remb: tuple[int, float] | None = None
     """The subscriber's last REMB (bits/s, monotonic time), to cap the publisher's."""
+    clock_rate: int = 90_000
+    """Of the source's codec: how far the timestamps advance over a gap between sources."""
     _offset: int = 0
     _last_out: int | None = None
+    _ts_offset: int = 0
+    _last_ts_out: int | None = None
+    _last_sent_at: float = 0.0
     _rebase: bool = True
     _last_request: float = float("-inf")
 
-    def use_source(self, payload_types: dict[int, int]) -> None:
+    def use_source(self, payload_types: dict[int, int], clock_rate: int | None = None) -> None:
         """A (new) publisher feeds this forwarder: renumber and, for video, wait for a key."""
         self.payload_types = payload_types
+        if clock_rate:
+            self.clock_rate = clock_rate
         self.source_ssrc = None
+
+    def out_timestamp(self, ssrc: int, timestamp: int) -> int | None:
+        """A timestamp of source ``ssrc`` as the subscriber sees it (its sender reports);
+        None when ``ssrc`` is not the source being forwarded now."""
+        if ssrc != self.source_ssrc or self._rebase:
+            return None
+        return (timestamp + self._ts_offset) & 0xFFFFFFFF
 
     async def forward(self, packet: RtpPacket, arrived_at: float) -> None:
         if not self.port.started:
@@ -127,18 +143,25 @@ class Forwarder:
         if payload_type is None:
             return
         seq_in = packet.sequence_number
+        now = time.monotonic()
         if self._rebase:
             start = 0 if self._last_out is None else (self._last_out + 1) & 0xFFFF
             self._offset = (start - seq_in) & 0xFFFF
+            if self._last_ts_out is not None:
+                elapsed = max(1, round((now - self._last_sent_at) * self.clock_rate))
+                self._ts_offset = (self._last_ts_out + elapsed - packet.timestamp) & 0xFFFFFFFF
             self._rebase = False
         seq = (seq_in + self._offset) & 0xFFFF
+        timestamp = (packet.timestamp + self._ts_offset) & 0xFFFFFFFF
         if self._last_out is None or 0 < ((seq - self._last_out) & 0xFFFF) < 0x8000:
             self._last_out = seq
+            self._last_ts_out = timestamp
+            self._last_sent_at = now
         out = RtpPacket(
             payload_type=payload_type,
             marker=packet.marker,
             sequence_number=seq,
-            timestamp=packet.timestamp,
+            timestamp=timestamp,
             payload=packet.payload,
         )
         out.padding_size = packet.padding_size

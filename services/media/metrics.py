@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from services.media.delays import BUCKETS_S
 from services.media.rooms import Rooms
+from shared.contracts import PeerConnection
 
 
 class MediaCollector(Collector):
@@ -37,6 +38,23 @@ class MediaCollector(Collector):
         )
         yield _gauge(
             "dmcall_media_capacity", "Rooms this node takes", node, rooms.settings.capacity
+        )
+        yield _gauge(
+            "dmcall_media_draining",
+            "1 once the node got SIGTERM (no new sessions; its calls are moving)",
+            node,
+            int(rooms.draining),
+        )
+        yield _gauge(
+            "dmcall_media_parties_reconnecting",
+            "Parties whose packets stopped (within the rejoin grace)",
+            node,
+            sum(
+                1
+                for r in rooms.rooms.values()
+                for link in r.links.values()
+                if link.connection is PeerConnection.RECONNECTING
+            ),
         )
         yield _gauge(
             "dmcall_media_bitrate_in_bps",

@@ -20,11 +20,13 @@ def describe(settings: MediaSettings, rooms: Rooms) -> MediaNode:
         url=settings.base_url,
         capacity=settings.capacity,
         load=rooms.load,
+        draining=rooms.draining,
     )
 
 
 async def heartbeat(registry: MediaRegistry, settings: MediaSettings, rooms: Rooms) -> None:
-    """Beat every ``MEDIA_HEARTBEAT_S``, and at once when the load changes."""
+    """Beat every ``MEDIA_HEARTBEAT_S``, and at once when the load changes or the node
+    starts draining (it beats on, ``draining=1``, until it deregisters)."""
     while True:
         rooms.load_changed.clear()
         try:

@@ -6,6 +6,12 @@ handles them, and never decoded); what it receives comes from a :class:`Forwarde
 kind feeding the SFU's sender toward it. When the other party arrives, or comes back on a
 new session, :meth:`Room.wire` points each forwarder at the other party's publication.
 
+A party that rejoins (a new session while its old one is in the room) does so
+make-before-break: the new session is *pending*, fed the other party's media at once,
+while the old one keeps forwarding; the new session's first packet promotes it (the old
+one is retired and closed). Each party's link is ``connected`` or ``reconnecting`` (its
+packets stopped ``MEDIA_STALL_S``), see :meth:`Room.links_changed`.
+
 A room's state only moves along :data:`TRANSITIONS`, through :meth:`Room.set_state`.
 """
 
@@ -36,7 +42,7 @@ from services.media.delays import DelayRecorder
 from services.media.forwarder import KEYFRAME_DETECTORS, Forwarder
 from services.media.sdp import announce_public_ip
 from services.media.settings import MediaSettings
-from shared.contracts import MediaFailure
+from shared.contracts import MediaFailure, PeerConnection
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,8 @@ class CloseReason(StrEnum):
     CALL_ENDED = "call_ended"
     EMPTY = "empty"
     MEDIA_FAILED = "media_failed"
+    MOVED = "moved"
+    """Both parties left a draining node (their call moved): not the call's end."""
     SHUTDOWN = "shutdown"
 
 
@@ -150,6 +158,8 @@ class Publication:
     spawn: Callable[[Coroutine[Any, Any, Any], str], None]
     media_ssrc: int | None = None
     decoder_stopped: bool = False
+    targets: list[Forwarder] = field(default_factory=list)
+    """The forwarders its packets go to (the other party's session(s)); set by wire()."""
     _last_keyframe_request: float = float("-inf")
 
     @property
@@ -173,8 +183,16 @@ class Publication:
 
 
 @dataclass
+class PartyLink:
+    """How one party's media reaches the room, and since when (monotonic)."""
+
+    connection: PeerConnection = PeerConnection.CONNECTED
+    since: float = 0.0
+
+
+@dataclass
 class Participant:
-    """One party's current session."""
+    """One party's session (current, or pending while it rejoins)."""
 
     user_id: str
     session_id: str
@@ -224,6 +242,11 @@ class Room:
         self.parties: list[str] = []
         """The call's two parties, in order of arrival; nobody else is admitted."""
         self.participants: dict[str, Participant] = {}
+        self.pending: dict[str, Participant] = {}
+        """A rejoining party's new session, until its first packet promotes it."""
+        self.links: dict[str, PartyLink] = {}
+        self.retire: Callable[[Participant], None] = _keep
+        """What becomes of a session replaced by a promoted one (Rooms closes it)."""
         self.state = RoomState.WAITING
         self.created_at = time.monotonic()
         self.lock = asyncio.Lock()
@@ -279,13 +302,60 @@ class Room:
                 for p in self.participants.values()
             )
             return age > timeout_s + (ice_timeout_s if connecting else 0.0)
-        for participant in self.participants.values():
-            if participant.connected_at is None:
+        return False  # a connected room: each party is judged by its link (links_changed)
+
+    @staticmethod
+    def _last_heard(participant: Participant) -> float:
+        return participant.last_packet_at or participant.connected_at or participant.created_at
+
+    def links_changed(self, now: float, stall_s: float) -> list[tuple[str, PeerConnection]]:
+        """Move each party's link along (a connected room only): ``reconnecting`` once its
+        packets stopped ``stall_s`` ago, ``connected`` when they flow again (on the same
+        session or a new one). Returns the changes, in order."""
+        changes: list[tuple[str, PeerConnection]] = []
+        if self.state is not RoomState.CONNECTED:
+            return changes
+        for user_id, participant in self.participants.items():
+            last = self._last_heard(participant)
+            link = self.links.setdefault(user_id, PartyLink(since=now))
+            silent = now - last > stall_s
+            if silent and link.connection is PeerConnection.CONNECTED:
+                self.links[user_id] = PartyLink(PeerConnection.RECONNECTING, since=last)
+            elif not silent and link.connection is PeerConnection.RECONNECTING:
+                self.links[user_id] = PartyLink(PeerConnection.CONNECTED, since=now)
+            else:
                 continue
-            last = participant.last_packet_at or participant.connected_at
-            if now - last > timeout_s:
-                return True
-        return False
+            log.info(
+                "room %s: %s %s -> %s",
+                self.call_id,
+                user_id,
+                link.connection,
+                self.links[user_id].connection,
+            )
+            changes.append((user_id, self.links[user_id].connection))
+        return changes
+
+    def gone_past(self, now: float, grace_s: float) -> str | None:
+        """A party reconnecting for longer than ``grace_s`` (it did not come back)."""
+        for user_id, link in self.links.items():
+            if link.connection is PeerConnection.RECONNECTING and now - link.since > grace_s:
+                if user_id in self.participants:
+                    return user_id
+        return None
+
+    def abandoned(self, now: float, stall_s: float) -> bool:
+        """Nobody's packets arrive any more (every party left or went silent): on a
+        draining node, both parties moved elsewhere."""
+        return all(now - self._last_heard(p) > stall_s for p in self.participants.values())
+
+    def pending_overdue(self, now: float, ice_timeout_s: float) -> list[Participant]:
+        """Rejoin sessions that brought no media within the ICE deadline, or failed."""
+        return [
+            p
+            for p in self.pending.values()
+            if now - p.created_at > ice_timeout_s
+            or "failed" in (p.pc.connectionState, p.pc.iceConnectionState)
+        ]
 
     # ------------------------------------------------------------------ sessions
 
@@ -396,6 +466,7 @@ class Room:
         codecs = internals.receiver_codecs(receiver)
         rtx_ssrcs = internals.receiver_rtx_ssrcs(receiver)
         participants = self.participants
+        pending = self.pending
         user_id = participant.user_id
 
         def on_rtp(packet: internals.RtpPacket) -> Coroutine[Any, Any, None] | None:
@@ -416,24 +487,24 @@ class Room:
                 packet = internals.unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)  # type: ignore[arg-type]
             else:
                 publication.media_ssrc = packet.ssrc
-            if participants.get(user_id) is not participant:
-                return None  # a replaced session, still draining: its media goes nowhere
-            for uid, peer in participants.items():
-                if uid != user_id:
-                    forwarder = peer.outputs.get(kind)
-                    if forwarder is not None and forwarder.payload_types:
-                        return forwarder.forward(packet, participant.arrived_at)
-            return None
+            if pending.get(user_id) is participant:
+                self.promote(participant)
+            targets = publication.targets  # none for a replaced session: media goes nowhere
+            if not targets:
+                return None
+            if len(targets) == 1:
+                return targets[0].forward(packet, participant.arrived_at)
+            return _forward_each(targets, packet, participant.arrived_at)
 
         def on_rtcp(packet: Any) -> None:
             if participants.get(user_id) is not participant:
                 return
             if isinstance(packet, internals.RtcpSrPacket) and packet.ssrc == publication.media_ssrc:
-                peer = self.peer_of(user_id)
-                forwarder = peer.outputs.get(kind) if peer else None
-                if forwarder is not None:
-                    info = packet.sender_info
-                    forwarder.port.set_sender_report(info.ntp_timestamp, info.rtp_timestamp)
+                info = packet.sender_info
+                for forwarder in publication.targets:
+                    rtp_timestamp = forwarder.out_timestamp(packet.ssrc, info.rtp_timestamp)
+                    if rtp_timestamp is not None:
+                        forwarder.port.set_sender_report(info.ntp_timestamp, rtp_timestamp)
 
         def cap_remb(packet: Any) -> Any:
             if (
@@ -473,25 +544,72 @@ class Room:
         return on_rtcp
 
     def join(self, participant: Participant) -> Participant | None:
-        """Put a negotiated session in the room; returns the session it replaces."""
-        old = self.participants.get(participant.user_id)
-        if participant.user_id not in self.parties:
-            self.parties.append(participant.user_id)
-        self.participants[participant.user_id] = participant
+        """Put a negotiated session in the room. A party already here rejoins: the new
+        session is pending (fed at once, promoted by its first packet) and an earlier
+        pending one is returned, to be closed."""
+        user_id = participant.user_id
+        if user_id not in self.parties:
+            self.parties.append(user_id)
+        if user_id not in self.participants:
+            self.participants[user_id] = participant
+            self.wire()
+            return None
+        earlier = self.pending.get(user_id)
+        self.pending[user_id] = participant
         self.wire()
-        return old
+        # The other party's video is needed in the new session now, from a keyframe.
+        peer = self.peer_of(user_id)
+        video = peer.publications.get("video") if peer else None
+        if video is not None:
+            video.request_keyframe()
+        return earlier
 
-    def leave(self, session_id: str) -> Participant | None:
-        for uid, participant in list(self.participants.items()):
+    def promote(self, participant: Participant) -> None:
+        """A pending session's media arrived: it becomes the party's session."""
+        user_id = participant.user_id
+        if self.pending.get(user_id) is not participant:
+            return
+        del self.pending[user_id]
+        old = self.participants.get(user_id)
+        self.participants[user_id] = participant
+        self.wire()
+        log.info("room %s: %s moved to session %s", self.call_id, user_id, participant.session_id)
+        if old is not None:
+            self.retire(old)
+
+    def drop_pending(self, participant: Participant) -> bool:
+        if self.pending.get(participant.user_id) is not participant:
+            return False
+        del self.pending[participant.user_id]
+        self.wire()
+        return True
+
+    def session(self, session_id: str) -> Participant | None:
+        """A current or pending session of this room."""
+        for participant in (*self.participants.values(), *self.pending.values()):
             if participant.session_id == session_id:
-                del self.participants[uid]
-                self.wire()
                 return participant
         return None
 
+    def leave(self, session_id: str) -> Participant | None:
+        for sessions in (self.pending, self.participants):
+            for uid, participant in list(sessions.items()):
+                if participant.session_id == session_id:
+                    del sessions[uid]
+                    if sessions is self.participants and uid in self.pending:
+                        self.participants[uid] = self.pending.pop(uid)  # its rejoin goes on
+                    self.wire()
+                    return participant
+        return None
+
     def wire(self) -> None:
-        """Point every forwarder at the other party's publication of its kind."""
-        for subscriber in self.participants.values():
+        """Point every forwarder at the other party's publication of its kind, and each
+        publication at the forwarders it feeds (the other party's current session and,
+        while it rejoins, its pending one)."""
+        for session in (*self.participants.values(), *self.pending.values()):
+            for published in session.publications.values():
+                published.targets = []
+        for subscriber in (*self.participants.values(), *self.pending.values()):
             publisher = self.peer_of(subscriber.user_id)
             for kind, forwarder in subscriber.outputs.items():
                 publication = publisher.publications.get(kind) if publisher else None
@@ -502,8 +620,14 @@ class Room:
                 sender_codecs = internals.negotiated_codecs(
                     next(t for t in subscriber.pc.getTransceivers() if t.kind == kind)
                 )
-                forwarder.use_source(payload_type_map(publication.codecs, sender_codecs))
+                codec = _media_codec(publication.codecs)
+                forwarder.use_source(
+                    payload_type_map(publication.codecs, sender_codecs),
+                    codec.clockRate if codec is not None else None,
+                )
                 forwarder.request_keyframe = publication.request_keyframe
+                if forwarder.payload_types:
+                    publication.targets.append(forwarder)
 
     # ------------------------------------------------------------------ stats
 
@@ -519,13 +643,23 @@ class Room:
         }
 
     async def close(self) -> None:
-        sessions = list(self.participants.values())
+        sessions = [*self.participants.values(), *self.pending.values()]
         self.participants.clear()
+        self.pending.clear()
         await asyncio.gather(*(p.pc.close() for p in sessions), return_exceptions=True)
 
 
 def _nothing() -> None:
     return None
+
+
+async def _forward_each(targets: list[Forwarder], packet: Any, arrived_at: float) -> None:
+    for forwarder in list(targets):
+        await forwarder.forward(packet, arrived_at)
+
+
+def _keep(participant: Participant) -> None:
+    """A room not run by :class:`Rooms` (unit tests) leaves a replaced session be."""
 
 
 async def _participant_stats(participant: Participant) -> dict[str, Any]:

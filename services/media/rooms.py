@@ -5,6 +5,14 @@ events that close them are consumed by every instance (``Scope.INSTANCE``): ever
 hears of every call that ends. A node records the end only of a call it knows of, one
 it hosts a room for or was granted (a media token for it was presented here), and
 forgets both after ``MEDIA_ENDED_CALL_MEMORY_S``, whether or not anyone asks again.
+
+A party whose packets stop is ``reconnecting`` (``call_media_peer``), ``connected`` again
+when they flow; the call fails ``media_timeout`` only if it stays reconnecting past
+``MEDIA_REJOIN_GRACE_S``. On SIGTERM the node drains (:meth:`Rooms.start_drain`): it
+refuses new sessions (``node_draining``), asks for its calls to be moved
+(``media_node_draining``), forwards on, publishes nothing more about its calls, and is
+:attr:`Rooms.drained` once every room is abandoned (both parties left or went silent) or
+``MEDIA_DRAIN_S`` passed.
 """
 
 from __future__ import annotations
@@ -23,7 +31,14 @@ from services.media.room import CloseReason, NegotiationError, Participant, Room
 from services.media.sdp import BadOffer, check_offer
 from services.media.settings import MediaSettings
 from shared.auth import MediaGrant
-from shared.contracts import CallMediaConnected, CallMediaFailed, Event, MediaFailure
+from shared.contracts import (
+    CallMediaConnected,
+    CallMediaFailed,
+    CallMediaPeer,
+    Event,
+    MediaFailure,
+    MediaNodeDraining,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +56,7 @@ class Refusal(StrEnum):
     ROOM_FULL = "room_full"
     CALL_ENDED = "call_ended"
     NODE_FULL = "node_full"
+    NODE_DRAINING = "node_draining"
     BAD_OFFER = "bad_offer"
 
 
@@ -51,6 +67,7 @@ REFUSAL_STATUS: dict[Refusal, int] = {
     Refusal.ROOM_FULL: 403,
     Refusal.CALL_ENDED: 409,
     Refusal.NODE_FULL: 503,
+    Refusal.NODE_DRAINING: 503,
     Refusal.BAD_OFFER: 400,
 }
 
@@ -91,6 +108,14 @@ class Rooms:
         self.events_published: dict[str, int] = {}
         self.refused: dict[Refusal, int] = dict.fromkeys(Refusal, 0)
         self.failures: dict[MediaFailure, int] = dict.fromkeys(MediaFailure, 0)
+        self.draining_since: float | None = None
+        """When SIGTERM came (monotonic); None while the node takes calls."""
+        self.drained = asyncio.Event()
+        """Set once a draining node's rooms are all abandoned, or MEDIA_DRAIN_S passed."""
+
+    @property
+    def draining(self) -> bool:
+        return self.draining_since is not None
 
     @property
     def load(self) -> int:
@@ -104,6 +129,10 @@ class Rooms:
 
     def admit(self, grant: MediaGrant, call_id: str) -> None:
         """Checks that need no SDP: the grant is for this call, this node, a party."""
+        if self.draining:
+            raise self.refuse(
+                Refusal.NODE_DRAINING, "this media node is shutting down; ask for a new grant"
+            )
         if grant.call_id != call_id:
             raise self.refuse(Refusal.WRONG_CALL, "the media token is for another call")
         if grant.node_id != self.settings.node_id:
@@ -144,6 +173,7 @@ class Rooms:
         room = self.rooms.get(call_id)
         if room is None:
             room = Room(call_id, self.settings, self.delays)
+            room.retire = self._retire
             self.rooms[call_id] = room
             self.load_changed.set()
         async with room.lock:
@@ -169,10 +199,10 @@ class Rooms:
                 if isinstance(exc, NegotiationError):
                     raise self.refuse(Refusal.BAD_OFFER, str(exc)) from exc
                 raise
-            old = room.join(participant)
-        if old is not None:
-            log.info("room %s: %s reconnected, old session closed", call_id, grant.user_id)
-            self._spawn(old.pc.close(), f"close-{old.session_id}")
+            earlier = room.join(participant)
+        if earlier is not None:
+            log.info("room %s: %s rejoined again, earlier rejoin dropped", call_id, grant.user_id)
+            self._retire(earlier)
         log.info("room %s: %s joined (session %s)", call_id, grant.user_id, participant.session_id)
         return Session(call_id, participant.session_id, answer)
 
@@ -188,11 +218,14 @@ class Rooms:
             await self.close_room(call_id, CloseReason.EMPTY)
         return participant
 
+    def _retire(self, participant: Participant) -> None:
+        self._spawn(participant.pc.close(), f"close-{participant.session_id}")
+
     def find(self, call_id: str) -> Room | None:
         return self.rooms.get(call_id)
 
     async def close_room(self, call_id: str, reason: CloseReason) -> bool:
-        if reason is not CloseReason.EMPTY:
+        if reason in (CloseReason.CALL_ENDED, CloseReason.MEDIA_FAILED):
             self._record_end(call_id)
         room = self.rooms.get(call_id)
         if room is None:
@@ -219,11 +252,53 @@ class Rooms:
         for call_id in list(self.rooms):
             await self.close_room(call_id, CloseReason.SHUTDOWN)
 
+    # ------------------------------------------------------------------ drain
+
+    def start_drain(self) -> None:
+        """SIGTERM: take no new session, ask for this node's calls to move, forward on."""
+        if self.draining:
+            return
+        self.draining_since = time.monotonic()
+        call_ids = sorted(self.rooms)
+        log.warning(
+            "media node %s draining: %d room(s) to move, at most %ss",
+            self.settings.node_id,
+            len(call_ids),
+            self.settings.drain_s,
+        )
+        self.load_changed.set()  # the registry hears of it at once
+        if call_ids:
+            self._emit(MediaNodeDraining(node_id=self.settings.node_id, call_ids=call_ids))
+        self._check_drained(self.draining_since)
+
+    def _drain_pass(self, now: float) -> None:
+        for room in list(self.rooms.values()):
+            if room.abandoned(now, self.settings.stall_s):
+                log.info("room %s: both parties left this draining node", room.call_id)
+                self._spawn(self.close_room(room.call_id, CloseReason.MOVED), "close-moved-room")
+        self._check_drained(now)
+
+    def _check_drained(self, now: float) -> None:
+        assert self.draining_since is not None
+        open_rooms = [r for r in self.rooms.values() if r.is_open and r.participants]
+        if not open_rooms:
+            self.drained.set()
+        elif now - self.draining_since >= self.settings.drain_s:
+            log.warning(
+                "media node %s: %d room(s) still in use after %ss of draining; leaving",
+                self.settings.node_id,
+                len(open_rooms),
+                self.settings.drain_s,
+            )
+            self.drained.set()
+
     # ------------------------------------------------------------------ media events
 
     def media_failed(self, room: Room, reason: MediaFailure) -> None:
-        """Once per room (the first cause wins): publish, then close every session."""
-        if not room.is_open:
+        """Once per room (the first cause wins): publish, then close every session.
+
+        Not on a draining node: its calls are moving, their media is judged elsewhere."""
+        if not room.is_open or self.draining:
             return
         room.set_state(RoomState.FAILED)
         self.failures[reason] += 1
@@ -248,6 +323,21 @@ class Rooms:
                 participant.sample_rates(now)
             if not room.is_open:
                 continue
+            for stale in room.pending_overdue(now, ice_timeout_s):
+                if room.drop_pending(stale):
+                    log.warning(
+                        "room %s: %s's rejoin session %s brought no media; dropped",
+                        room.call_id,
+                        stale.user_id,
+                        stale.session_id,
+                    )
+                    self._retire(stale)
+        if self.draining:
+            self._drain_pass(now)
+            return
+        for room in list(self.rooms.values()):
+            if not room.is_open:
+                continue
             overdue = room.ice_overdue(now, ice_timeout_s)
             if overdue is not None:
                 log.warning(
@@ -265,6 +355,28 @@ class Rooms:
                 self._emit(CallMediaConnected(call_id=room.call_id, node_id=self.settings.node_id))
             elif room.stalled(now, self.settings.timeout_s, ice_timeout_s):
                 self.media_failed(room, MediaFailure.MEDIA_TIMEOUT)
+            else:
+                self._judge_links(room, now)
+
+    def _judge_links(self, room: Room, now: float) -> None:
+        for user_id, connection in room.links_changed(now, self.settings.stall_s):
+            self._emit(
+                CallMediaPeer(
+                    call_id=room.call_id,
+                    node_id=self.settings.node_id,
+                    user=user_id,
+                    connection=connection,
+                )
+            )
+        gone = room.gone_past(now, self.settings.rejoin_grace_s)
+        if gone is not None:
+            log.warning(
+                "room %s: %s did not come back within %ss",
+                room.call_id,
+                gone,
+                self.settings.rejoin_grace_s,
+            )
+            self.media_failed(room, MediaFailure.MEDIA_TIMEOUT)
 
     async def watch(self) -> None:
         while True:

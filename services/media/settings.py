@@ -34,9 +34,9 @@ class MediaSettings(CommonSettings):
     timeout_s: float = Field(
         15.0,
         gt=0,
-        description="call_media_failed(media_timeout) when no packet arrives this long "
-        "(from a connected party, or before both parties' media flows; a session still "
-        "connecting is judged by ice_timeout_s instead).",
+        description="call_media_failed(media_timeout) when both parties' media does not "
+        "flow this long after the room opened (a session still connecting is judged by "
+        "ice_timeout_s instead; a connected party that goes silent by rejoin_grace_s).",
     )
     ice_timeout_s: float = Field(
         15.0,
@@ -46,8 +46,36 @@ class MediaSettings(CommonSettings):
         "connected this long after its offer came (aioice alone takes tens of "
         "seconds to give up on a check list).",
     )
-    heartbeat_s: float = Field(5.0, gt=0, description="Registry heartbeat period.")
-    registry_ttl_s: int = Field(15, ge=1, description="A node not heard of this long is gone.")
+    heartbeat_s: float = Field(
+        1.0,
+        gt=0,
+        description="Registry heartbeat period (and at once when the load or draining changes).",
+    )
+    registry_ttl_s: int = Field(
+        3, ge=1, description="A node not heard of this long is gone (its calls are moved)."
+    )
+    stall_s: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="A connected party whose packets stop this long is reconnecting "
+        "(call_media_peer); connected again when they flow.",
+    )
+    rejoin_grace_s: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        validation_alias="MEDIA_REJOIN_GRACE_S",
+        description="call_media_failed(media_timeout) only when a party stayed "
+        "reconnecting this long (signaling reads the same variable).",
+    )
+    drain_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="On SIGTERM a node forwards at most this long while its calls move "
+        "(until its rooms are empty), then exits.",
+    )
     public_ip: str | None = Field(
         None,
         description="Address advertised in ICE candidates instead of the host's own (behind "

@@ -92,6 +92,14 @@ SIGNALING_EVENTS = (
 )
 
 
+MEDIA_EVENTS = (
+    EventType.CALL_MEDIA_CONNECTED,
+    EventType.CALL_MEDIA_FAILED,
+    EventType.CALL_MEDIA_PEER,
+    EventType.MEDIA_NODE_DRAINING,
+)
+
+
 @dataclass
 class EventTap:
     """A plain queue on the ``calls`` exchange: sees every copy published (no dedup)."""
@@ -107,7 +115,9 @@ class EventTap:
 
 
 @contextlib.asynccontextmanager
-async def event_tap(rabbitmq_url: str, namespace: str) -> AsyncIterator[EventTap]:
+async def event_tap(
+    rabbitmq_url: str, namespace: str, events: tuple[EventType, ...] = SIGNALING_EVENTS
+) -> AsyncIterator[EventTap]:
     tap = EventTap()
     connection = await aio_pika.connect_robust(rabbitmq_url)
     try:
@@ -116,7 +126,7 @@ async def event_tap(rabbitmq_url: str, namespace: str) -> AsyncIterator[EventTap
             f"{namespace}.{Exchange.CALLS.value}", aio_pika.ExchangeType.TOPIC, durable=True
         )
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        for event_type in SIGNALING_EVENTS:
+        for event_type in events:
             await queue.bind(exchange, routing_key=event_type.value)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
