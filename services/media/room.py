@@ -68,6 +68,13 @@ TRANSITIONS: dict[RoomState, frozenset[RoomState]] = {
 }
 
 
+LINK_TRANSITIONS: dict[PeerConnection, frozenset[PeerConnection]] = {
+    PeerConnection.CONNECTED: frozenset({PeerConnection.RECONNECTING}),
+    PeerConnection.RECONNECTING: frozenset({PeerConnection.CONNECTED}),
+}
+"""A party's link (see :meth:`Room.set_link`): each change is one ``call_media_peer``."""
+
+
 class CloseReason(StrEnum):
     CALL_ENDED = "call_ended"
     EMPTY = "empty"
@@ -320,20 +327,20 @@ class Room:
             link = self.links.setdefault(user_id, PartyLink(since=now))
             silent = now - last > stall_s
             if silent and link.connection is PeerConnection.CONNECTED:
-                self.links[user_id] = PartyLink(PeerConnection.RECONNECTING, since=last)
+                self.set_link(user_id, PeerConnection.RECONNECTING, since=last)
             elif not silent and link.connection is PeerConnection.RECONNECTING:
-                self.links[user_id] = PartyLink(PeerConnection.CONNECTED, since=now)
+                self.set_link(user_id, PeerConnection.CONNECTED, since=now)
             else:
                 continue
-            log.info(
-                "room %s: %s %s -> %s",
-                self.call_id,
-                user_id,
-                link.connection,
-                self.links[user_id].connection,
-            )
             changes.append((user_id, self.links[user_id].connection))
         return changes
+
+    def set_link(self, user_id: str, new: PeerConnection, since: float) -> None:
+        old = self.links[user_id].connection
+        if new not in LINK_TRANSITIONS[old]:
+            raise BadTransition(f"{user_id}'s link in room {self.call_id} is {old}; not {new}")
+        self.links[user_id] = PartyLink(new, since)
+        log.info("room %s: %s's link %s -> %s", self.call_id, user_id, old, new)
 
     def gone_past(self, now: float, grace_s: float) -> str | None:
         """A party reconnecting for longer than ``grace_s`` (it did not come back)."""
@@ -417,8 +424,14 @@ class Room:
                 if pc.connectionState == "connected" and participant.connected_at is None:
                     participant.connected_at = time.monotonic()
                 failed = "failed" in (pc.connectionState, pc.iceConnectionState)
-                # A session that was replaced (or never joined) fails nobody's call.
-                if failed and self.participants.get(user_id) is participant:
+                # A session that was replaced (or never joined) fails nobody's call; one
+                # that did connect and then failed (ICE consent lost: the party's network
+                # went away) is a silent party, which the rejoin grace judges.
+                if (
+                    failed
+                    and participant.connected_at is None
+                    and self.participants.get(user_id) is participant
+                ):
                     log.warning(
                         "room %s: %s's session %s failed (connection %s, ICE %s)",
                         self.call_id,

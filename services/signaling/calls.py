@@ -574,7 +574,9 @@ class CallService:
             if node is None:
                 raise NoMediaNode()
             now = utcnow()
-            grace = self.settings.media_rejoin_grace_s + self.settings.media_registry_ttl_s
+            # From the move: a lost node's parties stopped about a registry TTL before it,
+            # so a call nobody rejoins ends within TTL + grace of the crash.
+            grace = self.settings.media_rejoin_grace_s
             after = move_media(
                 call,
                 leaving=leaving,

@@ -95,16 +95,8 @@ class SignalingSettings(CommonSettings):
         le=3600,
         validation_alias=AliasChoices("MEDIA_REJOIN_GRACE_S", "SIGNALING_MEDIA_REJOIN_GRACE_S"),
         description="Seconds a party may take to rejoin (the media service reads the same "
-        "name); with MEDIA_REGISTRY_TTL_S, how long a moved call waits for media on its new "
-        "node before it ends media_timeout.",
-    )
-    media_registry_ttl_s: float = Field(
-        3.0,
-        gt=0,
-        le=600,
-        validation_alias=AliasChoices("MEDIA_REGISTRY_TTL_S", "SIGNALING_MEDIA_REGISTRY_TTL_S"),
-        description="The media nodes' registry TTL (the media service's setting): added to "
-        "the rejoin grace of a moved call.",
+        "name): how long a moved call waits for media on its new node before it ends "
+        "media_timeout.",
     )
     node_watch_ms: int = Field(
         1000,
