@@ -47,12 +47,12 @@ class MediaSettings(CommonSettings):
         "seconds to give up on a check list).",
     )
     heartbeat_s: float = Field(
-        1.0,
+        0.5,
         gt=0,
         description="Registry heartbeat period (and at once when the load or draining changes).",
     )
     registry_ttl_s: int = Field(
-        3, ge=1, description="A node not heard of this long is gone (its calls are moved)."
+        2, ge=1, description="A node not heard of this long is gone (its calls are moved)."
     )
     stall_s: float = Field(
         2.0,
