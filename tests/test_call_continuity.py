@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +36,8 @@ pytestmark = pytest.mark.e2e
 # Quick to notice, quick to give up: the defaults (TTL 3 s, stall 2 s) are kept where the
 # figure is reported; the grace is shortened only where a test waits for it to pass.
 CONTINUITY = {
-    "MEDIA_HEARTBEAT_S": "1",
-    "MEDIA_REGISTRY_TTL_S": "3",
+    "MEDIA_HEARTBEAT_S": "0.5",
+    "MEDIA_REGISTRY_TTL_S": "2",
     "MEDIA_STALL_S": "2",
     "MEDIA_REJOIN_GRACE_S": "30",
     "MEDIA_DRAIN_S": "20",
@@ -111,9 +111,14 @@ class Party:
 
 
 async def connected_call(
-    s: Stack, caller: str, callee: str, clients: tuple[MediaClient | None, MediaClient | None]
+    s: Stack,
+    caller: str,
+    callee: str,
+    clients: tuple[MediaClient | None, MediaClient | None],
+    connect_remote: Callable[[Party], Awaitable[None]] | None = None,
 ) -> tuple[str, Party, Party]:
-    """A call placed, accepted and connected: media flowing both ways, the call active."""
+    """A call placed, accepted and connected: media flowing both ways, the call active.
+    A party without a local client is connected by ``connect_remote``."""
     await s.allow(caller, callee)
     a = await Device.connect(s.signaling.url, s.token(caller), caller, f"{caller}-d")
     b = await Device.connect(s.signaling.url, s.token(callee), callee, f"{callee}-d")
@@ -128,6 +133,8 @@ async def connected_call(
                 party.grant["media_url"], party.grant["media_token"], s.http
             )
             assert response.status_code == 201, response.text
+        elif connect_remote is not None:
+            await connect_remote(party)
     local = [p.client for p in (alice, bob) if p.client is not None]
     await eventually(lambda: all(c.received["audio"].packets >= 50 for c in local), timeout=30)
 
@@ -304,7 +311,7 @@ async def test_a_killed_node_whose_parties_never_return_ends_within_ttl_plus_gra
             assert ended["end_reason"] == "media_timeout"
         took = time.monotonic() - killed
         print(
-            f"\nnode and both clients killed: the call ended after {took:.1f} s (TTL 3 + grace 3)"
+            f"\nnode and both clients killed: the call ended after {took:.1f} s (TTL 2 + grace 3)"
         )
         assert (await s.call(call_id, "alice"))["state"] == "ended"
         for party in (alice, bob):
@@ -330,17 +337,16 @@ async def test_a_rolling_restart_of_every_media_node_keeps_all_ten_calls(
                 proc.proc.send_signal(signal.SIGTERM)
                 assert await asyncio.to_thread(proc.proc.wait, 40) == 0
                 proc.start()  # the node comes back (a new pod), same id
-                proc.wait_ready()
+                await asyncio.to_thread(proc.wait_ready)  # the parties' media goes on meanwhile
                 await eventually(lambda t=signalled: all_flow_after(parties, t + 1), timeout=40)
                 print(f"\nnode {node} restarted")
-        gaps: dict[str, list[int]] = {}
+        gaps: list[list[int]] = []
         for call_id, alice, bob in calls:
             state = await s.call(call_id, alice.user)
             assert state["state"] == "active", state
-            gaps[call_id[:8]] = [
-                gap_ms(p.client.received["audio"], started)
-                for p in (alice, bob)  # type: ignore[union-attr]
-            ]
+            gaps.append(
+                [gap_ms(p.client.received["audio"], started) for p in (alice, bob)]  # type: ignore[union-attr]
+            )
         moved = sum(len(p.moves) for p in parties)
         print(
             f"\nrolling restart of 2 nodes, 10 calls, {moved} rejoins; each call's gaps (ms): {gaps}"
@@ -409,11 +415,14 @@ async def _netns_call(
 ) -> tuple[str, Party, Party, NetnsParty]:
     remote = NetnsParty(host)
     bob_client = MediaClient(video, audio)
-    call_id, alice, bob = await connected_call(s, "alice", "bob", (None, bob_client))
-    answer = await remote.ask(
-        cmd="connect", url=alice.grant["media_url"], token=alice.grant["media_token"]
-    )
-    assert answer.get("status") == 201, answer
+
+    async def connect(party: Party) -> None:
+        answer = await remote.ask(
+            cmd="connect", url=party.grant["media_url"], token=party.grant["media_token"]
+        )
+        assert answer.get("status") == 201, answer
+
+    call_id, alice, bob = await connected_call(s, "alice", "bob", (None, bob_client), connect)
     now = time.monotonic()
     await eventually(lambda: flows_after(bob_client.received["audio"], now), timeout=30)
     await eventually(lambda: remote.received_since(now), timeout=30)
@@ -476,6 +485,11 @@ async def test_a_party_whose_network_goes_away_or_changes_rejoins_and_the_call_g
             await eventually(told_connected, timeout=15)
             after = await s.call(call_id, "bob")
             assert after["state"] == "active" and after["answered_at"] == before["answered_at"]
+            rejoins = (await remote.ask(cmd="stats"))["rejoins"]
+            print(
+                f"\nrejoins (started, first packet) relative to the change: "
+                f"{[(round(a - changed, 2), b and round(b - changed, 2)) for a, b in rejoins]}"
+            )
             print(
                 f"\n{change}: Bob's media gap {gap_ms(bob.client.received['audio'], changed - 0.5)} ms "  # type: ignore[union-attr]
                 f"(includes the {'10 s outage' if change == 'link_down_10s' else 'address change'})"

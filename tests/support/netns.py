@@ -56,7 +56,7 @@ class NetnsHost:
         new = f"10.213.{self.subnet}.{last + 1}"
         _ip("addr", "add", f"{new}/24", "dev", self.ns_if, netns=self.name)
         _ip("addr", "del", f"{self.address}/24", "dev", self.ns_if, netns=self.name)
-        _ip("route", "replace", "default", "via", self.gateway, netns=self.name)
+        _ip("route", "replace", "default", "via", self.gateway, "src", new, netns=self.name)
         self.address = new
         return new
 
@@ -85,6 +85,21 @@ def netns_host() -> Iterator[NetnsHost]:
         _ip("link", "set", host.host_if, "up")
         _ip("addr", "add", f"{host.address}/24", "dev", host.ns_if, netns=host.name)
         _ip("link", "set", host.ns_if, "up", netns=host.name)
+        # the new address of change_address outlives the old one (by default removing a
+        # primary address removes its secondaries too)
+        subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                host.name,
+                "sh",
+                "-c",
+                f"echo 1 > /proc/sys/net/ipv4/conf/{host.ns_if}/promote_secondaries",
+            ],
+            check=True,
+            timeout=15,
+        )
         _ip("link", "set", "lo", "up", netns=host.name)
         _ip("route", "add", "default", "via", host.gateway, netns=host.name)
         yield host

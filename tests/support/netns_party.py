@@ -32,7 +32,11 @@ async def main() -> None:
         sys.stdout.flush()
 
     answer({"ready": True})
-    async with httpx.AsyncClient(timeout=10) as http:
+    # No pooled connections: after a network change the pooled one is dead (its source
+    # address is gone) and a request on it would hang until its timeout, as a browser's
+    # does not (it drops its sockets on a network change).
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=5, limits=limits) as http:
         while line := await reader.readline():
             command = json.loads(line)
             try:
@@ -43,12 +47,12 @@ async def main() -> None:
                     response = await client.rejoin(command["url"], command["token"], http)
                     answer({"status": response.status_code})
                 elif command["cmd"] == "stats":
-                    answer(
-                        {
-                            kind: {"packets": flow.packets, "last_at": flow.last_at}
-                            for kind, flow in client.received.items()
-                        }
-                    )
+                    stats: dict[str, Any] = {
+                        kind: {"packets": flow.packets, "last_at": flow.last_at}
+                        for kind, flow in client.received.items()
+                    }
+                    stats["rejoins"] = client.rejoins
+                    answer(stats)
                 elif command["cmd"] == "quit":
                     break
             except Exception as exc:  # a network that is down: say so, keep going
