@@ -871,14 +871,7 @@ class CallService:
         call = await self.visible(user, call_id)
         if call.state not in IN_CALL_STATES:
             raise IllegalTransition(call.state, CallAction.UPGRADE_VIDEO, call.call_id)
-        # The same budget as call.signal: one per user and call, across sockets.
-        if not await self.store.take_signal_token(
-            user,
-            call_id,
-            rate_per_s=self.settings.signals_per_call_per_s,
-            burst=self.settings.signals_per_call_per_s * 2,
-        ):
-            raise SignalRateLimited(call_id)
+        await self._take_signal_token(user, call_id)  # the same budget as call.signal
         if video is VideoState.ON and call.media is MediaKind.AUDIO:
             call = await self._upgrade(user, call_id)
         message = {
@@ -906,13 +899,9 @@ class CallService:
 
     # ------------------------------------------------------------------ call.signal
 
-    async def relay_signal(
-        self, user: str, device_id: str, call_id: str, payload: dict[str, Any]
-    ) -> None:
-        call = await self.visible(user, call_id)
-        if call.state not in SIGNAL_STATES:
-            raise IllegalTransition(call.state, CallAction.HANGUP, call.call_id)
-        # One budget per user and call, across all their sockets and instances.
+    async def _take_signal_token(self, user: str, call_id: str) -> None:
+        """One budget per user and call, across all their sockets and instances, for
+        ``call.signal`` and ``call.media_state``; SignalRateLimited when it is spent."""
         if not await self.store.take_signal_token(
             user,
             call_id,
@@ -920,6 +909,14 @@ class CallService:
             burst=self.settings.signals_per_call_per_s * 2,
         ):
             raise SignalRateLimited(call_id)
+
+    async def relay_signal(
+        self, user: str, device_id: str, call_id: str, payload: dict[str, Any]
+    ) -> None:
+        call = await self.visible(user, call_id)
+        if call.state not in SIGNAL_STATES:
+            raise IllegalTransition(call.state, CallAction.HANGUP, call.call_id)
+        await self._take_signal_token(user, call_id)
         other = call.other(user)
         devices: frozenset[str] | None = None
         newest: int | None = None

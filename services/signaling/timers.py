@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from services.signaling.calls import CallService
 from services.signaling.settings import SignalingSettings
@@ -29,21 +30,28 @@ log = logging.getLogger(__name__)
 OUTBOX_POLL_S = 1.0
 
 
-async def ring_timer_loop(service: CallService, store: CallStore, poll_ms: int) -> None:
+Poll = Callable[[int], Awaitable[tuple[list[str], int | None]]]
+"""``poll(now_ms)``: the call ids due now and the next deadline (ms) after them, if any."""
+
+
+async def deadline_loop(
+    name: str, poll: Poll, fire: Callable[[str], Awaitable[object]], poll_ms: int
+) -> None:
+    """Fire every call whose deadline passed, exactly once whichever instance gets there:
+    ``fire`` is a versioned commit, so the others' tries are no-ops."""
     poll_s = poll_ms / 1000
     while True:
         try:
-            now_ms = int(time.time() * 1000)
-            due, upcoming = await store.ring_poll(now_ms)
+            due, upcoming = await poll(int(time.time() * 1000))
             if due:
                 # A burst of deadlines is worked through together, not one after another:
                 # each is a read, a commit and a publish, mostly waiting on Redis/RabbitMQ.
                 results = await asyncio.gather(
-                    *(service.ring_timeout(call_id) for call_id in due), return_exceptions=True
+                    *(fire(call_id) for call_id in due), return_exceptions=True
                 )
                 for call_id, result in zip(due, results, strict=True):
                     if isinstance(result, Exception):
-                        log.error("ring timeout of %s failed: %r", call_id, result)
+                        log.error("%s of %s failed: %r", name, call_id, result)
             wait = poll_s
             if due:
                 wait = 0.0  # look again at once: more may be due, and ``upcoming`` is stale
@@ -53,33 +61,18 @@ async def ring_timer_loop(service: CallService, store: CallStore, poll_ms: int) 
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("ring timer pass failed; trying again")
+            log.exception("%s pass failed; trying again", name)
             await asyncio.sleep(poll_s * 4)
+
+
+async def ring_timer_loop(service: CallService, store: CallStore, poll_ms: int) -> None:
+    """Ringing calls whose ring deadline passed become missed."""
+    await deadline_loop("ring timeout", store.ring_poll, service.ring_timeout, poll_ms)
 
 
 async def rejoin_timer_loop(service: CallService, store: CallStore, poll_ms: int) -> None:
-    poll_s = poll_ms / 1000
-    while True:
-        try:
-            due, upcoming = await store.rejoin_poll(int(time.time() * 1000))
-            if due:
-                results = await asyncio.gather(
-                    *(service.rejoin_timeout(call_id) for call_id in due), return_exceptions=True
-                )
-                for call_id, result in zip(due, results, strict=True):
-                    if isinstance(result, Exception):
-                        log.error("rejoin timeout of %s failed: %r", call_id, result)
-            wait = poll_s
-            if due:
-                wait = 0.0
-            elif upcoming is not None:
-                wait = min(poll_s, max(upcoming - int(time.time() * 1000), 0) / 1000)
-            await asyncio.sleep(max(wait, 0.002))
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("rejoin timer pass failed; trying again")
-            await asyncio.sleep(poll_s * 4)
+    """Moved calls whose media did not flow on the new node in time end media_timeout."""
+    await deadline_loop("rejoin timeout", store.rejoin_poll, service.rejoin_timeout, poll_ms)
 
 
 async def node_watch_loop(service: CallService, interval_ms: int) -> None:

@@ -390,6 +390,15 @@ async def run_media(
                 break
             await asyncio.sleep(0.2)
         media_up_s = time.monotonic() - started
+        # A call moved to another node (a drain, a crash) is followed, as the web client does.
+        urls = {id(client): url for _c, _u, url, _t, client in legs}
+        rejoins: Counter[str] = Counter()
+        followers = [
+            asyncio.create_task(
+                _follow_moves(router.track(call_id), user.id, client, http, urls, rejoins)
+            )
+            for call_id, user, _url, _token, client in legs
+        ]
         console.print(f"  {len(legs)} legs sending; measuring {duration_s:g}s")
         before = process_stats(media_pid)["cpu_s"] if media_pid else None
         for *_, client in legs:
@@ -400,10 +409,13 @@ async def run_media(
             client.measuring = False
         window_s = time.monotonic() - window_started
         after = process_stats(media_pid)["cpu_s"] if media_pid else None
+        for follower in followers:
+            follower.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
         for _call_id, _user, _url, token, client in legs:
             if client.location is not None:
                 with contextlib.suppress(Exception):
-                    await client.leave(http, url_base(client.location, _url), token)
+                    await client.leave(http, url_base(client.location, urls[id(client)]), token)
         await asyncio.gather(*(c.close() for *_, c in legs), return_exceptions=True)
     by_call: dict[str, list[MediaClient]] = {}
     for call_id, _user, _url, _token, client in legs:
@@ -443,6 +455,7 @@ async def run_media(
         "window_s": round(window_s, 1),
         "loss": loss,
         "video_frames_delivered": round(frames_got / frames_sent, 4) if frames_sent else None,
+        "rejoins": dict(rejoins),
         "errors": dict(errors),
         "lost": {},
     }
@@ -452,6 +465,30 @@ async def run_media(
         )
         report["sfu_cpu_percent"] = round((after - before) / window_s * 100, 1)
     return report
+
+
+async def _follow_moves(
+    track: Any,
+    user_id: str,
+    client: Any,
+    http: Any,
+    urls: dict[int, str],
+    outcomes: Counter[str],
+) -> None:
+    """Rejoin wherever ``call.media`` sends this party (its call moved to another node)."""
+    seen = 0
+    while True:
+        moves = [r for r in track.received if r.user == user_id and r.type == "call.media"]
+        for item in moves[seen:]:
+            url, media_token = item.message["media_url"], item.message["media_token"]
+            answer = await client.rejoin(url, media_token, http)
+            if answer.status_code == 201:
+                urls[id(client)] = url
+                outcomes["rejoined"] += 1
+            else:
+                outcomes[f"rejoin_{answer.status_code}"] += 1
+        seen = len(moves)
+        await asyncio.sleep(0.1)
 
 
 def url_base(location: str, media_url: str) -> str:
