@@ -318,6 +318,29 @@ async def test_a_killed_node_whose_parties_never_return_ends_within_ttl_plus_gra
             await party.device.close()
 
 
+async def test_a_lost_node_with_no_other_node_ends_its_call_media_timeout(
+    spawn: Callable[..., ServiceProcess],
+    token: Callable[..., str],
+    video: EncodedMedia,
+    audio: EncodedMedia,
+) -> None:
+    """No zombie even when no node can take the call: the deadline runs all the same."""
+    async with stack(spawn, token, ("m1",), MEDIA_REJOIN_GRACE_S="3") as s:
+        clients = (MediaClient(video, audio), MediaClient(video, audio))
+        call_id, alice, bob = await connected_call(s, "alice", "bob", clients)
+        killed = time.monotonic()
+        s.media["m1"].kill()
+        for party in (alice, bob):
+            ended = await party.device.expect(
+                type="call.state", call_id=call_id, state="ended", timeout=30
+            )
+            assert ended["end_reason"] == "media_timeout"
+        took = time.monotonic() - killed
+        print(f"\nthe only node killed: the call ended after {took:.1f} s (TTL 2 + grace 3)")
+        assert not alice.messages("call.media")  # there was nowhere to move it
+        await close_all([alice, bob])
+
+
 async def test_a_rolling_restart_of_every_media_node_keeps_all_ten_calls(
     spawn: Callable[..., ServiceProcess],
     token: Callable[..., str],

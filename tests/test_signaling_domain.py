@@ -15,6 +15,7 @@ from services.signaling.domain import (
     IllegalTransition,
     glare_winner,
     media_connected_action,
+    media_lost,
     move_media,
     next_state,
     upgrade_to_video,
@@ -47,6 +48,8 @@ EXPECTED: dict[tuple[CallState, CallAction], CallState] = {
     (S.ACCEPTED, A.MOVE_MEDIA): S.ACCEPTED,
     (S.ACTIVE, A.MOVE_MEDIA): S.ACTIVE,
     (S.ACTIVE, A.MEDIA_RESUMED): S.ACTIVE,
+    (S.ACCEPTED, A.MEDIA_LOST): S.ACCEPTED,
+    (S.ACTIVE, A.MEDIA_LOST): S.ACTIVE,
     (S.ACCEPTED, A.UPGRADE_VIDEO): S.ACCEPTED,
     (S.ACTIVE, A.UPGRADE_VIDEO): S.ACTIVE,
 }
@@ -264,3 +267,33 @@ def test_a_move_or_an_upgrade_later_keeps_when_the_call_was_answered(state: Call
     upgraded = upgrade_to_video(call, at=later)
     assert moved is not None and upgraded is not None
     assert (moved.answered_at, upgraded.answered_at) == (T0, T0)
+
+
+@pytest.mark.parametrize("state", [S.ACCEPTED, S.ACTIVE], ids=str)
+def test_a_lost_node_with_no_other_starts_the_deadline_once_and_keeps_the_call(
+    state: CallState,
+) -> None:
+    call = _on_node(state)
+    deadline = T0 + timedelta(seconds=30)
+    waiting = media_lost(call, node_id="node-1", at=T0, rejoin_deadline=deadline)
+    assert waiting is not None
+    assert (waiting.state, waiting.media_node, waiting.rejoin_deadline) == (
+        state,
+        "node-1",
+        deadline,
+    )
+    assert waiting.answered_at == call.answered_at
+    # seen again on the next pass: the deadline runs from the first time, not again
+    later = deadline + timedelta(seconds=5)
+    assert media_lost(waiting, node_id="node-1", at=later, rejoin_deadline=later) is None
+    # a node that appears in time takes the call: a move, with its own deadline
+    moved = move_media(
+        waiting, leaving="node-1", node_id="node-2", media_url="u2", at=later, rejoin_deadline=later
+    )
+    assert moved is not None and moved.media_node == "node-2" and moved.rejoin_deadline == later
+
+
+def test_media_lost_is_nothing_for_another_node_or_a_call_not_in_progress() -> None:
+    assert media_lost(_on_node(S.ACTIVE), node_id="node-9", at=T0, rejoin_deadline=T0) is None
+    for state in (S.RINGING, S.ENDED):
+        assert media_lost(_on_node(state), node_id="node-1", at=T0, rejoin_deadline=T0) is None

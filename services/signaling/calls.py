@@ -29,6 +29,7 @@ from services.signaling.domain import (
     allowed,
     glare_winner,
     media_connected_action,
+    media_lost,
     move_media,
     upgrade_to_video,
     utcnow,
@@ -565,18 +566,32 @@ class CallService:
         """Move the call's media off ``leaving`` to a live node that is not draining, and
         tell both parties' in-call devices (``call.media``). True if this call did it; a
         call already off ``leaving`` (another instance or request moved it) is left alone.
-        NoMediaNode when no node can take it."""
+        NoMediaNode when no node can take it (a lost node's call then starts its rejoin
+        deadline all the same, and ends ``media_timeout`` unless a node takes it in time)."""
+
+        stranded = False
 
         async def decide(call: Call) -> Step:
+            nonlocal stranded
             if call.media_node != leaving or call.state not in IN_CALL_STATES:
                 return Step()
             node = await self.registry.pick(avoid=leaving)
-            if node is None:
-                raise NoMediaNode()
             now = utcnow()
-            # From the move: a lost node's parties stopped about a registry TTL before it,
-            # so a call nobody rejoins ends within TTL + grace of the crash.
+            # From the move (or the loss): a lost node's parties stopped about a registry
+            # TTL before it, so a call nobody rejoins ends within TTL + grace of the crash.
             grace = self.settings.media_rejoin_grace_s
+            if node is None:
+                stranded = True
+                if reason is not MediaMoveReason.NODE_LOST:
+                    return Step()  # a draining node forwards on; it is lost once it exits
+                waiting = media_lost(
+                    call, node_id=leaving, at=now, rejoin_deadline=now + timedelta(seconds=grace)
+                )
+                step = Step()
+                if waiting is not None:  # no node to move to: the deadline runs all the same
+                    self.store.stage(step.commit, call, waiting)
+                return step
+            stranded = False
             after = move_media(
                 call,
                 leaving=leaving,
@@ -605,6 +620,8 @@ class CallService:
         except NotFound:
             await self.store.forget_node_call(leaving, call_id)
             return False
+        if stranded:
+            raise NoMediaNode()
         if step.result is None:
             # Nothing to move: the call is off that node already or over. An index entry
             # left behind (there should be none) goes, so the watcher stops looking.
@@ -627,7 +644,7 @@ class CallService:
         moved = 0
         for call_id, result in zip(call_ids, results, strict=True):
             if isinstance(result, NoMediaNode):
-                log.error("call %s cannot leave %s: no other media node", call_id, leaving)
+                log.warning("call %s cannot leave %s: no other media node", call_id, leaving)
             elif isinstance(result, BaseException):
                 log.error("moving call %s off %s failed: %r", call_id, leaving, result)
             elif result:

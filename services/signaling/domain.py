@@ -38,6 +38,10 @@ class CallAction(StrEnum):
     MOVE_MEDIA = "move_media"
     """The call's media node is draining or gone: its room moves to another node (the
     call stays what it is; a rejoin deadline starts)."""
+    MEDIA_LOST = "media_lost"
+    """The call's media node is gone and no other node can take it yet: the rejoin
+    deadline starts, so a call nobody can rejoin ends ``media_timeout`` (no zombie); a node
+    that appears in time takes it (MOVE_MEDIA)."""
     MEDIA_RESUMED = "media_resumed"
     """Media flows on the call's (new) node after a move: the rejoin deadline is over."""
     UPGRADE_VIDEO = "upgrade_video"
@@ -69,6 +73,8 @@ TRANSITIONS: dict[tuple[CallState, CallAction], CallState] = {
     (S.ACCEPTED, A.MOVE_MEDIA): S.ACCEPTED,
     (S.ACTIVE, A.MOVE_MEDIA): S.ACTIVE,
     (S.ACTIVE, A.MEDIA_RESUMED): S.ACTIVE,
+    (S.ACCEPTED, A.MEDIA_LOST): S.ACCEPTED,
+    (S.ACTIVE, A.MEDIA_LOST): S.ACTIVE,
     (S.ACCEPTED, A.UPGRADE_VIDEO): S.ACCEPTED,
     (S.ACTIVE, A.UPGRADE_VIDEO): S.ACTIVE,
 }
@@ -268,6 +274,19 @@ def move_media(
         media_url=media_url,
         rejoin_deadline=rejoin_deadline,
     )
+
+
+def media_lost(call: Call, *, node_id: str, at: datetime, rejoin_deadline: datetime) -> Call | None:
+    """The call waiting for a node to replace its lost ``node_id``, the rejoin deadline
+    running; None when there is nothing to do: the call is not on that node, not in a call,
+    or its deadline already runs (it starts once, from the first time the loss is seen)."""
+    if (
+        call.media_node != node_id
+        or call.state not in IN_CALL_STATES
+        or call.rejoin_deadline is not None
+    ):
+        return None
+    return call.step(A.MEDIA_LOST, at=at, rejoin_deadline=rejoin_deadline)
 
 
 def media_connected_action(call: Call) -> CallAction:
