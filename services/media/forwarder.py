@@ -95,6 +95,8 @@ class Forwarder:
     counters: ForwardCounters = field(default_factory=ForwardCounters)
     source_ssrc: int | None = None
     holding: bool = False
+    source: object | None = None
+    """The publication feeding this forwarder now (the room's wiring compares it)."""
     subscriber_remb: tuple[int, float] | None = None
     """The subscriber's last REMB (bits/s, monotonic time), to cap the publisher's."""
     clock_rate: int = 90_000

@@ -628,16 +628,22 @@ class Room:
                 publication = publisher.publications.get(kind) if publisher else None
                 if publication is None:
                     forwarder.use_source({})
+                    forwarder.source = None
                     forwarder.request_keyframe = _nothing
                     continue
-                sender_codecs = internals.negotiated_codecs(
-                    next(t for t in subscriber.pc.getTransceivers() if t.kind == kind)
-                )
-                codec = _media_codec(publication.codecs)
-                forwarder.use_source(
-                    payload_type_map(publication.codecs, sender_codecs),
-                    codec.clockRate if codec is not None else None,
-                )
+                # Only a forwarder whose publication changed starts over (renumbers, and
+                # for video waits for a keyframe): one party's rejoin leaves the other
+                # direction, and the rejoiner's still-current session, untouched.
+                if forwarder.source is not publication:
+                    sender_codecs = internals.negotiated_codecs(
+                        next(t for t in subscriber.pc.getTransceivers() if t.kind == kind)
+                    )
+                    codec = _media_codec(publication.codecs)
+                    forwarder.use_source(
+                        payload_type_map(publication.codecs, sender_codecs),
+                        codec.clockRate if codec is not None else None,
+                    )
+                    forwarder.source = publication
                 forwarder.request_keyframe = publication.request_keyframe
                 if forwarder.payload_types:
                     publication.targets.append(forwarder)
