@@ -38,7 +38,11 @@ def _env(*names: str) -> AliasChoices:
 class CommonSettings(BaseSettings):
     """What every service needs: where the broker and Redis are, how tokens are checked."""
 
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    # A refused setting must not print the environment it read (secrets included) into
+    # the container's log: the error names the field and the rule, not the value.
+    model_config = SettingsConfigDict(
+        extra="ignore", populate_by_name=True, hide_input_in_errors=True
+    )
 
     environment: Environment = Field(
         Environment.PRODUCTION,

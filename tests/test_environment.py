@@ -75,3 +75,23 @@ def test_a_deployment_that_forgets_the_environment_serves_no_development_token(
         assert config.json()["dev_sign_in"] is False
     finally:
         proc.stop()
+
+
+@pytest.mark.e2e
+def test_a_refused_start_does_not_print_the_secrets_it_read(
+    no_environment: None, service_env: dict[str, str], tmp_path: Path
+) -> None:
+    real = "my-real-production-secret-" + secrets.token_hex(16)
+    env = {k: v for k, v in service_env.items() if k != "DMCALL_ENV"}
+    env["AUTH_JWT_SECRET"] = real  # MEDIA_TOKEN_SECRET is left at the development default
+    log = tmp_path / "signaling.log"
+    proc = ServiceProcess("signaling", free_port(), env=env, log_path=log).start()
+    assert proc.proc is not None
+    try:
+        assert proc.proc.wait(30) != 0
+    finally:
+        proc.stop()
+    text = log.read_text()
+    assert "MEDIA_TOKEN_SECRET is the development default" in text
+    for start in range(0, len(real) - 8):
+        assert real[start : start + 8] not in text  # not even a shortened copy

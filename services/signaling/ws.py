@@ -265,6 +265,8 @@ def _parse(raw: str) -> dict[str, Any]:
         raise _BadFrame(f"not JSON: {exc.msg}") from None
     except RecursionError:
         raise _BadFrame("not JSON this service takes: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer past Python's 4,300-digit limit
+        raise _BadFrame(f"not JSON this service takes: {exc}") from None
     if not isinstance(message, dict):
         raise _BadFrame("a message must be a JSON object")
     kind = message.get("type")
