@@ -138,11 +138,27 @@ def create_service_app(
     FastAPIInstrumentor.instrument_app(
         app,
         tracer_provider=provider,
+        # a WebSocket's and a stream's URL carry ?token=: no credential in a span either
+        server_request_hook=_redact_span_urls,
         excluded_urls="healthz,readyz,metrics",
         # One server span a request; the per-message receive/send spans cost ~40 µs each.
         exclude_spans=["receive", "send"],
     )
     return app
+
+
+_URL_ATTRIBUTES = ("http.url", "http.target", "url.full", "url.query")
+
+
+def _redact_span_urls(span: Any, scope: Scope) -> None:
+    """The server span's URL attributes, credentials masked (telemetry.redact)."""
+    if span is None or not span.is_recording():
+        return
+    attributes = getattr(span, "attributes", None) or {}
+    for name in _URL_ATTRIBUTES:
+        value = attributes.get(name)
+        if isinstance(value, str):
+            span.set_attribute(name, telemetry.redact(value))
 
 
 def server_config(app: FastAPI, settings: CommonSettings, port: int) -> uvicorn.Config:

@@ -18,6 +18,7 @@ from shared.settings import CommonSettings
 from shared.telemetry import redact
 from tests.conftest import auth
 from tests.support.signaling import Device, allow_call, place_and_accept
+from tests.support.waiting import eventually
 from tools.procs import ServiceProcess
 
 TURN_SECRET = "a-turn-secret-shared-with-coturn-f2"
@@ -101,3 +102,55 @@ async def test_f2_no_credential_in_any_log_line_of_a_call(
     assert "/v1/ws?token=<redacted>" in logs
     for secret in secrets:
         assert secret not in logs, f"a credential ({secret[:6]}...) reached a log line"
+
+
+class _Collector:
+    """An OTLP/HTTP endpoint of the test's own: keeps every exported payload."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        bodies: list[bytes] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                bodies.append(self.rfile.read(int(self.headers.get("content-length", 0))))
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.bodies = bodies
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.e2e
+async def test_f2_no_token_in_any_exported_trace_span(
+    spawn: Callable[..., ServiceProcess], token: Callable[..., str]
+) -> None:
+    collector = _Collector()
+    try:
+        signaling = spawn("signaling", OTEL_EXPORTER_OTLP_ENDPOINT=collector.url)
+        alice_token = token("alice")
+        alice = await Device.connect(signaling.url, alice_token, "alice", "a1")
+        async with httpx.AsyncClient(base_url=signaling.url, timeout=15) as http:
+            assert (await http.get("/v1/calls", headers=auth(alice_token))).status_code == 200
+        await alice.close()
+        # spans go out in batches (every 5 s by default), and the last one on the way out
+        await eventually(lambda: b"/v1/ws" in b"".join(collector.bodies), timeout=20)
+        signaling.stop()
+        exported = b"".join(collector.bodies)
+        assert b"/v1/ws" in exported  # the WebSocket's server span was exported...
+        assert alice_token.encode() not in exported  # ...without its ?token=
+        assert alice_token.split(".")[2].encode() not in exported
+    finally:
+        collector.close()
