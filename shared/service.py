@@ -117,6 +117,8 @@ def create_service_app(
             await runtime.tasks.close()
             await bus.close()
             await redis.aclose()
+            # the spans of the last seconds would wait for a batch that never comes
+            await asyncio.to_thread(provider.force_flush, 2000)
 
     app = FastAPI(title=title, description=description, version="1.0.0", lifespan=lifespan)
     app.state.service = service
