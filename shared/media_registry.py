@@ -41,10 +41,33 @@ class MediaNode:
         return f"{self.url.rstrip('/')}/v1/rooms/{call_id}/sessions"
 
 
+# KEYS[1] the set of node ids; ARGV[1] the node hash keys' prefix, ARGV[2] a node to avoid.
+# The least-utilised node with room that is not draining, its load reserved (+1).
+_PICK = """
+local best, best_u
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if id ~= ARGV[2] then
+    local row = redis.call('HMGET', ARGV[1] .. id, 'capacity', 'load', 'draining')
+    local capacity, load = tonumber(row[1]), tonumber(row[2])
+    if capacity and load and row[3] ~= '1' and load < capacity then
+      local u = load / capacity
+      if not best or u < best_u or (u == best_u and id < best) then
+        best, best_u = id, u
+      end
+    end
+  end
+end
+if not best then return false end
+redis.call('HINCRBY', ARGV[1] .. best, 'load', 1)
+return redis.call('HGETALL', ARGV[1] .. best)
+"""
+
+
 class MediaRegistry:
     def __init__(self, redis: Redis, settings: CommonSettings) -> None:
         self._redis = redis
         self._keys = KeySpace(settings, "media")
+        self._pick = redis.register_script(_PICK)
 
     def _node_key(self, node_id: str) -> str:
         return self._keys("node", node_id)
@@ -102,12 +125,20 @@ class MediaRegistry:
 
     async def pick(self, *, avoid: str | None = None) -> MediaNode | None:
         """The least-utilised live node with room left that is not draining (nor
-        ``avoid``, the node a call is moving away from), or None."""
-        candidates = [
-            n
-            for n in await self.live_nodes()
-            if n.load < n.capacity and not n.draining and n.node_id != avoid
-        ]
-        if not candidates:
+        ``avoid``, the node a call is moving away from), or None.
+
+        The pick reserves a room on it (its ``load`` goes up by one until its next
+        heartbeat says how many rooms it really has): a burst of picks (a drained node's
+        calls, all moved at once) spreads over the nodes instead of overfilling the one
+        that looked emptiest, and stops at their capacity."""
+        row = await self._pick(keys=[self._keys("nodes")], args=[self._node_key(""), avoid or ""])
+        if not row:
             return None
-        return min(candidates, key=lambda n: (n.utilisation, n.node_id))
+        fields = dict(zip(row[::2], row[1::2], strict=True))
+        return MediaNode(
+            node_id=fields[b"node_id"].decode(),
+            url=fields[b"url"].decode(),
+            capacity=int(fields[b"capacity"]),
+            load=int(fields[b"load"]),
+            draining=fields.get(b"draining", b"0") == b"1",
+        )

@@ -52,3 +52,22 @@ async def test_a_draining_node_is_live_but_never_picked(
     picked = await registry.pick()
     assert picked is not None and picked.node_id == "d2"
     assert await registry.pick(avoid="d2") is None
+
+
+async def test_a_burst_of_picks_spreads_over_the_nodes_and_stops_at_their_capacity(
+    redis_client: Redis, settings: CommonSettings
+) -> None:
+    """A drained node's calls all move at once: the picks reserve rooms, so they do not
+    all land on the node that looked emptiest and overfill it."""
+    registry = MediaRegistry(redis_client, settings)
+    await registry.heartbeat(MediaNode("b1", "http://b1:8004", capacity=20, load=15), ttl_s=30)
+    await registry.heartbeat(MediaNode("b2", "http://b2:8004", capacity=20, load=16), ttl_s=30)
+    picks = await asyncio.gather(*(registry.pick() for _ in range(12)))
+    chosen = [p.node_id for p in picks if p is not None]
+    assert len(chosen) == 9  # the 9 rooms left: 5 on b1, 4 on b2; then none
+    assert chosen.count("b1") == 5 and chosen.count("b2") == 4
+    assert picks.count(None) == 3
+    # the next heartbeat says what the node really holds
+    await registry.heartbeat(MediaNode("b1", "http://b1:8004", capacity=20, load=15), ttl_s=30)
+    again = await registry.pick()
+    assert again is not None and again.node_id == "b1"
