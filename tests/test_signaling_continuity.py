@@ -279,6 +279,12 @@ async def test_a_moved_call_nobody_rejoins_ends_media_timeout_and_both_are_calla
     assert (await w.get(lost, "bob"))["end_reason"] == "media_timeout"
     assert (await w.get(rejoined, "carol"))["state"] == "active"
     assert carol.matching(type="call.state", call_id=rejoined, state="ended") == []
+    # media flowing on the new node is news to both: whatever the old node last said of
+    # the other (reconnecting), each is told their peer is connected
+    for device, peer in ((carol, "dave"), (dave, "carol")):
+        told = await device.expect(timeout=10, type="call.peer", call_id=rejoined, user=peer)
+        assert told["connection"] == "connected"
+    assert not alice.matching(type="call.peer", call_id=lost, connection="connected")
 
     # Neither is busy now: a new call to each rings.
     for caller, callee, ring in (("bob", "alice", alice), ("dave", "bob", bob)):

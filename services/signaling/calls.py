@@ -59,6 +59,7 @@ from shared.contracts import (
     MediaKind,
     MediaMoveReason,
     MediaNodeDraining,
+    PeerConnection,
 )
 from shared.ids import new_call_id
 from shared.media_registry import MediaNode, MediaRegistry
@@ -493,6 +494,17 @@ class CallService:
                 log.info("call %s: media flows on %s after its move", call.call_id, event.node_id)
             else:
                 step.pushes = self._fanout(after, now, callee_too=True)
+            if call.rejoin_deadline is not None:
+                # Media flows on the new node for both: whatever the old node last said
+                # (a party reconnecting), each party's peer is connected now.
+                for user in (after.caller, after.callee):
+                    message = {
+                        "type": "call.peer",
+                        "call_id": after.call_id,
+                        "user": user,
+                        "connection": PeerConnection.CONNECTED.value,
+                    }
+                    step.pushes.append(self._in_call_push(after, after.other(user), message))
             return step
 
         await self._consume(event.call_id, decide)
