@@ -228,9 +228,15 @@ async def test_f1_a_node_remembers_only_its_own_ended_calls_and_forgets_them(
     redis_client: Redis,
     audio: EncodedMedia,
 ) -> None:
-    """F1: ended calls this node never saw leave nothing behind; the ones it hosted or was
-    granted are refused for MEDIA_ENDED_CALL_MEMORY_S, then forgotten without a lookup."""
-    media = spawn("media", MEDIA_NODE_ID=NODE, MEDIA_ENDED_CALL_MEMORY_S="3")
+    """F1: the ones it hosted or was granted are refused for MEDIA_ENDED_CALL_MEMORY_S,
+    ended calls this node never saw only for MEDIA_UNSEEN_ENDED_CALL_MEMORY_S (while a
+    token for them may still be valid); all are forgotten without a lookup."""
+    media = spawn(
+        "media",
+        MEDIA_NODE_ID=NODE,
+        MEDIA_ENDED_CALL_MEMORY_S="3",
+        MEDIA_UNSEEN_ENDED_CALL_MEMORY_S="3",
+    )
     bus = Bus(media_settings, redis_client, "limits")
     await bus.start()
     hosted, granted = uuid.uuid4().hex, uuid.uuid4().hex
@@ -278,6 +284,8 @@ async def test_f1_a_node_remembers_only_its_own_ended_calls_and_forgets_them(
         await eventually(all_handled, timeout=60)
         text = await scrape(http, media)
         assert metric_values(text, "dmcall_media_remembered_calls", kind="ended") == [2.0], text
+        unseen = metric_values(text, "dmcall_media_remembered_calls", kind="unseen_ended")
+        assert unseen == [float(others)], text  # only for as long as a token may come
         for call_id in (hosted, granted):
             late_clients.append(MediaClient(None, audio))
             late = await late_clients[-1].connect(
@@ -292,7 +300,8 @@ async def test_f1_a_node_remembers_only_its_own_ended_calls_and_forgets_them(
             text = await scrape(http, media)
             ended = metric_values(text, "dmcall_media_remembered_calls", kind="ended")
             grants = metric_values(text, "dmcall_media_remembered_calls", kind="granted")
-            return ended == [0.0] and grants == [0.0]
+            unseen = metric_values(text, "dmcall_media_remembered_calls", kind="unseen_ended")
+            return ended == [0.0] and grants == [0.0] and unseen == [0.0]
 
         # Forgotten by time alone: nothing looks these calls up again.
         await eventually(forgotten, timeout=20)

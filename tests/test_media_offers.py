@@ -206,13 +206,24 @@ def rooms(**overrides: Any) -> Rooms:
     return Rooms(media_settings(**overrides), publish, spawn)
 
 
-async def test_f1_ended_calls_this_node_never_saw_leave_nothing_recorded() -> None:
-    node = rooms()
+async def test_f1_ended_calls_this_node_never_saw_are_kept_only_while_a_token_may_come(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("services.media.rooms.time.monotonic", lambda: clock[0])
+    node = rooms(unseen_ended_call_memory_s=150.0)
     for index in range(10_000):
         await node.close_room(f"call-{index}", CloseReason.CALL_ENDED)
-    assert len(node.ended) == 0 and len(node.granted) == 0
-    node.admit(MediaGrant("call-1", "alice", "node-a"), "call-1")  # never refused
-    assert len(node.granted) == 1
+    assert (len(node.ended), len(node.granted), len(node.unseen_ended)) == (0, 0, 10_000)
+    # a late token for one of them opens no room for an ended call...
+    with pytest.raises(SessionRefused) as refused:
+        node.admit(MediaGrant("call-1", "alice", "node-a"), "call-1")
+    assert refused.value.reason is Refusal.CALL_ENDED
+    # ...and once no token for them can be valid, they are forgotten by time alone
+    clock[0] += 151.0
+    node.check(clock[0])
+    assert len(node.unseen_ended) == 0
+    node.admit(MediaGrant("call-1", "alice", "node-a"), "call-1")
 
 
 async def test_f1_a_granted_call_that_ends_is_refused_then_forgotten(

@@ -76,6 +76,7 @@ class MediaCollector(Collector):
         )
         remembered.add_metric([node, "granted"], len(rooms.granted))
         remembered.add_metric([node, "ended"], len(rooms.ended))
+        remembered.add_metric([node, "unseen_ended"], len(rooms.unseen_ended))
         yield remembered
         dropped = CounterMetricFamily(
             "dmcall_media_ice_candidates_dropped",

@@ -101,6 +101,9 @@ class Rooms:
         """Calls a media token for this node was presented for (last presented first)."""
         self.ended = ExpiringSet(settings.ended_call_memory_s)
         """Calls that ended and that this node hosted or was granted: refused sessions."""
+        self.unseen_ended = ExpiringSet(settings.unseen_ended_call_memory_s)
+        """Calls that ended before this node saw them, for as long as a media token for
+        them may still be presented (so a late token opens no room for an ended call)."""
         self._candidate_rules = settings.candidate_rules
         self.candidates_dropped = 0
         self.delays = DelayRecorder()
@@ -142,7 +145,7 @@ class Rooms:
                 f"{self.settings.node_id!r}",
             )
         now = time.monotonic()
-        if self.ended.contains(call_id, now):
+        if self.ended.contains(call_id, now) or self.unseen_ended.contains(call_id, now):
             raise self.refuse(Refusal.CALL_ENDED, "this call has ended")
         self.granted.put(call_id, now)
         room = self.rooms.get(call_id)
@@ -237,11 +240,15 @@ class Rooms:
         return True
 
     def _record_end(self, call_id: str) -> None:
-        """Remember the end of a call this node knows of; any other is not its concern."""
+        """Remember the end of a call this node knows of for MEDIA_ENDED_CALL_MEMORY_S; any
+        other only as long as a token for it may still come (MEDIA_UNSEEN_ENDED_CALL_MEMORY_S,
+        above signaling's media token TTL): memory bounded by the end rate times that."""
         now = time.monotonic()
         if call_id in self.rooms or self.granted.contains(call_id, now):
             self.ended.put(call_id, now)
             self.granted.discard(call_id)
+        else:
+            self.unseen_ended.put(call_id, now)
 
     def _forget(self, room: Room) -> None:
         if self.rooms.get(room.call_id) is room:
@@ -317,6 +324,7 @@ class Rooms:
         """One watchdog pass: ICE deadlines, media connected / stalled, bitrates."""
         self.granted.sweep(now)
         self.ended.sweep(now)
+        self.unseen_ended.sweep(now)
         ice_timeout_s = self.settings.ice_timeout_s
         for room in list(self.rooms.values()):
             for participant in room.participants.values():

@@ -120,6 +120,13 @@ class MediaSettings(CommonSettings):
         "a call this node was granted (a media token presented) is remembered, so that "
         "its end is recorded. Ended calls this node never saw are not recorded.",
     )
+    unseen_ended_call_memory_s: float = Field(
+        180.0,
+        gt=0,
+        description="How long the end of a call this node never saw is remembered (a late "
+        "session with a still-valid media token is refused 409); keep it above "
+        "SIGNALING_MEDIA_TOKEN_TTL_S (120).",
+    )
 
     @model_validator(mode="after")
     def _port_range(self) -> MediaSettings:
