@@ -402,6 +402,20 @@ function connectNotifications(lastEventId) {
     state.api.token = token;
     connectNotifications(event.lastEventId || lastEventId);
   });
+  // An EventSource refused outright (429 too many streams, 401 a token gone stale while
+  // offline) closes for good: open a new one later, with backoff and a fresh token.
+  events.addEventListener("error", () => {
+    if (events.readyState !== EventSource.CLOSED || state.events !== events) return;
+    const wait = Math.min(60_000, 5_000 * 2 ** (state.streamRetries || 0)) * (0.5 + Math.random());
+    state.streamRetries = (state.streamRetries || 0) + 1;
+    setTimeout(async () => {
+      if (state.events !== events) return; // signed out, or another stream took over
+      const token = await freshToken().catch(() => null);
+      if (!token) return;
+      connectNotifications(lastEventId);
+    }, wait);
+  });
+  events.addEventListener("open", () => { state.streamRetries = 0; });
   const handle = (event) => {
     try { onNotification(JSON.parse(event.data), true); } catch { /* keep-alive or junk */ }
   };
