@@ -65,24 +65,27 @@ class _BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._in_head and not self._head_fits(data):
-            log.info(
-                "request head refused: over %d bytes or %d header lines",
-                self.max_head_bytes,
-                self.max_headers,
-            )
-            self.transport.write(
-                _error_response(
-                    431,
-                    "headers_too_large",
-                    f"request line and headers must fit in {self.max_head_bytes} bytes and "
-                    f"{self.max_headers} header fields",
-                    retry_after=None,
-                )
-            )
-            self.transport.close()
-            self._in_head = False
+            self._refuse_head()
             return
         super().data_received(data)
+
+    def _refuse_head(self) -> None:
+        log.info(
+            "request head refused: over %d bytes or %d header lines",
+            self.max_head_bytes,
+            self.max_headers,
+        )
+        self.transport.write(
+            _error_response(
+                431,
+                "headers_too_large",
+                f"request line and headers must fit in {self.max_head_bytes} bytes and "
+                f"{self.max_headers} header fields",
+                retry_after=None,
+            )
+        )
+        self.transport.close()
+        self._in_head = False
 
     def _head_fits(self, data: bytes) -> bool:
         """Counts this chunk's part of the head (up to the blank line that ends it)."""
@@ -95,6 +98,37 @@ class _BoundedHttpToolsProtocol(HttpToolsProtocol):
         # the request line and the final blank line are lines too
         return self._head_bytes <= self.max_head_bytes and self._head_lines <= self.max_headers + 2
 
+    # The same limits counted once more by the parser's callbacks, per request: a request
+    # pipelined behind another in one read is not in the chunk count above.
+    _parsed_bytes = 0
+    _parsed_headers = 0
+    _refusing = False
+
+    def on_message_begin(self) -> None:
+        self._parsed_bytes, self._parsed_headers = 0, 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url), 0)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4, 1)
+        super().on_header(name, value)
+
+    def _count(self, size: int, headers: int) -> None:
+        self._parsed_bytes += size
+        self._parsed_headers += headers
+        if self._parsed_bytes > self.max_head_bytes or self._parsed_headers > self.max_headers:
+            self._refusing = True
+            raise _HeadTooLarge  # the parser stops; uvicorn answers via send_400_response
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._refusing:
+            super().send_400_response(msg)
+            return
+        self._refuse_head()
+
     def on_headers_complete(self) -> None:
         self._in_head = False
         super().on_headers_complete()
@@ -102,6 +136,10 @@ class _BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes, self._head_lines, self._tail = True, 0, 0, b""
         super().on_message_complete()
+
+
+class _HeadTooLarge(Exception):
+    pass
 
 
 def bounded_protocol(

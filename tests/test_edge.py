@@ -75,6 +75,19 @@ def test_f4_a_head_over_the_limit_gets_a_json_431(spawn: Callable[..., ServicePr
     assert status == 431
 
 
+def test_f4_a_big_head_pipelined_behind_a_request_is_refused_too(
+    spawn: Callable[..., ServiceProcess],
+) -> None:
+    proc = spawn("policy")
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    second = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
+    answer = _raw(proc.port, first + second)
+    statuses = [
+        int(line.split(b" ")[1]) for line in answer.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")
+    ]
+    assert statuses[-1] == 431, answer[:300]
+
+
 def test_f4_ordinary_requests_and_keep_alive_still_work(
     spawn: Callable[..., ServiceProcess],
 ) -> None:
