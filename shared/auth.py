@@ -111,6 +111,9 @@ class MediaGrant:
     call_id: str
     user_id: str
     node_id: str
+    moved: bool = False
+    """The call's media was moved here (its node drained or was lost): a room it opens
+    waits for the other party as long as the rejoin grace, not a new call's timeout."""
 
 
 def issue_media_token(settings: CommonSettings, grant: MediaGrant, *, ttl_s: int = 120) -> str:
@@ -119,6 +122,7 @@ def issue_media_token(settings: CommonSettings, grant: MediaGrant, *, ttl_s: int
         "sub": grant.user_id,
         "call_id": grant.call_id,
         "node_id": grant.node_id,
+        **({"moved": True} if grant.moved else {}),
         "aud": MEDIA_TOKEN_AUDIENCE,
         "iat": now,
         "exp": now + ttl_s,
@@ -141,7 +145,10 @@ def verify_media_token(settings: CommonSettings, token: str) -> MediaGrant:
     except jwt.PyJWTError as exc:
         raise AuthError(f"invalid media token: {exc}") from exc
     return MediaGrant(
-        call_id=str(claims["call_id"]), user_id=str(claims["sub"]), node_id=str(claims["node_id"])
+        call_id=str(claims["call_id"]),
+        user_id=str(claims["sub"]),
+        node_id=str(claims["node_id"]),
+        moved=claims.get("moved") is True,
     )
 
 

@@ -514,3 +514,32 @@ async def test_a_rejoin_that_never_connects_leaves_the_old_session_forwarding(
         assert peer_events(tap, call_id) == []
     finally:
         await asyncio.gather(alice.close(), bob.close(), ghost.close())
+
+
+async def test_a_room_for_a_moved_call_waits_the_rejoin_grace_for_the_other_party(
+    spawn: Callable[..., ServiceProcess],
+    media_settings: MediaSettings,
+    http: httpx.AsyncClient,
+    tap: EventTap,
+    audios: tuple[EncodedMedia, EncodedMedia],
+) -> None:
+    """A new call's room fails after MEDIA_TIMEOUT_S without both parties' media; one
+    opened by a moved call's grant waits the rejoin grace (the other party may still be
+    leaving the drained node, or be offline for a moment)."""
+    media = spawn("media", MEDIA_NODE_ID=NODE, MEDIA_TIMEOUT_S="2", MEDIA_REJOIN_GRACE_S="30")
+    new_call, moved_call = uuid.uuid4().hex, uuid.uuid4().hex
+    fresh, moved = MediaClient(None, audios[0]), MediaClient(None, audios[0])
+    try:
+        for client, call_id, grant in (
+            (fresh, new_call, MediaGrant(new_call, "alice", NODE)),
+            (moved, moved_call, MediaGrant(moved_call, "carol", NODE, moved=True)),
+        ):
+            token = issue_media_token(media_settings, grant)
+            response = await client.connect(sessions_url(media, call_id), token, http)
+            assert response.status_code == 201, response.text
+        failed = await eventually(lambda: tap.of(EventType.CALL_MEDIA_FAILED, new_call), timeout=30)
+        assert failed[0]["reason"] == "media_timeout"
+        await asyncio.sleep(3.0)  # well past MEDIA_TIMEOUT_S for the moved call's room too
+        assert tap.of(EventType.CALL_MEDIA_FAILED, moved_call) == []
+    finally:
+        await asyncio.gather(fresh.close(), moved.close())

@@ -256,6 +256,9 @@ class Room:
         """What becomes of a session replaced by a promoted one (Rooms closes it)."""
         self.state = RoomState.WAITING
         self.created_at = time.monotonic()
+        self.waiting_timeout_s = settings.timeout_s
+        """How long the room waits for both parties' media (MEDIA_TIMEOUT_S; the rejoin
+        grace for a call moved here)."""
         self.lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ state

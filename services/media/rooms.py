@@ -176,6 +176,8 @@ class Rooms:
         room = self.rooms.get(call_id)
         if room is None:
             room = Room(call_id, self.settings, self.delays)
+            if grant.moved:  # the other party comes from the old node, within the grace
+                room.waiting_timeout_s = max(self.settings.timeout_s, self.settings.rejoin_grace_s)
             room.retire = self._retire
             self.rooms[call_id] = room
             self.load_changed.set()
@@ -361,7 +363,7 @@ class Rooms:
             elif room.state is RoomState.WAITING and room.media_flowing():
                 room.set_state(RoomState.CONNECTED)
                 self._emit(CallMediaConnected(call_id=room.call_id, node_id=self.settings.node_id))
-            elif room.stalled(now, self.settings.timeout_s, ice_timeout_s):
+            elif room.stalled(now, room.waiting_timeout_s, ice_timeout_s):
                 self.media_failed(room, MediaFailure.MEDIA_TIMEOUT)
             else:
                 self._judge_links(room, now)

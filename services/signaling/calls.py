@@ -235,7 +235,13 @@ class CallService:
     def _mint(self, call: Call, user: str, node_id: str, url: str) -> MediaOffer:
         token = issue_media_token(
             self.settings,
-            MediaGrant(call_id=call.call_id, user_id=user, node_id=node_id),
+            # while a moved call's rejoin deadline runs, its new room waits that long
+            MediaGrant(
+                call_id=call.call_id,
+                user_id=user,
+                node_id=node_id,
+                moved=call.rejoin_deadline is not None,
+            ),
             ttl_s=self.settings.media_token_ttl_s,
         )
         return MediaOffer(call.call_id, call.state, url, token, node_id, self.ice.for_user(user))
