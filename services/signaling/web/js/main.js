@@ -519,8 +519,16 @@ function connectSocket() {
   state.socket = socket;
   socket.on("open", () => {
     $("conn").classList.add("up");
-    // Signaling may have missed a change while we were away: say again how we are.
-    if (state.session) state.session.sendMediaState();
+    // Signaling may have missed a change while we were away: say again how we are, and
+    // ask where the call's media is now (a call.media sent while we were away is lost;
+    // onMedia does nothing when it is still where we are).
+    if (state.session) {
+      const session = state.session;
+      session.sendMediaState();
+      state.api.media(session.callId)
+        .then((grant) => { if (state.session === session) session.onMedia({ ...grant, reason: "resync" }); })
+        .catch(() => {});
+    }
     // The server sends call.incoming for what rings now; drop what stopped while we were away.
     state.api.ringState().then(({ calls }) => {
       const live = new Set((calls || []).map((c) => c.call_id));
