@@ -192,6 +192,20 @@ async def test_a_draining_nodes_calls_move_once_with_two_instances_and_both_raci
     assert w.tap.of(EventType.CALL_ENDED, call_id) == []
 
 
+async def test_a_late_media_node_draining_for_a_node_back_under_its_id_moves_nothing(
+    world: Callable[..., Any],
+) -> None:
+    w: World = await world()
+    await w.registry.heartbeat(NODE_A, ttl_s=600)
+    call_id, alice, bob = await w.call("alice", "bob")
+    await w.registry.heartbeat(NODE_B, ttl_s=600)
+    # node A drained and came back (a new process, the same id): the old event arrives late
+    await w.publish(MediaNodeDraining(node_id=NODE_A.node_id, call_ids=[call_id]))
+    await asyncio.sleep(2.0)
+    assert media_pushes(alice, call_id) == [] and media_pushes(bob, call_id) == []
+    assert (await w.get(call_id, "alice"))["state"] == "active"
+
+
 async def test_a_node_that_stops_heartbeating_has_its_calls_moved_node_lost(
     world: Callable[..., Any], settings: CommonSettings
 ) -> None:

@@ -563,7 +563,14 @@ class CallService:
         await self.hub.deliver([self._in_call_push(call, call.other(event.user), message)])
 
     async def node_draining(self, event: MediaNodeDraining) -> None:
-        """Move every call of a draining node (those it named and those indexed on it)."""
+        """Move every call of a draining node (those it named and those indexed on it).
+        A late or redelivered event about a node that is live and not draining (it came
+        back under the same id) moves nothing: the registry has the last word."""
+        live = {node.node_id: node for node in await self.registry.live_nodes()}
+        node = live.get(event.node_id)
+        if node is not None and not node.draining:
+            log.info("media_node_draining of %s ignored: it is live, not draining", event.node_id)
+            return
         call_ids = set(event.call_ids) | set(await self.store.node_calls(event.node_id))
         await self._move_all(sorted(call_ids), event.node_id, MediaMoveReason.NODE_DRAINING)
 
