@@ -529,11 +529,18 @@ function connectSocket() {
         .then((grant) => { if (state.session === session) session.onMedia({ ...grant, reason: "resync" }); })
         .catch(() => {});
     }
-    // The server sends call.incoming for what rings now; drop what stopped while we were away.
-    state.api.ringState().then(({ calls }) => {
+    // The server sends call.incoming for what rings now; drop what stopped while we were
+    // away, and (once more a moment later) show what rings and did not reach this socket:
+    // a ring fanned out while the socket was still being attached.
+    const resync = () => state.api.ringState().then(({ calls }) => {
       const live = new Set((calls || []).map((c) => c.call_id));
       for (const id of [...state.ringing.keys()]) if (!live.has(id)) stopRinging(id);
+      for (const call of calls || []) {
+        if (call.direction === "incoming" && !state.ringing.has(call.call_id)) onIncoming(call);
+      }
     }).catch(() => {});
+    resync();
+    setTimeout(resync, 1500);
   });
   socket.on("close", ({ code }) => {
     $("conn").classList.remove("up");
