@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import aio_pika
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -28,7 +27,14 @@ from shared.contracts import (
 from shared.media_registry import MediaNode, MediaRegistry
 from shared.settings import CommonSettings
 from tests.conftest import Infra, auth
-from tests.support.signaling import Device, EventTap, allow_call, event_tap, place_and_accept
+from tests.support.signaling import (
+    Device,
+    EventTap,
+    allow_call,
+    event_tap,
+    place_and_accept,
+    publish_event,
+)
 from tests.support.waiting import eventually
 from tools.procs import ServiceProcess
 
@@ -87,16 +93,7 @@ class World:
         return dict(response.json())
 
     async def publish(self, event: Event) -> None:
-        connection = await aio_pika.connect_robust(self.rabbitmq_url)
-        async with connection:
-            channel = await connection.channel()
-            exchange = await channel.declare_exchange(
-                f"{self.namespace}.calls", aio_pika.ExchangeType.TOPIC, durable=True
-            )
-            await exchange.publish(
-                aio_pika.Message(event.to_json(), message_id=str(event.event_id)),
-                routing_key=event.type.value,
-            )
+        await publish_event(self.rabbitmq_url, self.namespace, event)
 
 
 @pytest.fixture

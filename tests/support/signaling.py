@@ -15,7 +15,7 @@ import httpx
 import websockets
 from aio_pika.abc import AbstractIncomingMessage
 
-from shared.contracts import EventType, Exchange
+from shared.contracts import Event, EventType, Exchange
 
 
 @dataclass
@@ -137,6 +137,20 @@ async def event_tap(
         yield tap
     finally:
         await connection.close()
+
+
+async def publish_event(rabbitmq_url: str, namespace: str, event: Event) -> None:
+    """``event`` on the namespace's ``calls`` exchange, as a service's bus publishes it."""
+    connection = await aio_pika.connect_robust(rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            f"{namespace}.{Exchange.CALLS.value}", aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        await exchange.publish(
+            aio_pika.Message(event.to_json(), message_id=str(event.event_id)),
+            routing_key=event.type.value,
+        )
 
 
 async def allow_call(
