@@ -263,9 +263,7 @@ async def test_post_media_never_hands_out_a_gone_or_draining_node(
 async def test_a_moved_call_nobody_rejoins_ends_media_timeout_and_both_are_callable_again(
     world: Callable[..., Any],
 ) -> None:
-    w: World = await world(
-        instances=2, MEDIA_REJOIN_GRACE_S="1", MEDIA_REGISTRY_TTL_S="1", RING_TIMEOUT_S="30"
-    )
+    w: World = await world(instances=2, MEDIA_REJOIN_GRACE_S="1", RING_TIMEOUT_S="30")
     await w.registry.heartbeat(NODE_A, ttl_s=600)
     lost, alice, bob = await w.call("alice", "bob")
     rejoined, carol, dave = await w.call("carol", "dave")
