@@ -17,9 +17,16 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from shared.ids import CallId, UserId
+from shared.ids import CallId, GroupId, UserId
 
 # --------------------------------------------------------------------------- enums
 
@@ -138,6 +145,8 @@ class EventType(StrEnum):
     CALL_REPORTED = "call_reported"
     CALL_MEDIA_PEER = "call_media_peer"
     MEDIA_NODE_DRAINING = "media_node_draining"
+    CALL_PARTICIPANT_JOINED = "call_participant_joined"
+    CALL_PARTICIPANT_LEFT = "call_participant_left"
 
     USER_UPDATED = "user.updated"
     FOLLOW_CREATED = "follow.created"
@@ -147,6 +156,9 @@ class EventType(StrEnum):
     BLOCK_CREATED = "block.created"
     BLOCK_DELETED = "block.deleted"
     DM_SENT = "dm.sent"
+    GROUP_MEMBER_ADDED = "group.member_added"
+    GROUP_MEMBER_REMOVED = "group.member_removed"
+    GROUP_MESSAGE_SENT = "group.message_sent"
 
 
 class Exchange(StrEnum):
@@ -185,55 +197,101 @@ class Event(BaseModel):
 
 
 class CallEvent(Event):
+    """An event about one party of a call: the callee of a 1:1 call, or in a group call
+    (``group`` set) one invitee, each invitee's own event."""
+
     call_id: CallId
     caller: UserId
     callee: UserId
+    group: GroupId | None = None
 
 
-class CallRequested(CallEvent):
+class GroupCallEvent(Event):
+    """A call event that names either the callee (a 1:1 call) or the group (a group call).
+
+    ``callee`` is required for a 1:1 call, as it always was; a group call has ``group``
+    and no callee (its invitees are listed where the event needs them)."""
+
+    call_id: CallId
+    caller: UserId
+    callee: UserId | None = None
+    group: GroupId | None = None
+
+    @model_validator(mode="after")
+    def _callee_or_group(self) -> GroupCallEvent:
+        if (self.callee is None) == (self.group is None):
+            raise ValueError("a call event names exactly one of callee (1:1) or group")
+        return self
+
+
+class CallRequested(GroupCallEvent):
+    """A call was placed. A group call lists its ``invitees``: every member of the group
+    but the starter (``caller``), when it was placed; policy decides whom to ring."""
+
     type: Literal[EventType.CALL_REQUESTED] = EventType.CALL_REQUESTED
+    version: int = 2
     media: MediaKind
+    invitees: list[UserId] = Field(default_factory=list, max_length=256)
 
 
-class CallAuthorized(CallEvent):
+class CallAuthorized(GroupCallEvent):
+    """Policy allowed the call. For a group call, ``ring`` is the invitees to ring (the
+    starter is never told why the others are not: that is in policy's logs and traces)."""
+
     type: Literal[EventType.CALL_AUTHORIZED] = EventType.CALL_AUTHORIZED
+    version: int = 2
     media: MediaKind
+    ring: list[UserId] = Field(default_factory=list, max_length=256)
 
 
-class CallRejected(CallEvent):
+class CallRejected(GroupCallEvent):
     type: Literal[EventType.CALL_REJECTED] = EventType.CALL_REJECTED
+    version: int = 2
     reason: RejectReason
     detail: DenialDetail | None = None
     """Internal: the real reason, for support. Signaling never forwards it to the caller."""
 
 
 class CallRinging(CallEvent):
+    """The call rings ``callee``'s devices; in a group call, one event per rung invitee
+    (``callee`` is that invitee, ``group`` the conversation)."""
+
     type: Literal[EventType.CALL_RINGING] = EventType.CALL_RINGING
+    version: int = 2
     media: MediaKind
     ring_deadline: datetime
 
 
 class CallAccepted(CallEvent):
     type: Literal[EventType.CALL_ACCEPTED] = EventType.CALL_ACCEPTED
+    version: int = 2
     device_id: str
 
 
 class CallDeclined(CallEvent):
     type: Literal[EventType.CALL_DECLINED] = EventType.CALL_DECLINED
+    version: int = 2
 
 
 class CallCancelled(CallEvent):
     type: Literal[EventType.CALL_CANCELLED] = EventType.CALL_CANCELLED
+    version: int = 2
 
 
 class CallMissed(CallEvent):
+    """``callee`` never answered; in a group call, one event per invitee who never joined."""
+
     type: Literal[EventType.CALL_MISSED] = EventType.CALL_MISSED
+    version: int = 2
     media: MediaKind
 
 
-class CallEnded(CallEvent):
+class CallEnded(GroupCallEvent):
+    """The call is over. A group call's ends with its last participant (``group`` set,
+    no callee); ``duration_s`` is the call's, from the first answer."""
+
     type: Literal[EventType.CALL_ENDED] = EventType.CALL_ENDED
-    version: int = 2
+    version: int = 3
     reason: EndReason
     duration_s: float = Field(ge=0)
     media: MediaKind | None = None
@@ -272,6 +330,22 @@ class MediaNodeDraining(Event):
     type: Literal[EventType.MEDIA_NODE_DRAINING] = EventType.MEDIA_NODE_DRAINING
     node_id: str
     call_ids: list[CallId]
+
+
+class CallParticipantEvent(Event):
+    """A participant joined or left a call (group calls; media drops a leaver's session)."""
+
+    call_id: CallId
+    user: UserId
+    group: GroupId | None = None
+
+
+class CallParticipantJoined(CallParticipantEvent):
+    type: Literal[EventType.CALL_PARTICIPANT_JOINED] = EventType.CALL_PARTICIPANT_JOINED
+
+
+class CallParticipantLeft(CallParticipantEvent):
+    type: Literal[EventType.CALL_PARTICIPANT_LEFT] = EventType.CALL_PARTICIPANT_LEFT
 
 
 class CallReported(Event):
@@ -333,6 +407,30 @@ class DmSent(PlatformEvent):
     recipient: UserId
 
 
+class GroupMemberEvent(PlatformEvent):
+    """``user_id`` joined (``group.member_added``) or left (``group.member_removed``) the
+    group DM conversation ``group_id``."""
+
+    group_id: GroupId
+    user_id: UserId
+
+
+class GroupMemberAdded(GroupMemberEvent):
+    type: Literal[EventType.GROUP_MEMBER_ADDED] = EventType.GROUP_MEMBER_ADDED
+
+
+class GroupMemberRemoved(GroupMemberEvent):
+    type: Literal[EventType.GROUP_MEMBER_REMOVED] = EventType.GROUP_MEMBER_REMOVED
+
+
+class GroupMessageSent(PlatformEvent):
+    """``sender`` posted in the group ``group_id`` (the group's analogue of a DM)."""
+
+    type: Literal[EventType.GROUP_MESSAGE_SENT] = EventType.GROUP_MESSAGE_SENT
+    group_id: GroupId
+    sender: UserId
+
+
 # --------------------------------------------------------------------------- registry
 
 EVENT_MODELS: dict[EventType, type[Event]] = {
@@ -351,6 +449,8 @@ EVENT_MODELS: dict[EventType, type[Event]] = {
         CallMediaFailed,
         CallMediaPeer,
         MediaNodeDraining,
+        CallParticipantJoined,
+        CallParticipantLeft,
         CallReported,
         UserUpdated,
         FollowCreated,
@@ -360,6 +460,9 @@ EVENT_MODELS: dict[EventType, type[Event]] = {
         BlockCreated,
         BlockDeleted,
         DmSent,
+        GroupMemberAdded,
+        GroupMemberRemoved,
+        GroupMessageSent,
     )
 }
 
@@ -381,9 +484,23 @@ def _call_ended_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _one_to_one(payload: dict[str, Any]) -> dict[str, Any]:
+    """Before group calls (v1; ``call_ended`` v2) every call was 1:1: no ``group``."""
+    return {**payload, "group": None}
+
+
 UPCASTERS: dict[tuple[EventType, int], Upcaster] = {
     # (type, from_version) -> payload of from_version + 1
     (EventType.CALL_ENDED, 1): _call_ended_v1_to_v2,
+    (EventType.CALL_ENDED, 2): _one_to_one,
+    (EventType.CALL_REQUESTED, 1): _one_to_one,
+    (EventType.CALL_AUTHORIZED, 1): _one_to_one,
+    (EventType.CALL_REJECTED, 1): _one_to_one,
+    (EventType.CALL_RINGING, 1): _one_to_one,
+    (EventType.CALL_MISSED, 1): _one_to_one,
+    (EventType.CALL_ACCEPTED, 1): _one_to_one,
+    (EventType.CALL_DECLINED, 1): _one_to_one,
+    (EventType.CALL_CANCELLED, 1): _one_to_one,
 }
 """The one place old versions become new ones. Add an entry when a version is bumped."""
 

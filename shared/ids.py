@@ -16,6 +16,9 @@ _USER_ID_RE = re.compile(USER_ID_PATTERN)
 UserId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN)]
 """A user id as CONTRACT.md fixes it: 1 to 64 of ``A-Z a-z 0-9 _ -``."""
 
+GroupId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN)]
+"""A group DM conversation's id: the same pattern as a user id (CONTRACT.md)."""
+
 CallId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 """A call id: opaque to clients; signaling makes them sortable by time (see new_call_id)."""
 

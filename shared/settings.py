@@ -111,6 +111,11 @@ class CommonSettings(BaseSettings):
         description="Delete queues after this long unused (tests; unset in production).",
     )
 
+    group_call_max_participants: int = Field(
+        16, ge=2, le=64, validation_alias=_env("GROUP_CALL_MAX_PARTICIPANTS")
+    )
+    """The most participants a group call holds (joined at once); signaling refuses a
+    join past it, policy rings at most this many minus the starter, media admits this many."""
     cors_allow_origins: list[str] = Field(
         default_factory=lambda: ["*"],
         validation_alias=_env("CORS_ALLOW_ORIGINS"),

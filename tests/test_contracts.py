@@ -76,7 +76,12 @@ SAMPLES: dict[c.EventType, dict[str, Any]] = {
         "reported_user": "alice",
         "reason": "spam",
     },
+    c.EventType.CALL_PARTICIPANT_JOINED: {"call_id": "c1", "user": "erin", "group": "g1"},
+    c.EventType.CALL_PARTICIPANT_LEFT: {"call_id": "c1", "user": "erin"},
     c.EventType.USER_UPDATED: {"user_id": "alice", "premium": True, "verified": False},
+    c.EventType.GROUP_MEMBER_ADDED: {"group_id": "g1", "user_id": "erin"},
+    c.EventType.GROUP_MEMBER_REMOVED: {"group_id": "g1", "user_id": "erin"},
+    c.EventType.GROUP_MESSAGE_SENT: {"group_id": "g1", "sender": "erin"},
     c.EventType.FOLLOW_CREATED: {"user_id": "bob", "other_id": "alice"},
     c.EventType.FOLLOW_DELETED: {"user_id": "bob", "other_id": "alice"},
     c.EventType.CONTACT_ADDED: {"user_id": "bob", "other_id": "alice"},
@@ -155,8 +160,54 @@ def test_an_old_call_ended_is_upcast() -> None:
     payload["duration_ms"] = 61_250
     event = c.parse_event(payload)
     assert isinstance(event, c.CallEnded)
-    assert event.version == 2
+    assert event.version == c.current_version(c.EventType.CALL_ENDED)
+    assert event.group is None and event.callee == "bob"
     assert event.duration_s == pytest.approx(61.25)
+
+
+@pytest.mark.parametrize(
+    "event_type",
+    [
+        c.EventType.CALL_REQUESTED,
+        c.EventType.CALL_AUTHORIZED,
+        c.EventType.CALL_REJECTED,
+        c.EventType.CALL_RINGING,
+        c.EventType.CALL_MISSED,
+        c.EventType.CALL_ACCEPTED,
+        c.EventType.CALL_DECLINED,
+        c.EventType.CALL_CANCELLED,
+        c.EventType.CALL_ENDED,
+    ],
+)
+def test_a_v1_call_event_is_upcast_to_a_one_to_one_call(event_type: c.EventType) -> None:
+    payload = _payload(event_type, version=1)
+    if event_type is c.EventType.CALL_ENDED:
+        payload["version"] = 2
+    event = c.parse_event(payload)
+    assert event.version == c.current_version(event_type) > 1
+    assert event.model_dump()["group"] is None and event.model_dump()["callee"] == "bob"
+
+
+def test_a_group_call_names_its_group_and_no_callee() -> None:
+    payload = _payload(c.EventType.CALL_REQUESTED, group="g1", invitees=["bob", "erin"])
+    del payload["callee"]
+    event = c.parse_event(payload)
+    assert isinstance(event, c.CallRequested)
+    assert (event.group, event.callee, event.invitees) == ("g1", None, ["bob", "erin"])
+    ended = _payload(c.EventType.CALL_ENDED, group="g1")
+    del ended["callee"]
+    assert c.parse_event(ended).group == "g1"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("event_type", [c.EventType.CALL_REQUESTED, c.EventType.CALL_ENDED])
+def test_a_call_event_names_exactly_one_of_callee_and_group(event_type: c.EventType) -> None:
+    both = _payload(event_type, group="g1")
+    with pytest.raises(c.EventDecodeError, match="exactly one of callee"):
+        c.parse_event(both)
+    neither = _payload(event_type)
+    del neither["callee"]
+    with pytest.raises(c.EventDecodeError, match="exactly one of callee"):
+        c.parse_event(neither)
 
 
 @pytest.mark.parametrize(

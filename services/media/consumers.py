@@ -14,14 +14,23 @@ from typing import Any
 from services.media.room import CloseReason
 from services.media.rooms import Rooms
 from shared.bus import Bus, Delivery, Scope
-from shared.contracts import CallCancelled, CallDeclined, CallEnded, CallEvent, CallMissed
+from shared.contracts import (
+    CallCancelled,
+    CallDeclined,
+    CallEnded,
+    CallEvent,
+    CallMissed,
+    GroupCallEvent,
+)
 
 CONSUMER = "rooms"
 
 
 def register(bus: Bus, rooms: Rooms) -> None:
     async def call_over(event: Any, delivery: Delivery) -> None:
-        assert isinstance(event, CallEvent)
+        assert isinstance(event, CallEvent | GroupCallEvent)
+        if event.group is not None and not isinstance(event, CallEnded):
+            return  # one invitee's outcome: a group call's room lasts until call_ended
         await rooms.close_room(event.call_id, CloseReason.CALL_ENDED)
 
     bus.subscribe(

@@ -133,6 +133,8 @@ def notices_for(event: Event, *, known_media: str | None = None) -> list[Notice]
             _missed(event, event.caller, event.callee, event.call_id, event.media.value),
         ]
     if isinstance(event, CallEnded):
+        if event.callee is None:
+            return []  # a group call: each invitee's own events stopped its ringing
         notices = [_ring_stopped(event, event.callee, event.call_id, RingStopReason.ENDED)]
         if event.reason in MISSED_END_REASONS:
             notices.append(_missed(event, event.caller, event.callee, event.call_id, known_media))

@@ -163,6 +163,11 @@ class PolicyConsumers:
     # ---------------------------------------------------------------- verdicts
 
     async def on_call_requested(self, event: CallRequested, delivery: Delivery) -> None:
+        if event.callee is None:
+            log.warning(
+                "group call %s: not decided yet (group calls are being built)", event.call_id
+            )
+            return
         facts = await self.store.facts(event.caller, event.callee)
         verdict = decide(facts, require_premium=self.settings.require_premium)
         stored = await self.store.claim_verdict(

@@ -369,7 +369,7 @@ class PolicyStore:
             return CallParties(caller, callee)
         if verdict is not None:
             event = parse_event(verdict)
-            if isinstance(event, CallAuthorized):
+            if isinstance(event, CallAuthorized) and event.callee is not None:
                 return CallParties(event.caller, event.callee)
         return None
 
