@@ -114,17 +114,26 @@ class MediaGrant:
     moved: bool = False
     """The call's media was moved here (its node drained or was lost): a room it opens
     waits for the other party as long as the rejoin grace, not a new call's timeout."""
+    group: str | None = None
+    """A group call's grant names the group (its room admits up to
+    GROUP_CALL_MAX_PARTICIPANTS users); None: a 1:1 call's (two users)."""
+    issued_at: float | None = None
+    """The token's ``iat`` (Unix seconds, to the millisecond), set by
+    :func:`verify_media_token`: a node refuses a participant's grant issued before that
+    participant left the call (``call_participant_left``)."""
 
 
 def issue_media_token(settings: CommonSettings, grant: MediaGrant, *, ttl_s: int = 120) -> str:
-    now = int(time.time())
+    issued = time.time()
+    now = int(issued)
     claims = {
         "sub": grant.user_id,
         "call_id": grant.call_id,
         "node_id": grant.node_id,
         **({"moved": True} if grant.moved else {}),
+        **({"group": grant.group} if grant.group is not None else {}),
         "aud": MEDIA_TOKEN_AUDIENCE,
-        "iat": now,
+        "iat": round(issued, 3),  # a NumericDate may be fractional (RFC 7519 section 2)
         "exp": now + ttl_s,
     }
     return jwt.encode(claims, settings.media_token_secret, algorithm="HS256")
@@ -149,6 +158,8 @@ def verify_media_token(settings: CommonSettings, token: str) -> MediaGrant:
         user_id=str(claims["sub"]),
         node_id=str(claims["node_id"]),
         moved=claims.get("moved") is True,
+        group=str(claims["group"]) if isinstance(claims.get("group"), str) else None,
+        issued_at=float(claims["iat"]) if isinstance(claims.get("iat"), int | float) else None,
     )
 
 

@@ -29,6 +29,8 @@ What is relied upon:
   to timestamp a packet's arrival (the forwarding delay starts there).
 - ``RTCRtpTransceiver._codecs``: the negotiated codecs, set after the remote
   description to force a subscriber onto the publisher's codec.
+  ``RTCRtpTransceiver._offerDirection``: the direction an offer's media section asks of
+  the answerer (``sendonly`` for the client's ``recvonly``): a group call's slots.
 - ``aiortc.rtp``: ``RtpPacket``, ``unwrap_rtx``, ``pack_remb_fci``/``unpack_remb_fci``,
   ``RTP_HISTORY_SIZE``, ``HeaderExtensionsMap``.
 - ``RTCRtpReceiver.__jitter_buffer``: replaced by a stand-in that assembles no frames
@@ -122,7 +124,7 @@ _SENDER_ATTRS: dict[str, type] = {
     "_RTCRtpSender__octet_count": int,
     "_RTCRtpSender__packet_count": int,
 }
-_TRANSCEIVER_ATTRS: dict[str, type] = {"_codecs": list}
+_TRANSCEIVER_ATTRS: dict[str, type] = {"_codecs": list, "_offerDirection": str}
 
 
 async def check_internals() -> None:
@@ -341,6 +343,13 @@ def tap_arrival(transport: RTCDtlsTransport, stamp: Callable[[], None]) -> None:
 def negotiated_codecs(transceiver: RTCRtpTransceiver) -> list[RTCRtpCodecParameters]:
     codecs: list[RTCRtpCodecParameters] = transceiver._codecs
     return codecs
+
+
+def offered_direction(transceiver: RTCRtpTransceiver) -> str | None:
+    """After the remote offer: the direction it asks of this (answering) side, as aiortc
+    keeps it (the offer's direction reversed: ``sendonly`` for a ``recvonly`` section)."""
+    direction: str | None = transceiver._offerDirection
+    return direction
 
 
 def force_codecs(transceiver: RTCRtpTransceiver, codecs: list[RTCRtpCodecParameters]) -> None:

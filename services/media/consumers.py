@@ -1,4 +1,5 @@
-"""Event handlers of the media service: a call that ends closes its room.
+"""Event handlers of the media service: a call that ends closes its room; a group call's
+participant that leaves has its session closed and its older grants refused.
 
 Every media instance receives these (``Scope.INSTANCE``): a room lives in one process,
 and only that one has it. Closing is idempotent, so a redelivery does nothing twice. A
@@ -20,6 +21,7 @@ from shared.contracts import (
     CallEnded,
     CallEvent,
     CallMissed,
+    CallParticipantLeft,
     GroupCallEvent,
 )
 
@@ -33,6 +35,12 @@ def register(bus: Bus, rooms: Rooms) -> None:
             return  # one invitee's outcome: a group call's room lasts until call_ended
         await rooms.close_room(event.call_id, CloseReason.CALL_ENDED)
 
+    async def participant_left(event: Any, delivery: Delivery) -> None:
+        # Idempotent and order-safe: judged by the grant's iat against the leave's time,
+        # not by when the event arrived (a session from a later grant stays).
+        assert isinstance(event, CallParticipantLeft)
+        await rooms.participant_left(event.call_id, event.user, event.occurred_at.timestamp())
+
     bus.subscribe(
         CONSUMER,
         {
@@ -40,6 +48,7 @@ def register(bus: Bus, rooms: Rooms) -> None:
             CallDeclined: call_over,
             CallCancelled: call_over,
             CallMissed: call_over,
+            CallParticipantLeft: participant_left,
         },
         scope=Scope.INSTANCE,
     )

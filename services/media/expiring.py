@@ -39,3 +39,32 @@ class ExpiringSet:
             if deadline > now:
                 return
             del deadlines[key]
+
+
+class ExpiringMap:
+    """Like :class:`ExpiringSet`, with a value per key (the latest put wins)."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._entries: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, key: str, value: float, now: float) -> None:
+        self.sweep(now)
+        self._entries[key] = (now + self.window_s, value)
+        self._entries.move_to_end(key)
+
+    def get(self, key: str, now: float) -> float | None:
+        self.sweep(now)
+        entry = self._entries.get(key)
+        return None if entry is None else entry[1]
+
+    def sweep(self, now: float) -> None:
+        entries = self._entries
+        while entries:
+            key, (deadline, _) = next(iter(entries.items()))
+            if deadline > now:
+                return
+            del entries[key]

@@ -1,15 +1,21 @@
-"""Rooms: one per call, two parties, each with one session (a peer connection).
+"""Rooms: one per call, its participants (two in a 1:1 call, up to
+GROUP_CALL_MAX_PARTICIPANTS in a group call), each with one session (a peer connection).
 
-A party's offer brings an audio and/or a video transceiver. What a party publishes is a
-:class:`Publication` (the SFU's receiver, tapped: its packets are forwarded before aiortc
-handles them, and never decoded); what it receives comes from a :class:`Forwarder` per
-kind feeding the SFU's sender toward it. When the other party arrives, or comes back on a
-new session, :meth:`Room.wire` points each forwarder at the other party's publication.
+A participant's offer brings its own pair (the first audio and the first video
+transceiver) and, in a group call, further recvonly audio+video pairs: *slots*. What a
+participant publishes on its own pair is a :class:`Publication` (the SFU's receiver,
+tapped: its packets are forwarded before aiortc handles them, and never decoded); what it
+receives comes through its :class:`Slot` s (slot 0 is the own pair), one
+:class:`Forwarder` per kind each, feeding the SFU's sender toward it. :meth:`Room.wire`
+places every other participant in one of a subscriber's slots (keyed by user: a
+publisher keeps its slot across its rejoins) and points each forwarder at the placed
+participant's publication. Who is in which slot, and the active speaker, go to the
+client on its ``room`` data channel (docs/media.md).
 
-A party that rejoins (a new session while its old one is in the room) does so
-make-before-break: the new session is *pending*, fed the other party's media at once,
-while the old one keeps forwarding; the new session's first packet promotes it (the old
-one is retired and closed). Each party's link is ``connected`` or ``reconnecting`` (its
+A participant that rejoins (a new session while its old one is in the room) does so
+make-before-break: the new session is *pending*, fed the others' media at once, while the
+old one keeps forwarding; the new session's first packet promotes it (the old one is
+retired and closed). Each participant's link is ``connected`` or ``reconnecting`` (its
 packets stopped ``MEDIA_STALL_S``), see :meth:`Room.links_changed`.
 
 A room's state only moves along :data:`TRANSITIONS`, through :meth:`Room.set_state`.
@@ -18,6 +24,7 @@ A room's state only moves along :data:`TRANSITIONS`, through :meth:`Room.set_sta
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -29,6 +36,7 @@ from typing import Any
 from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
+    RTCDataChannel,
     RTCPeerConnection,
     RTCRtpReceiver,
     RTCRtpTransceiver,
@@ -48,6 +56,17 @@ log = logging.getLogger(__name__)
 
 REMB_FRESH_S = 5.0
 KINDS = ("audio", "video")
+ROOM_CHANNEL = "room"
+"""The label of the data channel a client opens for the room's messages (slots, speaker)."""
+
+SPEAKER_HEARD_S = 1.0
+"""A publisher whose last audio level is older than this is not speaking."""
+SPEAKER_MIN_LOUDNESS = 127 - 60
+"""Louder than -60 dBov (smoothed) to be the active speaker."""
+SPEAKER_SWITCH_DB = 6.0
+"""A new speaker must be this much louder than a current one who still speaks."""
+LEVEL_WEIGHT = 0.1
+"""Per audio packet, the weight of its level in the smoothed loudness (~200 ms at 50/s)."""
 
 
 class RoomState(StrEnum):
@@ -156,7 +175,7 @@ def payload_type_map(
 
 @dataclass
 class Publication:
-    """What a party sends to the SFU, of one kind."""
+    """What a participant sends to the SFU, of one kind (on its own pair)."""
 
     participant: Participant
     kind: str
@@ -166,7 +185,7 @@ class Publication:
     media_ssrc: int | None = None
     decoder_stopped: bool = False
     targets: list[Forwarder] = field(default_factory=list)
-    """The forwarders its packets go to (the other party's session(s)); set by wire()."""
+    """The forwarders its packets go to (the others' sessions' slots); set by wire()."""
     _last_keyframe_request: float = float("-inf")
 
     @property
@@ -176,6 +195,16 @@ class Publication:
     @property
     def codecs(self) -> list[RTCRtpCodecParameters]:
         return internals.negotiated_codecs(self.transceiver)
+
+    def subscribers_remb(self, now: float) -> int | None:
+        """The lowest fresh REMB share of the subscribers this publication feeds: what
+        the publisher may send so that every one of them can take it."""
+        shares = [
+            f.subscriber_remb[0]
+            for f in self.targets
+            if f.subscriber_remb is not None and now - f.subscriber_remb[1] < REMB_FRESH_S
+        ]
+        return min(shares) if shares else None
 
     def request_keyframe(self) -> None:
         now = time.monotonic()
@@ -191,15 +220,30 @@ class Publication:
 
 @dataclass
 class PartyLink:
-    """How one party's media reaches the room, and since when (monotonic)."""
+    """How one participant's media reaches the room, and since when (monotonic)."""
 
     connection: PeerConnection = PeerConnection.CONNECTED
     since: float = 0.0
 
 
 @dataclass
+class Slot:
+    """One audio+video pair of a subscriber's session that carries one other participant."""
+
+    index: int
+    forwarders: dict[str, Forwarder] = field(default_factory=dict)
+    transceivers: dict[str, RTCRtpTransceiver] = field(default_factory=dict)
+    user: str | None = None
+    """The participant whose media this slot carries now; None: free."""
+
+    def mid(self, kind: str) -> str | None:
+        transceiver = self.transceivers.get(kind)
+        return transceiver.mid if transceiver is not None else None
+
+
+@dataclass
 class Participant:
-    """One party's session (current, or pending while it rejoins)."""
+    """One participant's session (current, or pending while it rejoins)."""
 
     user_id: str
     session_id: str
@@ -208,8 +252,15 @@ class Participant:
     """When its offer came: the ICE deadline counts from here."""
     connected_at: float | None = None
     """When its connection (ICE, then DTLS) first reached ``connected``."""
+    grant_issued_at: float | None = None
+    """The ``iat`` of the grant this session was opened with (Unix seconds)."""
     publications: dict[str, Publication] = field(default_factory=dict)
-    outputs: dict[str, Forwarder] = field(default_factory=dict)
+    slots: list[Slot] = field(default_factory=list)
+    """Slot 0 is the own pair; further ones are the offer's recvonly pairs."""
+    unplaced: list[str] = field(default_factory=list)
+    """Other participants in no slot of this session (it has too few)."""
+    channel: RTCDataChannel | None = None
+    """The client's ``room`` data channel, once it opened."""
     packets_in: int = 0
     bytes_in: int = 0
     last_packet_at: float | None = None
@@ -217,18 +268,62 @@ class Participant:
     keyframes_requested: int = 0
     bitrate_in_bps: float = 0.0
     bitrate_out_bps: float = 0.0
+    loudness: float | None = None
+    """Smoothed loudness of its audio (127 - RFC 6464 level: dB above -127 dBov)."""
+    loudness_at: float = float("-inf")
     _rate_sample: tuple[float, int, int] | None = None
+    _told: dict[str, str] = field(default_factory=dict)
+    """The last message of each type sent on its channel (sent again only if changed)."""
+
+    @property
+    def outputs(self) -> dict[str, Forwarder]:
+        """Slot 0's forwarders (the own pair), by kind: all a 1:1 session has."""
+        return self.slots[0].forwarders if self.slots else {}
+
+    def forwarders(self) -> list[Forwarder]:
+        return [f for slot in self.slots for f in slot.forwarders.values()]
 
     @property
     def packets_out(self) -> int:
-        return sum(f.counters.packets for f in self.outputs.values())
+        return sum(f.counters.packets for f in self.forwarders())
 
     @property
     def bytes_out(self) -> int:
-        return sum(f.counters.bytes for f in self.outputs.values())
+        return sum(f.counters.bytes for f in self.forwarders())
 
     def stamp_arrival(self) -> None:
         self.arrived_at = time.perf_counter()
+
+    def hear(self, level: int, now: float) -> None:
+        """One audio packet's ``ssrc-audio-level`` (0 loudest, 127 silence)."""
+        loudness = 127 - level
+        previous = self.loudness
+        self.loudness = (
+            loudness if previous is None else previous + LEVEL_WEIGHT * (loudness - previous)
+        )
+        self.loudness_at = now
+
+    def speaking(self, now: float) -> bool:
+        return (
+            self.loudness is not None
+            and now - self.loudness_at <= SPEAKER_HEARD_S
+            and self.loudness >= SPEAKER_MIN_LOUDNESS
+        )
+
+    def tell(self, message: dict[str, Any]) -> None:
+        """Send ``message`` on the room channel, unless the last of its type said the same."""
+        channel = self.channel
+        if channel is None or channel.readyState != "open":
+            return
+        text = json.dumps(message, separators=(",", ":"))
+        kind = str(message["type"])
+        if self._told.get(kind) == text:
+            return
+        self._told[kind] = text
+        try:
+            channel.send(text)
+        except Exception as exc:  # the channel closed meanwhile
+            log.debug("room channel of session %s: %s", self.session_id, exc)
 
     def sample_rates(self, now: float) -> None:
         bytes_out = self.bytes_out
@@ -242,23 +337,37 @@ class Participant:
 
 
 class Room:
-    def __init__(self, call_id: str, settings: MediaSettings, delays: DelayRecorder) -> None:
+    def __init__(
+        self,
+        call_id: str,
+        settings: MediaSettings,
+        delays: DelayRecorder,
+        *,
+        group: str | None = None,
+    ) -> None:
         self.call_id = call_id
         self.settings = settings
         self.delays = delays
+        self.group = group
+        """The group of a group call's room; None: a 1:1 call's."""
+        self.capacity = settings.group_call_max_participants if group is not None else 2
+        """Users with a session here at once (GROUP_CALL_MAX_PARTICIPANTS, or 2)."""
         self.parties: list[str] = []
-        """The call's two parties, in order of arrival; nobody else is admitted."""
+        """Users admitted, in order of arrival. A 1:1 room admits its first two only; a
+        group room forgets a user that left the call (call_participant_left)."""
         self.participants: dict[str, Participant] = {}
         self.pending: dict[str, Participant] = {}
-        """A rejoining party's new session, until its first packet promotes it."""
+        """A rejoining participant's new session, until its first packet promotes it."""
         self.links: dict[str, PartyLink] = {}
         self.retire: Callable[[Participant], None] = _keep
         """What becomes of a session replaced by a promoted one (Rooms closes it)."""
         self.state = RoomState.WAITING
         self.created_at = time.monotonic()
         self.waiting_timeout_s = settings.timeout_s
-        """How long the room waits for both parties' media (MEDIA_TIMEOUT_S; the rejoin
-        grace for a call moved here)."""
+        """How long the room waits for media to flow (MEDIA_TIMEOUT_S; the rejoin grace
+        for a call moved here)."""
+        self.speaker: str | None = None
+        """The active speaker (the loudest recent one), see :meth:`pick_speaker`."""
         self.lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ state
@@ -275,19 +384,21 @@ class Room:
         return self.state in (RoomState.WAITING, RoomState.CONNECTED)
 
     def admits(self, user_id: str) -> bool:
-        return user_id in self.parties or len(self.parties) < 2
+        if user_id in self.participants or user_id in self.pending:
+            return True
+        if self.group is None:
+            return user_id in self.parties or len(self.parties) < 2
+        return len(self.participants.keys() | self.pending.keys()) < self.capacity
 
-    def peer_of(self, user_id: str) -> Participant | None:
-        for uid, participant in self.participants.items():
-            if uid != user_id:
-                return participant
-        return None
+    def present(self) -> list[str]:
+        """Users with a current session, in order of arrival."""
+        return [u for u in self.parties if u in self.participants]
 
     def media_flowing(self) -> bool:
-        """Both parties are here, and each one's media reaches the SFU and the other."""
-        if len(self.participants) < 2:
-            return False
-        return all(p.packets_in > 0 and p.packets_out > 0 for p in self.participants.values())
+        """At least two participants' media reaches the SFU and goes on to another (in a
+        1:1 room: both parties, each to the other)."""
+        flowing = [p for p in self.participants.values() if p.packets_in > 0 and p.packets_out > 0]
+        return len(flowing) >= 2
 
     def ice_overdue(self, now: float, ice_timeout_s: float) -> Participant | None:
         """A session whose connection has not reached ``connected`` ``ice_timeout_s``
@@ -298,8 +409,7 @@ class Room:
         return None
 
     def stalled(self, now: float, timeout_s: float, ice_timeout_s: float) -> bool:
-        """No media for ``timeout_s``: both parties' media not flowing that long after the
-        room opened, or a connected party silent that long.
+        """No media for ``timeout_s``: media not flowing that long after the room opened.
 
         A session still connecting (within its ICE deadline) is judged by that deadline,
         not here: it holds a waiting room's timeout off, for at most ``ice_timeout_s``
@@ -312,16 +422,16 @@ class Room:
                 for p in self.participants.values()
             )
             return age > timeout_s + (ice_timeout_s if connecting else 0.0)
-        return False  # a connected room: each party is judged by its link (links_changed)
+        return False  # a connected room: each participant is judged by its link
 
     @staticmethod
     def _last_heard(participant: Participant) -> float:
         return participant.last_packet_at or participant.connected_at or participant.created_at
 
     def links_changed(self, now: float, stall_s: float) -> list[tuple[str, PeerConnection]]:
-        """Move each party's link along (a connected room only): ``reconnecting`` once its
-        packets stopped ``stall_s`` ago, ``connected`` when they flow again (on the same
-        session or a new one). Returns the changes, in order."""
+        """Move each participant's link along (a connected room only): ``reconnecting``
+        once its packets stopped ``stall_s`` ago, ``connected`` when they flow again (on
+        the same session or a new one). Returns the changes, in order."""
         changes: list[tuple[str, PeerConnection]] = []
         if self.state is not RoomState.CONNECTED:
             return changes
@@ -346,7 +456,7 @@ class Room:
         log.info("room %s: %s's link %s -> %s", self.call_id, user_id, old, new)
 
     def gone_past(self, now: float, grace_s: float) -> str | None:
-        """A party reconnecting for longer than ``grace_s`` (it did not come back)."""
+        """A participant reconnecting for longer than ``grace_s`` (it did not come back)."""
         for user_id, link in self.links.items():
             if link.connection is PeerConnection.RECONNECTING and now - link.since > grace_s:
                 if user_id in self.participants:
@@ -354,8 +464,8 @@ class Room:
         return None
 
     def abandoned(self, now: float, stall_s: float) -> bool:
-        """Nobody's packets arrive any more (every party left or went silent): on a
-        draining node, both parties moved elsewhere."""
+        """Nobody's packets arrive any more (every participant left or went silent): on a
+        draining node, they all moved elsewhere."""
         return all(now - self._last_heard(p) > stall_s for p in self.participants.values())
 
     def pending_overdue(self, now: float, ice_timeout_s: float) -> list[Participant]:
@@ -375,25 +485,25 @@ class Room:
         offer_sdp: str,
         spawn: Callable[[Coroutine[Any, Any, Any], str], None],
         on_ice_failed: Callable[[], None],
+        grant_issued_at: float | None = None,
     ) -> tuple[Participant, str]:
         """Answer ``user_id``'s offer with a new session (not yet in the room)."""
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        participant = Participant(user_id=user_id, session_id=uuid.uuid4().hex, pc=pc)
+        participant = Participant(
+            user_id=user_id,
+            session_id=uuid.uuid4().hex,
+            pc=pc,
+            grant_issued_at=grant_issued_at,
+        )
         try:
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             except Exception as exc:  # aiortc raises ValueError, KeyError, OperationError...
                 raise NegotiationError(f"the SDP offer cannot be used: {exc}") from exc
-            transceivers = pc.getTransceivers()
-            kinds = [t.kind for t in transceivers]
-            if not transceivers or sorted(set(kinds)) != sorted(kinds):
-                raise NegotiationError(
-                    "the offer must have one audio and/or one video transceiver, "
-                    f"it has: {kinds or 'none'}"
-                )
-            peer = self.peer_of(user_id)
-            for transceiver in transceivers:
-                self._choose_codec(transceiver, peer)
+            own, extras = self._split_offer(pc.getTransceivers())
+            codecs: dict[str, RTCRtpCodecParameters] = {}
+            for transceiver in own:
+                codecs[transceiver.kind] = self._choose_codec(transceiver, user_id)
                 publication = Publication(
                     participant,
                     transceiver.kind,
@@ -403,24 +513,21 @@ class Room:
                 )
                 participant.publications[transceiver.kind] = publication
                 self._tap_publication(publication)
-                sender = pc.addTrack(SilentTrack(transceiver.kind))
-                codec = _media_codec(publication.codecs)
-                detector = (
-                    KEYFRAME_DETECTORS.get(codec.mimeType.lower())
-                    if codec is not None and transceiver.kind == "video"
-                    else None
+            for transceiver in extras:
+                chosen = codecs.get(transceiver.kind) or self._choose_codec(transceiver, user_id)
+                codecs.setdefault(transceiver.kind, chosen)
+                offered = internals.negotiated_codecs(transceiver)
+                match = next(
+                    (c for c in offered if c.name.lower() != "rtx" and _same_codec(c, chosen)),
+                    None,
                 )
-                forwarder = Forwarder(
-                    kind=transceiver.kind,
-                    port=internals.SenderPort(sender),
-                    payload_types={},
-                    keyframe_detector=detector,
-                    request_keyframe=_nothing,
-                    delays=self.delays,
-                )
-                participant.outputs[transceiver.kind] = forwarder
-                internals.tap_sender_rtcp(sender, self._subscriber_rtcp(forwarder))
-            for transceiver in transceivers:
+                if match is None:
+                    raise NegotiationError(
+                        f"slot {transceiver.mid}: {chosen.mimeType} is not offered there"
+                    )
+                internals.force_codecs(transceiver, _with_rtx(offered, match))
+            participant.slots = self._make_slots(own, extras, codecs)
+            for transceiver in pc.getTransceivers():
                 internals.tap_arrival(transceiver.receiver.transport, participant.stamp_arrival)
 
             def _on_state() -> None:
@@ -428,8 +535,8 @@ class Room:
                     participant.connected_at = time.monotonic()
                 failed = "failed" in (pc.connectionState, pc.iceConnectionState)
                 # A session that was replaced (or never joined) fails nobody's call; one
-                # that did connect and then failed (ICE consent lost: the party's network
-                # went away) is a silent party, which the rejoin grace judges.
+                # that did connect and then failed (ICE consent lost: the participant's
+                # network went away) is a silent participant, which the rejoin grace judges.
                 if (
                     failed
                     and participant.connected_at is None
@@ -448,6 +555,16 @@ class Room:
             pc.on("connectionstatechange", _on_state)
             pc.on("iceconnectionstatechange", _on_state)
 
+            def _on_channel(channel: RTCDataChannel) -> None:
+                if channel.label != ROOM_CHANNEL:
+                    return
+                participant.channel = channel
+                self._tell_slots(participant)
+                if self.speaker is not None:
+                    participant.tell({"type": "speaker", "user": self.speaker})
+
+            pc.on("datachannel", _on_channel)
+
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)
             local = pc.localDescription
@@ -456,11 +573,105 @@ class Room:
             await pc.close()
             raise
 
-    def _choose_codec(self, transceiver: RTCRtpTransceiver, peer: Participant | None) -> None:
-        """One codec per kind, the same both ways: the other party's if it is here."""
+    def _split_offer(
+        self, transceivers: list[RTCRtpTransceiver]
+    ) -> tuple[list[RTCRtpTransceiver], list[RTCRtpTransceiver]]:
+        """The own pair (the first transceiver of each kind) and the slots' transceivers
+        (every further one: recvonly, at most capacity - 2 of a kind)."""
+        kinds = [t.kind for t in transceivers]
+        if not transceivers:
+            raise NegotiationError(
+                "the offer must have one audio and/or one video transceiver, it has: none"
+            )
+        own: list[RTCRtpTransceiver] = []
+        extras: list[RTCRtpTransceiver] = []
+        for transceiver in transceivers:
+            if any(t.kind == transceiver.kind for t in own):
+                extras.append(transceiver)
+            else:
+                own.append(transceiver)
+        if not extras:
+            return own, extras
+        if self.group is None:
+            raise NegotiationError(
+                f"the offer must have one audio and/or one video transceiver, it has: {kinds}"
+            )
+        most = self.capacity - 2
+        for kind in KINDS:
+            count = sum(1 for t in extras if t.kind == kind)
+            if count > most:
+                raise NegotiationError(
+                    f"the offer has {count} extra {kind} transceivers; a room of "
+                    f"{self.capacity} needs at most {most} (one pair per other participant "
+                    "besides the own pair)"
+                )
+        for transceiver in extras:
+            if internals.offered_direction(transceiver) != "sendonly":  # the client's recvonly
+                raise NegotiationError(
+                    f"media section {transceiver.mid} ({transceiver.kind}): only the first "
+                    "audio and the first video transceiver may send; the others must be "
+                    "recvonly"
+                )
+        return own, extras
+
+    def _make_slots(
+        self,
+        own: list[RTCRtpTransceiver],
+        extras: list[RTCRtpTransceiver],
+        codecs: dict[str, RTCRtpCodecParameters],
+    ) -> list[Slot]:
+        """Slot 0 on the own pair, slot k on the k-th extra audio and video transceivers;
+        each with a silent sender and a forwarder per kind."""
+        pairs: list[list[RTCRtpTransceiver]] = [list(own)]
+        counts: dict[str, int] = dict.fromkeys(KINDS, 0)
+        for transceiver in extras:
+            counts[transceiver.kind] += 1
+            index = counts[transceiver.kind]
+            while len(pairs) <= index:
+                pairs.append([])
+            pairs[index].append(transceiver)
+        slots: list[Slot] = []
+        for index, pair in enumerate(pairs):
+            slot = Slot(index)
+            for transceiver in pair:
+                kind = transceiver.kind
+                transceiver.sender.replaceTrack(SilentTrack(kind))
+                transceiver.direction = "sendrecv"  # answered sendrecv or sendonly
+                codec = codecs.get(kind)
+                detector = (
+                    KEYFRAME_DETECTORS.get(codec.mimeType.lower())
+                    if codec is not None and kind == "video"
+                    else None
+                )
+                forwarder = Forwarder(
+                    kind=kind,
+                    port=internals.SenderPort(transceiver.sender),
+                    payload_types={},
+                    keyframe_detector=detector,
+                    request_keyframe=_nothing,
+                    delays=self.delays,
+                )
+                internals.tap_sender_rtcp(transceiver.sender, self._subscriber_rtcp(forwarder))
+                slot.forwarders[kind] = forwarder
+                slot.transceivers[kind] = transceiver
+            slots.append(slot)
+        return slots
+
+    def _room_codec(self, kind: str, user_id: str) -> RTCRtpCodecParameters | None:
+        """The codec the others in the room publish ``kind`` in (one per kind)."""
+        for uid, session in self.participants.items():
+            if uid == user_id:
+                continue
+            publication = session.publications.get(kind)
+            codec = _media_codec(publication.codecs) if publication is not None else None
+            if codec is not None:
+                return codec
+        return None
+
+    def _choose_codec(self, transceiver: RTCRtpTransceiver, user_id: str) -> RTCRtpCodecParameters:
+        """One codec per kind, the same both ways: the others' if they are here."""
         offered = internals.negotiated_codecs(transceiver)
-        theirs = peer.publications.get(transceiver.kind) if peer else None
-        target = _media_codec(theirs.codecs) if theirs else None
+        target = self._room_codec(transceiver.kind, user_id)
         if target is None:
             chosen = _media_codec(offered)
         else:
@@ -474,21 +685,23 @@ class Room:
         if chosen is None:
             raise NegotiationError(f"no usable {transceiver.kind} codec in the offer")
         internals.force_codecs(transceiver, _with_rtx(offered, chosen))
+        return chosen
 
     def _tap_publication(self, publication: Publication) -> None:
         participant = publication.participant
         receiver = publication.receiver
-        kind = publication.kind
         codecs = internals.receiver_codecs(receiver)
         rtx_ssrcs = internals.receiver_rtx_ssrcs(receiver)
         participants = self.participants
         pending = self.pending
         user_id = participant.user_id
+        audio = publication.kind == "audio"
 
         def on_rtp(packet: internals.RtpPacket) -> Coroutine[Any, Any, None] | None:
             participant.packets_in += 1
             participant.bytes_in += len(packet.payload)
-            participant.last_packet_at = time.monotonic()
+            now = time.monotonic()
+            participant.last_packet_at = now
             if not publication.decoder_stopped:
                 internals.stop_decoder(receiver)
                 publication.decoder_stopped = True
@@ -503,6 +716,8 @@ class Room:
                 packet = internals.unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)  # type: ignore[arg-type]
             else:
                 publication.media_ssrc = packet.ssrc
+                if audio and packet.extensions.audio_level is not None:
+                    participant.hear(packet.extensions.audio_level[1], now)
             if pending.get(user_id) is participant:
                 self.promote(participant)
             targets = publication.targets  # none for a replaced session: media goes nowhere
@@ -527,16 +742,14 @@ class Room:
                 isinstance(packet, internals.RtcpPsfbPacket)
                 and packet.fmt == internals.RTCP_PSFB_APP
             ):
-                peer = self.peer_of(user_id)
-                forwarder = peer.outputs.get(kind) if peer else None
-                remb = forwarder.subscriber_remb if forwarder else None
-                if remb is not None and time.monotonic() - remb[1] < REMB_FRESH_S:
+                cap = publication.subscribers_remb(time.monotonic())
+                if cap is not None:
                     try:
                         bitrate, ssrcs = internals.unpack_remb_fci(packet.fci)
                     except ValueError:
                         return packet
-                    if remb[0] < bitrate:
-                        packet.fci = internals.pack_remb_fci(remb[0], ssrcs)
+                    if cap < bitrate:
+                        packet.fci = internals.pack_remb_fci(cap, ssrcs)
             return packet
 
         internals.tap_receiver_rtp(receiver, on_rtp)
@@ -552,16 +765,19 @@ class Room:
                 forwarder.request_keyframe()
             elif packet.fmt == internals.RTCP_PSFB_APP:
                 try:
-                    bitrate, _ = internals.unpack_remb_fci(packet.fci)
+                    bitrate, ssrcs = internals.unpack_remb_fci(packet.fci)
                 except ValueError:
                     return
-                forwarder.subscriber_remb = (bitrate, time.monotonic())
+                # A REMB estimates the subscriber's whole downlink (every SSRC it lists):
+                # each stream of it gets an equal share.
+                share = bitrate // max(1, len(ssrcs))
+                forwarder.subscriber_remb = (share, time.monotonic())
 
         return on_rtcp
 
     def join(self, participant: Participant) -> Participant | None:
-        """Put a negotiated session in the room. A party already here rejoins: the new
-        session is pending (fed at once, promoted by its first packet) and an earlier
+        """Put a negotiated session in the room. A participant already here rejoins: the
+        new session is pending (fed at once, promoted by its first packet) and an earlier
         pending one is returned, to be closed."""
         user_id = participant.user_id
         if user_id not in self.parties:
@@ -572,16 +788,11 @@ class Room:
             return None
         earlier = self.pending.get(user_id)
         self.pending[user_id] = participant
-        self.wire()
-        # The other party's video is needed in the new session now, from a keyframe.
-        peer = self.peer_of(user_id)
-        video = peer.publications.get("video") if peer else None
-        if video is not None:
-            video.request_keyframe()
+        self.wire()  # the others' video is asked for from a keyframe at once
         return earlier
 
     def promote(self, participant: Participant) -> None:
-        """A pending session's media arrived: it becomes the party's session."""
+        """A pending session's media arrived: it becomes the participant's session."""
         user_id = participant.user_id
         if self.pending.get(user_id) is not participant:
             return
@@ -607,6 +818,9 @@ class Room:
                 return participant
         return None
 
+    def sessions(self) -> list[Participant]:
+        return [*self.participants.values(), *self.pending.values()]
+
     def leave(self, session_id: str) -> Participant | None:
         for sessions in (self.pending, self.participants):
             for uid, participant in list(sessions.items()):
@@ -618,38 +832,140 @@ class Room:
                     return participant
         return None
 
+    def drop_user(self, user_id: str, granted_before: float | None = None) -> list[Participant]:
+        """The user left the call: remove its sessions opened with a grant issued before
+        ``granted_before`` (every one when None); a session from a later grant (it joined
+        again) stays. Returns the sessions removed, to be closed."""
+
+        def stale(session: Participant) -> bool:
+            if granted_before is None:
+                return True
+            issued = session.grant_issued_at
+            return issued is None or issued < granted_before
+
+        removed: list[Participant] = []
+        pending = self.pending.get(user_id)
+        if pending is not None and stale(pending):
+            removed.append(self.pending.pop(user_id))
+        current = self.participants.get(user_id)
+        if current is not None and stale(current):
+            removed.append(self.participants.pop(user_id))
+            if user_id in self.pending:
+                self.participants[user_id] = self.pending.pop(user_id)
+        if user_id not in self.participants:
+            self.links.pop(user_id, None)
+            if self.group is not None and user_id in self.parties:
+                self.parties.remove(user_id)
+            if self.speaker == user_id:
+                self.speaker = None
+                self._tell_speaker()
+        if removed:
+            self.wire()
+        return removed
+
     def wire(self) -> None:
-        """Point every forwarder at the other party's publication of its kind, and each
-        publication at the forwarders it feeds (the other party's current session and,
-        while it rejoins, its pending one)."""
-        for session in (*self.participants.values(), *self.pending.values()):
+        """Place every other participant in one of each session's slots, and point each
+        slot's forwarders at that participant's publications (and each publication at the
+        forwarders it feeds: the others' current sessions and, while one rejoins, its
+        pending one).
+
+        A participant keeps its slot in a session for as long as both are here; a free
+        slot goes to the first unplaced participant in order of arrival. Only a forwarder
+        whose publication changed starts over (renumbers, and for video waits for a
+        keyframe, which is asked for at once): one participant's rejoin leaves the others'
+        streams untouched."""
+        sessions = self.sessions()
+        for session in sessions:
             for published in session.publications.values():
                 published.targets = []
-        for subscriber in (*self.participants.values(), *self.pending.values()):
-            publisher = self.peer_of(subscriber.user_id)
-            for kind, forwarder in subscriber.outputs.items():
-                publication = publisher.publications.get(kind) if publisher else None
-                if publication is None:
-                    forwarder.use_source({})
-                    forwarder.source = None
-                    forwarder.request_keyframe = _nothing
+        present = self.present()
+        wanted: list[Publication] = []
+        for subscriber in sessions:
+            others = [u for u in present if u != subscriber.user_id]
+            for slot in subscriber.slots:
+                if slot.user is not None and slot.user not in others:
+                    slot.user = None
+            placed = {slot.user for slot in subscriber.slots}
+            for user in others:
+                if user in placed:
                     continue
-                # Only a forwarder whose publication changed starts over (renumbers, and
-                # for video waits for a keyframe): one party's rejoin leaves the other
-                # direction, and the rejoiner's still-current session, untouched.
-                if forwarder.source is not publication:
-                    sender_codecs = internals.negotiated_codecs(
-                        next(t for t in subscriber.pc.getTransceivers() if t.kind == kind)
-                    )
-                    codec = _media_codec(publication.codecs)
-                    forwarder.use_source(
-                        payload_type_map(publication.codecs, sender_codecs),
-                        codec.clockRate if codec is not None else None,
-                    )
-                    forwarder.source = publication
-                forwarder.request_keyframe = publication.request_keyframe
-                if forwarder.payload_types:
-                    publication.targets.append(forwarder)
+                free = next((slot for slot in subscriber.slots if slot.user is None), None)
+                if free is None:
+                    break
+                free.user = user
+                placed.add(user)
+            subscriber.unplaced = [u for u in others if u not in placed]
+            for slot in subscriber.slots:
+                publisher = self.participants.get(slot.user) if slot.user is not None else None
+                for kind, forwarder in slot.forwarders.items():
+                    publication = publisher.publications.get(kind) if publisher else None
+                    if publication is None:
+                        forwarder.use_source({})
+                        forwarder.source = None
+                        forwarder.request_keyframe = _nothing
+                        continue
+                    if forwarder.source is not publication:
+                        forwarder.use_source(
+                            payload_type_map(
+                                publication.codecs,
+                                internals.negotiated_codecs(slot.transceivers[kind]),
+                            ),
+                            _clock_rate(publication),
+                        )
+                        forwarder.source = publication
+                        if kind == "video" and publication not in wanted:
+                            wanted.append(publication)  # a keyframe for the new subscriber
+                    forwarder.request_keyframe = publication.request_keyframe
+                    if forwarder.payload_types:
+                        publication.targets.append(forwarder)
+            self._tell_slots(subscriber)
+        for publication in wanted:
+            publication.request_keyframe()
+
+    def _tell_slots(self, subscriber: Participant) -> None:
+        subscriber.tell(
+            {
+                "type": "slots",
+                "slots": [
+                    {
+                        "slot": slot.index,
+                        "audio_mid": slot.mid("audio"),
+                        "video_mid": slot.mid("video"),
+                        "user": slot.user,
+                    }
+                    for slot in subscriber.slots
+                ],
+                "participants": self.present(),
+                "unplaced": list(subscriber.unplaced),
+            }
+        )
+
+    # ------------------------------------------------------------------ active speaker
+
+    def pick_speaker(self, now: float) -> bool:
+        """The loudest participant speaking now becomes the speaker if there is none, the
+        current one stopped speaking, or it is ``SPEAKER_SWITCH_DB`` louder. True if the
+        speaker changed (and every participant was told)."""
+        speaking = [p for p in self.participants.values() if p.speaking(now)]
+        if not speaking:
+            return False
+        loudest = max(speaking, key=lambda p: p.loudness or 0.0)
+        if loudest.user_id == self.speaker:
+            return False
+        current = self.participants.get(self.speaker) if self.speaker is not None else None
+        if (
+            current is not None
+            and current.speaking(now)
+            and (loudest.loudness or 0.0) < (current.loudness or 0.0) + SPEAKER_SWITCH_DB
+        ):
+            return False
+        self.speaker = loudest.user_id
+        self._tell_speaker()
+        return True
+
+    def _tell_speaker(self) -> None:
+        for session in self.sessions():
+            session.tell({"type": "speaker", "user": self.speaker})
 
     # ------------------------------------------------------------------ stats
 
@@ -661,14 +977,21 @@ class Room:
             "call_id": self.call_id,
             "node_id": self.settings.node_id,
             "state": self.state.value,
+            "group": self.group,
+            "active_speaker": self.speaker,
             "participants": participants,
         }
 
     async def close(self) -> None:
-        sessions = [*self.participants.values(), *self.pending.values()]
+        sessions = self.sessions()
         self.participants.clear()
         self.pending.clear()
         await asyncio.gather(*(p.pc.close() for p in sessions), return_exceptions=True)
+
+
+def _clock_rate(publication: Publication) -> int | None:
+    codec = _media_codec(publication.codecs)
+    return codec.clockRate if codec is not None else None
 
 
 def _nothing() -> None:
@@ -717,6 +1040,9 @@ async def _participant_stats(participant: Participant) -> dict[str, Any]:
         "bitrate_in_bps": round(participant.bitrate_in_bps),
         "bitrate_out_bps": round(participant.bitrate_out_bps),
         "keyframes_requested": participant.keyframes_requested,
+        "audio_level": None if participant.loudness is None else round(participant.loudness, 1),
+        "slots": [slot.user for slot in participant.slots],
+        "unplaced": list(participant.unplaced),
     }
 
 
@@ -727,4 +1053,5 @@ __all__ = [
     "Participant",
     "Room",
     "RoomState",
+    "Slot",
 ]

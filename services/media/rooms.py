@@ -1,18 +1,20 @@
 """This node's rooms: admission, sessions, the media watchdog and the media events.
 
-Rooms live in this process only (a call's two legs are placed on one node), so the
+Rooms live in this process only (a call's legs are all placed on one node), so the
 events that close them are consumed by every instance (``Scope.INSTANCE``): every node
 hears of every call that ends. A node records the end only of a call it knows of, one
 it hosts a room for or was granted (a media token for it was presented here), and
 forgets both after ``MEDIA_ENDED_CALL_MEMORY_S``, whether or not anyone asks again.
 
-A party whose packets stop is ``reconnecting`` (``call_media_peer``), ``connected`` again
-when they flow; the call fails ``media_timeout`` only if it stays reconnecting past
-``MEDIA_REJOIN_GRACE_S``. On SIGTERM the node drains (:meth:`Rooms.start_drain`): it
-refuses new sessions (``node_draining``), asks for its calls to be moved
-(``media_node_draining``), forwards on, publishes nothing more about its calls, and is
-:attr:`Rooms.drained` once every room is abandoned (both parties left or went silent) or
-``MEDIA_DRAIN_S`` passed.
+A participant whose packets stop is ``reconnecting`` (``call_media_peer``), ``connected``
+again when they flow; a 1:1 call fails ``media_timeout`` only if it stays reconnecting past
+``MEDIA_REJOIN_GRACE_S`` (in a group call that participant's session is dropped instead,
+and the call fails only when nobody is left). ``call_participant_left`` closes that
+participant's sessions and refuses its grants issued before the leave. On SIGTERM the
+node drains (:meth:`Rooms.start_drain`): it refuses new sessions (``node_draining``),
+asks for its calls to be moved (``media_node_draining``), forwards on, publishes nothing
+more about its calls, and is :attr:`Rooms.drained` once every room is abandoned (every
+participant left or went silent) or ``MEDIA_DRAIN_S`` passed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from enum import StrEnum
 from typing import Any
 
 from services.media.delays import DelayRecorder
-from services.media.expiring import ExpiringSet
+from services.media.expiring import ExpiringMap, ExpiringSet
 from services.media.room import CloseReason, NegotiationError, Participant, Room, RoomState
 from services.media.sdp import BadOffer, check_offer
 from services.media.settings import MediaSettings
@@ -54,6 +56,7 @@ class Refusal(StrEnum):
     WRONG_CALL = "wrong_call"
     WRONG_NODE = "wrong_node"
     ROOM_FULL = "room_full"
+    PARTICIPANT_LEFT = "participant_left"
     CALL_ENDED = "call_ended"
     NODE_FULL = "node_full"
     NODE_DRAINING = "node_draining"
@@ -65,6 +68,7 @@ REFUSAL_STATUS: dict[Refusal, int] = {
     Refusal.WRONG_CALL: 403,
     Refusal.WRONG_NODE: 403,
     Refusal.ROOM_FULL: 403,
+    Refusal.PARTICIPANT_LEFT: 403,
     Refusal.CALL_ENDED: 409,
     Refusal.NODE_FULL: 503,
     Refusal.NODE_DRAINING: 503,
@@ -104,6 +108,11 @@ class Rooms:
         self.unseen_ended = ExpiringSet(settings.unseen_ended_call_memory_s)
         """Calls that ended before this node saw them, for as long as a media token for
         them may still be presented (so a late token opens no room for an ended call)."""
+        self.left = ExpiringMap(settings.unseen_ended_call_memory_s)
+        """``call_id/user`` -> when that participant left the call (Unix seconds, the
+        event's ``occurred_at``): its grants issued before are refused. Kept
+        MEDIA_UNSEEN_ENDED_CALL_MEMORY_S (above the media token TTL: no grant issued
+        before the leave is still valid after it)."""
         self._candidate_rules = settings.candidate_rules
         self.candidates_dropped = 0
         self.delays = DelayRecorder()
@@ -148,11 +157,30 @@ class Rooms:
         if self.ended.contains(call_id, now) or self.unseen_ended.contains(call_id, now):
             raise self.refuse(Refusal.CALL_ENDED, "this call has ended")
         self.granted.put(call_id, now)
+        left_at = self.left.get(f"{call_id}/{grant.user_id}", now)
+        if left_at is not None and (grant.issued_at is None or grant.issued_at < left_at):
+            raise self.refuse(
+                Refusal.PARTICIPANT_LEFT,
+                "this media token was issued before you left the call; join it again",
+            )
         room = self.rooms.get(call_id)
-        if room is not None and not room.admits(grant.user_id):
-            raise self.refuse(Refusal.ROOM_FULL, "the room admits only the call's two parties")
+        if room is not None:
+            self._check_room(room, grant)
         if room is None and self.load >= self.settings.capacity:
             raise self.refuse(Refusal.NODE_FULL, "this media node is full")
+
+    def _check_room(self, room: Room, grant: MediaGrant) -> None:
+        if room.group != grant.group:
+            raise self.refuse(
+                Refusal.WRONG_CALL,
+                "the media token is for another kind of call (1:1 or group) than this room",
+            )
+        if not room.admits(grant.user_id):
+            if room.group is None:
+                raise self.refuse(Refusal.ROOM_FULL, "the room admits only the call's two parties")
+            raise self.refuse(
+                Refusal.ROOM_FULL, f"the room holds its {room.capacity} participants already"
+            )
 
     def check_offer(self, offer_sdp: str) -> str:
         """The offer as aiortc gets it (refused if unusable, unsafe candidates dropped)."""
@@ -175,7 +203,7 @@ class Rooms:
     async def _join(self, grant: MediaGrant, call_id: str, offer_sdp: str) -> Session:
         room = self.rooms.get(call_id)
         if room is None:
-            room = Room(call_id, self.settings, self.delays)
+            room = Room(call_id, self.settings, self.delays, group=grant.group)
             if grant.moved:  # the other party comes from the old node, within the grace
                 room.waiting_timeout_s = max(self.settings.timeout_s, self.settings.rejoin_grace_s)
             room.retire = self._retire
@@ -189,15 +217,17 @@ class Rooms:
                 return await self._join(grant, call_id, offer_sdp)
             if not room.is_open:
                 raise self.refuse(Refusal.CALL_ENDED, "this call's room has closed")
-            if not room.admits(grant.user_id):
-                raise self.refuse(Refusal.ROOM_FULL, "the room admits only the call's two parties")
+            self._check_room(room, grant)
+            session: list[Participant] = []
             try:
                 participant, answer = await room.negotiate(
                     grant.user_id,
                     offer_sdp,
                     self._spawn,
-                    on_ice_failed=lambda: self.media_failed(room, MediaFailure.ICE_FAILED),
+                    on_ice_failed=lambda: self.session_failed(room, session),
+                    grant_issued_at=grant.issued_at,
                 )
+                session.append(participant)
             except BaseException as exc:
                 if not room.participants:
                     self._forget(room)  # nobody in it: no room, no media timeout for it
@@ -222,6 +252,58 @@ class Rooms:
         if not room.participants:
             await self.close_room(call_id, CloseReason.EMPTY)
         return participant
+
+    async def participant_left(self, call_id: str, user_id: str, left_at: float) -> int:
+        """``call_participant_left``: close ``user_id``'s sessions opened with a grant
+        issued before ``left_at`` (Unix seconds) and refuse such grants from now on. A
+        session from a later grant (the user joined again) stays: a late or redelivered
+        event changes nothing. Returns the sessions closed."""
+        key = f"{call_id}/{user_id}"
+        now = time.monotonic()
+        known = self.left.get(key, now)
+        self.left.put(key, max(left_at, known) if known is not None else left_at, now)
+        room = self.rooms.get(call_id)
+        if room is None:
+            return 0
+        async with room.lock:
+            removed = room.drop_user(user_id, granted_before=left_at)
+        for participant in removed:
+            log.info(
+                "room %s: %s left the call; session %s closed",
+                call_id,
+                user_id,
+                participant.session_id,
+            )
+            await participant.pc.close()
+        if removed and not room.participants and self.rooms.get(call_id) is room:
+            await self.close_room(call_id, CloseReason.EMPTY)
+        return len(removed)
+
+    def session_failed(self, room: Room, session: list[Participant]) -> None:
+        """A session's connection failed before it ever connected: a 1:1 call fails
+        (``ice_failed``); in a group call only that session is dropped, and the call fails
+        only when nobody is left in the room."""
+        if room.group is None or not session:
+            self.media_failed(room, MediaFailure.ICE_FAILED)
+            return
+        self._drop_session(room, session[0], MediaFailure.ICE_FAILED)
+
+    def _drop_session(self, room: Room, participant: Participant, reason: MediaFailure) -> None:
+        if not room.is_open or self.draining:
+            return
+        if room.leave(participant.session_id) is None:
+            return
+        room.links.pop(participant.user_id, None)
+        log.warning(
+            "room %s: %s's session %s dropped (%s); the call goes on",
+            room.call_id,
+            participant.user_id,
+            participant.session_id,
+            reason,
+        )
+        self._retire(participant)
+        if not room.participants:
+            self.media_failed(room, reason)
 
     def _retire(self, participant: Participant) -> None:
         self._spawn(participant.pc.close(), f"close-{participant.session_id}")
@@ -283,7 +365,7 @@ class Rooms:
     def _drain_pass(self, now: float) -> None:
         for room in list(self.rooms.values()):
             if room.abandoned(now, self.settings.stall_s):
-                log.info("room %s: both parties left this draining node", room.call_id)
+                log.info("room %s: every participant left this draining node", room.call_id)
                 self._spawn(self.close_room(room.call_id, CloseReason.MOVED), "close-moved-room")
         self._check_drained(now)
 
@@ -333,6 +415,7 @@ class Rooms:
                 participant.sample_rates(now)
             if not room.is_open:
                 continue
+            room.pick_speaker(now)
             for stale in room.pending_overdue(now, ice_timeout_s):
                 if room.drop_pending(stale):
                     log.warning(
@@ -359,7 +442,10 @@ class Rooms:
                     overdue.pc.connectionState,
                     overdue.pc.iceConnectionState,
                 )
-                self.media_failed(room, MediaFailure.ICE_FAILED)
+                if room.group is None:
+                    self.media_failed(room, MediaFailure.ICE_FAILED)
+                else:
+                    self._drop_session(room, overdue, MediaFailure.ICE_FAILED)
             elif room.state is RoomState.WAITING and room.media_flowing():
                 room.set_state(RoomState.CONNECTED)
                 self._emit(CallMediaConnected(call_id=room.call_id, node_id=self.settings.node_id))
@@ -378,15 +464,20 @@ class Rooms:
                     connection=connection,
                 )
             )
-        gone = room.gone_past(now, self.settings.rejoin_grace_s)
-        if gone is not None:
+        for _ in range(len(room.participants)):
+            gone = room.gone_past(now, self.settings.rejoin_grace_s)
+            if gone is None or not room.is_open:
+                return
             log.warning(
                 "room %s: %s did not come back within %ss",
                 room.call_id,
                 gone,
                 self.settings.rejoin_grace_s,
             )
-            self.media_failed(room, MediaFailure.MEDIA_TIMEOUT)
+            if room.group is None:
+                self.media_failed(room, MediaFailure.MEDIA_TIMEOUT)
+                return
+            self._drop_session(room, room.participants[gone], MediaFailure.MEDIA_TIMEOUT)
 
     async def watch(self) -> None:
         while True:
