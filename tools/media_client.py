@@ -7,6 +7,10 @@ keeps payloads (and the first source's timestamps), so the two sides can be comp
 for byte. With each packet it records its arrival (monotonic time, sequence number, RTP
 timestamp), so a test can measure a media gap and check continuity across a rejoin.
 
+A group call's client (``slots=k``) offers k recvonly audio+video pairs besides its own
+and opens the ``room`` data channel: it records what each slot (by ``mid``) receives and
+the SFU's messages, so a test knows whose media came in which slot (docs/media.md).
+
 A client rejoins (:meth:`MediaClient.rejoin`) as a browser does: a new peer connection,
 a new offer, make-before-break (the old connection goes on until the new one carries
 media). :meth:`MediaClient.go_offline` makes its transport go silent both ways (the SFU
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import itertools
+import json
 import os
 import random
 import time
@@ -29,6 +34,7 @@ import av
 import httpx
 from aiortc import (
     MediaStreamTrack,
+    RTCBundlePolicy,
     RTCConfiguration,
     RTCPeerConnection,
     RTCRtpReceiver,
@@ -222,8 +228,13 @@ class MediaClient:
         drop_in: float = 0.0,
         light: bool = False,
         seed: int | None = None,
+        slots: int = 0,
+        room_channel: bool | None = None,
+        audio_level: int | None = None,
     ) -> None:
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.slots = slots
+        """Recvonly audio+video pairs offered besides the own pair (a group call)."""
+        self.pc = RTCPeerConnection(self._config())
         self._video = video
         self._audio = audio
         self.record = record
@@ -232,6 +243,14 @@ class MediaClient:
         self.light = light
         """Count incoming packets only: no NACKs, no receiver reports (benchmark clients)."""
         self._random = random.Random(seed)
+        self.room_channel = slots > 0 if room_channel is None else room_channel
+        self.audio_level = audio_level
+        """The RFC 6464 level (0 loudest, 127 silence) every audio packet carries; None:
+        no level (aiortc sets one only for audio it encodes itself)."""
+        self.messages: list[dict[str, Any]] = []
+        """What the SFU sent on the ``room`` channel, in order."""
+        self.by_mid: dict[str, Flow] = {}
+        """What each receiving transceiver (by mid) got: one slot's kind each."""
         self.sent: dict[str, Flow] = {"audio": Flow(), "video": Flow()}
         self.received: dict[str, Flow] = {"audio": Flow(), "video": Flow()}
         self.location: str | None = None
@@ -250,6 +269,13 @@ class MediaClient:
         self._media_url: str | None = None
         self._token: str | None = None
         self._auto: asyncio.Task[None] | None = None
+
+    def _config(self) -> RTCConfiguration:
+        """Max-bundle for a group client: aiortc's balanced policy would leave the second
+        transceiver of a kind on a transport BUNDLE never uses (see services/media/room.py)."""
+        if self.slots:
+            return RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+        return RTCConfiguration(iceServers=[])
 
     async def connect(
         self,
@@ -283,10 +309,25 @@ class MediaClient:
                 pc.addTransceiver(kind, direction="recvonly")
             else:
                 pc.addTrack(EncodedTrack(kind, media))
+        own = list(pc.getTransceivers())
+        for _ in range(self.slots):
+            pc.addTransceiver("audio", direction="recvonly")
+            pc.addTransceiver("video", direction="recvonly")
         for transceiver in pc.getTransceivers():
-            self._ssrc_kind[transceiver.sender._ssrc] = transceiver.kind
-            self._tap_receiver(transceiver.kind, transceiver.receiver, on_first_packet)
-            self._tap_sender_rtcp(transceiver.sender)
+            self._tap_receiver(transceiver.kind, transceiver.receiver, on_first_packet, transceiver)
+            if transceiver in own:
+                self._ssrc_kind[transceiver.sender._ssrc] = transceiver.kind
+                self._tap_sender_rtcp(transceiver.sender)
+                if transceiver.kind == "audio":
+                    self._tap_audio_level(transceiver.sender)
+        if self.room_channel:
+            channel = pc.createDataChannel("room")
+
+            @channel.on("message")
+            def on_message(message: Any) -> None:
+                if isinstance(message, str) and pc not in self.retired:
+                    self.messages.append(json.loads(message))
+
         await pc.setLocalDescription(await pc.createOffer())
         self._tap_sending(pc)
         offer = pc.localDescription.sdp
@@ -321,7 +362,7 @@ class MediaClient:
         two sessions' packets apart by their payloads)."""
         self._video = video or self._video
         self._audio = audio or self._audio
-        old, new = self.pc, RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        old, new = self.pc, RTCPeerConnection(self._config())
         carried = asyncio.Event()
         started = time.monotonic()
         self.rejoins.append((started, None))
@@ -377,6 +418,48 @@ class MediaClient:
 
         self._auto = asyncio.get_running_loop().create_task(watch())
 
+    def slot_users(self) -> dict[str, str | None]:
+        """mid -> the user the SFU says that mid carries now (the last ``slots`` message)."""
+        last = next((m for m in reversed(self.messages) if m.get("type") == "slots"), None)
+        if last is None:
+            return {}
+        users: dict[str, str | None] = {}
+        for slot in last["slots"]:
+            for key in ("audio_mid", "video_mid"):
+                if slot[key] is not None:
+                    users[slot[key]] = slot["user"]
+        return users
+
+    def mid_of(self, user: str, kind: str) -> str | None:
+        """The mid of ``kind`` that carries ``user`` now."""
+        last = next((m for m in reversed(self.messages) if m.get("type") == "slots"), None)
+        for slot in last["slots"] if last else []:
+            if slot["user"] == user:
+                mid: str | None = slot[f"{kind}_mid"]
+                return mid
+        return None
+
+    def from_user(self, user: str, kind: str) -> Flow:
+        """What arrived on the mid that carries ``user`` now (a fresh Flow if none)."""
+        mid = self.mid_of(user, kind)
+        return self.by_mid.get(mid, Flow()) if mid is not None else Flow()
+
+    @property
+    def speaker(self) -> str | None:
+        last = next((m for m in reversed(self.messages) if m.get("type") == "speaker"), None)
+        return None if last is None else last["user"]
+
+    def _tap_audio_level(self, sender: RTCRtpSender) -> None:
+        original = sender._next_encoded_frame
+
+        async def next_frame(codec: Any) -> Any:
+            frame = await original(codec)
+            if frame is not None and self.audio_level is not None:
+                frame.audio_level = -self.audio_level  # aiortc writes -audio_level
+            return frame
+
+        sender._next_encoded_frame = next_frame  # type: ignore[method-assign]
+
     def go_offline(self, offline: bool = True) -> None:
         """The transport goes silent both ways (or comes back): nothing is closed."""
         self.offline = offline
@@ -404,7 +487,8 @@ class MediaClient:
                     await transceiver.receiver._send_rtcp_pli(ssrc)
 
     async def send_remb(self, bitrate: int) -> None:
-        """Tell the sender of the video this client receives to stay under ``bitrate``."""
+        """Tell the sender of the video this client receives to stay under ``bitrate``
+        (one REMB for the whole downlink: every video ssrc received, as Chromium does)."""
         for transceiver in self.pc.getTransceivers():
             if transceiver.kind == "video" and self.received_ssrcs:
                 packet = RtcpPsfbPacket(
@@ -414,6 +498,7 @@ class MediaClient:
                     fci=pack_remb_fci(bitrate, sorted(self.received_ssrcs)),
                 )
                 await transceiver.receiver._send_rtcp(packet)
+                return
 
     def _tap_sending(self, pc: RTCPeerConnection) -> None:
         transports = {id(t.sender.transport): t.sender.transport for t in pc.getTransceivers()}
@@ -459,6 +544,7 @@ class MediaClient:
         kind: str,
         receiver: RTCRtpReceiver,
         on_first_packet: Callable[[], None] | None = None,
+        transceiver: Any = None,
     ) -> None:
         original = receiver._handle_rtp_packet
         codecs = internals.receiver_codecs(receiver)
@@ -485,6 +571,9 @@ class MediaClient:
                     media = internals.unwrap_rtx(packet, payload_type=apt, ssrc=ssrc)
             if media is not None:
                 self._note(flow, media)
+                mid = transceiver.mid if transceiver is not None else None
+                if mid is not None and self.slots:
+                    self._note(self.by_mid.setdefault(mid, Flow()), media)
                 if kind == "video":
                     self.received_ssrcs.add(media.ssrc)
             if not self.light:

@@ -35,6 +35,7 @@ from typing import Any
 
 from aiortc import (
     MediaStreamTrack,
+    RTCBundlePolicy,
     RTCConfiguration,
     RTCDataChannel,
     RTCPeerConnection,
@@ -488,7 +489,15 @@ class Room:
         grant_issued_at: float | None = None,
     ) -> tuple[Participant, str]:
         """Answer ``user_id``'s offer with a new session (not yet in the room)."""
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        # aiortc's default (balanced) bundle policy puts a second transceiver of a kind on
+        # the first one's transport and then never moves it onto the BUNDLE transport:
+        # a group offer's slots need max-bundle (every m-line on the first transport).
+        config = (
+            RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+            if self.group is not None
+            else RTCConfiguration(iceServers=[])
+        )
+        pc = RTCPeerConnection(config)
         participant = Participant(
             user_id=user_id,
             session_id=uuid.uuid4().hex,
@@ -971,7 +980,7 @@ class Room:
 
     async def stats(self) -> dict[str, Any]:
         participants = []
-        for participant in self.participants.values():
+        for participant in list(self.participants.values()):  # it may change meanwhile
             participants.append(await _participant_stats(participant))
         return {
             "call_id": self.call_id,
