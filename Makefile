@@ -73,5 +73,5 @@ test-browser: machine-browser $(STAMP) ## the web client in Debian's Chromium ag
 	$(PY) -m tools.test tests/browser $(PYTEST_ARGS)
 
 .PHONY: bench-media
-bench-media: machine $(STAMP) ## forwarding SFU vs transcoding: make bench-media [CALLS=5] [DURATION=20] [MEDIA_BENCH_ARGS="--transcode-calls 2 --profile"]
+bench-media: machine $(STAMP) ## forwarding SFU (1:1 calls, a group of 6) vs transcoding: make bench-media [CALLS=5] [DURATION=20] [MEDIA_BENCH_ARGS="--group-size 6 --transcode-calls 2 --profile"]
 	$(PY) -m tools.bench_media --calls $(or $(CALLS),5) --duration $(or $(DURATION),20) $(MEDIA_BENCH_ARGS)

@@ -1,20 +1,25 @@
-"""``make bench-media``: what a media node costs per stream, forwarding vs transcoding.
+"""``make bench-media``: what a media node costs per stream, forwarding vs transcoding,
+1:1 calls vs a group call.
 
 N concurrent 1:1 calls; each party publishes pre-encoded VP8 640x480 (~1 Mbps) plus
 Opus (a "stream"), so the clients spend no CPU encoding. The same calls go through
 
 - the forwarding SFU (``python -m services.media``, a real node with broker and Redis),
+- the same node with one group call of ``--group-size`` participants (6), each
+  publishing a stream that goes to every other one: size x (size - 1) forwarded streams,
 - the transcoding path: aiortc's ``MediaRelay`` (tools/bench_media_transcoder.py),
 
-one after the other in the same run. For each it prints the server process's
-CPU-seconds per stream per 30 s (from /proc, over the measured window), packet loss
-(gaps in the sequence numbers the receiving clients see: clients do not NACK here),
-the share of video frames delivered, and the delay inside the server: for the SFU,
-from a packet's arrival to the send of its forwarded copy, every packet (its own
-``node_forward_delay_ms``); for the transcoder, from a video frame's last packet in to
-the re-encoded frame out.
+one after the other in the same run. A *forwarded stream* is one published stream
+delivered to one subscriber (in a 1:1 call each stream is forwarded once), so the CPU
+per forwarded stream of the 1:1 calls and of the group call compare directly. For each
+path it prints the server process's CPU-seconds per (forwarded) stream per 30 s (from
+/proc, over the measured window), packet loss (gaps in the sequence numbers the
+receiving clients see: clients do not NACK here), the share of video frames delivered,
+and the delay inside the server: for the SFU, from a packet's arrival to the send of its
+forwarded copy, every packet (its own ``node_forward_delay_ms``); for the transcoder,
+from a video frame's last packet in to the re-encoded frame out.
 
-    python -m tools.bench_media --calls 5 --duration 20 [--transcode-calls 2] [--profile]
+    python -m tools.bench_media --calls 5 --duration 20 [--group-size 6] [--transcode-calls 2]
 
 Clients run in worker processes (``--workers``) apart from the server measured.
 """
@@ -46,6 +51,110 @@ NODE = "bench"
 
 
 # --------------------------------------------------------------------------- worker side
+
+
+async def _group_worker(args: argparse.Namespace, video: Any, audio: Any) -> None:
+    """Some participants (``--members``) of one group call (``--prefix`` is its id)."""
+    from services.media.settings import MediaSettings
+    from shared.auth import MediaGrant, issue_media_token
+    from tools.media_client import MediaClient
+
+    settings = MediaSettings()
+    call_id = args.prefix
+    size = args.group_size
+    clients: dict[str, MediaClient] = {}
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        for index in args.members.split(","):
+            user = f"u{index}"
+            client = MediaClient(video, audio, record=False, light=True, slots=size - 2)
+            grant = MediaGrant(call_id, user, NODE, group="bench")
+            response = await client.connect(
+                f"{args.url}/v1/rooms/{call_id}/sessions",
+                issue_media_token(settings, grant),
+                http,
+            )
+            if response.status_code != 201:
+                raise SystemExit(f"session refused: {response.status_code} {response.text}")
+            clients[user] = client
+
+        def receiving_all(client: MediaClient) -> bool:
+            users = client.slot_users()
+            flowing = {users.get(mid) for mid, flow in client.by_mid.items() if flow.packets}
+            return len(flowing - {None}) == size - 1
+
+        for _ in range(600):  # up to two minutes for every participant's media to arrive
+            if all(receiving_all(c) for c in clients.values()):
+                break
+            await asyncio.sleep(0.2)
+        print("READY", flush=True)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while True:
+            line = (await reader.readline()).decode().strip()
+            if line == "MARK":
+                for c in clients.values():
+                    c.measuring = True
+            elif line in ("STOP", ""):
+                for c in clients.values():
+                    c.measuring = False
+                results: list[dict[str, Any]] = []
+                for user, c in clients.items():
+                    kinds = {t.mid: t.kind for t in c.pc.getTransceivers()}
+                    users = c.slot_users()
+                    for kind in ("video", "audio"):
+                        sent = c.sent[kind]
+                        results.append(
+                            {
+                                "role": "sent",
+                                "user": user,
+                                "kind": kind,
+                                "sent_packets": sent.window_packets,
+                                "sent_frames": sent.window_frames,
+                            }
+                        )
+                    for mid, got in c.by_mid.items():
+                        seqs = got.window_seqs
+                        results.append(
+                            {
+                                "role": "received",
+                                "call_id": call_id,
+                                "from": users.get(mid),
+                                "to": user,
+                                "kind": kinds.get(mid),
+                                "received_packets": len(seqs),
+                                "expected_packets": (max(seqs) - min(seqs) + 1) if seqs else 0,
+                                "received_frames": got.window_frames,
+                            }
+                        )
+                print("RESULT " + json.dumps(results), flush=True)
+                break
+        await asyncio.gather(*(c.close() for c in clients.values()))
+
+
+def _group_flows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The workers' records as one flow per (publisher's stream -> subscriber)."""
+    sent = {(r["user"], r["kind"]): r for r in records if r["role"] == "sent"}
+    flows = []
+    for r in records:
+        if r["role"] != "received" or r["from"] is None or (r["from"], r["kind"]) not in sent:
+            continue
+        source = sent[(r["from"], r["kind"])]
+        flows.append(
+            {
+                "call_id": r["call_id"],
+                "kind": r["kind"],
+                "from": r["from"],
+                "to": r["to"],
+                "sent_packets": source["sent_packets"],
+                "sent_frames": source["sent_frames"],
+                "received_packets": r["received_packets"],
+                "expected_packets": r["expected_packets"],
+                "received_frames": r["received_frames"],
+            }
+        )
+    return flows
 
 
 async def _worker(args: argparse.Namespace, video: Any, audio: Any) -> None:
@@ -153,10 +262,12 @@ class Outcome:
     delay_note: str
     loss_into_server: float | None = None
     client_load: list[float] | None = None
+    forwarded: int | None = None
+    """Forwarded streams of a group call (size x (size - 1)); a 1:1 call forwards 2."""
 
     @property
     def streams(self) -> int:
-        return 2 * self.calls
+        return self.forwarded if self.forwarded is not None else 2 * self.calls
 
     @property
     def cpu_per_stream_30s(self) -> float:
@@ -182,12 +293,35 @@ class Outcome:
         return sum(f["received_frames"] for f in flows) / sent if sent else float("nan")
 
 
+GROUP_MEMBERS_PER_WORKER = 2
+
+
 def _start_workers(
-    url: str, calls: int, workers: int, media: Path, prefix: str, nice: int
+    url: str, calls: int, workers: int, media: Path, prefix: str, nice: int, group_size: int = 0
 ) -> list[subprocess.Popen[str]]:
     procs = []
     per = [calls // workers + (1 if i < calls % workers else 0) for i in range(workers)]
-    for index, count in enumerate(c for c in per if c):
+    jobs: list[list[str]] = [
+        ["--calls", str(count), "--prefix", f"{prefix}{index}"]
+        for index, count in enumerate(c for c in per if c)
+    ]
+    if group_size:
+        members = list(range(1, group_size + 1))
+        step = GROUP_MEMBERS_PER_WORKER
+        jobs = [
+            [
+                "--calls",
+                "0",
+                "--prefix",
+                prefix,
+                "--group-size",
+                str(group_size),
+                "--members",
+                ",".join(str(m) for m in members[i : i + step]),
+            ]
+            for i in range(0, group_size, step)
+        ]
+    for job in jobs:
         procs.append(
             subprocess.Popen(
                 [
@@ -197,10 +331,7 @@ def _start_workers(
                     "worker",
                     "--url",
                     url,
-                    "--calls",
-                    str(count),
-                    "--prefix",
-                    f"{prefix}{index}",
+                    *job,
                     "--media",
                     str(media),
                     "--client-nice",
@@ -227,10 +358,16 @@ def _wait_line(proc: subprocess.Popen[str], prefix: str) -> str:
 
 
 def _measure(
-    name: str, url: str, server_pid: int, calls: int, args: argparse.Namespace, media: Path
+    name: str,
+    url: str,
+    server_pid: int,
+    calls: int,
+    args: argparse.Namespace,
+    media: Path,
+    group_size: int = 0,
 ) -> tuple[Outcome, str]:
     prefix = uuid.uuid4().hex[:8]
-    workers = _start_workers(url, calls, args.workers, media, prefix, args.client_nice)
+    workers = _start_workers(url, calls, args.workers, media, prefix, args.client_nice, group_size)
     try:
         for proc in workers:
             _wait_line(proc, "READY")
@@ -257,15 +394,49 @@ def _measure(
         for proc in workers:
             if proc.poll() is None:
                 proc.kill()
+    if group_size:
+        flows = _group_flows(flows)
     outcome = Outcome(name, calls, t1 - t0, cpu1 - cpu0, flows, None, None, "")
     outcome.client_load = [(b - a) / (t1 - t0) for a, b in zip(clients0, clients1, strict=True)]
+    if group_size:
+        outcome.forwarded = group_size * (group_size - 1)
+        return outcome, prefix
     return outcome, f"{prefix}0-0"
 
 
-def _run_forwarding(args: argparse.Namespace, media: Path) -> Outcome:
+def _room_stats(url: str, room: str, user: str, group: str | None) -> dict[str, Any]:
     from services.media.settings import MediaSettings
     from shared.auth import MediaGrant, issue_media_token
 
+    token = issue_media_token(MediaSettings(), MediaGrant(room, user, NODE, group=group))
+    body: dict[str, Any] = httpx.get(
+        f"{url}/v1/rooms/{room}/stats", headers={"Authorization": f"Bearer {token}"}
+    ).json()
+    return body
+
+
+def _server_side(outcome: Outcome, url: str, call_id: str, args: argparse.Namespace) -> None:
+    """Loss into the node (its receivers' count) and its forwarding delay, from the stats."""
+    group = outcome.forwarded is not None
+    received = lost = 0
+    stats: dict[str, Any] = {}
+    for room in sorted({f["call_id"] for f in outcome.flows}):
+        body = _room_stats(url, room, "u1" if group else "a", "bench" if group else None)
+        if args.verbose:
+            print(json.dumps(body))
+        for party in body.get("participants", []):
+            received += party["packets_in"]
+            lost += party["packets_lost_in"]
+        if room == call_id:
+            stats = body
+    outcome.loss_into_server = lost / (received + lost) if received + lost else None
+    delays = stats.get("node_forward_delay_ms", {})
+    outcome.delay_p50_ms = delays.get("p50")
+    outcome.delay_p99_ms = delays.get("p99")
+    outcome.delay_note = "packet in -> forwarded copy sent (last 50k packets)"
+
+
+def _run_forwarding(args: argparse.Namespace, media: Path) -> list[Outcome]:
     port = free_port()
     namespace = f"bench{uuid.uuid4().hex[:8]}"
     env = {
@@ -288,28 +459,25 @@ def _run_forwarding(args: argparse.Namespace, media: Path) -> Outcome:
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_http(f"{url}/readyz", server)
-        outcome, call_id = _measure(
-            "forwarding (services/media)", url, server.pid, args.calls, args, media
-        )
-        settings = MediaSettings()
-        received = lost = 0
-        stats: dict[str, Any] = {}
-        for room in sorted({f["call_id"] for f in outcome.flows}):
-            token = issue_media_token(settings, MediaGrant(room, "a", NODE))
-            body = httpx.get(
-                f"{url}/v1/rooms/{room}/stats", headers={"Authorization": f"Bearer {token}"}
-            ).json()
-            if args.verbose:
-                print(json.dumps(body))
-            for party in body["participants"]:
-                received += party["packets_in"]
-                lost += party["packets_lost_in"]
-            if room == call_id:
-                stats = body
-        outcome.loss_into_server = lost / (received + lost) if received + lost else None
-        outcome.delay_p50_ms = stats["node_forward_delay_ms"]["p50"]
-        outcome.delay_p99_ms = stats["node_forward_delay_ms"]["p99"]
-        outcome.delay_note = "packet in -> forwarded copy sent (last 50k packets)"
+        outcomes: list[Outcome] = []
+        if args.calls > 0:
+            outcome, call_id = _measure(
+                "forwarding (services/media)", url, server.pid, args.calls, args, media
+            )
+            _server_side(outcome, url, call_id, args)
+            outcomes.append(outcome)
+        if args.group_size > 1:
+            outcome, call_id = _measure(
+                f"forwarding, a group of {args.group_size}",
+                url,
+                server.pid,
+                1,
+                args,
+                media,
+                group_size=args.group_size,
+            )
+            _server_side(outcome, url, call_id, args)
+            outcomes.append(outcome)
     finally:
         # uvicorn re-raises the signal after its graceful stop: SIGINT becomes a
         # KeyboardInterrupt, so cProfile still writes its file; SIGTERM would not let it.
@@ -324,7 +492,7 @@ def _run_forwarding(args: argparse.Namespace, media: Path) -> Outcome:
     if args.profile:
         print(f"\nthe SFU's CPU time by function (cProfile's own overhead included): {profile}")
         pstats.Stats(str(profile)).sort_stats("tottime").print_stats(18)
-    return outcome
+    return outcomes
 
 
 def _run_transcoding(args: argparse.Namespace, media: Path) -> Outcome:
@@ -376,7 +544,8 @@ def _fmt(value: float | None, spec: str) -> str:
 def _report(outcomes: list[Outcome], args: argparse.Namespace) -> None:
     print(
         f"\nmedia benchmark: {args.duration:g} s measured after {args.warmup:g} s warm-up; "
-        f"a stream = one party's VP8 640x480 ~1 Mbps + Opus; {os.cpu_count()} CPUs, "
+        f"a stream = one party's VP8 640x480 ~1 Mbps + Opus, forwarded to one subscriber "
+        f"(a group of n forwards n x (n - 1)); {os.cpu_count()} CPUs, "
         "shared with whatever else runs on this machine\n"
     )
     header = (
@@ -413,8 +582,17 @@ def _report(outcomes: list[Outcome], args: argparse.Namespace) -> None:
                 f"    of the loss, on the way into the server (its receivers' count, whole "
                 f"run): {o.loss_into_server:.2%}"
             )
-    if len(outcomes) == 2 and outcomes[0].cpu_per_stream_30s > 0:
-        ratio = outcomes[1].cpu_per_stream_30s / outcomes[0].cpu_per_stream_30s
+    one_to_one = next((o for o in outcomes if o.name.startswith("forwarding (")), None)
+    group = next((o for o in outcomes if o.forwarded is not None), None)
+    transcoding = next((o for o in outcomes if o.name.startswith("transcoding")), None)
+    if one_to_one and group and one_to_one.cpu_per_stream_30s > 0:
+        ratio = group.cpu_per_stream_30s / one_to_one.cpu_per_stream_30s
+        print(
+            f"  per forwarded stream, the group of {group.streams} forwarded streams costs "
+            f"{ratio:.2f}x what the 1:1 calls do"
+        )
+    if one_to_one and transcoding and one_to_one.cpu_per_stream_30s > 0:
+        ratio = transcoding.cpu_per_stream_30s / one_to_one.cpu_per_stream_30s
         print(f"  transcoding costs {ratio:.1f}x the CPU per stream of forwarding")
 
 
@@ -429,6 +607,8 @@ def main() -> None:
     worker.add_argument("--prefix", required=True)
     worker.add_argument("--media", required=True)
     worker.add_argument("--client-nice", type=int, default=5)
+    worker.add_argument("--group-size", type=int, default=0)
+    worker.add_argument("--members", default="")
     parser.add_argument(
         "--calls", type=int, default=5, help="concurrent 1:1 calls (2 streams each)"
     )
@@ -436,6 +616,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--transcode-calls", type=int, default=None, help="default: min(calls, 2)")
     parser.add_argument("--skip-transcode", action="store_true")
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=6,
+        help="participants of the group call measured after the 1:1 calls (0: none)",
+    )
     parser.add_argument(
         "--workers", type=int, default=None, help="client processes (default: 1 per 6 calls)"
     )
@@ -453,7 +639,7 @@ def main() -> None:
         # ... and buffer what arrives while they wait for it, as the node does.
         aiortc_internals.configure_ice(None, [], 4 * 1024 * 1024)
         video, audio = pickle.loads(Path(args.media).read_bytes())
-        asyncio.run(_worker(args, video, audio))
+        asyncio.run((_group_worker if args.group_size else _worker)(args, video, audio))
         return
     if args.transcode_calls is None:
         args.transcode_calls = min(args.calls, 2)
@@ -466,7 +652,7 @@ def main() -> None:
     # the services default to production; a bench on this machine is a test deployment
     os.environ.setdefault("DMCALL_ENV", "test")
     media = _media(3.0)
-    outcomes = [_run_forwarding(args, media)]
+    outcomes = _run_forwarding(args, media)
     if not args.skip_transcode and args.transcode_calls > 0:
         outcomes.append(_run_transcoding(args, media))
     _report(outcomes, args)
