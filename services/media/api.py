@@ -1,5 +1,8 @@
 """HTTP routes of the media service: sessions (SDP offer in, answer out) and room stats.
 
+A group call's session offers the participant's own pair plus recvonly slots and a
+``room`` data channel (docs/media.md, "Group calls").
+
 A session is made with the media token signaling gave on accept; leaving and reading a
 room's stats take that media token too, or the party's own user token (media tokens are
 short-lived), or the platform's.
@@ -72,10 +75,18 @@ def _caller(request: Request, call_id: str) -> str | None:
         400: {
             "description": "`bad_offer`: not SDP, or the offer cannot be answered (no "
             "audio/video, no codec in common, no DTLS fingerprint the SFU can verify, no "
-            "a=setup, no ICE credentials, a malformed candidate)"
+            "a=setup, no ICE credentials, a malformed candidate; in a group room: a slot "
+            "that is not recvonly, more than GROUP_CALL_MAX_PARTICIPANTS - 2 slots; in a "
+            "1:1 room: any slot)"
         },
         401: {"description": "Missing, invalid or expired media token"},
-        403: {"description": "Token for another call or node, or a third party"},
+        403: {
+            "description": "`wrong_call`: token for another call (or a 1:1 grant for a group "
+            "room, or the reverse); `wrong_node`: for another node; `room_full`: a third "
+            "party of a 1:1 call, or GROUP_CALL_MAX_PARTICIPANTS users already in a group "
+            "room; `participant_left`: a grant issued before its user left the call "
+            "(call_participant_left): join again for a fresh one"
+        },
         409: {"description": "The call has ended"},
         415: {"description": "Not application/sdp"},
         503: {
@@ -141,7 +152,11 @@ async def delete_session(
     return Response(status_code=204)
 
 
-@router.get("/{call_id}/stats", summary="Per participant: packets, bytes, loss, RTT, bitrate")
+@router.get(
+    "/{call_id}/stats",
+    summary="Per participant: packets, bytes, loss, RTT, bitrate, audio level, slots; the "
+    "room's active speaker",
+)
 async def room_stats(call_id: CallIdPath, request: Request) -> dict[str, Any]:
     user = _caller(request, call_id)
     room = _rooms(request).find(call_id)
