@@ -1,7 +1,11 @@
-"""The call state machine: one transition table, and the call as a value object.
+"""The call state machine: two rule tables, and the call with its participants as values.
 
-Every allowed step is listed in :data:`TRANSITIONS`; anything else raises
-:class:`IllegalTransition` naming the current state. Pure: no I/O here.
+:data:`CALL_RULES` (the call's states; :data:`TRANSITIONS` is its state column) and
+:data:`PARTICIPANT_RULES` (each participant's) list every allowed step: the action, who
+may take it (:class:`Actor`), the next state and the events it emits; anything else raises
+:class:`IllegalTransition` naming the current state. ``CallState``'s values are the wire's
+(shared.contracts, used as is); which are live, in a call or final is decided here. The
+decisions over these tables are decisions.py. Pure: no I/O here.
 """
 
 from __future__ import annotations

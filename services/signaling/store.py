@@ -8,14 +8,23 @@ Keys (``<p>`` is the deployment's prefix, ``dmcall`` or ``dmcall:<namespace>``; 
   ended_at answered_device caller_device media_node media_url replaced_by
   rejoin_deadline`` (times ISO-8601 UTC). ``version`` grows by one with every commit; a
   commit names the version it read.
+- ``<p>:signaling:call:<call_id>`` also holds ``group`` (a group call) and
+  ``participants``: JSON user -> {state, role, joined_at, left_at, device, rung, since,
+  present_s}, written in the same versioned commit as the rest of the call.
 - ``<p>:signaling:live:<user>``: SET of the user's calls that are not final: as caller from
-  creation, as callee from ringing (or a glare accept). Busy and glare are read from it.
+  creation, as callee from ringing (or a glare accept); a group call's participant while
+  it rings for them or they are joined. Busy and glare are read from it.
+- ``<p>:signaling:group_call:<group>``: STRING the group's live call id, set by the commit
+  that places it (which fails if it names another call) and deleted by the commit that
+  ends it.
 - ``<p>:signaling:history:<user>``: ZSET, all scores 0, members call ids; call ids are
   time-ordered hex, so lexicographic order is time order (newest = greatest). The callee's
-  entry appears when the call rings (never for a call policy rejected).
+  entry appears when the call rings (never for a call policy rejected); a group call's
+  participant's once it rang for them or they joined.
 - ``<p>:signaling:ring_deadlines``: ZSET call_id -> ring deadline (Unix ms). Every live
-  instance polls it; the commit that moves the call to ``missed`` removes the entry, and
-  the version check lets exactly one instance make that commit.
+  instance polls it; the commit that moves the call to ``missed`` (a group call: every
+  invitee it still rings for) removes the entry, and the version check lets exactly one
+  instance make that commit.
 - ``<p>:signaling:node_calls:<node_id>``: SET of the calls in progress (accepted or active)
   whose media is on that media node; written in the same commit as the call, so a call is
   in exactly its current node's set.
@@ -89,16 +98,16 @@ for _, c in ipairs(plan.calls) do
   local v = tonumber(redis.call('HGET', c.key, 'version') or '0')
   if v ~= tonumber(c.expect) then return {0, c.key, v} end
 end
+if plan.group then
+  local cur = redis.call('GET', plan.group[1])
+  if cur and cur ~= plan.group[2] then return {3, cur} end
+end
 if plan.claim then
   local cur = redis.call('GET', plan.claim[1])
   if cur and cur ~= plan.claim[2] then return {2, cur} end
   redis.call('SET', plan.claim[1], plan.claim[2], 'PX', plan.claim[3])
 end
-if plan.group then
-  local cur = redis.call('GET', plan.group[1])
-  if cur and cur ~= plan.group[2] then return {3, cur} end
-  redis.call('SET', plan.group[1], plan.group[2])
-end
+if plan.group then redis.call('SET', plan.group[1], plan.group[2]) end
 if plan.release then
   if redis.call('GET', plan.release[1]) == plan.release[2] then
     redis.call('DEL', plan.release[1])
