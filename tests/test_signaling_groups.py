@@ -386,3 +386,58 @@ async def test_a_full_group_call_refuses_one_more_and_the_starter_can_cancel(
     await w1.expect(type="call.state", call_id=second, state="cancelled")
     await eventually(lambda: len(w.of(EventType.CALL_CANCELLED, second)) == 2)
     assert w.of(EventType.CALL_ENDED, second) == []
+
+
+async def test_a_lost_node_moves_every_joined_participant_and_group_calls_count_as_placements(
+    world: Callable[..., Any], settings: CommonSettings, redis_client: Redis
+) -> None:
+    w: World = await world(
+        SIGNALING_NODE_WATCH_MS="200", MEDIA_REJOIN_GRACE_S="1", CALLS_PER_MINUTE="2"
+    )
+    await w.group("g4", "kim", "lee", "max", "ned")
+    await w.group("g5", "kim", "ned")
+    http = w.http()
+    k1, l1, m1 = (
+        await w.device("kim", "k1"),
+        await w.device("lee", "l1"),
+        await w.device("max", "m1"),
+    )
+    n1 = await w.device("ned", "n1")
+    # a 1:1 placement and a group one take the caller's two slots; a third is refused
+    one = await http.post("/v1/calls", json={"callee": "ned", "media": "audio"}, headers=w.h("kim"))
+    assert one.status_code == 202
+    await http.post(f"/v1/calls/{one.json()['call_id']}/hangup", headers=w.h("kim"))
+    call_id = await w.start("kim", "g4", "k1")
+    limited = await http.post(
+        "/v1/calls", json={"group": "g5", "media": "audio"}, headers=w.h("kim")
+    )
+    assert limited.status_code == 429, limited.text
+
+    await w.authorize(call_id, "kim", "g4", ["lee", "max", "ned"])
+    await n1.expect(type="call.incoming", call_id=call_id)
+    for user, device in (("lee", "l1"), ("max", "m1")):
+        answer = await http.post(
+            f"/v1/calls/{call_id}/accept", json={"device_id": device}, headers=w.h(user)
+        )
+        assert answer.status_code == 200, answer.text
+    await w.publish_media_connected(call_id)
+    await k1.expect(type="call.state", call_id=call_id, state="active")
+
+    # the node is lost: every joined participant's in-call device gets its own new grant
+    registry = MediaRegistry(redis_client, settings)
+    spare = MediaNode(node_id="media-group-2", url="http://127.0.0.1:9/b", capacity=50, load=0)
+    await registry.heartbeat(spare, ttl_s=600)
+    await registry.deregister(NODE.node_id)
+    for device in (k1, l1, m1):
+        moved = await device.expect(type="call.media", call_id=call_id)
+        assert (moved["reason"], moved["node_id"]) == ("node_lost", spare.node_id)
+        grant = verify_media_token(settings, moved["media_token"])
+        assert (grant.user_id, grant.node_id) == (device.user, spare.node_id)
+    assert n1.matching(type="call.media") == []  # ringing, not joined: nothing to move
+    # nobody's media flows on the new node in time: the call ends media_timeout, once
+    ended = await eventually(lambda: w.of(EventType.CALL_ENDED, call_id), timeout=10)
+    await asyncio.sleep(0.5)
+    assert len(w.of(EventType.CALL_ENDED, call_id)) == 1
+    assert (ended[0]["reason"], ended[0]["group"]) == ("media_timeout", "g4")
+    assert [m["callee"] for m in w.of(EventType.CALL_MISSED, call_id)] == ["ned"]
+    await n1.expect(type="call.state", call_id=call_id, state="ended")
