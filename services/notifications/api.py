@@ -96,6 +96,11 @@ class NotificationOut(BaseModel):
     created_at: str
     read: bool
     ring_deadline: str | None = Field(None, description="incoming_call only")
+    group: str | None = Field(
+        None,
+        description="The group conversation of a group call (incoming_call, missed_call); "
+        "null for a 1:1 call (the live stream and pushes leave it out)",
+    )
 
 
 class UnreadCount(BaseModel):
