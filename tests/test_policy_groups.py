@@ -410,3 +410,28 @@ async def test_the_group_query_reads_a_group_of_16_in_one_round_trip(
     assert [(m.user, m.member) for m in listed.invitees] == [("u01", True), ("stranger", False)]
     outsider = await store.group_facts("big", "stranger")
     assert not outsider.starter_member
+
+
+def test_the_demo_seed_makes_a_group_to_try_group_calls_in(
+    spawn: Callable[..., ServiceProcess],
+    token: Token,
+    service_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tools import seed
+
+    proc = spawn("policy")
+    policy = Policy(proc, token)
+    for name, value in service_env.items():
+        monkeypatch.setenv(name, value)
+    seed.seed(proc.url)
+    seed.seed(proc.url)
+    group = policy.ok("GET", f"/v1/platform/groups/{seed.GROUP}")
+    assert group["members"] == sorted(seed.GROUP_MEMBERS)
+    assert group["posted"] == sorted(seed.GROUP_POSTERS)
+    for starter, reason, ring, why in seed.GROUP_EXPECTED:
+        got = policy.permission(seed.GROUP, starter).json()
+        assert (got["reason"], got["would_ring"]) == (reason, ring), (starter, why)
+    assert {"group": seed.GROUP, "members": sorted(seed.GROUP_MEMBERS)} in policy.ok(
+        "GET", "/v1/groups", headers=policy.user("frank")
+    )
