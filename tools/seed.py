@@ -87,7 +87,7 @@ GROUP_MEMBERS = ("alice", "bob", "erin", "frank")
 GROUP_POSTERS = ("alice", "bob", "erin")
 
 # What a group call in it shows: (starter, caller-safe reason, who rings, why).
-GROUP_EXPECTED = (
+GROUP_EXPECTED: tuple[tuple[str, str | None, list[str], str], ...] = (
     ("alice", None, ["bob", "erin"], "frank never posted in the group, so he is not rung"),
     ("bob", None, ["alice", "erin"], "erin takes only verified callers, but allows her groups"),
     ("erin", "caller_not_premium", [], "erin is not a subscriber"),
