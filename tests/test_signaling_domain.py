@@ -725,3 +725,12 @@ def test_a_move_sends_every_joined_participant_a_fresh_grant() -> None:
         ("alice", frozenset({"a1"}), True),
         ("bob", frozenset({"b1"}), True),
     ]
+
+
+def test_a_member_who_joined_leaves_like_anyone_joined() -> None:
+    call = _group_call(S.ACTIVE, bob=Participant(P.JOINED, Role.CALLEE, joined_at=T0, since=T0))
+    erin = dec.decide_join(call, "erin", None, T0, node=None, member=True, max_participants=16)
+    joined = erin.writes[0].after
+    assert Ac.MEMBER in joined.actors("erin")  # no membership read needed to leave
+    left = dec.decide_hangup(joined, "erin", T0).writes[0].after
+    assert left.participant("erin").state is P.LEFT and left.state is S.ACTIVE

@@ -378,7 +378,17 @@ async def test_a_full_group_call_refuses_one_more_and_the_starter_can_cancel(
     assert [m["callee"] for m in w.of(EventType.CALL_MISSED, call_id)] == ["wes"]
 
     # the starter hangs up before anyone answers: cancelled, each ring stopped
-    second = await w.start("una", "g3", "u1")
+    placements = [
+        await http.post(  # the same Idempotency-Key twice: one call, the same answer
+            "/v1/calls",
+            json={"group": "g3", "media": "audio"},
+            headers={**w.h("una"), "Idempotency-Key": "k-2"},
+        )
+        for _ in range(2)
+    ]
+    assert [p.status_code for p in placements] == [202, 202]
+    second = placements[0].json()["call_id"]
+    assert placements[1].json()["call_id"] == second
     await w.authorize(second, "una", "g3", ["vic", "wes"])
     await w1.expect(type="call.incoming", call_id=second)
     cancel = await http.post(f"/v1/calls/{second}/hangup", headers=w.h("una"))

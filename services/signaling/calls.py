@@ -369,6 +369,10 @@ class CallService:
             raise NotFound(group)
         live = await self.store.group_call(group)
         if live is not None:
+            if idempotency_key and await self.store.placed_with(starter, idempotency_key) == (
+                live.call_id
+            ):
+                return live  # a retry of the placement that made it
             raise GroupCallInProgress(live.call_id)
         call_id = new_call_id()
         earlier = await self._take_slot(starter, idempotency_key, call_id)

@@ -536,13 +536,15 @@ class Call:
         return self.participant(user).device
 
     def actors(self, user: str, *, member: bool = False) -> frozenset[Actor]:
-        """What ``user`` may act as in this call (``member``: a current member of its group)."""
+        """What ``user`` may act as in this call (``member``: a current member of its group,
+        as read; a participant who joined as a member acts as one in the call)."""
         found: set[Actor] = set()
         if user == self.caller:
             found.add(Actor.CALLER)
         elif user == self.callee or self.participant(user).role is Role.CALLEE:
             found.add(Actor.CALLEE)
-        if member and self.group is not None:
+        joined_as_member = self.participant(user).role is Role.MEMBER and user in self.participants
+        if self.group is not None and (member or joined_as_member):
             found.add(Actor.MEMBER)
         return frozenset(found)
 

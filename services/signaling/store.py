@@ -801,6 +801,11 @@ class CallStore:
             return RateVerdict(True, 0, replay_of=_text(value))
         return RateVerdict(bool(int(status)), int(value))
 
+    async def placed_with(self, user: str, idempotency_key: str) -> str | None:
+        """The call ``user`` placed with that ``Idempotency-Key``, if any."""
+        raw = await self.redis.get(self.idem_key(user, idempotency_key))
+        return _text(raw) if raw is not None else None
+
     async def take_signal_token(
         self, user: str, call_id: str, *, rate_per_s: float, burst: float
     ) -> bool:
