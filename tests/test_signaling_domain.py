@@ -3,25 +3,45 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from services.signaling import decisions as dec
 from services.signaling.domain import (
+    CALL_RULES,
     END_REASONS,
+    PARTICIPANT_RULES,
     TRANSITIONS,
+    Actor,
     Call,
     CallAction,
+    CallFull,
     IllegalTransition,
+    Participant,
+    ParticipantAction,
+    ParticipantState,
+    Role,
+    call_rule,
     glare_winner,
     media_connected_action,
     media_lost,
     move_media,
     next_state,
+    participant_rule,
     upgrade_to_video,
 )
-from shared.contracts import FINAL_STATES, CallState, EndReason, MediaKind
+from shared.contracts import (
+    FINAL_STATES,
+    CallState,
+    EndReason,
+    EventType,
+    MediaKind,
+    MediaMoveReason,
+)
 from shared.ids import new_call_id
+from shared.media_registry import MediaNode
 
 S, A = CallState, CallAction
 
@@ -302,21 +322,6 @@ def test_media_lost_is_nothing_for_another_node_or_a_call_not_in_progress() -> N
 # ---------------------------------------------------------------------------- the rule tables
 # Who may take each call-level action, written out independently of the module.
 
-from services.signaling import decisions as dec  # noqa: E402
-from services.signaling.domain import (  # noqa: E402
-    CALL_RULES,
-    PARTICIPANT_RULES,
-    Actor,
-    CallFull,
-    Participant,
-    ParticipantAction,
-    ParticipantState,
-    Role,
-    call_rule,
-    participant_rule,
-)
-from shared.contracts import EventType  # noqa: E402
-from shared.media_registry import MediaNode  # noqa: E402
 
 Ac, P, PA = Actor, ParticipantState, ParticipantAction
 PARTIES = {Ac.CALLER, Ac.CALLEE, Ac.MEMBER}
@@ -543,8 +548,6 @@ def test_a_group_call_rings_the_invitees_policy_rings_unless_busy() -> None:
 
 # ---------------------------------------------------------------------------- answering, leaving
 
-from dataclasses import replace  # noqa: E402
-
 
 def _rung(*users: str) -> dict[str, Participant]:
     return {u: Participant(P.RINGING, Role.CALLEE, rung=True) for u in users}
@@ -711,8 +714,6 @@ def test_a_group_call_signal_needs_to_and_goes_between_joined_participants() -> 
 
 
 def test_a_move_sends_every_joined_participant_a_fresh_grant() -> None:
-    from shared.contracts import MediaMoveReason
-
     call = _group_call(
         S.ACTIVE,
         bob=Participant(P.JOINED, Role.CALLEE, joined_at=T0, since=T0, device="b1"),
