@@ -506,7 +506,7 @@ def test_glare_the_lesser_id_survives_answered_by_the_losers_device(device: str 
     assert won.answered_device == device  # None when unknown: never a made-up id
     assert (lost.state, lost.replaced_by) == (S.CANCELLED, x.call_id)
     accepted = [e for e in step.events if e.type is EventType.CALL_ACCEPTED]
-    assert [e.device_id for e in accepted] == [device or ""]  # type: ignore[attr-defined]
+    assert [e.device_id for e in accepted] == [device]  # type: ignore[attr-defined]
     to_bob = [n for n in step.notices if n.user == "bob" and n.grant]
     assert len(to_bob) == 1
     assert to_bob[0].devices == (frozenset({device}) if device else None)

@@ -438,7 +438,7 @@ def decide_glare(
     lost = _end_1to1(loser, A.GLARE_LOSE, now, replaced_by=winner.call_id)
     step.writes += [Write(loser, lost), Write(winner, won)]
     step.events.append(CallCancelled(**_ids(lost, lost.peer)))
-    step.events.append(CallAccepted(**_ids(won, won.peer), device_id=device or ""))
+    step.events.append(CallAccepted(**_ids(won, won.peer), device_id=device))
     step.notices = _fanout(lost, now, callee_too=loser.state is S.RINGING)
     step.notices += _accepted_1to1(won, now)
     return step
@@ -557,7 +557,7 @@ def decide_join(
     after = _with(after, {user: part.joined(now, device)})
     step: Step[Granted | Again] = Step(Granted(user), writes=[Write(call, after)])
     if action is PA.ACCEPT:
-        step.events.append(CallAccepted(**_ids(call, user), device_id=device or ""))
+        step.events.append(CallAccepted(**_ids(call, user), device_id=device))
     step.events.append(CallParticipantJoined(call_id=call.call_id, user=user, group=call.group))
     own = state_message(after, now)
     if device:
