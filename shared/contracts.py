@@ -96,6 +96,8 @@ class DenialDetail(StrEnum):
     NOT_ALLOWED_BY_SETTINGS = "not_allowed_by_settings"
     CALLEE_BLOCKED_CALLER = "callee_blocked_caller"
     CALLER_BLOCKED_CALLEE = "caller_blocked_callee"
+    NOT_A_MEMBER = "not_a_member"
+    """A group call's starter is not (or no longer) a member of the group."""
 
 
 class MediaFailure(StrEnum):
@@ -265,7 +267,9 @@ class CallRinging(CallEvent):
 class CallAccepted(CallEvent):
     type: Literal[EventType.CALL_ACCEPTED] = EventType.CALL_ACCEPTED
     version: int = 2
-    device_id: str
+    device_id: str | None
+    """The device that answered; null when none is known (a glare whose losing call named
+    no device): then every device of the callee has stopped ringing."""
 
 
 class CallDeclined(CallEvent):
