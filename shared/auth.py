@@ -12,7 +12,7 @@ the media node checks, naming the call, the user and the node (``MEDIA_TOKEN_SEC
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import jwt
@@ -117,8 +117,8 @@ class MediaGrant:
     group: str | None = None
     """A group call's grant names the group (its room admits up to
     GROUP_CALL_MAX_PARTICIPANTS users); None: a 1:1 call's (two users)."""
-    issued_at: float | None = None
-    """The token's ``iat`` (Unix seconds, to the millisecond), set by
+    issued_at: float | None = field(default=None, compare=False)
+    """The token's ``iat`` (Unix seconds, to the millisecond; not compared), set by
     :func:`verify_media_token`: a node refuses a participant's grant issued before that
     participant left the call (``call_participant_left``)."""
 
