@@ -42,6 +42,7 @@ class MediaLink {
     // nothing): turning the camera on later is a replaceTrack, not a renegotiation.
     const audio = pc.addTransceiver(audioTrack || "audio", { direction: "sendrecv", streams: [local] });
     const video = pc.addTransceiver(videoTrack || "video", { direction: "sendrecv", streams: [local] });
+    this.audio = audio;
     this.video = video;
     // VP8 only: the clear header the worker leaves is VP8's, and the SFU forwards one codec.
     const caps = RTCRtpReceiver.getCapabilities("video");
@@ -59,9 +60,11 @@ class MediaLink {
         worker.postMessage({ type: "streams", operation, kind, slot, readable, writable }, [readable, writable]);
       }
     };
+    // (A group call tags each receiver with its slot: the own pair is slot 0.)
+    const ownSlot = session.beginLink ? session.beginLink(this) : null;
     for (const [kind, transceiver] of [["audio", audio], ["video", video]]) {
       this.transform(transceiver.sender, "encrypt", kind);
-      this.transform(transceiver.receiver, "decrypt", kind);
+      this.transform(transceiver.receiver, "decrypt", kind, ownSlot);
     }
     // A group call adds its receive slots and the SFU's data channel (web/js/group.js).
     if (session.setupLink) session.setupLink(this);

@@ -2,10 +2,11 @@
 // connection to the SFU rejoined by itself, the encryption worker), with
 //
 // - participants: who is joined, live from call.participant and the call object;
-// - media: one audio + one video transceiver to send, and receive "slots" (recvonly audio +
-//   video pairs) the SFU fills with the others; which user is in which slot the SFU says on
-//   the data channel (docs/media.md) -- a hint only: the key that decrypts a slot's frames
-//   says whose they are;
+// - media (docs/media.md, "Group calls"): the own pair (one sendrecv audio + video
+//   transceiver: what we send, and slot 0 of what we receive), then recvonly audio + video
+//   pairs (slots 1, 2, ...) the SFU fills with the others, and the `room` data channel on
+//   which the SFU says who is in which slot and who speaks -- a hint only: the key that
+//   decrypts a slot's frames says whose they are;
 // - E2EE with sender keys: our frames are encrypted with a key of our own, sent to each
 //   other participant wrapped under the key that pair derived with ECDH (call.signal with
 //   "to"); a new one on every join and leave. Per participant: the fingerprint of its
@@ -14,13 +15,13 @@
 import { CallSession } from "./call.js";
 import { SenderKey, fingerprint, fromBase64, pairWrapKey, unwrapSenderKey } from "./e2ee.js";
 
-// Receive slots in each offer: room for everyone else in the largest group call
-// (GROUP_CALL_MAX_PARTICIPANTS, 16).
+// Receive slots in each offer (the own pair's slot 0 included): room for everyone else in
+// the largest group call (GROUP_CALL_MAX_PARTICIPANTS - 1), so no re-offer is ever needed.
 export const GROUP_SLOTS = 15;
 // After a join, our new sender key is used this long after it was sent (the others have it
 // by then); after a leave at once (the one who left must not read what follows).
 const KEY_SWITCH_MS = 1000;
-const DATA_CHANNEL = "dmcall";
+const DATA_CHANNEL = "room";
 
 export class GroupCallSession extends CallSession {
   constructor({ api, socket, call, me, deviceId }) {
@@ -241,37 +242,45 @@ export class GroupCallSession extends CallSession {
 
   // ------------------------------------------------------------------ media
 
-  // Each connection: receive slots after the two send transceivers, and the data channel.
+  // Each connection's frames are tagged "<link>:<slot>" for the worker; the own pair's
+  // receivers are slot 0.
+  beginLink(link) {
+    link.seq = ++this.linkSeq;
+    return `${link.seq}:0`;
+  }
+
+  // Each connection: slot 0 is the own pair; recvonly pairs for slots 1.., the data channel.
   setupLink(link) {
     const pc = link.pc;
-    link.seq = ++this.linkSeq;
-    link.slots = [];
     link.activeSpeaker = null;
-    for (let slot = 0; slot < GROUP_SLOTS; slot++) {
+    // hinted: the user the SFU says is here; sender: whose key decrypts what comes here
+    const slotOf = (slot, audio, video) => ({ slot, audio, video, stream: new MediaStream(), hinted: null, sender: null });
+    link.slots = [slotOf(0, link.audio, link.video)];
+    for (let slot = 1; slot < GROUP_SLOTS; slot++) {
       const audio = pc.addTransceiver("audio", { direction: "recvonly" });
       const video = pc.addTransceiver("video", { direction: "recvonly" });
       link.transform(audio.receiver, "decrypt", "audio", `${link.seq}:${slot}`);
       link.transform(video.receiver, "decrypt", "video", `${link.seq}:${slot}`);
-      // hinted: the user the SFU says is here; sender: whose key decrypts what comes here
-      link.slots.push({ slot, audio, video, stream: new MediaStream(), hinted: null, sender: null, videoSender: null });
+      link.slots.push(slotOf(slot, audio, video));
     }
     const caps = RTCRtpReceiver.getCapabilities("video");
     const vp8 = caps ? caps.codecs.filter((c) => /^video\/(vp8|rtx)$/i.test(c.mimeType)) : [];
-    if (vp8.length) for (const { video } of link.slots) if (video.setCodecPreferences) video.setCodecPreferences(vp8);
+    if (vp8.length) for (const { video } of link.slots.slice(1)) if (video.setCodecPreferences) video.setCodecPreferences(vp8);
     link.channel = pc.createDataChannel(DATA_CHANNEL);
     link.channel.onmessage = (event) => this.onSfuMessage(link, event.data);
   }
 
   onLinkTrack(link, event) {
     const slot = (link.slots || []).find((s) => s.audio === event.transceiver || s.video === event.transceiver);
-    if (!slot) return false; // the send transceivers' receive side: nothing comes there
+    if (!slot) return false;
     slot.stream.addTrack(event.track);
     this.changed();
     return true;
   }
 
-  // What the SFU says on the data channel (docs/media.md): which user is in which slot,
-  // and who is speaking. Only hints: a slot's frames are shown as whoever's key decrypts them.
+  // What the SFU says on the `room` data channel (docs/media.md): `slots` (the full state:
+  // which user is in which slot, by the mids of our offer) and `speaker`. Only hints: a
+  // slot's frames are shown as whoever's key decrypts them.
   onSfuMessage(link, data) {
     let message;
     try { message = JSON.parse(data); } catch { return; }
@@ -283,20 +292,20 @@ export class GroupCallSession extends CallSession {
         if (slot !== null && typeof entry.user === "string") link.slots[slot].hinted = entry.user;
       }
       this.changed();
-    } else if (message.type === "active_speaker" || message.type === "speaker") {
+    } else if (message.type === "speaker") {
       link.activeSpeaker = typeof message.user === "string" ? message.user : null;
       this.changed();
     }
   }
 
-  // A slot named by its index, or by the mid of its audio or video transceiver.
+  // A slot named by the mid of its audio or video transceiver (else by its index).
   slotOf(link, entry) {
-    if (Number.isInteger(entry.slot) && entry.slot >= 0 && entry.slot < GROUP_SLOTS) return entry.slot;
-    for (const mid of [entry.mid, entry.audio_mid, entry.video_mid]) {
+    for (const mid of [entry.video_mid, entry.audio_mid]) {
       if (mid === undefined || mid === null) continue;
-      const found = (link.slots || []).find((s) => s.audio.mid === String(mid) || s.video.mid === String(mid));
+      const found = link.slots.find((s) => s.audio.mid === String(mid) || s.video.mid === String(mid));
       if (found) return found.slot;
     }
+    if (Number.isInteger(entry.slot) && entry.slot >= 0 && entry.slot < link.slots.length) return entry.slot;
     return null;
   }
 
