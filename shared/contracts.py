@@ -96,6 +96,8 @@ class DenialDetail(StrEnum):
     NOT_ALLOWED_BY_SETTINGS = "not_allowed_by_settings"
     CALLEE_BLOCKED_CALLER = "callee_blocked_caller"
     CALLER_BLOCKED_CALLEE = "caller_blocked_callee"
+    NOT_A_MEMBER = "not_a_member"
+    """A group call's starter is not (or no longer) a member of the group."""
 
 
 class MediaFailure(StrEnum):

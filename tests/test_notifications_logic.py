@@ -396,3 +396,44 @@ def test_f6_breaker_opens_after_timeouts_in_a_row_then_half_opens_for_one_trial(
     assert breakers.allow("d", 65) is None
     breakers.answered("d")
     assert breakers.state("d") is BreakerState.CLOSED and breakers.allow("d", 66) is None
+
+
+def test_a_group_calls_notices_name_the_group_and_a_1to1_calls_do_not() -> None:
+    deadline = datetime.now(UTC) + timedelta(seconds=60)
+    erin = {"call_id": "g1", "caller": "alice", "callee": "erin", "group": "friends"}
+    [incoming] = notices_for(CallRinging(media=MediaKind.VIDEO, ring_deadline=deadline, **erin))
+    assert (incoming.user, incoming.kind, incoming.priority) == (
+        "erin",
+        NoticeKind.INCOMING_CALL,
+        Priority.HIGH,
+    )
+    assert (incoming.fields["from"], incoming.fields["group"]) == ("alice", "friends")
+    stopped, missed = notices_for(CallMissed(media=MediaKind.VIDEO, **erin))
+    assert (stopped.kind, stopped.user) == (NoticeKind.RING_STOPPED, "erin")
+    assert "group" not in stopped.fields
+    assert (missed.kind, missed.user, missed.fields["group"]) == (
+        NoticeKind.MISSED_CALL,
+        "erin",
+        "friends",
+    )
+    assert missed.fields["media"] == "video" and missed.fields["from"] == "alice"
+    # each invitee's answer, decline or cancel stops only that invitee's ringing
+    for event in (CallAccepted(device_id="d", **erin), CallDeclined(**erin), CallCancelled(**erin)):
+        assert kinds(event) == [("ring_stopped", "erin")]
+    # the group call's end names no callee: nothing (the invitees' own events did it)
+    ended = CallEnded(
+        call_id="g1", caller="alice", group="friends", reason=EndReason.MISSED, duration_s=0
+    )
+    assert notices_for(ended) == []
+    # 1:1 notices carry no group field at all (their objects are as before)
+    one = notices_for(CallRinging(media=MediaKind.AUDIO, ring_deadline=deadline, **P))
+    one += notices_for(CallMissed(media=MediaKind.AUDIO, **P))
+    one += notices_for(CallEnded(reason=EndReason.BUSY, duration_s=0, **P))
+    assert [n.kind.value for n in one] == [
+        "incoming_call",
+        "ring_stopped",
+        "missed_call",
+        "ring_stopped",
+        "missed_call",
+    ]
+    assert all("group" not in n.fields for n in one)

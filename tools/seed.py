@@ -1,4 +1,5 @@
-"""Demo users whose relations show every rule (``make run`` calls :func:`seed`).
+"""Demo users whose relations show every rule, and a demo group to try group calls in
+(``make run`` calls :func:`seed`).
 
 Facts go through policy's platform API with a platform-scope token; users' own settings
 through ``PUT /v1/settings`` with their own token. Every write is idempotent, so seeding
@@ -80,6 +81,19 @@ EXPECTED = (
 )
 
 
+# The demo group conversation: its members, and who posted in it (frank never did).
+GROUP = "friends"
+GROUP_MEMBERS = ("alice", "bob", "erin", "frank")
+GROUP_POSTERS = ("alice", "bob", "erin")
+
+# What a group call in it shows: (starter, caller-safe reason, who rings, why).
+GROUP_EXPECTED: tuple[tuple[str, str | None, list[str], str], ...] = (
+    ("alice", None, ["bob", "erin"], "frank never posted in the group, so he is not rung"),
+    ("bob", None, ["alice", "erin"], "erin takes only verified callers, but allows her groups"),
+    ("erin", "caller_not_premium", [], "erin is not a subscriber"),
+)
+
+
 def _check(response: httpx.Response) -> None:
     if not response.is_success:
         raise RuntimeError(
@@ -103,6 +117,10 @@ def seed(policy_url: str) -> None:
         for name, call_settings in SETTINGS.items():
             own = {"Authorization": f"Bearer {issue_token(settings, name)}"}
             _check(http.put("/v1/settings", json=call_settings, headers=own))
+        for member in GROUP_MEMBERS:
+            _check(http.put(f"/v1/platform/groups/{GROUP}/members/{member}"))
+        for sender in GROUP_POSTERS:
+            _check(http.post(f"/v1/platform/groups/{GROUP}/messages", json={"sender": sender}))
 
 
 def main() -> None:
@@ -110,6 +128,7 @@ def main() -> None:
     os.environ.setdefault("DMCALL_ENV", "development")  # the demo users use development tokens
     seed(url)
     print(f"seeded {len(USERS)} demo users on {url}: " + ", ".join(u.name for u in USERS))
+    print(f"and the group {GROUP!r}: " + ", ".join(GROUP_MEMBERS))
 
 
 if __name__ == "__main__":

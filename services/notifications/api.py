@@ -83,10 +83,23 @@ Vapid = Annotated[webpush.VapidKeys | None, Depends(vapid_of)]
 # --------------------------------------------------------------------------- models
 
 
+def _group_in_schema(schema: dict[str, Any]) -> None:
+    # Documented, not declared: a declared field would add "group": null to every 1:1
+    # notification, which must stay the object it was (extra="allow" passes it through).
+    schema["properties"]["group"] = {
+        "type": "string",
+        "title": "Group",
+        "description": "Group calls only (incoming_call, missed_call): the group "
+        "conversation's id. Absent for a 1:1 call.",
+    }
+
+
 class NotificationOut(BaseModel):
     """A notification in the inbox (the live stream sends the same object, without ``read``)."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(
+        extra="allow", populate_by_name=True, json_schema_extra=_group_in_schema
+    )
 
     id: str = Field(description="Also the SSE event id; grows with time")
     kind: str = Field(description="incoming_call | missed_call")

@@ -10,6 +10,12 @@ The caller hears the outcome on signaling's WebSocket.
 | ``call_missed`` | ``ring_stopped``, then ``missed_call`` |
 | ``call_ended`` | ``ring_stopped``; also ``missed_call`` when the reason is busy or missed |
 
+In a group call each invitee has their own events (``callee`` = that invitee, ``group``
+set): their ``incoming_call`` and ``missed_call`` carry ``"group"`` (the conversation), so
+a device shows "alice in <group>"; a 1:1 call's have no ``group`` field, as before. A
+group call's ``call_ended`` (no callee) makes nothing: each invitee's own event stopped
+their ringing.
+
 A (user, call, kind) notification is made at most once (see store.py): a call that stopped
 ringing stops once, a missed call is missed once even if both ``call_missed`` and
 ``call_ended(busy)`` arrive, and an ``incoming_call`` that arrives after its call stopped
@@ -95,14 +101,21 @@ def _ring_stopped(event: Event, callee: str, call_id: str, reason: RingStopReaso
 
 
 def _missed(event: Event, caller: str, callee: str, call_id: str, media: str | None) -> Notice:
-    fields = {
+    fields: dict[str, Any] = {
         "kind": NoticeKind.MISSED_CALL.value,
         "call_id": call_id,
         "from": caller,
         "media": media,
         "created_at": _when(event.occurred_at),
     }
+    _name_the_group(fields, event)
     return Notice(callee, NoticeKind.MISSED_CALL, call_id, fields)
+
+
+def _name_the_group(fields: dict[str, Any], event: Event) -> None:
+    group = getattr(event, "group", None)
+    if group is not None:
+        fields["group"] = group
 
 
 def notices_for(event: Event, *, known_media: str | None = None) -> list[Notice]:
@@ -120,6 +133,7 @@ def notices_for(event: Event, *, known_media: str | None = None) -> list[Notice]
             "created_at": _when(event.occurred_at),
             "ring_deadline": _when(event.ring_deadline),
         }
+        _name_the_group(fields, event)
         return [Notice(event.callee, NoticeKind.INCOMING_CALL, event.call_id, fields)]
     if isinstance(event, CallAccepted):
         return [_ring_stopped(event, event.callee, event.call_id, RingStopReason.ANSWERED)]

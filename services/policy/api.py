@@ -1,4 +1,5 @@
-"""HTTP routes of the policy service: settings, permissions, blocks, reports, platform facts.
+"""HTTP routes of the policy service: settings, permissions (1:1 and group), the token
+user's groups, blocks, reports, platform facts (users, relations, DMs, groups).
 
 Users act only as themselves (the token's ``sub``); the ``/v1/platform`` routes take only
 the platform's service identity (``scope: platform``).
@@ -11,12 +12,23 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
+from fastapi.responses import JSONResponse
 from opentelemetry import trace
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool
 
 from services.policy.consumers import FactFromTheFuture, check_not_future
 from services.policy.deps import CurrentUser, EventBus, PlatformPrincipal, Settings, Store
-from services.policy.domain import CallSettings, ReportCheck, Verdict, check_report, decide
+from services.policy.domain import (
+    CallSettings,
+    GroupFacts,
+    GroupVerdict,
+    NotRung,
+    ReportCheck,
+    Verdict,
+    check_report,
+    decide,
+    decide_group,
+)
 from services.policy.fastpath import permission_json
 from services.policy.settings import PolicySettings
 from services.policy.store import PolicyStore, Relation
@@ -39,6 +51,9 @@ router = APIRouter()
 
 
 UserPath = Annotated[str, Path(pattern=USER_ID_PATTERN, description="A user id")]
+GroupPath = Annotated[
+    str, Path(pattern=USER_ID_PATTERN, description="A group DM conversation's id")
+]
 OccurredAt = Annotated[
     AwareDatetime | None,
     Query(
@@ -59,6 +74,13 @@ class AllowFrom(_Strict):
     address_book: StrictBool = True
     following: StrictBool = True
     verified: StrictBool = False
+    groups: StrictBool = Field(
+        True,
+        description="Members of my group conversations may ring me in a group call (once I "
+        "posted there), even if no other allowance lets them. Answers list it only when "
+        "false: absent means true, so the object of a user who never turned it off is the "
+        "one clients knew before group calls.",
+    )
 
 
 class CallSettingsBody(_Strict):
@@ -75,6 +97,7 @@ class CallSettingsBody(_Strict):
                 address_book=settings.allow_address_book,
                 following=settings.allow_following,
                 verified=settings.allow_verified,
+                groups=settings.allow_groups,
             ),
         )
 
@@ -84,7 +107,15 @@ class CallSettingsBody(_Strict):
             allow_address_book=self.allow_from.address_book,
             allow_following=self.allow_from.following,
             allow_verified=self.allow_from.verified,
+            allow_groups=self.allow_from.groups,
         )
+
+    def answer(self) -> JSONResponse:
+        """The settings as answered: ``allow_from.groups`` only when it is off."""
+        body = self.model_dump()
+        if body["allow_from"]["groups"]:
+            del body["allow_from"]["groups"]
+        return JSONResponse(body)
 
 
 class Permission(BaseModel):
@@ -167,20 +198,84 @@ class Decision(BaseModel):
     detail: DenialDetail | None
 
 
+class GroupPermission(BaseModel):
+    """May I start a call in this group, and whom would it ring (the group's phone icon)."""
+
+    group: str
+    allowed: bool
+    media: list[MediaKind]
+    reason: RejectReason | None = Field(
+        description="null when allowed; otherwise about the token user only "
+        "(caller_not_premium), never about a member"
+    )
+    would_ring: list[str] = Field(
+        description="The members a call now would ring, sorted; never why the others not"
+    )
+
+
+class MyGroup(BaseModel):
+    group: str
+    members: list[str] = Field(description="Every current member (me included), sorted")
+
+
+class GroupMemberOut(BaseModel):
+    group_id: str
+    user_id: str
+    member: bool
+    """Whether the user is a member after this request."""
+    applied: bool
+    """False when a newer fact about this membership was already recorded."""
+
+
+class GroupMessageBody(_Strict):
+    sender: UserId
+    occurred_at: AwareDatetime | None = None
+
+
+class GroupMessageOut(BaseModel):
+    group_id: str
+    sender: str
+    first: bool
+    """The first post of sender in the group policy knows of."""
+
+
+class GroupOut(BaseModel):
+    group_id: str
+    members: list[str]
+    posted: list[str] = Field(description="Who ever posted in the group (members or not)")
+
+
+class NotRungOut(BaseModel):
+    user: str
+    why: NotRung
+
+
+class GroupDecision(BaseModel):
+    """For support: a group call's verdict now, with why each member is not rung."""
+
+    group: str
+    starter: str
+    allowed: bool
+    reason: RejectReason | None
+    detail: DenialDetail | None
+    ring: list[str]
+    not_rung: list[NotRungOut]
+
+
 # --------------------------------------------------------------------------- settings
 
 
 @router.get("/v1/settings", response_model=CallSettingsBody, tags=["settings"])
-async def get_settings(user: CurrentUser, store: Store) -> CallSettingsBody:
+async def get_settings(user: CurrentUser, store: Store) -> Response:
     """The token user's call settings (the defaults if never set)."""
-    return CallSettingsBody.of(await store.get_settings(user))
+    return CallSettingsBody.of(await store.get_settings(user)).answer()
 
 
 @router.put("/v1/settings", response_model=CallSettingsBody, tags=["settings"])
-async def put_settings(body: CallSettingsBody, user: CurrentUser, store: Store) -> CallSettingsBody:
+async def put_settings(body: CallSettingsBody, user: CurrentUser, store: Store) -> Response:
     """Replace the token user's call settings; omitted fields take their defaults."""
     await store.put_settings(user, body.to_domain())
-    return body
+    return body.answer()
 
 
 # --------------------------------------------------------------------------- permissions
@@ -205,6 +300,52 @@ async def get_permission(
     _note(verdict, user, callee)
     # The common case is answered by fastpath.py before it gets here; same answer.
     return Response(permission_json(callee, verdict.reason), media_type="application/json")
+
+
+def _decide_group(facts: GroupFacts, settings: PolicySettings) -> GroupVerdict:
+    return decide_group(
+        facts,
+        require_premium=settings.require_premium,
+        max_participants=settings.group_call_max_participants,
+    )
+
+
+@router.get(
+    "/v1/permissions/groups/{group_id}",
+    response_model=GroupPermission,
+    tags=["permissions"],
+    responses={404: {"description": "No such group of mine (I am not a member)"}},
+)
+async def get_group_permission(
+    group_id: GroupPath, user: CurrentUser, store: Store, settings: Settings
+) -> GroupPermission:
+    """May the token user start a call in the group now, and whom would it ring? Drives
+    the phone icon of a group conversation. One Redis round trip for the whole group."""
+    facts = await store.group_facts(group_id, user)
+    if not facts.starter_member:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such group of yours")
+    verdict = _decide_group(facts, settings)
+    if verdict.not_rung and log.isEnabledFor(logging.DEBUG):
+        log.debug("group %s by %s: not rung %s", group_id, user, verdict.not_rung)
+    return GroupPermission(
+        group=group_id,
+        allowed=verdict.allowed,
+        media=list(verdict.media),
+        reason=verdict.reason,
+        would_ring=sorted(verdict.ring),
+    )
+
+
+# --------------------------------------------------------------------------- groups
+
+
+@router.get("/v1/groups", response_model=list[MyGroup], tags=["groups"])
+async def list_groups(user: CurrentUser, store: Store) -> list[MyGroup]:
+    """The group conversations the token user is a member of, with their members."""
+    return [
+        MyGroup(group=group_id, members=members)
+        for group_id, members in await store.groups_with_members(user)
+    ]
 
 
 # --------------------------------------------------------------------------- blocks
@@ -451,6 +592,108 @@ async def post_dm(body: DmBody, platform: PlatformPrincipal, store: Store) -> Dm
     """A DM was sent from ``sender`` to ``recipient`` (so recipient may now call sender)."""
     first = await store.record_dm(body.sender, body.recipient)
     return DmOut(sender=body.sender, recipient=body.recipient, first=first)
+
+
+async def _membership(
+    present: bool,
+    group_id: str,
+    user_id: str,
+    store: PolicyStore,
+    settings: PolicySettings,
+    occurred_at: datetime | None,
+) -> GroupMemberOut:
+    change = await store.set_group_member(
+        group_id, user_id, present=present, at=_when(occurred_at, settings)
+    )
+    return GroupMemberOut(
+        group_id=group_id, user_id=user_id, member=change.present, applied=change.applied
+    )
+
+
+@router.put(
+    "/v1/platform/groups/{group_id}/members/{user_id}",
+    response_model=GroupMemberOut,
+    tags=["platform"],
+)
+async def put_group_member(
+    group_id: GroupPath,
+    user_id: UserPath,
+    platform: PlatformPrincipal,
+    store: Store,
+    settings: Settings,
+    occurred_at: OccurredAt = None,
+) -> GroupMemberOut:
+    """Record: user_id is a member of the group conversation (as of ``occurred_at``)."""
+    return await _membership(True, group_id, user_id, store, settings, occurred_at)
+
+
+@router.delete(
+    "/v1/platform/groups/{group_id}/members/{user_id}",
+    response_model=GroupMemberOut,
+    tags=["platform"],
+)
+async def delete_group_member(
+    group_id: GroupPath,
+    user_id: UserPath,
+    platform: PlatformPrincipal,
+    store: Store,
+    settings: Settings,
+    occurred_at: OccurredAt = None,
+) -> GroupMemberOut:
+    """Record: user_id is no longer a member of the group (as of ``occurred_at``)."""
+    return await _membership(False, group_id, user_id, store, settings, occurred_at)
+
+
+@router.post(
+    "/v1/platform/groups/{group_id}/messages", response_model=GroupMessageOut, tags=["platform"]
+)
+async def post_group_message(
+    group_id: GroupPath,
+    body: GroupMessageBody,
+    platform: PlatformPrincipal,
+    store: Store,
+    settings: Settings,
+) -> GroupMessageOut:
+    """``sender`` posted in the group (so a group call by another member may ring them)."""
+    _when(body.occurred_at, settings)  # refuses one from the future, like every fact
+    first = await store.record_group_post(group_id, body.sender)
+    return GroupMessageOut(group_id=group_id, sender=body.sender, first=first)
+
+
+@router.get("/v1/platform/groups/{group_id}", response_model=GroupOut, tags=["platform"])
+async def get_group(group_id: GroupPath, platform: PlatformPrincipal, store: Store) -> GroupOut:
+    """What policy knows of the group: its members and who ever posted in it."""
+    return GroupOut(
+        group_id=group_id,
+        members=await store.groups.members(group_id),
+        posted=await store.group_posters(group_id),
+    )
+
+
+@router.get(
+    "/v1/platform/decisions/groups/{group_id}/{starter}",
+    response_model=GroupDecision,
+    tags=["platform"],
+)
+async def get_group_decision(
+    group_id: GroupPath,
+    starter: UserPath,
+    platform: PlatformPrincipal,
+    store: Store,
+    settings: Settings,
+) -> GroupDecision:
+    """For support: a group call by ``starter`` now — its verdict, whom it would ring, and
+    why each other member would not be rung."""
+    verdict = _decide_group(await store.group_facts(group_id, starter), settings)
+    return GroupDecision(
+        group=group_id,
+        starter=starter,
+        allowed=verdict.allowed,
+        reason=verdict.reason,
+        detail=verdict.detail,
+        ring=list(verdict.ring),
+        not_rung=[NotRungOut(user=u, why=why) for u, why in verdict.not_rung],
+    )
 
 
 @router.get("/v1/platform/decisions/{caller}/{callee}", response_model=Decision, tags=["platform"])

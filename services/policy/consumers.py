@@ -1,9 +1,10 @@
 """Policy's event handlers: the platform's facts, and the verdict on every call_requested.
 
 ``facts`` (one instance of the service handles each event) applies the platform's
-``user.updated``, ``follow.*``, ``contact.*``, ``block.*`` and ``dm.sent`` events. Each
-write is ordered by the event's ``occurred_at`` (see store.py), so redelivered and
-reordered facts end in the newest state.
+``user.updated``, ``follow.*``, ``contact.*``, ``block.*``, ``dm.sent`` and ``group.*``
+events. Each write is ordered by the event's ``occurred_at`` (see store.py and
+shared/groups.py), so redelivered and reordered facts end in the newest state; a group
+post only ever adds (has posted at least once), so its order does not matter.
 
 ``verdicts`` decides each ``call_requested`` on the facts as they are when it is handled
 and publishes ``call_authorized`` or ``call_rejected`` in the same trace (the bus runs
@@ -17,6 +18,13 @@ died before the bus marked it done) republishes the same recorded event, same
 An authorized call's two parties are recorded (``policy:call:<call_id>``) before its
 ``call_authorized`` is published: ``POST /v1/reports`` checks a report against them, and
 signaling rings only on the verdict, so no party can see a call before it is recorded.
+
+A group ``call_requested`` (``group`` set) gets one verdict the same way: ``call_rejected``
+(the starter is not a member, or not premium) or ``call_authorized`` with ``ring``, the
+invitees :func:`~services.policy.domain.decide_group` rings; why each other invitee is not
+rung goes to the log (INFO) and the span, never into the event. Its parties (starter and
+rung invitees) are recorded before it is published, and each ``call_participant_joined``
+adds the joiner, so any of them may report another.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from typing import Any
 from opentelemetry import trace
 from prometheus_client import Counter
 
-from services.policy.domain import Verdict, decide
+from services.policy.domain import GroupVerdict, Verdict, decide, decide_group
 from services.policy.settings import PolicySettings
 from services.policy.store import PolicyStore, Relation
 from shared.bus import Bus, Delivery
@@ -37,6 +45,7 @@ from shared.contracts import (
     BlockCreated,
     BlockDeleted,
     CallAuthorized,
+    CallParticipantJoined,
     CallRejected,
     CallRequested,
     ContactAdded,
@@ -45,6 +54,10 @@ from shared.contracts import (
     Event,
     FollowCreated,
     FollowDeleted,
+    GroupMemberAdded,
+    GroupMemberEvent,
+    GroupMemberRemoved,
+    GroupMessageSent,
     RelationEvent,
     UserUpdated,
 )
@@ -106,6 +119,27 @@ def verdict_event(request: CallRequested, verdict: Verdict) -> CallAuthorized | 
     )
 
 
+def group_verdict_event(
+    request: CallRequested, verdict: GroupVerdict
+) -> CallAuthorized | CallRejected:
+    if verdict.allowed:
+        return CallAuthorized(
+            call_id=request.call_id,
+            caller=request.caller,
+            group=request.group,
+            media=request.media,
+            ring=list(verdict.ring),
+        )
+    assert verdict.reason is not None
+    return CallRejected(
+        call_id=request.call_id,
+        caller=request.caller,
+        group=request.group,
+        reason=verdict.reason,
+        detail=verdict.detail,
+    )
+
+
 def record_on_span(verdict: Verdict) -> None:
     span = trace.get_current_span()
     span.set_attribute("dmcall.policy.allowed", verdict.allowed)
@@ -127,8 +161,17 @@ class PolicyConsumers:
         }
         for model in RELATION_EVENTS:
             handlers[model] = self.on_relation
+        handlers[GroupMemberAdded] = self.on_group_member
+        handlers[GroupMemberRemoved] = self.on_group_member
+        handlers[GroupMessageSent] = self.on_group_message
         self.bus.subscribe(FACTS_CONSUMER, handlers)
-        self.bus.subscribe(VERDICTS_CONSUMER, {CallRequested: self.on_call_requested})
+        self.bus.subscribe(
+            VERDICTS_CONSUMER,
+            {
+                CallRequested: self.on_call_requested,
+                CallParticipantJoined: self.on_participant_joined,
+            },
+        )
 
     # ---------------------------------------------------------------- facts
 
@@ -160,24 +203,78 @@ class PolicyConsumers:
     async def on_dm_sent(self, event: DmSent, delivery: Delivery) -> None:
         await self.store.record_dm(event.sender, event.recipient)
 
+    async def on_group_member(self, event: GroupMemberEvent, delivery: Delivery) -> None:
+        check_not_future(event.occurred_at, self.settings)
+        change = await self.store.set_group_member(
+            event.group_id,
+            event.user_id,
+            present=isinstance(event, GroupMemberAdded),
+            at=event.occurred_at,
+        )
+        if not change.applied:
+            STALE_FACTS.labels(event.type.value).inc()
+            log.info(
+                "%s %s in %s at %s is older than the member's last change; ignored",
+                event.type.value,
+                event.user_id,
+                event.group_id,
+                event.occurred_at.isoformat(),
+            )
+
+    async def on_group_message(self, event: GroupMessageSent, delivery: Delivery) -> None:
+        await self.store.record_group_post(event.group_id, event.sender)
+
+    async def on_participant_joined(self, event: CallParticipantJoined, delivery: Delivery) -> None:
+        # Only group calls: a joiner who was not rung becomes a party (may report, be
+        # reported). A 1:1 call's parties are fixed by its verdict.
+        if event.group is None and not await self.store.is_group_call(event.call_id):
+            return
+        await self.store.add_group_call_parties(
+            event.call_id, [event.user], self.settings.call_retention_s
+        )
+
     # ---------------------------------------------------------------- verdicts
 
-    async def on_call_requested(self, event: CallRequested, delivery: Delivery) -> None:
-        if event.callee is None:
-            log.warning(
-                "group call %s: not decided yet (group calls are being built)", event.call_id
+    async def _judge(self, event: CallRequested) -> CallAuthorized | CallRejected:
+        if event.group is None:
+            assert event.callee is not None
+            facts = await self.store.facts(event.caller, event.callee)
+            return verdict_event(
+                event, decide(facts, require_premium=self.settings.require_premium)
             )
-            return
-        facts = await self.store.facts(event.caller, event.callee)
-        verdict = decide(facts, require_premium=self.settings.require_premium)
+        group_facts = await self.store.group_facts(event.group, event.caller, list(event.invitees))
+        verdict = decide_group(
+            group_facts,
+            require_premium=self.settings.require_premium,
+            max_participants=self.settings.group_call_max_participants,
+        )
+        if verdict.not_rung:
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.set_attribute(
+                    "dmcall.policy.not_rung", [f"{u}:{why.value}" for u, why in verdict.not_rung]
+                )
+            log.info(
+                "group call %s in %s by %s: not rung %s",
+                event.call_id,
+                event.group,
+                event.caller,
+                ", ".join(f"{u} ({why.value})" for u, why in verdict.not_rung),
+            )
+        return group_verdict_event(event, verdict)
+
+    async def on_call_requested(self, event: CallRequested, delivery: Delivery) -> None:
         stored = await self.store.claim_verdict(
-            verdict_event(event, verdict), str(event.event_id), self.settings.verdict_ttl_s
+            await self._judge(event), str(event.event_id), self.settings.verdict_ttl_s
         )
         decided = stored.event
         if isinstance(decided, CallAuthorized):
             # Before call_authorized goes out: a call can ring only after this, so a party
             # reporting it right away finds it (idempotent, for the redelivery too).
-            await self.store.record_call(decided, self.settings.call_retention_s)
+            if decided.group is None:
+                await self.store.record_call(decided, self.settings.call_retention_s)
+            else:
+                await self.store.record_group_call(decided, self.settings.call_retention_s)
         if stored.published or not stored.owned:
             # Another call_requested for this call decided it; that one's delivery publishes.
             log.info("call %s already judged (%s); nothing to publish", event.call_id, decided.type)
@@ -188,13 +285,19 @@ class PolicyConsumers:
                 "call %s %s -> %s rejected: %s (detail %s)",
                 event.call_id,
                 event.caller,
-                event.callee,
+                event.callee or f"group {event.group}",
                 decided.reason.value,
                 decided.detail.value if decided.detail else "-",
             )
         else:
             record_on_span(Verdict(True))
-            log.info("call %s %s -> %s authorized", event.call_id, event.caller, event.callee)
+            log.info(
+                "call %s %s -> %s authorized%s",
+                event.call_id,
+                event.caller,
+                event.callee or f"group {event.group}",
+                f", ringing {', '.join(decided.ring) or 'nobody'}" if decided.group else "",
+            )
         await self.bus.publish(decided)
         await self.store.mark_verdict_published(event.call_id, self.settings.verdict_ttl_s)
         if isinstance(decided, CallRejected):

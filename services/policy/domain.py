@@ -16,8 +16,19 @@ not allowed. The :class:`DenialDetail` says which rule denied, for logs, traces 
 support. The defaults of :class:`Facts` are those of a user never seen before: calls on,
 address book and following allowed, not premium, not verified, no DMs, no blocks.
 
+Group calls (:func:`decide_group`, PRODUCT.md "Group calls" rule 2): the starter S of a
+call in group G must be a member (``not_a_member``, told as ``no_prior_dm``: the
+conversation does not let them call, a fact S sees themself) and premium, while the
+deployment requires it. Each other member M is rung (:func:`ring_check`) only if: M is a
+member still; M has posted in G at least once (the group's "has DMed you"); no block
+either way; M has calls on; M's settings allow S (address book, following, verified, as
+for 1:1) or M allows calls from their groups (``allow_from.groups``). Why M is not rung is
+a :class:`NotRung`, for logs, traces and support only: the starter learns who rings, never
+why someone does not.
+
 Reports (:func:`check_report`): a call may be reported only by one of its parties, about
-the other, and only a call policy authorized (the only calls that reach a callee).
+another, and only a call policy authorized (the only calls that reach a callee). A group
+call's parties are its starter, the invitees it rang and anyone who joined it.
 """
 
 from __future__ import annotations
@@ -38,6 +49,8 @@ class CallSettings:
     allow_address_book: bool = True
     allow_following: bool = True
     allow_verified: bool = False
+    allow_groups: bool = True
+    """Members of a group I am in may ring me in a group call (if I posted there)."""
 
 
 DEFAULT_SETTINGS = CallSettings()
@@ -86,6 +99,10 @@ CALLER_SAFE_REASON: dict[DenialDetail, RejectReason] = {
     DenialDetail.CALLER_BLOCKED_CALLEE: RejectReason.CALLEE_UNAVAILABLE,
     DenialDetail.CALLS_DISABLED: RejectReason.CALLEE_UNAVAILABLE,
     DenialDetail.NOT_ALLOWED_BY_SETTINGS: RejectReason.CALLEE_UNAVAILABLE,
+    # A group call's starter who is not in the group: something they can see themselves
+    # (like "never DMed you"); signaling refuses them at placement already (404), so this
+    # answers only a membership removed between placement and the verdict.
+    DenialDetail.NOT_A_MEMBER: RejectReason.NO_PRIOR_DM,
 }
 
 _DENIALS = {detail: Verdict(False, reason, detail) for detail, reason in CALLER_SAFE_REASON.items()}
@@ -130,6 +147,14 @@ class CallParties:
     callee: str
 
 
+@dataclass(frozen=True, slots=True)
+class GroupCallParties:
+    """The parties of a group call policy authorized: its starter, the invitees it rang,
+    and every member who joined it (signaling's ``call_participant_joined``)."""
+
+    users: frozenset[str]
+
+
 class ReportCheck(StrEnum):
     """Whether a user may report a call about a user, and if not, why."""
 
@@ -138,14 +163,143 @@ class ReportCheck(StrEnum):
     """No call policy authorized has this id, or the reporter is not one of its parties:
     alike to the reporter, so nobody learns of other people's calls."""
     NOT_THE_OTHER_PARTY = "not_the_other_party"
-    """The reporter is a party, but the reported user is not the other one."""
+    """The reporter is a party, but the reported user is not another one."""
 
 
-def check_report(parties: CallParties | None, reporter: str, reported_user: str) -> ReportCheck:
-    """A report is accepted only from a party of a call that happened, about the other."""
+def check_report(
+    parties: CallParties | GroupCallParties | None, reporter: str, reported_user: str
+) -> ReportCheck:
+    """A report is accepted only from a party of a call that happened, about another."""
+    if isinstance(parties, GroupCallParties):
+        if reporter not in parties.users:
+            return ReportCheck.UNKNOWN_CALL
+        if reported_user == reporter or reported_user not in parties.users:
+            return ReportCheck.NOT_THE_OTHER_PARTY
+        return ReportCheck.ALLOWED
     if parties is None or reporter not in (parties.caller, parties.callee):
         return ReportCheck.UNKNOWN_CALL
     other = parties.callee if reporter == parties.caller else parties.caller
     if reported_user != other:
         return ReportCheck.NOT_THE_OTHER_PARTY
     return ReportCheck.ALLOWED
+
+
+# --------------------------------------------------------------------------- group calls
+
+
+class NotRung(StrEnum):
+    """Why a member of the group is not rung (logs, traces, support; never the starter)."""
+
+    NOT_A_MEMBER = "not_a_member"
+    """Listed as an invitee, but no longer a member when policy decided."""
+    NO_GROUP_POST = "no_group_post"
+    """Never posted in the group."""
+    CALLEE_BLOCKED_CALLER = "callee_blocked_caller"
+    """The member blocked the starter (on the platform, from calls, or by a report)."""
+    CALLER_BLOCKED_CALLEE = "caller_blocked_callee"
+    CALLS_DISABLED = "calls_disabled"
+    NOT_ALLOWED_BY_SETTINGS = "not_allowed_by_settings"
+    """Neither the 1:1 allowances nor ``allow_from.groups`` let the starter through."""
+    CALL_FULL = "call_full"
+    """Eligible, but the call already rings GROUP_CALL_MAX_PARTICIPANTS - 1 members."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemberFacts:
+    """What the per-invitee rule reads about one member M, towards the starter S."""
+
+    user: str
+    member: bool = True
+    posted: bool = False
+    """M has posted in the group at least once."""
+    settings: CallSettings = DEFAULT_SETTINGS
+    starter_in_contacts: bool = False
+    """S is in M's address book."""
+    follows_starter: bool = False
+    blocked_starter: bool = False
+    """M blocked S: on the platform, from a call, or by reporting S."""
+    starter_blocked: bool = False
+    """S blocked M (platform or call block)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupFacts:
+    """Everything a group call's verdict reads: the starter and each invitee."""
+
+    group: str
+    starter: str
+    starter_member: bool
+    starter_premium: bool = False
+    starter_verified: bool = False
+    invitees: tuple[MemberFacts, ...] = ()
+    """In the order the call lists them (signaling: sorted by user id)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupVerdict:
+    """A group call allowed (with whom to ring) or rejected (caller-safe reason + real)."""
+
+    allowed: bool
+    reason: RejectReason | None = None
+    detail: DenialDetail | None = None
+    ring: tuple[str, ...] = ()
+    not_rung: tuple[tuple[str, NotRung], ...] = ()
+    """Each invitee not rung and why: never for the starter."""
+
+    @property
+    def media(self) -> tuple[MediaKind, ...]:
+        return ALL_MEDIA if self.allowed else ()
+
+
+def ring_check(m: MemberFacts, *, starter_verified: bool) -> NotRung | None:
+    """Is member ``m`` rung when the starter calls the group? None: rung; else why not."""
+    if not m.member:
+        return NotRung.NOT_A_MEMBER
+    if not m.posted:
+        return NotRung.NO_GROUP_POST
+    if m.blocked_starter:
+        return NotRung.CALLEE_BLOCKED_CALLER
+    if m.starter_blocked:
+        return NotRung.CALLER_BLOCKED_CALLEE
+    s = m.settings
+    if not s.enabled:
+        return NotRung.CALLS_DISABLED
+    if (
+        s.allow_groups
+        or (s.allow_address_book and m.starter_in_contacts)
+        or (s.allow_following and m.follows_starter)
+        or (s.allow_verified and starter_verified)
+    ):
+        return None
+    return NotRung.NOT_ALLOWED_BY_SETTINGS
+
+
+def decide_group(
+    facts: GroupFacts, *, require_premium: bool = True, max_participants: int = 16
+) -> GroupVerdict:
+    """May the starter start a call in the group, and whom does it ring?
+
+    At most ``max_participants - 1`` invitees are rung (the starter is the other one):
+    the first eligible ones in the order of ``facts.invitees``; the rest are
+    :attr:`NotRung.CALL_FULL` (they can still join while there is room)."""
+    if not facts.starter_member:
+        return GroupVerdict(
+            False, CALLER_SAFE_REASON[DenialDetail.NOT_A_MEMBER], DenialDetail.NOT_A_MEMBER
+        )
+    if require_premium and not facts.starter_premium:
+        detail = DenialDetail.CALLER_NOT_PREMIUM
+        return GroupVerdict(False, CALLER_SAFE_REASON[detail], detail)
+    ring: list[str] = []
+    not_rung: list[tuple[str, NotRung]] = []
+    room = max(0, max_participants - 1)
+    for m in facts.invitees:
+        if m.user == facts.starter or m.user in ring:
+            continue
+        why = ring_check(m, starter_verified=facts.starter_verified)
+        if why is None and len(ring) >= room:
+            why = NotRung.CALL_FULL
+        if why is None:
+            ring.append(m.user)
+        else:
+            not_rung.append((m.user, why))
+    return GroupVerdict(True, ring=tuple(ring), not_rung=tuple(not_rung))

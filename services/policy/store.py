@@ -8,11 +8,15 @@ time of the last change it took, and a change older than that is ignored, so reo
 redelivered facts end in the state of the newest one. A remove and an add with the same
 time resolve to the remove, whichever arrives first.
 
+Group membership is shared/groups.py's :class:`GroupDirectory` (policy writes it, signaling
+reads it); who posted in a group is policy's own (``group_posts``).
+
 The permission query reads everything the rule needs in one round trip (one Lua script,
 :data:`_PERMISSION_LUA`), on a lean pipelined connection of its own
-(:mod:`services.policy.redis_pipe`): the queries of one event-loop turn share one write. The scripts
-touch several users' keys, so a Redis Cluster deployment would need hash tags; a single
-primary (with replicas) is what docs/operations.md describes.
+(:mod:`services.policy.redis_pipe`): the queries of one event-loop turn share one write. The
+group query is one script too (:data:`_GROUP_LUA`: every member's facts at once, through
+redis-py). The scripts touch several users' keys, so a Redis Cluster deployment would need
+hash tags; a single primary (with replicas) is what docs/operations.md describes.
 """
 
 from __future__ import annotations
@@ -28,9 +32,18 @@ from typing import Any
 from redis.asyncio import Redis
 
 from services.policy import redis_pipe
-from services.policy.domain import DEFAULT_SETTINGS, CallParties, CallSettings, Facts
+from services.policy.domain import (
+    DEFAULT_SETTINGS,
+    CallParties,
+    CallSettings,
+    Facts,
+    GroupCallParties,
+    GroupFacts,
+    MemberFacts,
+)
 from services.policy.redis_pipe import RedisPipe
 from shared.contracts import CallAuthorized, CallRejected, Event, parse_event
+from shared.groups import GroupDirectory
 from shared.redis import KeySpace
 from shared.settings import CommonSettings
 
@@ -71,8 +84,9 @@ class Keys:
         return self._k("user", user)
 
     def settings(self, user: str) -> str:
-        # policy:settings:<user> -> hash {enabled, address_book, following, verified}
-        #   each "0"|"1"; absent = the defaults (on; address book + following)
+        # policy:settings:<user> -> hash {enabled, address_book, following, verified,
+        #   groups} each "0"|"1"; absent = the defaults (on; address book, following and
+        #   groups); a hash saved before ``groups`` existed lacks it: on
         return self._k("settings", user)
 
     def relation(self, relation: Relation, user: str) -> str:
@@ -113,6 +127,19 @@ class Keys:
         # policy:reports:<reporter> -> hash {<call_id>: JSON of the report (the
         #   call_reported event, and "published": bool)}
         return self._k("reports", reporter)
+
+    def group_posts(self, group_id: str) -> str:
+        # policy:group_posts:<group_id> -> set of user ids who ever posted in the group
+        #   (group.message_sent / POST /v1/platform/groups/{g}/messages); only grows, so
+        #   any order of delivery ends the same; kept when a poster leaves the group
+        return self._k("group_posts", group_id)
+
+    def group_call(self, call_id: str) -> str:
+        # policy:group_call:<call_id> -> set of user ids: the parties of a group call policy
+        #   authorized (the starter and the rung invitees, written before its
+        #   call_authorized is published; each member who joins, from
+        #   call_participant_joined); expires like policy:call (POLICY_CALL_RETENTION_S)
+        return self._k("group_call", call_id)
 
     def verdict(self, call_id: str) -> str:
         # policy:verdict:<call_id> -> hash {event: JSON of the call_authorized/call_rejected
@@ -165,6 +192,50 @@ return {u[1], u[2], s[1], s[2], s[3], s[4],
   redis.call('SISMEMBER', KEYS[6], ARGV[1]) + redis.call('SISMEMBER', KEYS[8], ARGV[1]),
   redis.call('SISMEMBER', KEYS[7], ARGV[2]) + redis.call('SISMEMBER', KEYS[9], ARGV[2])}
 """
+
+
+# The group query, one round trip for a whole group. KEYS: user(starter), the group's
+# members set (shared/groups.py), group_posts(group), blocks(starter), call_blocks(starter).
+# ARGV: starter, then the key prefixes of settings, contacts, following, blocks and
+# call_blocks (each user's key is prefix .. user), then "members" (judge every member but
+# the starter) or "listed" followed by the users to judge (a call's invitees).
+# -> {premium, verified, starter is member 0|1, then per judged user 12 values: user,
+#     member, posted, enabled, address_book, following, verified, groups, starter in
+#     contacts, follows starter, blocked starter (platform + call), starter blocked}
+# Per-member keys are built inside the script from the prefixes: a single Redis primary
+# (docs/operations.md); a Cluster would need the group's keys under one hash tag.
+_GROUP_LUA = """
+local starter = ARGV[1]
+local u = redis.call('HMGET', KEYS[1], 'premium', 'verified')
+local out = {u[1], u[2], redis.call('SISMEMBER', KEYS[2], starter)}
+local users
+if ARGV[7] == 'members' then
+  users = redis.call('SMEMBERS', KEYS[2])
+  table.sort(users)
+else
+  users = {}
+  for i = 8, #ARGV do users[#users + 1] = ARGV[i] end
+end
+for _, m in ipairs(users) do
+  if m ~= starter then
+    local s = redis.call('HMGET', ARGV[2] .. m, 'enabled', 'address_book', 'following',
+      'verified', 'groups')
+    out[#out + 1] = m
+    out[#out + 1] = redis.call('SISMEMBER', KEYS[2], m)
+    out[#out + 1] = redis.call('SISMEMBER', KEYS[3], m)
+    for i = 1, 5 do out[#out + 1] = s[i] or false end
+    out[#out + 1] = redis.call('SISMEMBER', ARGV[3] .. m, starter)
+    out[#out + 1] = redis.call('SISMEMBER', ARGV[4] .. m, starter)
+    out[#out + 1] = redis.call('SISMEMBER', ARGV[5] .. m, starter)
+      + redis.call('SISMEMBER', ARGV[6] .. m, starter)
+    out[#out + 1] = redis.call('SISMEMBER', KEYS[4], m) + redis.call('SISMEMBER', KEYS[5], m)
+  end
+end
+return out
+"""
+
+GROUP_FIELDS = 12
+"""Values per judged user in :data:`_GROUP_LUA`'s answer."""
 
 
 # KEYS[1] the reporter's rate zset; ARGV: now ms, window ms, limit, attempt id
@@ -235,6 +306,8 @@ class PolicyStore:
         self._user = redis.register_script(_USER_LUA)
         self._permission = redis.register_script(_PERMISSION_LUA)
         self._rate = redis.register_script(_RATE_LUA)
+        self._group = redis.register_script(_GROUP_LUA)
+        self.groups = GroupDirectory(redis, settings)
         self._pipe = (
             RedisPipe(settings, _PERMISSION_LUA)
             if redis_pipe.supports(settings.redis_url)
@@ -278,12 +351,59 @@ class PolicyStore:
             caller_blocked_callee=bool(raw[10]),
         )
 
+    async def group_facts(
+        self, group_id: str, starter: str, invitees: list[str] | None = None
+    ) -> GroupFacts:
+        """Everything a group verdict needs, in one round trip (one script).
+
+        ``invitees``: the users to judge (a call's, as listed); None judges every current
+        member but the starter, sorted by id (the permission query)."""
+        k = self.keys
+        keys = [
+            k.user(starter),
+            self.groups.members_key(group_id),
+            k.group_posts(group_id),
+            k.relation(Relation.BLOCKS, starter),
+            k.call_blocks(starter),
+        ]
+        args = [
+            starter,
+            k.settings(""),
+            k.relation(Relation.CONTACTS, ""),
+            k.relation(Relation.FOLLOWING, ""),
+            k.relation(Relation.BLOCKS, ""),
+            k.call_blocks(""),
+            *(["members"] if invitees is None else ["listed", *invitees]),
+        ]
+        raw = await self._group(keys=keys, args=args)
+        members = []
+        for i in range(3, len(raw), GROUP_FIELDS):
+            v = raw[i : i + GROUP_FIELDS]
+            members.append(
+                MemberFacts(
+                    user=v[0].decode(),
+                    member=bool(v[1]),
+                    posted=bool(v[2]),
+                    settings=_settings_from(v[3:8]),
+                    starter_in_contacts=bool(v[8]),
+                    follows_starter=bool(v[9]),
+                    blocked_starter=bool(v[10]),
+                    starter_blocked=bool(v[11]),
+                )
+            )
+        return GroupFacts(
+            group=group_id,
+            starter=starter,
+            starter_member=bool(raw[2]),
+            starter_premium=_flag(raw[0], False),
+            starter_verified=_flag(raw[1], False),
+            invitees=tuple(members),
+        )
+
     # ---------------------------------------------------------------- settings
 
     async def get_settings(self, user: str) -> CallSettings:
-        raw = await self.redis.hmget(
-            self.keys.settings(user), ["enabled", "address_book", "following", "verified"]
-        )
+        raw = await self.redis.hmget(self.keys.settings(user), list(_SETTINGS_FIELDS))
         return _settings_from(raw)
 
     async def put_settings(self, user: str, settings: CallSettings) -> None:
@@ -294,6 +414,7 @@ class PolicyStore:
                 "address_book": _bit(settings.allow_address_book),
                 "following": _bit(settings.allow_following),
                 "verified": _bit(settings.allow_verified),
+                "groups": _bit(settings.allow_groups),
             },
         )
 
@@ -331,6 +452,35 @@ class PolicyStore:
         """A DM was sent; True if it is the first from sender to recipient that we know of."""
         return bool(await self.redis.sadd(self.keys.dm_senders(recipient), sender))
 
+    async def set_group_member(
+        self, group_id: str, user: str, *, present: bool, at: datetime
+    ) -> RelationChange:
+        """Apply a membership fact to the group directory (idempotent, order-safe)."""
+        change = await self.groups.set_member(group_id, user, present=present, at=at)
+        return RelationChange(applied=change.applied, present=change.member)
+
+    async def record_group_post(self, group_id: str, sender: str) -> bool:
+        """``sender`` posted in the group; True if it is the first post of theirs we know of."""
+        return bool(await self.redis.sadd(self.keys.group_posts(group_id), sender))
+
+    async def group_posters(self, group_id: str) -> list[str]:
+        raw = await self.redis.smembers(self.keys.group_posts(group_id))
+        return sorted(m.decode() if isinstance(m, bytes) else m for m in raw)
+
+    async def groups_with_members(self, user: str) -> list[tuple[str, list[str]]]:
+        """The user's groups, sorted, each with its members (two round trips)."""
+        groups = await self.groups.groups_of(user)
+        if not groups:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for group_id in groups:
+                pipe.smembers(self.groups.members_key(group_id))
+            replies = await pipe.execute()
+        return [
+            (group_id, sorted(m.decode() for m in members))
+            for group_id, members in zip(groups, replies, strict=True)
+        ]
+
     # ---------------------------------------------------------------- user blocks
 
     async def block_calls(self, user: str, other: str) -> bool:
@@ -354,7 +504,24 @@ class PolicyStore:
             ex=retention_s or None,
         )
 
-    async def call_parties(self, call_id: str) -> CallParties | None:
+    async def record_group_call(self, event: CallAuthorized, retention_s: int) -> None:
+        """Remember the starter and rung invitees of an authorized group call (idempotent)."""
+        await self.add_group_call_parties(event.call_id, [event.caller, *event.ring], retention_s)
+
+    async def add_group_call_parties(
+        self, call_id: str, users: list[str], retention_s: int
+    ) -> None:
+        key = self.keys.group_call(call_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(key, *users)
+            if retention_s:
+                pipe.expire(key, retention_s)
+            await pipe.execute()
+
+    async def is_group_call(self, call_id: str) -> bool:
+        return bool(await self.redis.exists(self.keys.group_call(call_id)))
+
+    async def call_parties(self, call_id: str) -> CallParties | GroupCallParties | None:
         """The parties of a call policy authorized; None for a call it never authorized.
 
         A call authorized before the parties were recorded has only its verdict (while
@@ -362,15 +529,20 @@ class PolicyStore:
         """
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(self.keys.call(call_id))
+            pipe.smembers(self.keys.group_call(call_id))
             pipe.hget(self.keys.verdict(call_id), "event")
-            recorded, verdict = await pipe.execute()
+            recorded, group_parties, verdict = await pipe.execute()
         if recorded is not None:
             caller, _, callee = recorded.decode().partition(" ")
             return CallParties(caller, callee)
+        if group_parties:
+            return GroupCallParties(frozenset(m.decode() for m in group_parties))
         if verdict is not None:
             event = parse_event(verdict)
             if isinstance(event, CallAuthorized) and event.callee is not None:
                 return CallParties(event.caller, event.callee)
+            if isinstance(event, CallAuthorized):
+                return GroupCallParties(frozenset([event.caller, *event.ring]))
         return None
 
     async def take_report_slot(self, reporter: str, limit: int) -> RateVerdict:
@@ -436,13 +608,20 @@ class PolicyStore:
             await pipe.execute()
 
 
+_SETTINGS_FIELDS = ("enabled", "address_book", "following", "verified", "groups")
+
+
 def _settings_from(raw: list[Any]) -> CallSettings:
-    enabled, address_book, following, verified = raw
-    if enabled is None and address_book is None and following is None and verified is None:
+    """Settings from their hash fields in :data:`_SETTINGS_FIELDS` order (the 1:1 query
+    reads the first four: ``groups`` does not enter the 1:1 rule)."""
+    enabled, address_book, following, verified, *rest = raw
+    groups = rest[0] if rest else None
+    if all(v is None for v in (enabled, address_book, following, verified, groups)):
         return DEFAULT_SETTINGS
     return CallSettings(
         enabled=_flag(enabled, DEFAULT_SETTINGS.enabled),
         allow_address_book=_flag(address_book, DEFAULT_SETTINGS.allow_address_book),
         allow_following=_flag(following, DEFAULT_SETTINGS.allow_following),
         allow_verified=_flag(verified, DEFAULT_SETTINGS.allow_verified),
+        allow_groups=_flag(groups, DEFAULT_SETTINGS.allow_groups),
     )
