@@ -274,13 +274,14 @@ function renderGroups() {
     return el("li", { class: "conversation group", "data-testid": `group-${group}` },
       a,
       el("div", { class: "conv-main" },
-        el("div", { class: "conv-name" }, group),
-        el("div", { class: "conv-sub", "data-testid": `group-sub-${group}` }, groupSubtitle(group, others))),
+        el("div", { class: "conv-name" }, el("span", { class: "group-icon" }, icon("group")), group),
+        el("div", { class: "conv-sub", "data-testid": `group-sub-${group}` },
+          `${["you", ...others].join(", ")} · `, groupSubtitle(group))),
       el("div", { class: "call-actions", "data-testid": `group-actions-${group}` }, groupActions(group)));
   }));
 }
 
-function groupSubtitle(group, others) {
+function groupSubtitle(group) {
   const call = state.groupCalls.get(group);
   if (call) {
     const inCall = (call.participants || []).filter((p) => p.state === "joined").map((p) => p.user);
@@ -293,7 +294,7 @@ function groupSubtitle(group, others) {
     return el("span", { "data-testid": `would-ring-${group}` },
       ring.length ? `Calling rings ${ring.join(", ")}` : "Calling rings nobody now (they can join)");
   }
-  return `${others.join(", ")}`;
+  return "";
 }
 
 function groupActions(group) {
