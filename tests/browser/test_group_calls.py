@@ -98,9 +98,10 @@ def test_group_video_call_three_browsers(
     )
     alice.get_by_test_id(f"group-call-video-{GROUP}").click()
     expect(alice.get_by_test_id("group-call-screen")).to_be_visible()
+    expect(alice.get_by_test_id("group-call-status")).to_have_text("Ringing…", timeout=15_000)
 
     # bob is rung and answers; erin is not rung.
-    expect(bob.get_by_test_id("incoming-call")).to_be_visible()
+    expect(bob.get_by_test_id("incoming-call")).to_be_visible(timeout=15_000)
     expect(bob.get_by_test_id("incoming-from")).to_have_text(f"alice · {GROUP}")
     bob.get_by_test_id("accept").click()
     expect(bob.get_by_test_id("group-call-screen")).to_be_visible()
