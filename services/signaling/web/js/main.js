@@ -1021,7 +1021,8 @@ function groupTile(grid, t, video) {
         el("span", { class: "tile-name" }, t.self ? `${t.user} (you)` : t.user),
         el("span", { class: "peer-muted", "data-testid": `tile-muted-${t.user}`, hidden: true }, icon("mic-off"), "Muted"),
         el("span", { class: "tile-state", "data-testid": `tile-state-${t.user}` }),
-        el("code", { class: "tile-fingerprint", "data-testid": `fingerprint-${t.user}`, title: "Key fingerprint" })));
+        el("span", { class: "tile-fp", title: "Key fingerprint" }, icon("lock"),
+          el("code", { class: "tile-fingerprint", "data-testid": `fingerprint-${t.user}` }))));
   }
   const media = tile.querySelector("video");
   if (t.stream && media.srcObject !== t.stream) media.srcObject = t.stream;
