@@ -166,8 +166,10 @@ def test_group_video_call_three_browsers(
         assert wire[:10] == plain[:10]
         assert len(wire) == len(plain) + 16 + 12 + 4 + 1  # GCM tag, IV, key id, header length
         assert wire[10 : len(plain)] != plain[10:]
+        # (the camera's 640x480, or less: the sender's encoder scales down when the CPU is busy)
         picture = probe["plain_decodes"]
-        assert picture["ok"] is True and picture["width"] == 640, picture
+        header_width = (plain[6] | plain[7] << 8) & 0x3FFF  # the VP8 key frame header's
+        assert picture["ok"] is True and picture["width"] == header_width <= 640, picture
         noise = probe["wire_decodes"]
         assert noise["ok"] is False or noise["pixels"] != picture["pixels"], noise
         assert probe["extractable"] == [False, False]
