@@ -22,6 +22,11 @@ export const GROUP_SLOTS = 15;
 // by then); after a leave at once (the one who left must not read what follows).
 const KEY_SWITCH_MS = 1000;
 const DATA_CHANNEL = "room";
+// Signaling's call.signal budget per user and call (SIGNALING_SIGNALS_PER_CALL_PER_S: 10 a
+// second, twice that in a burst; beyond, frames are dropped): ours stays under it, so a
+// big call's key exchange is paced, never lost.
+const SIGNALS_PER_S = 9;
+const SIGNALS_BURST = 18;
 
 export class GroupCallSession extends CallSession {
   constructor({ api, socket, call, me, deviceId }) {
@@ -41,6 +46,9 @@ export class GroupCallSession extends CallSession {
     this.fingerprint = null;
     this.linkSeq = 0; // each connection's slots are tagged "<link>:<slot>" for the worker
     this.chain = Promise.resolve(); // call.signal handled one at a time, in order
+    this.outbox = []; // call.signal frames waiting for the budget
+    this.budget = { tokens: SIGNALS_BURST, at: Date.now() };
+    this.outboxTimer = null;
     this.ready = new Promise((resolve) => { this.markReady = resolve; });
     this.updateParticipants(call.participants);
   }
@@ -129,7 +137,32 @@ export class GroupCallSession extends CallSession {
   sendPublicKey(user, ack, senderKey = null) {
     const payload = { kind: "e2ee-key", v: 1, alg: "ECDH-P256", public_key: this.agreement.publicKey, ack };
     if (senderKey) payload.sender_key = senderKey;
-    this.sentKey = this.socket.signal(this.callId, payload, user) || this.sentKey;
+    this.sendSignal(payload, user);
+    this.sentKey = true;
+  }
+
+  // call.signal to one participant, within signaling's budget (queued, in order, beyond it).
+  sendSignal(payload, to) {
+    this.outbox.push({ payload, to });
+    this.drainOutbox();
+  }
+
+  drainOutbox() {
+    if (this.outboxTimer) return;
+    const now = Date.now();
+    const budget = this.budget;
+    budget.tokens = Math.min(SIGNALS_BURST, budget.tokens + ((now - budget.at) / 1000) * SIGNALS_PER_S);
+    budget.at = now;
+    while (this.outbox.length && budget.tokens >= 1 && !this.ended) {
+      const { payload, to } = this.outbox[0];
+      if (!this.socket.signal(this.callId, payload, to)) break; // socket down: try again soon
+      this.outbox.shift();
+      budget.tokens -= 1;
+    }
+    if (this.outbox.length && !this.ended) {
+      const wait = Math.max(50, ((1 - budget.tokens) / SIGNALS_PER_S) * 1000);
+      this.outboxTimer = setTimeout(() => { this.outboxTimer = null; this.drainOutbox(); }, wait);
+    }
   }
 
   // call.signal from another participant (from: signaling says who).
@@ -201,7 +234,7 @@ export class GroupCallSession extends CallSession {
     peer.sentKeyId = key.keyId;
     const wrapped = await key.wrapFor(peer.wrapKey, this.callId, this.me, user);
     if (this.senderKey !== key || this.ended) return;
-    this.socket.signal(this.callId, { kind: "e2ee-sender-key", v: 1, ...wrapped }, user);
+    this.sendSignal({ kind: "e2ee-sender-key", v: 1, ...wrapped }, user);
   }
 
   // Joins and leaves that come together make one new key.
@@ -383,6 +416,7 @@ export class GroupCallSession extends CallSession {
     if (this.ended) return;
     clearTimeout(this.switchTimer);
     clearTimeout(this.rotateTimer);
+    clearTimeout(this.outboxTimer);
     if (this.senderKey) this.senderKey.forget();
     for (const link of [this.link, this.candidate]) if (link && link.slots) {
       for (const { stream } of link.slots) for (const track of stream.getTracks()) track.stop();
