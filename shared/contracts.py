@@ -267,7 +267,9 @@ class CallRinging(CallEvent):
 class CallAccepted(CallEvent):
     type: Literal[EventType.CALL_ACCEPTED] = EventType.CALL_ACCEPTED
     version: int = 2
-    device_id: str
+    device_id: str | None
+    """The device that answered; null when none is known (a glare whose losing call named
+    no device): then every device of the callee has stopped ringing."""
 
 
 class CallDeclined(CallEvent):

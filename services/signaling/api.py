@@ -6,11 +6,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, status
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.signaling.calls import (
     BadCursor,
+    CallFull,
     CallService,
+    GroupCallInProgress,
     NoMediaNode,
     NotFound,
     PlacementInProgress,
@@ -19,7 +21,7 @@ from services.signaling.calls import (
 from services.signaling.domain import IllegalTransition
 from shared.auth import CurrentUser
 from shared.contracts import MediaKind
-from shared.ids import CallId, UserId
+from shared.ids import CallId, GroupId, UserId
 from shared.service import app_state
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -36,10 +38,73 @@ Calls = Annotated[CallService, Depends(call_service)]
 
 
 class PlaceCall(BaseModel):
+    """A 1:1 call names ``callee``; a group call names ``group`` (exactly one of them)."""
+
     model_config = ConfigDict(extra="forbid")
-    callee: UserId
+    callee: UserId | None = None
+    group: GroupId | None = Field(
+        None, description="A group DM conversation: every member but you is invited"
+    )
     media: MediaKind
     device_id: str | None = Field(None, pattern=DEVICE_ID_PATTERN)
+
+    @model_validator(mode="after")
+    def _callee_or_group(self) -> PlaceCall:
+        if (self.callee is None) == (self.group is None):
+            raise ValueError("name exactly one of callee (a 1:1 call) or group (a group call)")
+        return self
+
+
+class Join(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device_id: str | None = Field(
+        None,
+        pattern=DEVICE_ID_PATTERN,
+        description="Your device in the call (call.signal and call.media go to it); "
+        "without it, all your devices",
+    )
+
+
+class Participant(BaseModel):
+    user: UserId
+    state: str = Field(
+        description="invited | ringing | joined | left | declined | missed | not_rung"
+    )
+    joined_at: str | None = Field(None, description="When they first joined (ISO-8601 UTC)")
+    left_at: str | None = Field(None, description="When they last left")
+
+
+class CallObject(BaseModel):
+    """The call object (``GET /v1/calls/{id}``, ``call.state``, history items)."""
+
+    model_config = ConfigDict(extra="allow")
+    call_id: CallId
+    caller: UserId = Field(description="The 1:1 caller; a group call's starter")
+    callee: UserId | None = Field(description="null in a group call")
+    group: GroupId | None = Field(description="The group DM conversation; null for 1:1")
+    media: MediaKind
+    state: str
+    end_reason: str | None
+    reject_reason: str | None
+    created_at: str | None
+    ring_deadline: str | None
+    answered_at: str | None
+    ended_at: str | None
+    answered_device: str | None
+    duration_s: float
+    replaced_by: str | None
+    participants: list[Participant]
+
+
+class MediaHandOff(BaseModel):
+    """The answer of accept, join and media: this participant's media grant."""
+
+    call_id: CallId
+    state: str
+    media_url: str
+    media_token: str
+    node_id: str
+    ice_servers: list[dict[str, Any]]
 
 
 class Accept(BaseModel):
@@ -57,20 +122,43 @@ def _not_found(call_id: str) -> HTTPException:
 
 
 def _conflict(exc: IllegalTransition) -> HTTPException:
+    detail = {"message": str(exc), "state": exc.state.value, "call_id": exc.call_id}
+    if exc.participant is not None:
+        detail["participant_state"] = exc.participant.value
+    return HTTPException(status.HTTP_409_CONFLICT, detail=detail)
+
+
+def _full(exc: CallFull) -> HTTPException:
     return HTTPException(
         status.HTTP_409_CONFLICT,
-        detail={"message": str(exc), "state": exc.state.value, "call_id": exc.call_id},
+        detail={
+            "error": "call_full",
+            "message": str(exc),
+            "call_id": exc.call_id,
+            "max_participants": exc.limit,
+        },
+    )
+
+
+def _no_node(message: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        detail={"message": message},
+        headers={"Retry-After": "1"},
     )
 
 
 @router.post(
     "/v1/calls",
     status_code=status.HTTP_202_ACCEPTED,
-    summary="Place a call; policy's verdict follows on the WebSocket",
+    summary="Place a call (1:1: callee; group: group); policy's verdict follows on the WebSocket",
+    response_model=CallObject,
     responses={
+        404: {"description": "group: not a group you are a member of"},
         409: {
             "description": "A request with the same Idempotency-Key is still placing the "
-            "call; retry after Retry-After"
+            "call; retry after Retry-After. Or `call_in_progress` (with `call_id`): the "
+            "group has a live call already (join it)"
         },
         429: {"description": "Too many calls; see Retry-After (a replay never counts)"},
     },
@@ -84,13 +172,34 @@ async def place_call(
     ] = None,
 ) -> dict[str, Any]:
     try:
-        call = await calls.place(
-            user,
-            body.callee,
-            body.media,
-            device_id=body.device_id,
-            idempotency_key=idempotency_key,
-        )
+        if body.group is not None:
+            call = await calls.place_group(
+                user,
+                body.group,
+                body.media,
+                device_id=body.device_id,
+                idempotency_key=idempotency_key,
+            )
+        else:
+            assert body.callee is not None
+            call = await calls.place(
+                user,
+                body.callee,
+                body.media,
+                device_id=body.device_id,
+                idempotency_key=idempotency_key,
+            )
+    except NotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no group {body.group}") from None
+    except GroupCallInProgress as exc:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail={
+                "error": "call_in_progress",
+                "message": "the group has a call going; join it",
+                "call_id": exc.call_id,
+            },
+        ) from None
     except RateLimited as exc:
         retry_s = max(1, -(-exc.retry_after_ms // 1000))
         raise HTTPException(
@@ -121,7 +230,12 @@ async def history(
     return {"calls": items, "next_cursor": cursor}
 
 
-@router.get("/v1/calls/{call_id}", summary="One call (its two parties only)")
+@router.get(
+    "/v1/calls/{call_id}",
+    summary="One call (its parties only: a group call's starter, rung invitees and anyone "
+    "who joined)",
+    response_model=CallObject,
+)
 async def get_call(call_id: CallId, user: CurrentUser, calls: Calls) -> dict[str, Any]:
     try:
         return (await calls.visible(user, call_id)).public()
@@ -132,7 +246,15 @@ async def get_call(call_id: CallId, user: CurrentUser, calls: Calls) -> dict[str
 @router.post(
     "/v1/calls/{call_id}/accept",
     summary="Answer on one device; returns this party's media_url and media_token",
-    responses={409: {"description": "Not ringing"}, 503: {"description": "No media node"}},
+    response_model=MediaHandOff,
+    responses={
+        409: {
+            "description": "Not ringing (for you): `state`, and `participant_state` in a "
+            "group call; `call_full` when the group call holds "
+            "GROUP_CALL_MAX_PARTICIPANTS already"
+        },
+        503: {"description": "No media node"},
+    },
 )
 async def accept(call_id: CallId, body: Accept, user: CurrentUser, calls: Calls) -> dict[str, Any]:
     try:
@@ -141,13 +263,56 @@ async def accept(call_id: CallId, body: Accept, user: CurrentUser, calls: Calls)
         raise _not_found(call_id) from None
     except IllegalTransition as exc:
         raise _conflict(exc) from None
+    except CallFull as exc:
+        raise _full(exc) from None
     except NoMediaNode:
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            detail={"message": "no media node is available; the call is still ringing"},
-            headers={"Retry-After": "1"},
-        ) from None
+        raise _no_node("no media node is available; the call is still ringing") from None
     return offer.public()
+
+
+@router.post(
+    "/v1/calls/{call_id}/join",
+    summary="Join a group call as a current member (not rung, declined, missed, left); "
+    "returns your media grant",
+    response_model=MediaHandOff,
+    responses={
+        404: {"description": "Not a current member of the call's group, or no such call"},
+        409: {
+            "description": "The call is over, you are joined already (`state`, "
+            "`participant_state`), or `call_full` (GROUP_CALL_MAX_PARTICIPANTS joined)"
+        },
+        503: {"description": "No media node"},
+    },
+)
+async def join(
+    call_id: CallId, user: CurrentUser, calls: Calls, body: Join | None = None
+) -> dict[str, Any]:
+    try:
+        offer = await calls.join(user, call_id, body.device_id if body else None)
+    except NotFound:
+        raise _not_found(call_id) from None
+    except IllegalTransition as exc:
+        raise _conflict(exc) from None
+    except CallFull as exc:
+        raise _full(exc) from None
+    except NoMediaNode:
+        raise _no_node("no media node is available; try again") from None
+    return offer.public()
+
+
+@router.get(
+    "/v1/groups/{group_id}/call",
+    summary="The group's live call, for a current member",
+    response_model=CallObject,
+    responses={404: {"description": "No live call, or not a member of the group"}},
+)
+async def group_call(group_id: GroupId, user: CurrentUser, calls: Calls) -> dict[str, Any]:
+    try:
+        return (await calls.group_call(user, group_id)).public()
+    except NotFound:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, detail=f"no live call in group {group_id}"
+        ) from None
 
 
 @router.post(
@@ -167,14 +332,14 @@ async def media(call_id: CallId, user: CurrentUser, calls: Calls) -> dict[str, A
     except IllegalTransition as exc:
         raise _conflict(exc) from None
     except NoMediaNode:
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            detail={"message": "no media node is available for this call now; retry"},
-            headers={"Retry-After": "1"},
-        ) from None
+        raise _no_node("no media node is available for this call now; retry") from None
 
 
-@router.post("/v1/calls/{call_id}/decline", summary="Decline on any device: stops all")
+@router.post(
+    "/v1/calls/{call_id}/decline",
+    summary="Decline on any device: stops all (a group call goes on without you)",
+    response_model=CallObject,
+)
 async def decline(
     call_id: CallId, user: CurrentUser, calls: Calls, body: Decline | None = None
 ) -> dict[str, Any]:
@@ -188,7 +353,9 @@ async def decline(
 
 @router.post(
     "/v1/calls/{call_id}/hangup",
-    summary="End the call; the caller's hangup before an answer is a cancel",
+    summary="End the call; the caller's hangup before an answer is a cancel. In a group "
+    "call: leave it (it ends with its last participant)",
+    response_model=CallObject,
 )
 async def hangup(call_id: CallId, user: CurrentUser, calls: Calls) -> dict[str, Any]:
     try:

@@ -39,6 +39,13 @@ audio call upgrades it to video); bad ones get an `error` frame (`bad_request`,
 draining or gone, both parties' in-call devices get `call.media` (a fresh grant on another
 node, `reason` `node_draining`|`node_lost`), and `call.peer` with `connection`
 `reconnecting`|`connected` tells one party about the other's media.
+
+Group calls (`POST /v1/calls {"group", "media"}`, `POST /v1/calls/{id}/join`,
+`GET /v1/groups/{g}/call`): `call.incoming` carries `group`; every joined participant's
+in-call device gets `{"type": "call.participant", "call_id", "user", "state"}` on each
+participant change; `call.signal` needs `"to": "<user>"` (400 `bad_request` without it)
+and goes to that joined participant's in-call device only; `call.peer`, `call.media_state`
+and `call.media` reach every other (every) joined participant.
 """
 
 

@@ -1,8 +1,10 @@
-"""The call operations: each reads the call, lets the transition table decide, commits
-atomically (a version check in one Redis script, retried on a conflict), then pushes the
-new state to the devices and publishes the events the commit put in the outbox. The
-publish runs in the background: the outbox already guarantees the event, so neither a
-request nor a consumer waits on the broker (a broker outage costs no request 15 s).
+"""The call operations. Each attempt reads the call and what its decision needs (live
+calls for busy and glare, group membership, a media node), lets a pure decision
+(decisions.py, over the tables of domain.py) say what changes, and commits that
+atomically (a version check in one Redis script); on a conflict the whole attempt runs
+again. After the commit: the devices are told, and the events the commit put in the
+outbox are published in the background (the outbox already guarantees them, so neither a
+request nor a consumer waits on the broker).
 """
 
 from __future__ import annotations
@@ -12,67 +14,83 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Histogram
 
+from services.signaling import decisions as d
+from services.signaling.decisions import (
+    Again,
+    BadSignal,
+    Granted,
+    Moved,
+    NoMediaNode,
+    NotFound,
+    Notice,
+    Outcome,
+    Step,
+)
 from services.signaling.domain import (
     IN_CALL_STATES,
-    SIGNAL_STATES,
     AudioState,
     Call,
     CallAction,
+    CallFull,
+    CallState,
     IllegalTransition,
-    Role,
+    ParticipantState,
     VideoState,
-    allowed,
-    glare_winner,
-    media_connected_action,
-    media_lost,
-    move_media,
-    upgrade_to_video,
     utcnow,
 )
 from services.signaling.presence import Hub, Push
 from services.signaling.settings import SignalingSettings
-from services.signaling.store import CallStore, Commit, Conflict, IdempotentReplay
+from services.signaling.store import (
+    CallStore,
+    Commit,
+    Conflict,
+    GroupCallInProgress,
+    IdempotentReplay,
+)
 from services.signaling.turn import IceServers
 from shared.auth import MediaGrant, issue_media_token
 from shared.bus import Bus
 from shared.contracts import (
-    CallAccepted,
     CallAuthorized,
-    CallCancelled,
-    CallDeclined,
-    CallEnded,
     CallMediaConnected,
     CallMediaFailed,
     CallMediaPeer,
-    CallMissed,
     CallRejected,
-    CallRequested,
-    CallRinging,
-    CallState,
     EndReason,
     Event,
     MediaKind,
     MediaMoveReason,
     MediaNodeDraining,
-    PeerConnection,
 )
+from shared.groups import GroupDirectory
 from shared.ids import new_call_id
 from shared.media_registry import MediaNode, MediaRegistry
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "BadCursor",
+    "BadSignal",
+    "CallFull",
+    "CallService",
+    "GroupCallInProgress",
+    "MediaOffer",
+    "NoMediaNode",
+    "NotFound",
+    "PlacementInProgress",
+    "RateLimited",
+    "SignalRateLimited",
+]
 
 MAX_COMMIT_ATTEMPTS = 20
 PUBLISH_DRAIN_S = 5.0
 """At shutdown, how long background publishes may finish (the rest: the outbox relay's)."""
 REPLAY_WAIT_S = 2.0
 """How long a retry waits for the concurrent placement holding its Idempotency-Key."""
-GLARE_DEVICE = "glare"
-"""``device_id`` of a glare accept when the answering party's device is not known."""
 
 CURSOR_RE = re.compile(r"^[0-9a-f]{1,64}$")
 
@@ -90,13 +108,8 @@ MISSED_LATENESS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5),
 )
 
-
-class NotFound(Exception):
-    pass
-
-
-class NoMediaNode(Exception):
-    pass
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class RateLimited(Exception):
@@ -123,7 +136,7 @@ class MediaOffer:
     and the ICE servers (TURN credentials minted for that party) to gather through."""
 
     call_id: str
-    state: CallState
+    state: Any
     media_url: str
     media_token: str
     node_id: str
@@ -141,20 +154,17 @@ class MediaOffer:
         return {"call_id": self.call_id, "state": self.state.value, **self.media_fields()}
 
 
-@dataclass
-class Step:
-    """What one decision commits and what happens after: events are in the commit."""
+@dataclass(frozen=True, slots=True)
+class Ran:
+    """A committed step, the call as committed, and the grants its notices carried."""
 
-    commit: Commit = field(default_factory=Commit)
-    pushes: list[Push] = field(default_factory=list)
-    result: Any = None
-
-
-Decide = Callable[[Call], Awaitable[Step]]
+    step: Step[Any]
+    call: Call
+    minted: dict[tuple[str, str], MediaOffer]
 
 
-def _state_message(call: Call, now: datetime, **extra: Any) -> dict[str, Any]:
-    return {"type": "call.state", **call.public(now), "answered_elsewhere": False, **extra}
+async def _nothing(call: Call) -> None:
+    return None
 
 
 class CallService:
@@ -165,12 +175,14 @@ class CallService:
         hub: Hub,
         bus: Bus,
         registry: MediaRegistry,
+        groups: GroupDirectory | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.hub = hub
         self.bus = bus
         self.registry = registry
+        self.groups = groups or GroupDirectory(store.redis, settings)
         self.ice = IceServers.from_settings(settings)
         self._publishing: set[asyncio.Task[None]] = set()
 
@@ -185,31 +197,78 @@ class CallService:
 
     # ------------------------------------------------------------------ the machinery
 
-    async def _run(self, call_id: str, decide: Decide) -> Step:
-        """Read, decide, commit with a version check; on a conflict, read again."""
+    async def _run(
+        self,
+        call_id: str,
+        decide: Callable[[Call, Any, Any], Step[T]],
+        read: Callable[[Call], Awaitable[Any]] = _nothing,
+    ) -> Ran:
+        """Each attempt: read the call and what the decision needs, decide (pure), commit
+        with a version check; on a conflict, all again. Returns the step, the call as
+        committed (the last written version of ``call_id``, else as read), the grants."""
         for _ in range(MAX_COMMIT_ATTEMPTS):
             call = await self.store.get(call_id)
             if call is None:
                 raise NotFound(call_id)
-            step = await decide(call)
-            if step.commit.calls or step.commit.events:  # else: nothing to change
+            reads = await read(call)
+            step = decide(call, utcnow(), reads)
+            if step.changes:
                 try:
-                    await self.store.commit(step.commit)
+                    await self.store.commit(self._commit_of(step))
                 except Conflict:
                     continue
-            await self._after(step)
-            return step
+            final = next((w.after for w in step.writes if w.after.call_id == call_id), call)
+            calls = {call_id: final, **{w.after.call_id: w.after for w in step.writes}}
+            minted = await self._after(step, calls)
+            return Ran(step, final, minted)
         raise RuntimeError(f"call {call_id}: too many concurrent changes")
 
-    async def _after(self, step: Step) -> None:
+    def _commit_of(self, step: Step[Any]) -> Commit:
+        commit = Commit(events=list(step.events))
+        for write in step.writes:
+            self.store.stage(commit, write.before, write.after)
+        self.store.check(commit, step.checks)
+        return commit
+
+    async def _after(
+        self, step: Step[Any], calls: dict[str, Call]
+    ) -> dict[tuple[str, str], MediaOffer]:
         # Both only after the commit; neither the devices nor the caller wait for the
         # broker. The commit stands whatever happens here: an unpublished event stays in
         # the outbox for the relay, and a lost push is read back through the ring state.
-        self.publish_soon(step.commit.events)
+        self.publish_soon(step.events)
+        pushes, minted = self.pushes(step.notices, calls)
         try:
-            await self.hub.deliver(step.pushes)
+            await self.hub.deliver(pushes)
         except Exception as exc:
             log.warning("after-commit pushes failed: %r", exc)
+        return minted
+
+    def pushes(
+        self, notices: Sequence[Notice], calls: dict[str, Call]
+    ) -> tuple[list[Push], dict[tuple[str, str], MediaOffer]]:
+        """The notices as pushes, each grant minted (once per user and call)."""
+        minted: dict[tuple[str, str], MediaOffer] = {}
+        out = []
+        for notice in notices:
+            message = notice.message
+            if notice.grant:
+                call_id = str(message["call_id"])
+                call = calls[call_id]
+                offer = minted.get((call_id, notice.user))
+                if offer is None:
+                    offer = minted[(call_id, notice.user)] = self._offer(call, notice.user)
+                message = {**message, **offer.media_fields()}
+            out.append(
+                Push(
+                    notice.user,
+                    message,
+                    devices=notice.devices,
+                    except_devices=notice.except_devices,
+                    newest=notice.newest,
+                )
+            )
+        return out, minted
 
     def publish_soon(self, events: Sequence[Event]) -> None:
         """:meth:`publish` in the background (kept, and drained by :meth:`close`)."""
@@ -232,6 +291,10 @@ class CallService:
             done.append(str(event.event_id))
         self.store.outbox_done_soon(done)
 
+    def _offer(self, call: Call, user: str) -> MediaOffer:
+        assert call.media_node and call.media_url
+        return self._mint(call, user, call.media_node, call.media_url)
+
     def _mint(self, call: Call, user: str, node_id: str, url: str) -> MediaOffer:
         token = issue_media_token(
             self.settings,
@@ -250,53 +313,29 @@ class CallService:
         """The ICE servers for ``user``'s peer connections, TURN credentials fresh."""
         return self.ice.for_user(user)
 
-    def _fanout(self, call: Call, now: datetime, *, callee_too: bool, **extra: Any) -> list[Push]:
-        """``call.state`` to the caller's devices and (if it rang for them) the callee's."""
-        message = _state_message(call, now, **extra)
-        pushes = [Push(call.caller, message)]
-        if callee_too:
-            if call.answered_device and call.answered_device != GLARE_DEVICE:
-                pushes.append(Push(call.callee, message, devices=frozenset({call.answered_device})))
-            else:
-                pushes.append(Push(call.callee, message))
-        return pushes
-
-    def _in_call_push(self, call: Call, user: str, message: dict[str, Any]) -> Push:
-        """``message`` for ``user``'s device in the call: the answering one, the one the
-        caller called from (all of theirs when it is not known)."""
-        device = call.answered_device if user == call.callee else call.caller_device
-        if device and device != GLARE_DEVICE:
-            return Push(user, message, devices=frozenset({device}))
-        return Push(user, message)
-
-    def _accepted_pushes(self, call: Call, now: datetime) -> tuple[list[Push], MediaOffer]:
-        """Accepted: each party its own media; the callee's other devices: answered elsewhere."""
-        assert call.media_node and call.media_url
-        caller_offer = self._mint(call, call.caller, call.media_node, call.media_url)
-        callee_offer = self._mint(call, call.callee, call.media_node, call.media_url)
-        base = _state_message(call, now)
-        pushes = [Push(call.caller, {**base, **caller_offer.media_fields()})]
-        callee_message = {**base, **callee_offer.media_fields()}
-        if call.answered_device and call.answered_device != GLARE_DEVICE:
-            device = call.answered_device
-            pushes.append(Push(call.callee, callee_message, devices=frozenset({device})))
-            elsewhere = {
-                **base,
-                "answered_elsewhere": True,
-                "end_reason": EndReason.ANSWERED_ELSEWHERE.value,
-            }
-            pushes.append(Push(call.callee, elsewhere, except_devices=frozenset({device})))
-        else:
-            pushes.append(Push(call.callee, callee_message))
-        return pushes, callee_offer
-
-    async def _pick_node(self) -> MediaNode:
-        node = await self.registry.pick()
-        if node is None:
-            raise NoMediaNode()
-        return node
+    async def _pick_if(self, needed: bool, avoid: str | None = None) -> MediaNode | None:
+        if not needed:
+            return None
+        return await self.registry.pick(avoid=avoid) if avoid else await self.registry.pick()
 
     # ------------------------------------------------------------------ placing
+
+    async def _take_slot(
+        self, caller: str, idempotency_key: str | None, call_id: str
+    ) -> str | None:
+        """The caller's placement slot (1:1 and group calls alike) and the key's
+        reservation, at once; returns the call an earlier use of the key made."""
+        verdict = await self.store.take_placement(
+            caller,
+            self.settings.calls_per_minute,
+            idempotency_key=idempotency_key,
+            call_id=call_id,
+        )
+        if verdict.replay_of is not None:
+            return verdict.replay_of
+        if not verdict.allowed:
+            raise RateLimited(verdict.retry_after_ms)
+        return None
 
     async def place(
         self,
@@ -308,36 +347,50 @@ class CallService:
         idempotency_key: str | None,
     ) -> Call:
         call_id = new_call_id()
-        # The rate slot and the key's reservation are taken at once: concurrent retries
-        # with one key take one slot, and a replay takes none.
-        verdict = await self.store.take_placement(
-            caller,
-            self.settings.calls_per_minute,
-            idempotency_key=idempotency_key,
-            call_id=call_id,
+        earlier = await self._take_slot(caller, idempotency_key, call_id)
+        if earlier is not None:
+            return await self._placed_earlier(earlier)
+        step = d.new_one_to_one(call_id, caller, callee, media, device_id, utcnow())
+        return await self._commit_placement(step, caller, idempotency_key)
+
+    async def place_group(
+        self,
+        starter: str,
+        group: str,
+        media: MediaKind,
+        *,
+        device_id: str | None,
+        idempotency_key: str | None,
+    ) -> Call:
+        """A group call: NotFound unless the starter is a member; GroupCallInProgress
+        when the group has a live call (the one to join)."""
+        members = await self.groups.members(group)
+        if starter not in members:
+            raise NotFound(group)
+        live = await self.store.group_call(group)
+        if live is not None:
+            if idempotency_key and await self.store.placed_with(starter, idempotency_key) == (
+                live.call_id
+            ):
+                return live  # a retry of the placement that made it
+            raise GroupCallInProgress(live.call_id)
+        call_id = new_call_id()
+        earlier = await self._take_slot(starter, idempotency_key, call_id)
+        if earlier is not None:
+            return await self._placed_earlier(earlier)
+        step = d.new_group_call(
+            call_id, starter, group, media, device_id, utcnow(), members=members
         )
-        if verdict.replay_of is not None:
-            return await self._placed_earlier(verdict.replay_of)
-        if not verdict.allowed:
-            raise RateLimited(verdict.retry_after_ms)
-        call = Call(
-            call_id=call_id,
-            caller=caller,
-            callee=callee,
-            media=media,
-            state=CallState.REQUESTED,
-            created_at=utcnow(),
-            caller_device=device_id,
-        )
-        commit = Commit()
-        self.store.stage(commit, None, call)
-        commit.events.append(
-            CallRequested(call_id=call.call_id, caller=caller, callee=callee, media=media)
-        )
+        return await self._commit_placement(step, starter, idempotency_key)
+
+    async def _commit_placement(
+        self, step: Step[Call], caller: str, idempotency_key: str | None
+    ) -> Call:
+        commit = self._commit_of(step)
         if idempotency_key:
             commit.claim = [
                 self.store.idem_key(caller, idempotency_key),
-                call.call_id,
+                step.result.call_id,
                 str(self.settings.idempotency_ttl_s * 1000),
             ]
         try:
@@ -347,7 +400,7 @@ class CallService:
         # A commit that failed leaves the key reserved for IDEMPOTENCY_RESERVE_MS (retries
         # get 409 until then): releasing it could free the key of a commit that did apply.
         self.publish_soon(commit.events)
-        return call
+        return step.result
 
     async def _placed_earlier(self, call_id: str) -> Call:
         """The call a request with the same Idempotency-Key made; it may be committing now."""
@@ -364,120 +417,34 @@ class CallService:
     # ------------------------------------------------------------------ policy's verdict
 
     async def authorized(self, event: CallAuthorized) -> None:
-        async def decide(call: Call) -> Step:
-            step = Step()
-            if not allowed(call.state, CallAction.AUTHORIZE):
-                raise IllegalTransition(call.state, CallAction.AUTHORIZE, call.call_id)
-            now = utcnow()
-            live = await self.store.live_calls_of([call.callee, call.caller])
-            callee_all, caller_all = live[call.callee], live[call.caller]
-            callee_live = [c for c in callee_all if c.call_id != call.call_id]
-            caller_live = [c for c in caller_all if c.call_id != call.call_id]
-            self.store.check(step.commit, callee_live)
-            if any(c.state in IN_CALL_STATES for c in callee_live):
-                busy = call.step(CallAction.CALLEE_BUSY, at=now)
-                self.store.stage(step.commit, call, busy)
-                step.commit.events.append(
-                    CallEnded(
-                        call_id=call.call_id,
-                        caller=call.caller,
-                        callee=call.callee,
-                        reason=EndReason.BUSY,
-                        duration_s=0.0,
-                    )
-                )
-                step.pushes = self._fanout(busy, now, callee_too=False)
-                return step
-            # The reverse call is looked for among the callee's live calls: it is there from
-            # its creation (the callee placed it), and those calls' versions are checked at
-            # commit, so a reverse call that starts ringing after this read makes the commit
-            # retry and the retry finds it ringing. The caller's set holds it only once it
-            # rings, and its calls are not version-checked: looked for there, both calls
-            # could end up ringing.
-            reverse = [
-                c
-                for c in callee_live
-                if c.caller == call.callee
-                and c.callee == call.caller
-                and c.state is CallState.RINGING
-            ]
-            if reverse:
-                node = await self.registry.pick()
-                if node is not None:
-                    return self._glare(step, call, reverse[0], node, now, caller_live)
-            ringing = call.step(
-                CallAction.AUTHORIZE,
-                at=now,
-                ring_deadline=now + timedelta(seconds=self.settings.ring_timeout_s),
-            )
-            assert ringing.ring_deadline is not None
-            self.store.stage(step.commit, call, ringing)
-            step.commit.events.append(
-                CallRinging(
-                    call_id=call.call_id,
-                    caller=call.caller,
-                    callee=call.callee,
-                    media=call.media,
-                    ring_deadline=ringing.ring_deadline,
-                )
-            )
-            step.pushes = [
-                Push(call.caller, _state_message(ringing, now)),
-                Push(call.callee, {"type": "call.incoming", **ringing.public(now)}),
-            ]
-            return step
+        async def read(call: Call) -> tuple[dict[str, list[Call]], MediaNode | None]:
+            if call.state is not CallState.REQUESTED:
+                return {}, None
+            if call.group is not None:
+                ring = [u for u in event.ring if u in call.participants]
+                return (await self.store.live_calls_of(ring) if ring else {}), None
+            live = await self.store.live_calls_of([call.peer, call.caller])
+            reverse = d.reverse_call(call, live[call.peer])
+            return live, await self._pick_if(reverse is not None)
 
-        await self._consume(event.call_id, decide)
-
-    def _glare(
-        self,
-        step: Step,
-        call: Call,
-        other: Call,
-        node: MediaNode,
-        now: datetime,
-        caller_live: list[Call],
-    ) -> Step:
-        """``call`` was just authorized while ``other`` (the reverse direction) rings."""
-        self.store.check(step.commit, caller_live)
-        if glare_winner(call.call_id, other.call_id) == other.call_id:
-            winner, loser = other, call
-        else:
-            winner, loser = call, other
-        # The winner's callee is the loser's caller: the device they called from answers.
-        device = loser.caller_device or GLARE_DEVICE
-        won = winner.step(
-            CallAction.GLARE_WIN,
-            at=now,
-            answered_device=device,
-            media_node=node.node_id,
-            media_url=node.session_url(winner.call_id),
-        )
-        lost = loser.step(CallAction.GLARE_LOSE, at=now, replaced_by=winner.call_id)
-        self.store.stage(step.commit, loser, lost)
-        self.store.stage(step.commit, winner, won)
-        step.commit.events.append(
-            CallCancelled(call_id=lost.call_id, caller=lost.caller, callee=lost.callee)
-        )
-        step.commit.events.append(
-            CallAccepted(
-                call_id=won.call_id, caller=won.caller, callee=won.callee, device_id=device
+        def decide(
+            call: Call, now: Any, reads: tuple[dict[str, list[Call]], MediaNode | None]
+        ) -> Step[None]:
+            live, node = reads
+            return d.decide_authorized(
+                call,
+                now,
+                live=live,
+                node=node,
+                ring_timeout_s=self.settings.ring_timeout_s,
+                ring=event.ring,
             )
-        )
-        lost_rang = loser.state is CallState.RINGING
-        step.pushes = self._fanout(lost, now, callee_too=lost_rang)
-        accepted_pushes, _ = self._accepted_pushes(won, now)
-        step.pushes.extend(accepted_pushes)
-        log.info("glare: %s survives, %s ends", won.call_id, lost.call_id)
-        return step
+
+        await self._consume(event.call_id, decide, read)
 
     async def rejected(self, event: CallRejected) -> None:
-        async def decide(call: Call) -> Step:
-            step = Step()
-            now = utcnow()
-            after = call.step(CallAction.REJECT, at=now, reject_reason=event.reason)
-            self.store.stage(step.commit, call, after)
-            step.pushes = self._fanout(after, now, callee_too=False)
+        def decide(call: Call, now: Any, _: None) -> Step[Call]:
+            step = d.decide_rejected(call, now, event.reason)
             log.info(
                 "call %s rejected: %s (detail %s)",
                 call.call_id,
@@ -489,78 +456,50 @@ class CallService:
         await self._consume(event.call_id, decide)
 
     async def media_connected(self, event: CallMediaConnected) -> None:
-        async def decide(call: Call) -> Step:
-            action = media_connected_action(call)
-            _from_the_calls_node(call, action, event.node_id)
-            step = Step()
-            now = utcnow()
-            after = call.step(action, at=now)
-            self.store.stage(step.commit, call, after)
-            if action is CallAction.MEDIA_RESUMED:
+        def decide(call: Call, now: Any, _: None) -> Step[None]:
+            step = d.decide_media_connected(call, event.node_id, now)
+            if call.rejoin_deadline is not None and call.state is CallState.ACTIVE:
                 log.info("call %s: media flows on %s after its move", call.call_id, event.node_id)
-            else:
-                step.pushes = self._fanout(after, now, callee_too=True)
-            if call.rejoin_deadline is not None:
-                # Media flows on the new node for both: whatever the old node last said
-                # (a party reconnecting), each party's peer is connected now.
-                for user in (after.caller, after.callee):
-                    message = {
-                        "type": "call.peer",
-                        "call_id": after.call_id,
-                        "user": user,
-                        "connection": PeerConnection.CONNECTED.value,
-                    }
-                    step.pushes.append(self._in_call_push(after, after.other(user), message))
             return step
 
         await self._consume(event.call_id, decide)
 
     async def media_failed(self, event: CallMediaFailed) -> None:
-        async def decide(call: Call) -> Step:
-            _from_the_calls_node(call, CallAction.MEDIA_FAILED, event.node_id)
-            step = Step()
-            now = utcnow()
-            after = call.step(
-                CallAction.MEDIA_FAILED, at=now, media_failure=EndReason(event.reason.value)
-            )
-            self.store.stage(step.commit, call, after)
-            step.commit.events.append(self._ended(after, now))
-            step.pushes = self._fanout(after, now, callee_too=True)
-            return step
+        def decide(call: Call, now: Any, _: None) -> Step[None]:
+            return d.decide_media_failed(call, event.node_id, EndReason(event.reason.value), now)
 
         await self._consume(event.call_id, decide)
 
-    async def _consume(self, call_id: str, decide: Decide) -> None:
+    async def _consume(
+        self,
+        call_id: str,
+        decide: Callable[[Call, Any, Any], Step[Any]],
+        read: Callable[[Call], Awaitable[Any]] = _nothing,
+    ) -> None:
         """Events may come twice or out of order: a step the table refuses is dropped."""
         try:
-            await self._run(call_id, decide)
+            await self._run(call_id, decide, read)
         except NotFound:
             log.warning("event for unknown call %s dropped", call_id)
         except IllegalTransition as exc:
             log.info("event dropped: %s", exc)
 
     async def media_peer(self, event: CallMediaPeer) -> None:
-        """A party's media stopped or flows again: the other party's in-call device hears."""
+        """A participant's media stopped or flows again: every other joined one hears."""
         call = await self.store.get(event.call_id)
-        if (
-            call is None
-            or call.state not in IN_CALL_STATES
-            or call.media_node != event.node_id
-            or call.role_of(event.user) is None
-        ):
+        notices = (
+            d.media_peer_notices(call, event.node_id, event.user, event.connection)
+            if call is not None
+            else []
+        )
+        if not notices:
             log.info(
                 "call_media_peer for %s from %s dropped (not that call's node or party)",
                 event.call_id,
                 event.node_id,
             )
             return
-        message = {
-            "type": "call.peer",
-            "call_id": call.call_id,
-            "user": event.user,
-            "connection": event.connection.value,
-        }
-        await self.hub.deliver([self._in_call_push(call, call.other(event.user), message)])
+        await self.hub.deliver(self.pushes(notices, {})[0])
 
     async def node_draining(self, event: MediaNodeDraining) -> None:
         """Move every call of a draining node (those it named and those indexed on it).
@@ -574,85 +513,38 @@ class CallService:
         call_ids = set(event.call_ids) | set(await self.store.node_calls(event.node_id))
         await self._move_all(sorted(call_ids), event.node_id, MediaMoveReason.NODE_DRAINING)
 
-    def _ended(self, call: Call, now: datetime) -> CallEnded:
-        assert call.end_reason is not None
-        return CallEnded(
-            call_id=call.call_id,
-            caller=call.caller,
-            callee=call.callee,
-            reason=call.end_reason,
-            duration_s=call.duration_s(now),
-            media=call.media,
-        )
-
     # ------------------------------------------------------------------ moving media
 
     async def move_media(self, call_id: str, leaving: str, reason: MediaMoveReason) -> bool:
         """Move the call's media off ``leaving`` to a live node that is not draining, and
-        tell both parties' in-call devices (``call.media``). True if this call did it; a
-        call already off ``leaving`` (another instance or request moved it) is left alone.
-        NoMediaNode when no node can take it (a lost node's call then starts its rejoin
-        deadline all the same, and ends ``media_timeout`` unless a node takes it in time)."""
+        tell every joined participant's in-call device (``call.media``). True if this call
+        did it; a call already off ``leaving`` (another instance or request moved it) is
+        left alone. NoMediaNode when no node can take it (a lost node's call then starts
+        its rejoin deadline all the same, and ends ``media_timeout`` unless a node takes
+        it in time)."""
 
-        stranded = False
+        async def read(call: Call) -> MediaNode | None:
+            needed = call.media_node == leaving and call.state in IN_CALL_STATES
+            return await self._pick_if(needed, avoid=leaving)
 
-        async def decide(call: Call) -> Step:
-            nonlocal stranded
-            if call.media_node != leaving or call.state not in IN_CALL_STATES:
-                return Step()
-            node = await self.registry.pick(avoid=leaving)
-            now = utcnow()
-            # From the move (or the loss): a lost node's parties stopped about a registry
-            # TTL before it, so a call nobody rejoins ends within TTL + grace of the crash.
-            grace = self.settings.media_rejoin_grace_s
-            if node is None:
-                stranded = True
-                if reason is not MediaMoveReason.NODE_LOST:
-                    return Step()  # a draining node forwards on; it is lost once it exits
-                waiting = media_lost(
-                    call, node_id=leaving, at=now, rejoin_deadline=now + timedelta(seconds=grace)
-                )
-                step = Step()
-                if waiting is not None:  # no node to move to: the deadline runs all the same
-                    self.store.stage(step.commit, call, waiting)
-                return step
-            stranded = False
-            after = move_media(
-                call,
-                leaving=leaving,
-                node_id=node.node_id,
-                media_url=node.session_url(call.call_id),
-                at=now,
-                rejoin_deadline=now + timedelta(seconds=grace),
+        def decide(call: Call, now: Any, node: MediaNode | None) -> Step[Moved]:
+            return d.decide_move(
+                call, leaving, node, reason, now, grace_s=self.settings.media_rejoin_grace_s
             )
-            if after is None:
-                return Step()
-            step = Step(result=after)
-            self.store.stage(step.commit, call, after)
-            for user in (after.caller, after.callee):
-                offer = self._mint(after, user, node.node_id, node.session_url(call.call_id))
-                message = {
-                    "type": "call.media",
-                    "call_id": after.call_id,
-                    **offer.media_fields(),
-                    "reason": reason.value,
-                }
-                step.pushes.append(self._in_call_push(after, user, message))
-            return step
 
         try:
-            step = await self._run(call_id, decide)
+            step = (await self._run(call_id, decide, read)).step
         except NotFound:
             await self.store.forget_node_call(leaving, call_id)
             return False
-        if stranded:
+        if step.result.stranded:
             raise NoMediaNode()
-        if step.result is None:
+        moved = step.result.moved
+        if moved is None:
             # Nothing to move: the call is off that node already or over. An index entry
             # left behind (there should be none) goes, so the watcher stops looking.
             await self.store.forget_node_call(leaving, call_id)
             return False
-        moved: Call = step.result
         MEDIA_MOVES.labels(reason.value).inc()
         log.info(
             "call %s moved from %s to %s (%s)", call_id, leaving, moved.media_node, reason.value
@@ -697,31 +589,16 @@ class CallService:
     async def rejoin_timeout(self, call_id: str) -> bool:
         """End a moved call whose media did not flow on its new node in time; True if this
         instance did (every instance polls; the versioned commit lets one)."""
-
-        async def decide(call: Call) -> Step:
-            action = CallAction.MEDIA_FAILED
-            if call.state not in IN_CALL_STATES or call.rejoin_deadline is None:
-                raise IllegalTransition(call.state, action, call.call_id)
-            if call.rejoin_deadline > utcnow():
-                raise IllegalTransition(call.state, action, call.call_id)
-            step = Step()
-            now = utcnow()
-            after = call.step(action, at=now, media_failure=EndReason.MEDIA_TIMEOUT)
-            self.store.stage(step.commit, call, after)
-            step.commit.events.append(self._ended(after, now))
-            step.pushes = self._fanout(after, now, callee_too=True)
-            step.result = after
-            return step
-
         try:
-            await self._run(call_id, decide)
+            step = (
+                await self._run(call_id, lambda c, now, _: d.decide_rejoin_timeout(c, now))
+            ).step
         except NotFound:
             await self.store.drop_rejoin(call_id)
             return False
-        except IllegalTransition:
-            call = await self.store.get(call_id)
-            if call is None or call.rejoin_deadline is None or call.state not in IN_CALL_STATES:
-                await self.store.drop_rejoin(call_id)
+        if step.result is Outcome.NOTHING:
+            await self.store.drop_rejoin(call_id)
+        if step.result is not Outcome.FIRED:
             return False
         log.info("call %s ended media_timeout: nobody rejoined after its move", call_id)
         return True
@@ -734,57 +611,79 @@ class CallService:
             raise NotFound(call_id)
         return call
 
+    async def _is_member(self, call: Call, user: str) -> bool:
+        return call.group is not None and await self.groups.is_member(call.group, user)
+
     async def accept(self, user: str, call_id: str, device_id: str) -> MediaOffer:
-        offer_box: list[MediaOffer] = []
+        async def read(call: Call) -> tuple[bool, MediaNode | None]:
+            member = await self._is_member(call, user)
+            return member, await self._pick_if(call.state is CallState.RINGING)
 
-        async def decide(call: Call) -> Step:
-            if not call.visible_to(user):
-                raise NotFound(call_id)
-            if (
-                call.role_of(user) is Role.CALLEE
-                and call.state in IN_CALL_STATES
-                and call.answered_device == device_id
-            ):
-                return Step(result="again")
-            if call.role_of(user) is not Role.CALLEE:
-                raise IllegalTransition(call.state, CallAction.ACCEPT, call.call_id)
-            if not allowed(call.state, CallAction.ACCEPT):
-                raise IllegalTransition(call.state, CallAction.ACCEPT, call.call_id)
-            node = await self._pick_node()
-            step = Step()
-            now = utcnow()
-            after = call.step(
-                CallAction.ACCEPT,
-                at=now,
-                answered_device=device_id,
-                media_node=node.node_id,
-                media_url=node.session_url(call.call_id),
+        def decide(
+            call: Call, now: Any, reads: tuple[bool, MediaNode | None]
+        ) -> Step[Granted | Again]:
+            member, node = reads
+            return d.decide_accept(
+                call,
+                user,
+                device_id,
+                now,
+                node=node,
+                member=member,
+                max_participants=self.settings.group_call_max_participants,
             )
-            self.store.stage(step.commit, call, after)
-            step.commit.events.append(
-                CallAccepted(
-                    call_id=call.call_id,
-                    caller=call.caller,
-                    callee=call.callee,
-                    device_id=device_id,
-                )
-            )
-            step.pushes, offer = self._accepted_pushes(after, now)
-            offer_box.append(offer)
-            return step
 
-        step = await self._run(call_id, decide)
-        if step.result == "again" or not offer_box:
+        return await self._granted(user, call_id, decide, read)
+
+    async def join(self, user: str, call_id: str, device_id: str | None) -> MediaOffer:
+        """A current member joins a group call (``POST /v1/calls/{id}/join``)."""
+
+        async def read(call: Call) -> tuple[bool, MediaNode | None]:
+            member = await self._is_member(call, user)
+            return member, await self._pick_if(member and call.state is CallState.RINGING)
+
+        def decide(
+            call: Call, now: Any, reads: tuple[bool, MediaNode | None]
+        ) -> Step[Granted | Again]:
+            member, node = reads
+            return d.decide_join(
+                call,
+                user,
+                device_id,
+                now,
+                node=node,
+                member=member,
+                max_participants=self.settings.group_call_max_participants,
+            )
+
+        return await self._granted(user, call_id, decide, read)
+
+    async def _granted(
+        self,
+        user: str,
+        call_id: str,
+        decide: Callable[[Call, Any, Any], Step[Granted | Again]],
+        read: Callable[[Call], Awaitable[Any]],
+    ) -> MediaOffer:
+        ran = await self._run(call_id, decide, read)
+        if isinstance(ran.step.result, Again):
             return await self.media_for(user, call_id)
-        return offer_box[-1]
+        offer = ran.minted.get((call_id, user))
+        return offer if offer is not None else self._offer(ran.call, user)
 
     async def media_for(self, user: str, call_id: str) -> MediaOffer:
         """A fresh grant on the call's node, which is live and not draining: a call on a
-        node that is gone or draining is moved first (once, however many ask at once)."""
+        node that is gone or draining is moved first (once, however many ask at once).
+        Only for a participant in the call (a group call: joined)."""
         for _ in range(MOVE_ATTEMPTS):
             call = await self.visible(user, call_id)
             if call.state not in IN_CALL_STATES or not call.media_node or not call.media_url:
                 raise IllegalTransition(call.state, CallAction.ACCEPT, call.call_id)
+            part = call.participant(user)
+            if call.group is not None and part.state is not ParticipantState.JOINED:
+                raise IllegalTransition(
+                    call.state, CallAction.ACCEPT, call.call_id, participant=part.state
+                )
             live = {node.node_id: node for node in await self.registry.live_nodes()}
             node = live.get(call.media_node)
             if node is not None and not node.draining:
@@ -794,77 +693,33 @@ class CallService:
         raise NoMediaNode()
 
     async def decline(self, user: str, call_id: str) -> Call:
-        async def decide(call: Call) -> Step:
-            if not call.visible_to(user):
-                raise NotFound(call_id)
-            if call.role_of(user) is not Role.CALLEE:
-                raise IllegalTransition(call.state, CallAction.DECLINE, call.call_id)
-            return self._end_before_answer(call, CallAction.DECLINE)
-
-        step = await self._run(call_id, decide)
-        return step.result  # type: ignore[no-any-return]
+        ran = await self._run(call_id, lambda c, now, _: d.decide_decline(c, user, now))
+        return ran.call
 
     async def hangup(self, user: str, call_id: str) -> Call:
-        async def decide(call: Call) -> Step:
-            if not call.visible_to(user):
-                raise NotFound(call_id)
-            role = call.role_of(user)
-            if call.state in (CallState.REQUESTED, CallState.RINGING):
-                action = CallAction.CANCEL if role is Role.CALLER else CallAction.DECLINE
-                return self._end_before_answer(call, action)
-            step = Step()
-            now = utcnow()
-            after = call.step(CallAction.HANGUP, at=now)
-            self.store.stage(step.commit, call, after)
-            step.commit.events.append(self._ended(after, now))
-            step.pushes = self._fanout(after, now, callee_too=True)
-            step.result = after
-            return step
-
-        step = await self._run(call_id, decide)
-        return step.result  # type: ignore[no-any-return]
-
-    def _end_before_answer(self, call: Call, action: CallAction) -> Step:
-        step = Step()
-        now = utcnow()
-        rang = call.state is CallState.RINGING
-        after = call.step(action, at=now)
-        self.store.stage(step.commit, call, after)
-        ids = {"call_id": call.call_id, "caller": call.caller, "callee": call.callee}
-        if action is CallAction.DECLINE:
-            step.commit.events.append(CallDeclined(**ids))
-        elif action is CallAction.CANCEL:
-            step.commit.events.append(CallCancelled(**ids))
-        elif action is CallAction.RING_TIMEOUT:
-            step.commit.events.append(CallMissed(**ids, media=call.media))
-        step.pushes = self._fanout(after, now, callee_too=rang)
-        step.result = after
-        return step
+        ran = await self._run(call_id, lambda c, now, _: d.decide_hangup(c, user, now))
+        return ran.call
 
     # ------------------------------------------------------------------ ring timers
 
     async def ring_timeout(self, call_id: str) -> bool:
-        """Mark a ringing call missed if its deadline passed; True if this instance did."""
-
-        async def decide(call: Call) -> Step:
-            if call.state is not CallState.RINGING:
-                raise IllegalTransition(call.state, CallAction.RING_TIMEOUT, call.call_id)
-            if call.ring_deadline is None or call.ring_deadline > utcnow():
-                raise IllegalTransition(call.state, CallAction.RING_TIMEOUT, call.call_id)
-            return self._end_before_answer(call, CallAction.RING_TIMEOUT)
-
+        """The ring deadline of a call passed: it is missed (1:1), or every invitee it
+        still rings for is (group); True if this instance did it."""
         try:
-            step = await self._run(call_id, decide)
+            ran = await self._run(call_id, lambda c, now, _: d.decide_ring_timeout(c, now))
         except NotFound:
             await self.store.drop_ring(call_id)
             return False
-        except IllegalTransition as exc:
-            if exc.state is not CallState.RINGING:
-                await self.store.drop_ring(call_id)
+        except IllegalTransition:
             return False
-        missed: Call = step.result
-        if missed.ring_deadline is not None and missed.ended_at is not None:
-            lateness = (missed.ended_at - missed.ring_deadline).total_seconds()
+        if ran.step.result is Outcome.NOTHING:
+            await self.store.drop_ring(call_id)
+        if ran.step.result is not Outcome.FIRED:
+            return False
+        call = ran.call
+        if call.ring_deadline is not None:
+            at = call.ended_at or utcnow()
+            lateness = (at - call.ring_deadline).total_seconds()
             MISSED_LATENESS.observe(max(lateness, 0.0))
             log.info("call %s missed, %.0f ms after its deadline", call_id, lateness * 1000)
         return True
@@ -878,41 +733,38 @@ class CallService:
             raise BadCursor(before)
         calls, next_cursor = await self.store.history(user, limit=limit, before=before)
         now = utcnow()
-        items = []
-        for call in calls:
-            if not call.visible_to(user):
-                continue
-            incoming = call.callee == user and call.caller != user
-            items.append(
-                {
-                    **call.public(now),
-                    "direction": "incoming" if incoming else "outgoing",
-                    "missed": incoming and call.state in (CallState.MISSED, CallState.BUSY),
-                }
-            )
+        items = [item for call in calls if (item := d.history_item(call, user, now))]
         return items, next_cursor
 
     async def ring_state(self, user: str) -> list[dict[str, Any]]:
         now = utcnow()
-        out = []
-        for call in await self.store.live_calls(user):
-            if call.callee == user and call.state is CallState.RINGING:
-                out.append({**call.public(now), "direction": "incoming"})
-            elif call.caller == user and call.state in (CallState.REQUESTED, CallState.RINGING):
-                out.append({**call.public(now), "direction": "outgoing"})
+        out = [
+            item
+            for call in await self.store.live_calls(user)
+            if (item := d.ring_item(call, user, now))
+        ]
         out.sort(key=lambda c: str(c["call_id"]), reverse=True)
         return out
+
+    async def group_call(self, user: str, group: str) -> Call:
+        """The group's live call, for a current member (NotFound otherwise)."""
+        if not await self.groups.is_member(group, user):
+            raise NotFound(group)
+        call = await self.store.group_call(group)
+        if call is None:
+            raise NotFound(group)
+        return call
 
     # ------------------------------------------------------------------ call.media_state
 
     async def relay_media_state(
         self, user: str, call_id: str, audio: AudioState, video: VideoState
     ) -> None:
-        """A party's microphone and camera, for the other party's in-call device
-        (``call.peer``); the camera on in an audio call upgrades the call to video."""
+        """A participant's microphone and camera, for every other joined participant's
+        in-call device (``call.peer``); the camera on in an audio call upgrades the call
+        to video."""
         call = await self.visible(user, call_id)
-        if call.state not in IN_CALL_STATES:
-            raise IllegalTransition(call.state, CallAction.UPGRADE_VIDEO, call.call_id)
+        d.media_state_targets(call, user)  # refused before the budget is touched
         await self._take_signal_token(user, call_id)  # the same budget as call.signal
         if video is VideoState.ON and call.media is MediaKind.AUDIO:
             call = await self._upgrade(user, call_id)
@@ -923,21 +775,14 @@ class CallService:
             "audio": audio.value,
             "video": video.value,
         }
-        await self.hub.deliver([self._in_call_push(call, call.other(user), message)])
+        notices = [d.in_call(call, to, message) for to in d.media_state_targets(call, user)]
+        await self.hub.deliver(self.pushes(notices, {})[0])
 
     async def _upgrade(self, user: str, call_id: str) -> Call:
-        async def decide(call: Call) -> Step:
-            if not call.visible_to(user):
-                raise NotFound(call_id)
-            upgraded = upgrade_to_video(call, at=utcnow())
-            step = Step(result=upgraded or call)
-            if upgraded is not None:
-                self.store.stage(step.commit, call, upgraded)
-                log.info("call %s upgraded to video by %s", call_id, user)
-            return step
-
-        step = await self._run(call_id, decide)
-        return step.result  # type: ignore[no-any-return]
+        ran = await self._run(call_id, lambda c, now, _: d.decide_upgrade(c, user, now))
+        if ran.step.writes:
+            log.info("call %s upgraded to video by %s", call_id, user)
+        return ran.call
 
     # ------------------------------------------------------------------ call.signal
 
@@ -953,23 +798,16 @@ class CallService:
             raise SignalRateLimited(call_id)
 
     async def relay_signal(
-        self, user: str, device_id: str, call_id: str, payload: dict[str, Any]
+        self,
+        user: str,
+        device_id: str,
+        call_id: str,
+        payload: dict[str, Any],
+        to: str | None = None,
     ) -> None:
         call = await self.visible(user, call_id)
-        if call.state not in SIGNAL_STATES:
-            raise IllegalTransition(call.state, CallAction.HANGUP, call.call_id)
+        route = d.signal_route(call, user, to, ring_devices=self.settings.ring_signal_devices)
         await self._take_signal_token(user, call_id)
-        other = call.other(user)
-        devices: frozenset[str] | None = None
-        newest: int | None = None
-        if other == call.callee and call.state in IN_CALL_STATES:
-            if call.answered_device and call.answered_device != GLARE_DEVICE:
-                devices = frozenset({call.answered_device})
-        elif other == call.callee:
-            # Ringing: not every device of the callee for every frame of the caller.
-            newest = self.settings.ring_signal_devices
-        elif other == call.caller and call.caller_device:
-            devices = frozenset({call.caller_device})
         message = {
             "type": "call.signal",
             "call_id": call_id,
@@ -977,10 +815,6 @@ class CallService:
             "from_device": device_id,
             "payload": payload,
         }
-        await self.hub.deliver([Push(other, message, devices=devices, newest=newest)])
-
-
-def _from_the_calls_node(call: Call, action: CallAction, node_id: str) -> None:
-    """A media event counts only from the node that hosts the call's room."""
-    if call.media_node and call.media_node != node_id:
-        raise IllegalTransition(call.state, action, call.call_id)
+        await self.hub.deliver(
+            [Push(route.user, message, devices=route.devices, newest=route.newest)]
+        )

@@ -8,14 +8,23 @@ Keys (``<p>`` is the deployment's prefix, ``dmcall`` or ``dmcall:<namespace>``; 
   ended_at answered_device caller_device media_node media_url replaced_by
   rejoin_deadline`` (times ISO-8601 UTC). ``version`` grows by one with every commit; a
   commit names the version it read.
+- ``<p>:signaling:call:<call_id>`` also holds ``group`` (a group call) and
+  ``participants``: JSON user -> {state, role, joined_at, left_at, device, rung, since,
+  present_s}, written in the same versioned commit as the rest of the call.
 - ``<p>:signaling:live:<user>``: SET of the user's calls that are not final: as caller from
-  creation, as callee from ringing (or a glare accept). Busy and glare are read from it.
+  creation, as callee from ringing (or a glare accept); a group call's participant while
+  it rings for them or they are joined. Busy and glare are read from it.
+- ``<p>:signaling:group_call:<group>``: STRING the group's live call id, set by the commit
+  that places it (which fails if it names another call) and deleted by the commit that
+  ends it.
 - ``<p>:signaling:history:<user>``: ZSET, all scores 0, members call ids; call ids are
   time-ordered hex, so lexicographic order is time order (newest = greatest). The callee's
-  entry appears when the call rings (never for a call policy rejected).
+  entry appears when the call rings (never for a call policy rejected); a group call's
+  participant's once it rang for them or they joined.
 - ``<p>:signaling:ring_deadlines``: ZSET call_id -> ring deadline (Unix ms). Every live
-  instance polls it; the commit that moves the call to ``missed`` removes the entry, and
-  the version check lets exactly one instance make that commit.
+  instance polls it; the commit that moves the call to ``missed`` (a group call: every
+  invitee it still rings for) removes the entry, and the version check lets exactly one
+  instance make that commit.
 - ``<p>:signaling:node_calls:<node_id>``: SET of the calls in progress (accepted or active)
   whose media is on that media node; written in the same commit as the call, so a call is
   in exactly its current node's set.
@@ -62,7 +71,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from services.signaling.domain import IN_CALL_STATES, LIVE_STATES, Call
+from services.signaling.domain import (
+    IN_CALL_STATES,
+    LIVE_STATES,
+    Call,
+    Participant,
+    ParticipantState,
+)
 from shared.contracts import CallState, EndReason, Event, MediaKind, RejectReason
 from shared.redis import KeySpace
 from shared.settings import CommonSettings
@@ -83,10 +98,20 @@ for _, c in ipairs(plan.calls) do
   local v = tonumber(redis.call('HGET', c.key, 'version') or '0')
   if v ~= tonumber(c.expect) then return {0, c.key, v} end
 end
+if plan.group then
+  local cur = redis.call('GET', plan.group[1])
+  if cur and cur ~= plan.group[2] then return {3, cur} end
+end
 if plan.claim then
   local cur = redis.call('GET', plan.claim[1])
   if cur and cur ~= plan.claim[2] then return {2, cur} end
   redis.call('SET', plan.claim[1], plan.claim[2], 'PX', plan.claim[3])
+end
+if plan.group then redis.call('SET', plan.group[1], plan.group[2]) end
+if plan.release then
+  if redis.call('GET', plan.release[1]) == plan.release[2] then
+    redis.call('DEL', plan.release[1])
+  end
 end
 for _, c in ipairs(plan.calls) do
   if c.fields then
@@ -302,6 +327,14 @@ class Conflict(Exception):
     """Another commit changed one of the calls first; re-read and decide again."""
 
 
+class GroupCallInProgress(Exception):
+    """The group has a live call already; ``call_id`` is that one (join it)."""
+
+    def __init__(self, call_id: str) -> None:
+        super().__init__(call_id)
+        self.call_id = call_id
+
+
 class IdempotentReplay(Exception):
     """The idempotency key was used before; ``call_id`` is the call it made."""
 
@@ -336,10 +369,15 @@ def encode_call(call: Call) -> tuple[dict[str, str], list[str]]:
         "call_id": call.call_id,
         "caller": call.caller,
         "callee": call.callee,
+        "group": call.group,
         "media": call.media.value,
         "state": call.state.value,
         "end_reason": call.end_reason.value if call.end_reason else None,
         "reject_reason": call.reject_reason.value if call.reject_reason else None,
+        "participants": json.dumps(
+            {user: part.encode() for user, part in sorted(call.participants.items())},
+            separators=(",", ":"),
+        ),
     }
     for name in _TIME_FIELDS:
         when: datetime | None = getattr(call, name)
@@ -359,10 +397,14 @@ def decode_call(row: Mapping[Any, Any]) -> Call:
 
     created = when("created_at")
     assert created is not None
+    participants = {
+        user: Participant.decode(raw)
+        for user, raw in json.loads(get.get("participants", "{}")).items()
+    }
     return Call(
         call_id=get["call_id"],
         caller=get["caller"],
-        callee=get["callee"],
+        callee=get.get("callee"),
         media=MediaKind(get["media"]),
         state=CallState(get["state"]),
         created_at=created,
@@ -378,6 +420,8 @@ def decode_call(row: Mapping[Any, Any]) -> Call:
         media_url=get.get("media_url"),
         replaced_by=get.get("replaced_by"),
         rejoin_deadline=when("rejoin_deadline"),
+        group=get.get("group"),
+        participants=participants,
     )
 
 
@@ -394,6 +438,11 @@ class Commit:
     """[set, index, member]: after the rest, ``member`` leaves ``index`` if ``set`` is empty."""
     events: list[Event] = field(default_factory=list)
     claim: list[str] | None = None
+    group_claim: list[str] | None = None
+    """[key, call_id]: the group's one live call; the commit fails (GroupCallInProgress)
+    if the key names another call."""
+    group_release: list[str] | None = None
+    """[key, call_id]: the key is deleted if it still names this call."""
 
 
 class CallStore:
@@ -426,6 +475,9 @@ class CallStore:
 
     def history_key(self, user: str) -> str:
         return self.keys("history", user)
+
+    def group_call_key(self, group: str) -> str:
+        return self.keys("group_call", group)
 
     @property
     def ring_key(self) -> str:
@@ -531,24 +583,10 @@ class CallStore:
             }
         )
         cid = after.call_id
-        if after.state in LIVE_STATES:
-            commit.sadd.append([self.live_key(after.caller), cid])
-            if after.state is not CallState.REQUESTED:
-                commit.sadd.append([self.live_key(after.callee), cid])
+        if after.group is not None:
+            self._stage_group(commit, before, after)
         else:
-            commit.srem.append([self.live_key(after.caller), cid])
-            commit.srem.append([self.live_key(after.callee), cid])
-        if after.replaced_by:
-            commit.zrem.append([self.history_key(after.caller), cid])
-            commit.zrem.append([self.history_key(after.callee), cid])
-        else:
-            commit.zadd.append([self.history_key(after.caller), "0", cid])
-            if after.state in _RANG_STATES:
-                commit.zadd.append([self.history_key(after.callee), "0", cid])
-        if after.state is CallState.RINGING and after.ring_deadline is not None:
-            commit.zadd.append([self.ring_key, str(_ms(after.ring_deadline)), cid])
-        elif before is not None and before.state is CallState.RINGING:
-            commit.zrem.append([self.ring_key, cid])
+            self._stage_one_to_one(commit, before, after)
         before_node = before.media_node if before and before.state in IN_CALL_STATES else None
         after_node = after.media_node if after.state in IN_CALL_STATES else None
         if after_node:
@@ -563,6 +601,62 @@ class CallStore:
             commit.zadd.append([self.rejoin_key, str(_ms(after.rejoin_deadline)), cid])
         elif before is not None and before.rejoin_deadline is not None:
             commit.zrem.append([self.rejoin_key, cid])
+
+    def _stage_one_to_one(self, commit: Commit, before: Call | None, after: Call) -> None:
+        cid = after.call_id
+        callee = after.peer
+        if after.state in LIVE_STATES:
+            commit.sadd.append([self.live_key(after.caller), cid])
+            if after.state is not CallState.REQUESTED:
+                commit.sadd.append([self.live_key(callee), cid])
+        else:
+            commit.srem.append([self.live_key(after.caller), cid])
+            commit.srem.append([self.live_key(callee), cid])
+        if after.replaced_by:
+            commit.zrem.append([self.history_key(after.caller), cid])
+            commit.zrem.append([self.history_key(callee), cid])
+        else:
+            commit.zadd.append([self.history_key(after.caller), "0", cid])
+            if after.state in _RANG_STATES:
+                commit.zadd.append([self.history_key(callee), "0", cid])
+        if after.state is CallState.RINGING and after.ring_deadline is not None:
+            commit.zadd.append([self.ring_key, str(_ms(after.ring_deadline)), cid])
+        elif before is not None and before.state is CallState.RINGING:
+            commit.zrem.append([self.ring_key, cid])
+
+    def _stage_group(self, commit: Commit, before: Call | None, after: Call) -> None:
+        """A group call, per participant: ``live:<user>`` while it rings for them or they
+        are joined (the starter: from placement); ``history:<user>`` once it rang for them
+        or they joined (never for a member not rung who never joined); the ring deadline
+        while it rings for anyone; the group's one live call (``group_call:<group>``)."""
+        assert after.group is not None
+        cid = after.call_id
+        live = after.state in LIVE_STATES
+        for user, part in after.participants.items():
+            here = part.state in (ParticipantState.RINGING, ParticipantState.JOINED)
+            if live and here:
+                commit.sadd.append([self.live_key(user), cid])
+            else:
+                commit.srem.append([self.live_key(user), cid])
+            if user == after.caller or part.rung or part.joined_at is not None:
+                commit.zadd.append([self.history_key(user), "0", cid])
+        if live and after.ring_deadline is not None and after.ringing():
+            commit.zadd.append([self.ring_key, str(_ms(after.ring_deadline)), cid])
+        elif before is not None:
+            commit.zrem.append([self.ring_key, cid])
+        key = self.group_call_key(after.group)
+        if live:
+            commit.group_claim = [key, cid]
+        else:
+            commit.group_release = [key, cid]
+
+    async def group_call(self, group: str) -> Call | None:
+        """The group's live call, if any."""
+        raw = await self.redis.get(self.group_call_key(group))
+        if raw is None:
+            return None
+        call = await self.get(_text(raw))
+        return call if call is not None and call.state in LIVE_STATES else None
 
     def check(self, commit: Commit, unchanged: Iterable[Call]) -> None:
         """The commit fails if any of these calls changed since they were read."""
@@ -586,6 +680,10 @@ class CallStore:
         }
         if commit.claim is not None:
             plan["claim"] = commit.claim
+        if commit.group_claim is not None:
+            plan["group"] = commit.group_claim
+        if commit.group_release is not None:
+            plan["release"] = commit.group_release
         result = await self._commit(
             keys=[self.outbox_key, self.outbox_due_key], args=[json.dumps(plan)]
         )
@@ -594,6 +692,8 @@ class CallStore:
             raise Conflict(_text(result[1]))
         if status == 2:
             raise IdempotentReplay(_text(result[1]))
+        if status == 3:
+            raise GroupCallInProgress(_text(result[1]))
 
     # ------------------------------------------------------------------ outbox
 
@@ -700,6 +800,11 @@ class CallStore:
         if int(status) == 2:
             return RateVerdict(True, 0, replay_of=_text(value))
         return RateVerdict(bool(int(status)), int(value))
+
+    async def placed_with(self, user: str, idempotency_key: str) -> str | None:
+        """The call ``user`` placed with that ``Idempotency-Key``, if any."""
+        raw = await self.redis.get(self.idem_key(user, idempotency_key))
+        return _text(raw) if raw is not None else None
 
     async def take_signal_token(
         self, user: str, call_id: str, *, rate_per_s: float, burst: float

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from services.signaling.calls import CallService, NotFound, SignalRateLimited
+from services.signaling.calls import BadSignal, CallService, NotFound, SignalRateLimited
 from services.signaling.domain import AudioState, IllegalTransition, VideoState
 from services.signaling.presence import CloseCode, Hub
 from services.signaling.settings import SignalingSettings
@@ -175,8 +175,13 @@ async def _handle_frame(
         return _error("bad_request", "call.signal needs a call_id string")
     if not isinstance(payload, dict):
         return _error("bad_request", "call.signal needs a payload object", call_id=call_id)
+    to = message.get("to")
+    if to is not None and (not isinstance(to, str) or not is_user_id(to)):
+        return _error("bad_request", "call.signal's to must be a user id", call_id=call_id)
     try:
-        await calls.relay_signal(session.user, session.device_id, call_id, payload)
+        await calls.relay_signal(session.user, session.device_id, call_id, payload, to=to)
+    except BadSignal as exc:
+        return _error("bad_request", str(exc), call_id=call_id)
     except SignalRateLimited:
         return _error(
             "rate_limited",
@@ -225,11 +230,13 @@ async def _media_state(
 def _call_error(exc: NotFound | IllegalTransition, call_id: str) -> dict[str, Any]:
     if isinstance(exc, NotFound):
         return _error("not_found", f"no call {call_id} of yours", call_id=call_id)
+    extra = {"participant_state": exc.participant.value} if exc.participant is not None else {}
     return _error(
         "conflict",
         f"call {call_id} is {exc.state.value}",
         call_id=call_id,
         state=exc.state.value,
+        **extra,
     )
 
 
