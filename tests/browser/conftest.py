@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from playwright.sync_api import (
     Browser,
@@ -27,6 +28,8 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
+from shared.auth import issue_token
+from shared.settings import CommonSettings
 from tools import seed
 from tools.procs import ROOT, ServiceProcess
 
@@ -213,3 +216,17 @@ def wait_until(check: Callable[[], Any], *, timeout: float = 30.0, what: str) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what} (last: {value!r})")
         time.sleep(0.25)
+
+
+def seed_group(stack: Stack, group: str, members: list[str], posted: list[str]) -> None:
+    """A group conversation on policy (platform facts): ``members``, of whom ``posted`` posted."""
+    token = issue_token(CommonSettings(), seed.SEED_IDENTITY, scope="platform")
+    with httpx.Client(
+        base_url=stack.policy.url, headers={"Authorization": f"Bearer {token}"}, timeout=10.0
+    ) as http:
+        for user in members:
+            http.put(f"/v1/platform/groups/{group}/members/{user}").raise_for_status()
+        for user in posted:
+            http.post(
+                f"/v1/platform/groups/{group}/messages", json={"sender": user}
+            ).raise_for_status()

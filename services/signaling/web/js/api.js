@@ -92,6 +92,17 @@ export class Api {
     });
   }
   getCall(callId) { return this.signaling(`/v1/calls/${callId}`); }
+  // Group calls: start one in a group conversation, join one going, find the one going (404: none).
+  placeGroupCall(group, media, deviceId) {
+    return this.signaling("/v1/calls", {
+      method: "POST", json: { group, media, device_id: deviceId },
+      headers: { "Idempotency-Key": crypto.randomUUID() },
+    });
+  }
+  join(callId, deviceId) {
+    return this.signaling(`/v1/calls/${callId}/join`, { method: "POST", json: { device_id: deviceId } });
+  }
+  groupCall(group) { return this.signaling(`/v1/groups/${encodeURIComponent(group)}/call`); }
   accept(callId, deviceId) {
     return this.signaling(`/v1/calls/${callId}/accept`, { method: "POST", json: { device_id: deviceId } });
   }
@@ -107,6 +118,8 @@ export class Api {
 
   // policy
   permission(callee) { return this.policy(`/v1/permissions/${encodeURIComponent(callee)}`); }
+  groups() { return this.policy("/v1/groups"); }
+  groupPermission(group) { return this.policy(`/v1/permissions/groups/${encodeURIComponent(group)}`); }
   getSettings() { return this.policy("/v1/settings"); }
   putSettings(settings) { return this.policy("/v1/settings", { method: "PUT", json: settings }); }
   report(callId, reportedUser, reason) {

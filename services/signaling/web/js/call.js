@@ -42,6 +42,7 @@ class MediaLink {
     // nothing): turning the camera on later is a replaceTrack, not a renegotiation.
     const audio = pc.addTransceiver(audioTrack || "audio", { direction: "sendrecv", streams: [local] });
     const video = pc.addTransceiver(videoTrack || "video", { direction: "sendrecv", streams: [local] });
+    this.audio = audio;
     this.video = video;
     // VP8 only: the clear header the worker leaves is VP8's, and the SFU forwards one codec.
     const caps = RTCRtpReceiver.getCapabilities("video");
@@ -51,17 +52,24 @@ class MediaLink {
     }
     // The same worker, so the same keys (and one IV counter) on every connection of the call.
     const worker = session.worker;
-    for (const [kind, transceiver] of [["audio", audio], ["video", video]]) {
-      for (const [operation, end] of [["encrypt", transceiver.sender], ["decrypt", transceiver.receiver]]) {
-        if (scriptTransform) {
-          end.transform = new RTCRtpScriptTransform(worker, { operation, kind });
-        } else {
-          const { readable, writable } = end.createEncodedStreams();
-          worker.postMessage({ type: "streams", operation, kind, readable, writable }, [readable, writable]);
-        }
+    this.transform = (end, operation, kind, slot = null) => {
+      if (scriptTransform) {
+        end.transform = new RTCRtpScriptTransform(worker, slot === null ? { operation, kind } : { operation, kind, slot });
+      } else {
+        const { readable, writable } = end.createEncodedStreams();
+        worker.postMessage({ type: "streams", operation, kind, slot, readable, writable }, [readable, writable]);
       }
+    };
+    // (A group call tags each receiver with its slot: the own pair is slot 0.)
+    const ownSlot = session.beginLink ? session.beginLink(this) : null;
+    for (const [kind, transceiver] of [["audio", audio], ["video", video]]) {
+      this.transform(transceiver.sender, "encrypt", kind);
+      this.transform(transceiver.receiver, "decrypt", kind, ownSlot);
     }
+    // A group call adds its receive slots and the SFU's data channel (web/js/group.js).
+    if (session.setupLink) session.setupLink(this);
     pc.ontrack = (event) => {
+      if (session.onLinkTrack && session.onLinkTrack(this, event)) return;
       this.remote.addTrack(event.track);
       session.changed();
     };
@@ -315,6 +323,10 @@ export class CallSession extends EventTarget {
     this.transformApi = scriptTransform ? "RTCRtpScriptTransform" : "createEncodedStreams";
     const worker = new Worker("/web/js/e2ee-worker.js", { name: `e2ee-${this.callId}` });
     this.worker = worker;
+    this.installKeys(worker);
+  }
+
+  installKeys(worker) {
     worker.postMessage({ type: "keys", sendKey: this.keys.sendKey, receiveKey: this.keys.receiveKey });
   }
 

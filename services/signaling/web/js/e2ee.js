@@ -72,3 +72,84 @@ export async function safetyCode(callId, callerRaw, calleeRaw) {
   const groups = [0, 4, 8].map((offset) => String(digest.getUint32(offset) % 10000).padStart(4, "0"));
   return groups.join(" ");
 }
+
+// ------------------------------------------------------------------ group calls
+//
+// A group call has one ECDH key pair per participant (per call session), exchanged pairwise:
+// each pair derives its own wrapping key. Each participant encrypts its frames with its
+// own *sender key* (AES-GCM-256, random), which it sends to every other participant wrapped
+// under that pair's wrapping key; a new sender key on every join and leave. Receivers pick
+// the key by the key id each frame carries (docs/web-client.md, "Group calls").
+
+export const GROUP_WRAP_INFO = "dmcall e2ee group v1 wrap";
+
+// The pair's wrapping key: HKDF-SHA-256 of the ECDH secret, salt = the call id. The same
+// key both ways (each wrap has its own random IV, and the additional data names who sent it
+// to whom), not extractable.
+export async function pairWrapKey(agreement, peerPublicBase64, callId) {
+  const peerRaw = fromBase64(peerPublicBase64);
+  if (peerRaw.length !== 65 || peerRaw[0] !== 4) throw new Error("bad peer public key");
+  const peerKey = await crypto.subtle.importKey(
+    "raw", peerRaw, { name: "ECDH", namedCurve: "P-256" }, false, [],
+  );
+  const secret = await crypto.subtle.deriveBits(
+    { name: "ECDH", public: peerKey }, agreement.keyPair.privateKey, 256,
+  );
+  const hkdf = await crypto.subtle.importKey("raw", secret, "HKDF", false, ["deriveKey"]);
+  return crypto.subtle.deriveKey(
+    { name: "HKDF", hash: "SHA-256", salt: enc.encode(callId), info: enc.encode(GROUP_WRAP_INFO) },
+    hkdf, { name: "AES-GCM", length: 256 }, false, ["encrypt", "decrypt"],
+  );
+}
+
+function wrapAad(callId, from, to, keyId) {
+  return enc.encode(`dmcall-group-key-v1|${callId}|${from}|${to}|${keyId}`);
+}
+
+// One sender key: its id (32 bits, random), the non-extractable key the worker encrypts
+// with, and the raw bytes (kept only until the next rotation, to wrap for the participants
+// it was made for whose public key comes late).
+export class SenderKey {
+  static async create(recipients) {
+    const self = new SenderKey();
+    self.keyId = crypto.getRandomValues(new Uint32Array(1))[0];
+    self.raw = crypto.getRandomValues(new Uint8Array(32));
+    self.key = await crypto.subtle.importKey("raw", self.raw, "AES-GCM", false, ["encrypt"]);
+    self.recipients = new Set(recipients); // the participants joined when it was made
+    return self;
+  }
+
+  async wrapFor(wrapKey, callId, from, to) {
+    const iv = crypto.getRandomValues(new Uint8Array(12));
+    const sealed = await crypto.subtle.encrypt(
+      { name: "AES-GCM", iv, additionalData: wrapAad(callId, from, to, this.keyId) }, wrapKey, this.raw,
+    );
+    return { key_id: this.keyId, iv: toBase64(iv), wrapped: toBase64(sealed) };
+  }
+
+  forget() { this.raw.fill(0); }
+}
+
+// A sender key received from ``from`` (wrapped for ``to``, us) -> a non-extractable
+// decrypt-only AES-GCM key; throws if it was not wrapped by that pair for us.
+export async function unwrapSenderKey(wrapKey, callId, from, to, message) {
+  const keyId = message.key_id;
+  if (!Number.isInteger(keyId) || keyId < 0 || keyId > 0xffffffff) throw new Error("bad key id");
+  const raw = new Uint8Array(await crypto.subtle.decrypt(
+    { name: "AES-GCM", iv: fromBase64(message.iv), additionalData: wrapAad(callId, from, to, keyId) },
+    wrapKey, fromBase64(message.wrapped),
+  ));
+  if (raw.length !== 32) throw new Error("bad sender key");
+  const key = await crypto.subtle.importKey("raw", raw, "AES-GCM", false, ["decrypt"]);
+  raw.fill(0);
+  return { keyId, key };
+}
+
+// A participant's fingerprint: SHA-256("dmcall-fingerprint-v1|" + call id + "|" + user + "|"
+// + ECDH public key), 12 digits in three groups. Every screen shows the same digits for the
+// same participant unless someone in between swapped that participant's key.
+export async function fingerprint(callId, user, publicRaw) {
+  const input = new Uint8Array([...enc.encode(`dmcall-fingerprint-v1|${callId}|${user}|`), ...publicRaw]);
+  const digest = new DataView(await crypto.subtle.digest("SHA-256", input));
+  return [0, 4, 8].map((offset) => String(digest.getUint32(offset) % 10000).padStart(4, "0")).join(" ");
+}

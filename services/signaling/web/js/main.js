@@ -3,6 +3,7 @@
 
 import { Api, ApiError, devToken, loadConfig, tokenExpiry, tokenSubject } from "./api.js";
 import { CallSession } from "./call.js";
+import { GroupCallSession } from "./group.js";
 import { CLOSE, SignalingSocket } from "./signaling.js";
 
 const $ = (id) => document.getElementById(id);
@@ -40,6 +41,9 @@ const state = {
   events: null,
   conversations: [],
   permissions: new Map(),
+  groups: [], // [{group, members}] the token user is in (policy)
+  groupPermissions: new Map(), // group -> {allowed, media, reason, would_ring}
+  groupCalls: new Map(), // group -> the call going in it (null: none)
   ringing: new Map(), // call_id -> incoming call ringing this device
   shownIncoming: null,
   session: null,
@@ -225,6 +229,7 @@ function renderCallActions(user) {
 
 async function refreshPermissions() {
   if (!state.api) return;
+  refreshGroups();
   await Promise.all(state.conversations.map(async (user) => {
     try {
       state.permissions.set(user, await state.api.permission(user));
@@ -234,6 +239,85 @@ async function refreshPermissions() {
     }
     renderCallActions(user);
   }));
+}
+
+// ------------------------------------------------------------------ group conversations
+
+// The token user's groups (policy), each with its call icons (who would ring: policy's
+// group permission) or, with a call going, "Join" (signaling's GET /v1/groups/{g}/call).
+async function refreshGroups() {
+  let groups;
+  try {
+    const body = await state.api.groups();
+    groups = Array.isArray(body) ? body : (body && body.groups) || [];
+  } catch {
+    return; // keep what we have (policy away for a moment)
+  }
+  state.groups = groups.filter((g) => g && typeof g.group === "string");
+  await Promise.all(state.groups.map(async ({ group }) => {
+    const [permission, call] = await Promise.all([
+      state.api.groupPermission(group).catch(() => ({ allowed: false, reason: null })),
+      state.api.groupCall(group).catch(() => null),
+    ]);
+    state.groupPermissions.set(group, permission);
+    state.groupCalls.set(group, call && !FINAL_STATES.has(call.state) ? call : null);
+  }));
+  renderGroups();
+}
+
+function renderGroups() {
+  const list = $("groups");
+  list.replaceChildren(...state.groups.map(({ group, members }) => {
+    const a = el("span", { class: "avatar" });
+    avatar(a, group);
+    const others = (members || []).filter((m) => m !== state.me);
+    return el("li", { class: "conversation group", "data-testid": `group-${group}` },
+      a,
+      el("div", { class: "conv-main" },
+        el("div", { class: "conv-name" }, el("span", { class: "group-icon" }, icon("group")), group),
+        el("div", { class: "conv-sub", "data-testid": `group-sub-${group}` },
+          `${["you", ...others].join(", ")} · `, groupSubtitle(group))),
+      el("div", { class: "call-actions", "data-testid": `group-actions-${group}` }, groupActions(group)));
+  }));
+}
+
+function groupSubtitle(group) {
+  const call = state.groupCalls.get(group);
+  if (call) {
+    const inCall = (call.participants || []).filter((p) => p.state === "joined").map((p) => p.user);
+    return el("span", { class: "group-live", "data-testid": `group-live-${group}` },
+      `Call going · ${inCall.join(", ") || "starting"}`);
+  }
+  const permission = state.groupPermissions.get(group);
+  if (permission && permission.allowed) {
+    const ring = permission.would_ring || [];
+    return el("span", { "data-testid": `would-ring-${group}` },
+      ring.length ? `Calling rings ${ring.join(", ")}` : "Calling rings nobody now (they can join)");
+  }
+  return "";
+}
+
+function groupActions(group) {
+  const call = state.groupCalls.get(group);
+  const mine = state.session && state.session.callId === (call && call.call_id);
+  if (call && !mine) {
+    return el("button", { class: "btn join-btn", "data-testid": `join-${group}`,
+      on: { click: () => joinGroupCall(group, call) } }, "Join");
+  }
+  if (call) return null;
+  const permission = state.groupPermissions.get(group);
+  if (!permission) return null;
+  if (!permission.allowed) {
+    return el("span", { class: "call-hint", "data-testid": `group-hint-${group}` },
+      REASON_HINTS[permission.reason] || "Calls unavailable");
+  }
+  return el("div", { class: "call-icons" }, (permission.media || ["audio", "video"]).map((media) => el("button", {
+    class: "icon-btn",
+    title: media === "video" ? `Video call ${group}` : `Audio call ${group}`,
+    "aria-label": media === "video" ? `Video call ${group}` : `Audio call ${group}`,
+    "data-testid": `group-call-${media}-${group}`,
+    on: { click: () => placeGroupCall(group, media) },
+  }, icon(media === "video" ? "video" : "phone"))));
 }
 
 $("new-dm").addEventListener("submit", (event) => {
@@ -322,6 +406,7 @@ function renderHistory() {
     return;
   }
   list.replaceChildren(...state.history.map((call) => {
+    if (call.group) return groupHistoryItem(call);
     const peer = call.direction === "outgoing" ? call.callee : call.caller;
     const a = el("span", { class: "avatar" });
     avatar(a, peer);
@@ -347,6 +432,27 @@ function renderHistory() {
         el("button", { class: "icon-btn plain", title: `Block ${peer}`, "data-testid": "history-block",
           on: { click: () => block(peer) } }, icon("block"))));
   }));
+}
+
+function groupHistoryItem(call) {
+  const a = el("span", { class: "avatar" });
+  avatar(a, call.group);
+  const dir = call.missed ? "missed" : call.direction === "outgoing" ? "out" : "in";
+  return el("li", {
+    class: `history-item${call.missed ? " missed" : ""}`,
+    "data-testid": "history-item", "data-call-id": call.call_id, "data-group": call.group,
+    "data-state": call.state,
+  },
+    a,
+    el("div", { class: "conv-main" },
+      el("div", { class: "conv-name" }, call.group),
+      el("div", { class: "conv-sub" },
+        el("span", { class: "dir" }, icon(dir)),
+        ` Group ${call.media} · ${call.direction === "outgoing" ? "you started" : `from ${call.caller}`} · `,
+        el("span", { "data-testid": "history-outcome" }, describe(call)), ` · ${when(call.created_at)}`)),
+    el("div", { class: "history-actions" },
+      el("button", { class: "icon-btn", title: "Call the group", "data-testid": "history-call-back",
+        on: { click: () => placeGroupCall(call.group, call.media) } }, icon(call.media === "video" ? "video" : "phone"))));
 }
 
 function report(callId, user) {
@@ -552,6 +658,10 @@ function connectSocket() {
   socket.on("call.signal", onCallSignal);
   socket.on("call.media", (message) => inCall(message, (session) => session.onMedia(message)));
   socket.on("call.peer", (message) => inCall(message, (session) => session.onPeer(message)));
+  socket.on("call.participant", (message) => {
+    inCall(message, (session) => session.onParticipant && session.onParticipant(message));
+    if (state.view === "inbox") refreshGroups();
+  });
   socket.connect();
   scheduleTokenRefresh();
 }
@@ -563,7 +673,9 @@ function inCall(message, handle) {
 }
 
 function onIncoming(call) {
-  if (call.callee !== state.me || call.state !== "ringing") return;
+  // A group call rings every rung invitee (its callee is null, or that invitee).
+  const forMe = call.group ? call.caller !== state.me : call.callee === state.me;
+  if (!forMe || call.state !== "ringing") return;
   if (state.session && state.session.callId === call.call_id) return;
   state.ringing.set(call.call_id, call);
   showIncoming();
@@ -581,7 +693,9 @@ function onCallState(message) {
   if (message.answered_elsewhere && !(session && session.callId === message.call_id)) {
     toast("Answered on another device");
   }
-  if (message.state !== "ringing") stopRinging(message.call_id);
+  // A group call goes on ringing others; it stops ringing here when this member is not.
+  if (message.state !== "ringing" || !ringsMe(message)) stopRinging(message.call_id);
+  if (message.group && state.view === "inbox") refreshGroups();
   if (FINAL_STATES.has(message.state) || message.state === "accepted") loadHistorySoon();
 }
 
@@ -597,7 +711,31 @@ function onCallSignal(message) {
   }
 }
 
+// A group call's call object: does it still ring this member?
+function ringsMe(call) {
+  if (!call.group || !Array.isArray(call.participants)) return true;
+  const me = call.participants.find((p) => p.user === state.me);
+  return !me || me.state === "ringing" || me.state === "invited";
+}
+
+function groupSessionState(session, message) {
+  session.updateParticipants(message.participants);
+  if (message.state === "accepted" && message.media_url && !session.started) {
+    // The starter's media: the first other member joined.
+    session.started = true;
+    session.start(message);
+  } else if (message.state === "ringing" && !session.started) {
+    session.status = "Ringing…";
+    session.changed();
+  } else if ((message.state === "accepted" || message.state === "active") && session.started) {
+    session.onUpgraded(message.media);
+  } else if (FINAL_STATES.has(message.state)) {
+    session.finish(END_TEXT[message.end_reason] || END_TEXT[message.state] || "Call ended");
+  }
+}
+
 function sessionState(session, message) {
+  if (session.group) return groupSessionState(session, message);
   if (message.state === "ringing" && session.role === "caller") {
     session.status = "Ringing…";
     session.changed();
@@ -634,9 +772,11 @@ function showIncoming() {
   state.shownIncoming = next;
   $("incoming").hidden = !next;
   if (!next) return;
-  avatar($("incoming-avatar"), next.caller);
-  $("incoming-from").textContent = next.caller;
-  $("incoming-kind").textContent = next.media === "video" ? "Incoming video call…" : "Incoming audio call…";
+  avatar($("incoming-avatar"), next.group || next.caller);
+  $("incoming-from").textContent = next.group ? `${next.caller} · ${next.group}` : next.caller;
+  $("incoming-kind").textContent = next.group
+    ? `Group ${next.media === "video" ? "video" : "audio"} call…`
+    : next.media === "video" ? "Incoming video call…" : "Incoming audio call…";
   $("incoming-accept-icon").setAttribute("href", next.media === "video" ? "#i-video" : "#i-phone");
 }
 
@@ -657,7 +797,7 @@ $("incoming-accept").addEventListener("click", async () => {
   const call = state.shownIncoming;
   if (!call || state.session) return;
   stopRinging(call.call_id);
-  const session = openSession(call, "callee");
+  const session = call.group ? openGroupSession(call) : openSession(call, "callee");
   session.started = true;
   try {
     await session.prepareKeys();
@@ -689,6 +829,75 @@ async function placeCall(user, media) {
   session.startLocalMedia().catch((error) => session.fail(`Camera or microphone: ${error.message}`));
   const early = state.recentStates.get(call.call_id);
   if (early) sessionState(session, early);
+}
+
+async function placeGroupCall(group, media) {
+  if (state.session) return toast("You are already in a call");
+  let call;
+  try {
+    call = await state.api.placeGroupCall(group, media, state.deviceId);
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 409 && error.body.call_id) {
+      // A call is going in this group already: join that one.
+      return joinGroupCall(group, { call_id: error.body.call_id });
+    }
+    const text = error instanceof ApiError && error.status === 429
+      ? `Too many calls; try again in ${error.body.retry_after_s || "a few"} s`
+      : `Could not call: ${error.message}`;
+    return toast(text);
+  }
+  const session = openGroupSession({
+    call_id: call.call_id, state: call.state, group, media, caller: state.me, callee: null,
+    participants: [{ user: state.me, state: "joined" }],
+  });
+  session.prepareKeys().catch(() => {});
+  session.startLocalMedia().catch((error) => session.fail(`Camera or microphone: ${error.message}`));
+  const early = state.recentStates.get(call.call_id);
+  if (early) sessionState(session, early);
+}
+
+// "Join" on a group conversation with a call going (any current member, while it lasts).
+async function joinGroupCall(group, known) {
+  if (state.session) return toast("You are already in a call");
+  let call = known;
+  try {
+    if (!call || !call.participants) call = await state.api.getCall(known.call_id).catch(() => state.api.groupCall(group));
+  } catch {
+    return toast("That call is over");
+  }
+  const session = openGroupSession({ ...call, group });
+  session.started = true;
+  try {
+    await session.prepareKeys();
+    const grant = await state.api.join(call.call_id, state.deviceId);
+    session.start(grant);
+  } catch (error) {
+    const text = error instanceof ApiError && (error.status === 409 || error.status === 404)
+      ? END_TEXT[error.body.end_reason] || (error.body.error === "call_full" ? "The call is full" : "The call is over")
+      : `Could not join: ${error.message}`;
+    session.finish(text);
+  }
+  refreshGroups();
+}
+
+function openGroupSession(call) {
+  const session = new GroupCallSession({ api: state.api, socket: state.socket, call, me: state.me, deviceId: state.deviceId });
+  state.session = session;
+  for (const message of state.pendingSignals.get(call.call_id) || []) session.onSignal(message);
+  state.pendingSignals.delete(call.call_id);
+  session.addEventListener("change", () => renderGroupCall(session));
+  session.addEventListener("over", (event) => sessionState(session, event.detail));
+  session.addEventListener("end", () => {
+    if (state.session === session) state.session = null;
+    $("group-call").hidden = true;
+    $("group-grid").replaceChildren();
+    toast(session.endReason);
+    loadHistorySoon();
+    refreshGroups();
+  });
+  $("group-call").hidden = false;
+  renderGroupCall(session);
+  return session;
 }
 
 function openSession(call, role) {
@@ -752,8 +961,8 @@ function renderCall(session) {
 
 function renderCallClock() {
   const session = state.session;
-  $("call-timer").textContent = session && session.connectedAt
-    ? duration((Date.now() - session.connectedAt) / 1000) : "";
+  const text = session && session.connectedAt ? duration((Date.now() - session.connectedAt) / 1000) : "";
+  $(session && session.group ? "group-call-timer" : "call-timer").textContent = text;
 }
 
 $("btn-hangup").addEventListener("click", () => state.session && state.session.hangup());
@@ -765,6 +974,81 @@ $("btn-camera").addEventListener("click", () => {
 });
 $("btn-report").addEventListener("click", () => state.session && report(state.session.callId, state.session.peer));
 $("btn-block").addEventListener("click", () => state.session && block(state.session.peer));
+
+// ------------------------------------------------------------------ group call screen
+
+// One tile per participant, us first; kept across renders (a video element keeps playing).
+function renderGroupCall(session) {
+  if (state.session !== session) return;
+  $("group-call-name").textContent = session.group;
+  $("group-call-status").textContent = session.status;
+  $("group-call").classList.toggle("reconnecting", session.reconnecting);
+  $("group-call-quality").textContent = session.quality ? `${session.quality[0].toUpperCase()}${session.quality.slice(1)} connection` : "";
+  $("group-call-quality").className = `quality ${session.quality || ""}`;
+  $("group-e2ee").hidden = !session.fingerprint;
+  const grid = $("group-grid");
+  const video = session.media === "video";
+  const self = {
+    user: state.me, self: true, stream: session.local, fingerprint: session.fingerprint,
+    audio: session.muted ? "muted" : "on", video: session.cameraOff || !video ? "off" : "on",
+    connection: "connected", speaking: session.activeSpeaker === state.me, verified: true,
+  };
+  const tiles = [self, ...session.tiles()];
+  const keep = new Set(tiles.map((t) => t.user));
+  for (const tile of [...grid.children]) if (!keep.has(tile.dataset.user)) tile.remove();
+  tiles.forEach((t, i) => {
+    const tile = groupTile(grid, t, video);
+    if (grid.children[i] !== tile) grid.insertBefore(tile, grid.children[i] || null);
+  });
+  $("group-mute").classList.toggle("off", session.muted);
+  $("group-mute").querySelector("use").setAttribute("href", session.muted ? "#i-mic-off" : "#i-mic");
+  $("group-mute").title = session.muted ? "Unmute" : "Mute";
+  $("group-camera").classList.toggle("off", session.cameraOff);
+  $("group-camera").querySelector("use").setAttribute("href", session.cameraOff ? "#i-video-off" : "#i-video");
+  $("group-camera").title = session.cameraOff ? "Camera on" : "Camera off";
+  renderCallClock();
+}
+
+function groupTile(grid, t, video) {
+  let tile = [...grid.children].find((c) => c.dataset.user === t.user);
+  if (!tile) {
+    const a = el("span", { class: "avatar large tile-avatar" });
+    avatar(a, t.user);
+    const media = el("video", { autoplay: true, playsInline: true, muted: !!t.self, "data-testid": `tile-video-${t.user}` });
+    tile = el("div", { class: `tile${t.self ? " self" : ""}`, "data-testid": `tile-${t.user}`, "data-user": t.user },
+      a, media,
+      el("div", { class: "tile-bar" },
+        el("span", { class: "tile-name" }, t.self ? `${t.user} (you)` : t.user),
+        el("span", { class: "peer-muted", "data-testid": `tile-muted-${t.user}`, hidden: true }, icon("mic-off"), "Muted"),
+        el("span", { class: "tile-state", "data-testid": `tile-state-${t.user}` }),
+        el("span", { class: "tile-fp", title: "Key fingerprint" }, icon("lock"),
+          el("code", { class: "tile-fingerprint", "data-testid": `fingerprint-${t.user}` }))));
+  }
+  const media = tile.querySelector("video");
+  if (t.stream && media.srcObject !== t.stream) media.srcObject = t.stream;
+  if (!t.stream && media.srcObject) media.srcObject = null;
+  const showVideo = video && t.video === "on" && !!t.stream;
+  media.hidden = !showVideo; // hidden, it still plays the participant's sound
+  tile.classList.toggle("has-video", showVideo);
+  tile.classList.toggle("speaking", !!t.speaking);
+  tile.dataset.verified = String(!!t.verified);
+  tile.dataset.audio = t.audio;
+  tile.dataset.video = t.video;
+  tile.querySelector(".peer-muted").hidden = t.audio !== "muted";
+  const status = t.connection === "reconnecting" ? "Reconnecting…"
+    : video && t.video === "off" ? "Camera off" : !t.stream && !t.self ? "Connecting…" : "";
+  tile.querySelector(".tile-state").textContent = status;
+  tile.querySelector(".tile-fingerprint").textContent = t.fingerprint || "";
+  return tile;
+}
+
+$("group-leave").addEventListener("click", () => state.session && state.session.hangup());
+$("group-mute").addEventListener("click", () => state.session && state.session.setMuted(!state.session.muted));
+$("group-camera").addEventListener("click", () => {
+  const session = state.session;
+  if (!session) return;
+  session.setCameraOff(!session.cameraOff).catch((error) => toast(`Camera: ${error.message}`));
+});
 
 // ------------------------------------------------------------------ boot
 

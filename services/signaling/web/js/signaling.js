@@ -83,7 +83,10 @@ export class SignalingSocket extends EventTarget {
     return false;
   }
 
-  signal(callId, payload) { return this.send({ type: "call.signal", call_id: callId, payload }); }
+  // ``to``: the participant it is for (a group call's pairwise key exchange).
+  signal(callId, payload, to = null) {
+    return this.send(to ? { type: "call.signal", call_id: callId, to, payload } : { type: "call.signal", call_id: callId, payload });
+  }
 
   // Hand the open socket a fresh token of the same user: it then lives until that one expires.
   refreshToken(token) { return this.send({ type: "auth.refresh", token }); }
