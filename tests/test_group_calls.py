@@ -185,7 +185,7 @@ async def test_a_group_call_from_ringing_to_its_last_participant(
     )
     assert accepted.status_code == 200, accepted.text
     grant = verify_media_token(settings, accepted.json()["media_token"])
-    assert (grant.call_id, grant.user_id) == (call_id, "bob")
+    assert (grant.call_id, grant.user_id, grant.group) == (call_id, "bob", GROUP)
     elsewhere = await b2.expect(type="call.state", call_id=call_id, state="accepted")
     assert elsewhere["answered_elsewhere"] is True and "media_token" not in elsewhere
     to_alice = await a1.expect(type="call.state", call_id=call_id, state="accepted")

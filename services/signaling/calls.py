@@ -304,6 +304,7 @@ class CallService:
                 user_id=user,
                 node_id=node_id,
                 moved=call.rejoin_deadline is not None,
+                group=call.group,  # a group call's room admits up to its maximum
             ),
             ttl_s=self.settings.media_token_ttl_s,
         )
