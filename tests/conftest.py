@@ -27,8 +27,11 @@ from redis.asyncio import Redis
 from shared import redis as shared_redis
 from shared.auth import issue_token
 from shared.bus import Bus
+from shared.contracts import EventType
 from shared.settings import CommonSettings
 from tests.support.redis_server import PrivateRedis
+from tests.support.signaling import EventTap, event_tap, open_in_process, open_worlds
+from tests.support.webhook_receiver import WebhookReceiver
 from tools.infra import Endpoint
 from tools.procs import ServiceProcess, free_port
 
@@ -40,6 +43,22 @@ os.environ.setdefault("DMCALL_ENV", "test")
 
 # Queues of finished tests disappear by themselves after this long unused.
 TEST_QUEUE_EXPIRES_MS = 10 * 60 * 1000
+
+
+# Fixtures that start processes: a test using one is end to end, marked ``e2e`` (a module's
+# ``pytestmark = pytest.mark.e2e``), so ``-m 'not e2e'`` is the fast lane.
+PROCESS_FIXTURES = frozenset({"spawn", "worlds", "private_redis"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    unmarked = [
+        item.nodeid
+        for item in items
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("e2e") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"these start processes, mark them e2e: {unmarked}")
 
 
 @dataclass(frozen=True)
@@ -227,3 +246,46 @@ async def bus_factory(settings: CommonSettings) -> AsyncIterator[Callable[..., A
     for bus, redis in made:
         await bus.close()
         await redis.aclose()
+
+
+@pytest.fixture
+async def publish(bus_factory: Callable[..., Any]) -> Callable[..., Any]:
+    """``await publish(event)``: publishes on this test's broker as signaling would."""
+    bus = await bus_factory("test-signaling")
+    return bus.publish  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    """A real local webhook receiver (tests/support/webhook_receiver.py)."""
+    server = WebhookReceiver().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def worlds(
+    spawn: Callable[..., ServiceProcess],
+    token: Callable[..., str],
+    settings: CommonSettings,
+    infra: Infra,
+    redis_client: Redis,
+) -> AsyncIterator[Callable[..., Any]]:
+    """``await worlds(2, policy=True)``: real signaling processes and what a test opens on
+    them (``World``, tests/support/signaling.py)."""
+    async with open_worlds(spawn, token, settings, infra.rabbitmq_url, redis_client) as make:
+        yield make
+
+
+@pytest.fixture
+async def in_process(make_settings: Callable[..., Any]) -> AsyncIterator[Callable[..., Any]]:
+    """``await in_process(2)``: signaling instances built in this process (``InProcess``)."""
+    async with open_in_process(make_settings) as make:
+        yield make
+
+
+@pytest.fixture
+async def tap(infra: Infra, namespace: str) -> AsyncIterator[EventTap]:
+    """Every copy of every event published on this test's ``calls`` exchange, as published."""
+    async with event_tap(infra.rabbitmq_url, namespace, tuple(EventType)) as events:
+        yield events

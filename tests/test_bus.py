@@ -23,7 +23,7 @@ from tests.conftest import Infra
 from tests.support.waiting import eventually
 from tools.procs import ROOT
 
-pytestmark = pytest.mark.asyncio
+pytestmark = pytest.mark.e2e
 
 
 def requested(call_id: str) -> CallRequested:

@@ -16,6 +16,8 @@ from pydantic import ValidationError
 from shared.settings import DEV_JWT_SECRET, CommonSettings, Environment
 from tools.procs import ServiceProcess, free_port
 
+pytestmark = pytest.mark.e2e
+
 SERVICES = ("signaling", "policy", "notifications", "media")
 
 
@@ -37,7 +39,6 @@ def test_unset_environment_is_production_and_refuses_the_development_secrets(
     assert not settings.is_development
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize("service", SERVICES)
 def test_a_process_without_environment_and_with_the_development_secret_does_not_start(
     service: str, no_environment: None, service_env: dict[str, str], tmp_path: Path
@@ -55,7 +56,6 @@ def test_a_process_without_environment_and_with_the_development_secret_does_not_
     assert "AUTH_JWT_SECRET is the development default" in log.read_text()
 
 
-@pytest.mark.e2e
 def test_a_deployment_that_forgets_the_environment_serves_no_development_token(
     no_environment: None, service_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -77,7 +77,6 @@ def test_a_deployment_that_forgets_the_environment_serves_no_development_token(
         proc.stop()
 
 
-@pytest.mark.e2e
 def test_a_refused_start_does_not_print_the_secrets_it_read(
     no_environment: None, service_env: dict[str, str], tmp_path: Path
 ) -> None:

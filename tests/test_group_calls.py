@@ -9,122 +9,63 @@ although the signaling instance holding their sockets is SIGKILLed while it ring
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-from redis.asyncio import Redis
 
 from shared.auth import verify_media_token
 from shared.contracts import CallRequested, EventType, parse_event
-from shared.media_registry import MediaNode, MediaRegistry
 from shared.settings import CommonSettings
-from tests.conftest import Infra, auth
-from tests.support.signaling import SIGNALING_EVENTS, Device, EventTap, event_tap
+from tests.conftest import auth
+from tests.support.notifications import inbox
+from tests.support.signaling import SIGNALING_EVENTS, World
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 
-NODE = MediaNode(node_id="media-group-1", url="http://127.0.0.1:9/", capacity=50, load=0)
 GROUP = "g-friends"
 MEMBERS = ("alice", "bob", "carol", "dave", "erin", "frank")
 RUNG = {"bob", "carol", "erin"}
-EVENTS = (
-    *SIGNALING_EVENTS,
-    EventType.CALL_AUTHORIZED,
-    EventType.CALL_PARTICIPANT_JOINED,
-    EventType.CALL_PARTICIPANT_LEFT,
-)
+EVENTS = (*SIGNALING_EVENTS, EventType.CALL_AUTHORIZED)
 
 
-class Group:
-    def __init__(
-        self,
-        procs: dict[str, Any],
-        tap: EventTap,
-        token: Callable[..., str],
-    ) -> None:
-        self.policy: ServiceProcess = procs["policy"]
-        self.notifications: ServiceProcess = procs["notifications"]
-        self.signaling: list[ServiceProcess] = procs["signaling"]
-        self.tap = tap
-        self.token = token
-        self.devices: list[Device] = []
-        self.clients: list[httpx.AsyncClient] = []
-
-    def h(self, user: str) -> dict[str, str]:
-        return auth(self.token(user))
-
-    def http(self, instance: int = 0) -> httpx.AsyncClient:
-        client = httpx.AsyncClient(base_url=self.signaling[instance].url, timeout=15)
-        self.clients.append(client)
-        return client
-
-    async def device(self, user: str, device_id: str, instance: int) -> Device:
-        device = await Device.connect(
-            self.signaling[instance].url, self.token(user), user, device_id
-        )
-        self.devices.append(device)
-        return device
-
+class Group(World):
     async def platform(self, method: str, path: str, body: Any = None) -> None:
+        assert self.policy is not None
         headers = auth(self.token("platform-svc", scope="platform"))
         async with httpx.AsyncClient(base_url=self.policy.url, timeout=15) as policy:
             response = await policy.request(method, path, json=body, headers=headers)
             assert response.status_code < 300, (path, response.status_code, response.text)
 
     async def as_user(self, user: str, method: str, path: str, body: Any = None) -> httpx.Response:
+        assert self.policy is not None
         async with httpx.AsyncClient(base_url=self.policy.url, timeout=15) as policy:
             return await policy.request(method, path, json=body, headers=self.h(user))
 
     async def inbox(self, user: str) -> list[dict[str, Any]]:
-        async with httpx.AsyncClient(base_url=self.notifications.url, timeout=15) as client:
-            response = await client.get("/v1/notifications?limit=500", headers=self.h(user))
-            assert response.status_code == 200, response.text
-            return list(response.json())
+        assert self.notifications is not None
+        return await inbox(self.notifications, self.token(user))
 
     def events(self, event_type: EventType, call_id: str) -> list[dict[str, Any]]:
         return self.tap.of(event_type, call_id)
 
 
 @pytest.fixture
-async def group(
-    spawn: Callable[..., ServiceProcess],
-    token: Callable[..., str],
-    settings: CommonSettings,
-    infra: Infra,
-    namespace: str,
-    redis_client: Redis,
-) -> AsyncIterator[Group]:
-    env = {"RING_TIMEOUT_S": "4", "POLICY_REQUIRE_PREMIUM": "true"}
-    procs: dict[str, Any] = {
-        "policy": spawn("policy", wait=False, **env),
-        "notifications": spawn("notifications", wait=False, **env),
-        "signaling": [spawn("signaling", wait=False, **env) for _ in range(2)],
-    }
-    for proc in (procs["policy"], procs["notifications"], *procs["signaling"]):
-        proc.wait_ready()
-    await MediaRegistry(redis_client, settings).heartbeat(NODE, ttl_s=600)
-    async with event_tap(infra.rabbitmq_url, namespace, EVENTS) as tap:
-        g = Group(procs, tap, token)
-        await g.platform("PUT", "/v1/platform/users/alice", {"premium": True, "verified": False})
-        for member in MEMBERS:
-            await g.platform("PUT", f"/v1/platform/groups/{GROUP}/members/{member}")
-            if member != "frank":  # frank never posted in the group
-                await g.platform(
-                    "POST", f"/v1/platform/groups/{GROUP}/messages", {"sender": member}
-                )
-        calls_off = await g.as_user("dave", "PUT", "/v1/settings", {"enabled": False})
-        assert calls_off.status_code == 200, calls_off.text
-        try:
-            yield g
-        finally:
-            for device in g.devices:
-                await device.close()
-            for client in g.clients:
-                await client.aclose()
+async def group(worlds: Callable[..., Any]) -> Group:
+    # policy requires premium (its default): alice is the one premium member
+    g: Group = await worlds(
+        2, cls=Group, policy=True, notifications=True, events=EVENTS, RING_TIMEOUT_S="4"
+    )
+    await g.platform("PUT", "/v1/platform/users/alice", {"premium": True, "verified": False})
+    for member in MEMBERS:
+        await g.platform("PUT", f"/v1/platform/groups/{GROUP}/members/{member}")
+        if member != "frank":  # frank never posted in the group
+            await g.platform("POST", f"/v1/platform/groups/{GROUP}/messages", {"sender": member})
+    calls_off = await g.as_user("dave", "PUT", "/v1/settings", {"enabled": False})
+    assert calls_off.status_code == 200, calls_off.text
+    return g
 
 
 def states(call: dict[str, Any]) -> dict[str, str]:

@@ -23,6 +23,8 @@ from tools.loadtest.scenarios import parse_time
 from tools.loadtest.tokens import TokenSource, TokenSourceError
 from tools.procs import ServiceProcess
 
+pytestmark = pytest.mark.e2e
+
 
 def test_mix_is_parsed_and_normalised() -> None:
     mix = parse_mix("answered=3, missed=1,denied=0")
@@ -90,7 +92,6 @@ async def test_http_client_reports_a_refused_connection() -> None:
     await client.close()
 
 
-@pytest.mark.e2e
 async def test_smoke_run_rings_every_call_and_loses_nothing(
     spawn: Callable[..., ServiceProcess], tmp_path: Path
 ) -> None:

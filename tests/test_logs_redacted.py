@@ -13,17 +13,18 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from shared.media_registry import MediaNode, MediaRegistry
+from shared.media_registry import MediaRegistry
 from shared.settings import CommonSettings
 from shared.telemetry import redact
 from tests.conftest import auth
-from tests.support.signaling import Device, allow_call, place_and_accept
+from tests.support.signaling import NODE, Device, allow_call, place_and_accept
 from tests.support.waiting import eventually
 from tools.procs import ServiceProcess
 
+pytestmark = pytest.mark.e2e
+
 TURN_SECRET = "a-turn-secret-shared-with-coturn-f2"
 TURN_URLS = ["turn:turn.example.com:3478?transport=udp"]
-NODE = MediaNode(node_id="media-f2", url="http://127.0.0.1:9/", capacity=50, load=0)
 
 
 @pytest.mark.parametrize(
@@ -49,7 +50,6 @@ def test_f2_redact_leaves_ordinary_lines_alone() -> None:
     assert redact(line) == line
 
 
-@pytest.mark.e2e
 async def test_f2_no_credential_in_any_log_line_of_a_call(
     spawn: Callable[..., ServiceProcess],
     token: Callable[..., str],
@@ -133,7 +133,6 @@ class _Collector:
         self.server.shutdown()
 
 
-@pytest.mark.e2e
 async def test_f2_no_token_in_any_exported_trace_span(
     spawn: Callable[..., ServiceProcess], token: Callable[..., str]
 ) -> None:

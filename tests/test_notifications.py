@@ -11,9 +11,8 @@ import contextlib
 import json
 import signal
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -27,78 +26,29 @@ from shared.contracts import (
     CallDeclined,
     CallEnded,
     CallMissed,
-    CallRinging,
     EndReason,
     Event,
     MediaKind,
 )
 from tests.conftest import auth
+from tests.support.notifications import (
+    FAST,
+    Publish,
+    deliveries,
+    inbox,
+    inbox_has,
+    new_call,
+    parties,
+    ringing,
+    when_outcome,
+    when_removed,
+)
 from tests.support.sse import open_stream
 from tests.support.waiting import eventually
 from tests.support.webhook_receiver import HANG, WebhookReceiver
 from tools.procs import ServiceProcess
 
-pytestmark = pytest.mark.asyncio
-
-Publish = Callable[[Event], Awaitable[None]]
-
-FAST = {
-    "NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE": "true",
-    "NOTIFICATIONS_SSE_KEEPALIVE_S": "1",
-    "NOTIFICATIONS_PUSH_TIMEOUT_S": "1",
-    "NOTIFICATIONS_PUSH_INCOMING_CALL_TIMEOUT_S": "1",
-    "NOTIFICATIONS_PUSH_BACKOFF_BASE_MS": "100",
-    "NOTIFICATIONS_PUSH_BACKOFF_MAX_MS": "400",
-    "NOTIFICATIONS_PUSH_MAX_ATTEMPTS": "3",
-}
-
-
-@pytest.fixture
-async def publish(bus_factory: Callable[..., Any]) -> Publish:
-    """Publishes events as signaling would."""
-    bus = await bus_factory("test-signaling")
-    return bus.publish  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def receiver() -> Iterator[WebhookReceiver]:
-    server = WebhookReceiver().start()
-    yield server
-    server.stop()
-
-
-def new_call() -> str:
-    return uuid.uuid4().hex
-
-
-def ringing(call_id: str, caller: str = "alice", callee: str = "bob") -> CallRinging:
-    return CallRinging(
-        call_id=call_id,
-        caller=caller,
-        callee=callee,
-        media=MediaKind.VIDEO,
-        ring_deadline=datetime.now(UTC) + timedelta(minutes=10),
-    )
-
-
-def parties(caller: str = "alice", callee: str = "bob") -> dict[str, str]:
-    return {"caller": caller, "callee": callee}
-
-
-async def inbox(proc: ServiceProcess, token: str) -> list[dict[str, Any]]:
-    async with httpx.AsyncClient(base_url=proc.url) as client:
-        response = await client.get("/v1/notifications?limit=500", headers=auth(token))
-        assert response.status_code == 200, response.text
-        return list(response.json())
-
-
-async def inbox_has(proc: ServiceProcess, token: str, count: int) -> list[dict[str, Any]]:
-    async def check() -> list[dict[str, Any]] | None:
-        items = await inbox(proc, token)
-        return items if len(items) >= count else None
-
-    return list(await eventually(check))
-
+pytestmark = pytest.mark.e2e
 
 # --------------------------------------------------------------------------- events
 
@@ -146,7 +96,7 @@ async def test_every_event_makes_exactly_its_notifications_once_with_two_instanc
         )
 
         received = [(await live.next_data()).json() for _ in range(6 + 6 + 2)]
-        await asyncio.sleep(1.5)  # let anything extra arrive: nothing may
+        # Published after them all, the marker is the next on the stream: nothing extra came.
         marker = ringing(new_call())
         await publish(marker)
         assert (await live.next_data()).json()["call_id"] == marker.call_id
@@ -406,12 +356,6 @@ async def register(client: httpx.AsyncClient, token: str, url: str) -> dict[str,
     return dict(body)
 
 
-async def deliveries(client: httpx.AsyncClient, token: str, device_id: str) -> list[Any]:
-    response = await client.get(f"/v1/devices/{device_id}/deliveries", headers=auth(token))
-    assert response.status_code == 200, response.text
-    return list(response.json())
-
-
 async def test_webhooks_are_signed_retried_dead_lettered_and_removed_on_410(
     spawn: Callable[..., ServiceProcess],
     publish: Publish,
@@ -461,7 +405,7 @@ async def test_webhooks_are_signed_retried_dead_lettered_and_removed_on_410(
         assert len({r.headers["x-dmcall-delivery"] for r in flaky_requests}) == 1
         assert [r.headers["x-dmcall-attempt"] for r in flaky_requests] == ["1", "2", "3"]
         log = await eventually(
-            lambda: _when_outcome(deliveries(client, bob, flaky["id"]), "delivered")
+            lambda: when_outcome(deliveries(client, bob, flaky["id"]), "delivered")
         )
         assert [(e["outcome"], e["status"]) for e in log] == [
             ("delivered", 200),
@@ -472,13 +416,13 @@ async def test_webhooks_are_signed_retried_dead_lettered_and_removed_on_410(
         # 410 Gone: the target is removed.
         await eventually(lambda: receiver.received("/gone"))
         removed = await eventually(
-            lambda: _removed(client.get(f"/v1/devices/{gone['id']}", headers=auth(bob)))
+            lambda: when_removed(client.get(f"/v1/devices/{gone['id']}", headers=auth(bob)))
         )
         assert removed["removed_reason"] == "gone"
 
         # Never answers: each attempt times out; after the last one, the dead-letter queue.
         log = await eventually(
-            lambda: _when_outcome(deliveries(client, bob, hang["id"]), "dead_lettered")
+            lambda: when_outcome(deliveries(client, bob, hang["id"]), "dead_lettered")
         )
         assert [e["outcome"] for e in log] == ["dead_lettered", "retrying", "retrying"]
         assert "timed out" in log[0]["error"]
@@ -499,16 +443,6 @@ async def test_webhooks_are_signed_retried_dead_lettered_and_removed_on_410(
         ).status_code == 204
         remaining = (await client.get("/v1/devices", headers=auth(bob))).json()
         assert {d["id"] for d in remaining} == {flaky["id"], hang["id"]}
-
-
-async def _when_outcome(log: Awaitable[list[Any]], outcome: str) -> list[Any] | None:
-    entries = await log
-    return entries if entries and entries[0]["outcome"] == outcome else None
-
-
-async def _removed(response: Awaitable[httpx.Response]) -> dict[str, Any] | None:
-    body = (await response).json()
-    return dict(body) if body.get("status") == "removed" else None
 
 
 async def test_private_addresses_are_refused_at_registration_and_at_delivery(
@@ -558,7 +492,7 @@ async def test_private_addresses_are_refused_at_registration_and_at_delivery(
         # A target registered while allowed is refused at delivery (DNS can change too).
         await publish(ringing(new_call()))
         log = await eventually(
-            lambda: _when_outcome(deliveries(client, bob, device["id"]), "dead_lettered")
+            lambda: when_outcome(deliveries(client, bob, device["id"]), "dead_lettered")
         )
         assert "private" in log[0]["error"]
     assert receiver.requests == []
@@ -586,7 +520,7 @@ async def test_a_push_held_by_an_instance_that_dies_is_delivered_by_another(
     survivor = spawn("notifications", **FAST, NOTIFICATIONS_PUSH_CLAIM_IDLE_MS="1000")
     async with httpx.AsyncClient(base_url=survivor.url) as client:
         log = await eventually(
-            lambda: _when_outcome(deliveries(client, bob, device["id"]), "delivered")
+            lambda: when_outcome(deliveries(client, bob, device["id"]), "delivered")
         )
     assert [(e["outcome"], e["attempt"]) for e in log] == [("delivered", 2), ("retrying", 1)]
     requests = receiver.received("/hook")
@@ -629,7 +563,7 @@ async def test_f3_ipv6_forms_of_private_ipv4_are_refused_at_registration_and_del
         # Registered while private addresses were allowed: refused again before the attempt.
         await publish(ringing(new_call()))
         log = await eventually(
-            lambda: _when_outcome(deliveries(client, bob, wrapped["id"]), "dead_lettered")
+            lambda: when_outcome(deliveries(client, bob, wrapped["id"]), "dead_lettered")
         )
         assert "private" in log[0]["error"] and log[0]["status"] is None
 
@@ -679,7 +613,7 @@ async def test_f10_a_stream_ends_with_token_expired_when_its_token_expires(
         assert expired_at <= datetime.now(UTC)
         await asyncio.wait_for(live.ended(), 10)
         await publish(ringing(later := new_call()))
-        await asyncio.sleep(1)
+        await eventually(lambda: inbox_count_is(proc, token("bob"), later))
         assert live.messages.empty()
     # A fresh token, resuming from the last id seen: what came after the expiry arrives.
     async with open_stream(proc.url, token=token("bob"), last_event_id=seen.id) as live:
@@ -799,7 +733,7 @@ async def test_f6_incoming_calls_time_out_sooner_and_a_breaker_spares_a_stuck_ta
         hang = await register(client, bob, receiver.url("/hang"))
         await publish(ringing(new_call()))
         log = await eventually(
-            lambda: _when_outcome(deliveries(client, bob, hang["id"]), "dead_lettered")
+            lambda: when_outcome(deliveries(client, bob, hang["id"]), "dead_lettered")
         )
     outcomes = [(e["attempt"], e["outcome"], e["error"]) for e in reversed(log)]
     assert [(a, o) for a, o, _ in outcomes] == [

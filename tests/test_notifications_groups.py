@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,12 +19,7 @@ from tests.support.waiting import eventually
 from tests.support.webhook_receiver import WebhookReceiver
 from tools.procs import ServiceProcess
 
-
-@pytest.fixture
-def receiver() -> Iterator[WebhookReceiver]:
-    server = WebhookReceiver().start()
-    yield server
-    server.stop()
+pytestmark = pytest.mark.e2e
 
 
 async def test_each_invitee_is_told_of_the_group_call_and_of_missing_it(

@@ -19,34 +19,27 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from redis.asyncio import Redis
 
-from shared.contracts import CallCancelled, CallMissed, Event, MediaKind
+from shared.contracts import CallCancelled, CallMissed, MediaKind
 from tests.conftest import auth
-from tests.support.push_service import PushService, Subscriber, b64d, b64e, verify_vapid
-from tests.support.waiting import eventually
-from tests.test_notifications import (
+from tests.support.notifications import (
     FAST,
-    _removed,
-    _when_outcome,
+    Publish,
     deliveries,
     inbox_has,
     new_call,
     parties,
     ringing,
+    when_outcome,
+    when_removed,
 )
+from tests.support.push_service import PushService, Subscriber, b64d, b64e, verify_vapid
+from tests.support.waiting import eventually
 from tools.procs import ServiceProcess
 
-pytestmark = pytest.mark.asyncio
+pytestmark = pytest.mark.e2e
 
-Publish = Callable[[Event], Awaitable[None]]
 SUBJECT = "mailto:oncall@dmcall.example"
 TOPIC = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-
-
-@pytest.fixture
-async def publish(bus_factory: Callable[..., Any]) -> Publish:
-    """Publishes events as signaling would."""
-    bus = await bus_factory("test-signaling")
-    return bus.publish  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -191,7 +184,7 @@ async def test_404_and_410_remove_a_subscription_and_a_500_is_retried(
         assert opened(flaky, first) == opened(flaky, second)
         assert opened(flaky, first)["notification"]["call_id"] == ring.call_id
         log = await eventually(
-            lambda: _when_outcome(deliveries(client, bob, devices["/flaky"]["id"]), "delivered")
+            lambda: when_outcome(deliveries(client, bob, devices["/flaky"]["id"]), "delivered")
         )
         assert [(e["outcome"], e["status"], e["attempt"]) for e in log] == [
             ("delivered", 201, 2),
@@ -201,7 +194,7 @@ async def test_404_and_410_remove_a_subscription_and_a_500_is_retried(
         # 410 (unsubscribed) and 404 (expired): the subscription is removed.
         for path in ("/gone", "/expired"):
             removed = await eventually(
-                lambda path=path: _removed(client.get(f"/v1/devices/{devices[path]['id']}"))
+                lambda path=path: when_removed(client.get(f"/v1/devices/{devices[path]['id']}"))
             )
             assert removed["removed_reason"] == "gone"
             log = await deliveries(client, bob, devices[path]["id"])

@@ -22,6 +22,8 @@ from tests.support.redis_server import PrivateRedis
 from tests.support.waiting import eventually
 from tools.procs import ServiceProcess
 
+pytestmark = pytest.mark.e2e
+
 Token = Callable[..., str]
 
 

@@ -3,14 +3,13 @@ as events (reordered and duplicated), and exactly one verdict per call_requested
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aio_pika
 import httpx
+import pytest
 from redis.asyncio import Redis
 
 from shared import telemetry
@@ -33,8 +32,12 @@ from shared.contracts import (
 )
 from shared.settings import CommonSettings
 from tests.conftest import auth
+from tests.support.policy_calls import verdicts_in
+from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
 from tools.procs import ServiceProcess
+
+pytestmark = pytest.mark.e2e
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -155,6 +158,7 @@ async def test_call_requested_delivered_twice_yields_exactly_one_verdict_in_the_
     namespace: str,
     token: Callable[..., str],
     settings: CommonSettings,
+    tap: EventTap,
 ) -> None:
     policy = spawn("policy")
     headers = auth(token("platform-svc", scope="platform"))
@@ -182,20 +186,7 @@ async def test_call_requested_delivered_twice_yields_exactly_one_verdict_in_the_
         "signaling-test", verdicts={CallAuthorized: on_verdict, CallRejected: on_verdict}
     )
     # The bus deduplicates by event id, which would hide the same verdict published twice:
-    # a raw queue on the exchange sees every message policy publishes.
-    raw: list[bytes] = []
-    connection = await aio_pika.connect_robust(settings.rabbitmq_url)
-    channel = await connection.channel()
-    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-    exchange = await channel.get_exchange(settings.prefixed("calls"), ensure=False)
-    for key in ("call_authorized", "call_rejected"):
-        await queue.bind(exchange, routing_key=key)
-
-    async def on_raw(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        raw.append(message.body)
-        await message.ack()
-
-    await queue.consume(on_raw)
+    # the tap (a plain queue on the exchange) sees every message policy publishes.
     signaling = await bus_factory("signaling-publisher")
     telemetry.setup_tracing("test-signaling", None)
     tracer = telemetry.tracer("test")
@@ -224,7 +215,7 @@ async def test_call_requested_delivered_twice_yields_exactly_one_verdict_in_the_
     await request("call-sentinel", "carol")
     expected = {"call-bob", "call-dave", "call-sentinel"}
     await eventually(lambda: {e.call_id for e, _ in verdicts} >= expected)  # type: ignore[attr-defined]
-    await asyncio.sleep(0.5)
+    await tap.settle(signaling.publish)  # a duplicate verdict would be on the tap by now
 
     by_call: dict[str, list[tuple[Event, str | None]]] = {}
     for event, trace_id in verdicts:
@@ -268,7 +259,5 @@ async def test_call_requested_delivered_twice_yields_exactly_one_verdict_in_the_
     assert 'dmcall_policy_verdicts_total{detail="",outcome="authorized"} 1.0' in metrics
     assert 'dmcall_policy_verdicts_total{detail="calls_disabled",outcome="rejected"} 1.0' in metrics
 
-    await eventually(lambda: len(raw) >= 3)
-    published = sorted(parse_event(body).call_id for body in raw)  # type: ignore[attr-defined]
-    await connection.close()
+    published = sorted(parse_event(m).call_id for m in verdicts_in(tap))  # type: ignore[attr-defined]
     assert published == ["call-bob", "call-dave", "call-sentinel"]

@@ -4,12 +4,10 @@ user's groups, the support decision, and exactly one verdict per group call_requ
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aio_pika
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -33,9 +31,13 @@ from shared.contracts import (
 )
 from shared.settings import CommonSettings
 from tests.conftest import auth
+from tests.support.policy_calls import verdicts_in
 from tests.support.redis_server import PrivateRedis
+from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
 from tools.procs import ServiceProcess
+
+pytestmark = pytest.mark.e2e
 
 Token = Callable[..., str]
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -250,6 +252,7 @@ async def test_a_group_call_requested_gets_exactly_one_verdict_naming_whom_to_ri
     namespace: str,
     token: Token,
     settings: CommonSettings,
+    tap: EventTap,
 ) -> None:
     proc = spawn("policy", GROUP_CALL_MAX_PARTICIPANTS="3")
     policy = Policy(proc, token)
@@ -268,19 +271,6 @@ async def test_a_group_call_requested_gets_exactly_one_verdict_naming_whom_to_ri
     await bus_factory(
         "signaling-test", verdicts={CallAuthorized: on_verdict, CallRejected: on_verdict}
     )
-    raw: list[bytes] = []
-    connection = await aio_pika.connect_robust(settings.rabbitmq_url)
-    channel = await connection.channel()
-    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-    exchange = await channel.get_exchange(settings.prefixed("calls"), ensure=False)
-    for key in ("call_authorized", "call_rejected"):
-        await queue.bind(exchange, routing_key=key)
-
-    async def on_raw(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        raw.append(message.body)
-        await message.ack()
-
-    await queue.consume(on_raw)
     signaling = await bus_factory("signaling-publisher")
 
     def placed(caller: str, call_id: str, invitees: list[str]) -> CallRequested:
@@ -300,10 +290,10 @@ async def test_a_group_call_requested_gets_exactly_one_verdict_naming_whom_to_ri
     for event in (free, outsider):
         await signaling.publish(event)
     await eventually(handled(redis_client, namespace, "verdicts", retry, free, outsider))
-    await eventually(lambda: len(raw) >= 3)
-    await asyncio.sleep(0.3)  # the time a duplicate would need to show up
+    await eventually(lambda: len(verdicts_in(tap)) >= 3)
+    await tap.settle(signaling.publish)  # a duplicate verdict would be on the tap by now
 
-    published = sorted((parse_event(body) for body in raw), key=lambda e: e.call_id)  # type: ignore[attr-defined]
+    published = sorted((parse_event(m) for m in verdicts_in(tap)), key=lambda e: e.call_id)  # type: ignore[attr-defined]
     assert [e.call_id for e in published] == ["gc-1", "gc-2", "gc-3"]  # type: ignore[attr-defined]
     authorized, rejected, not_member = published
     assert isinstance(authorized, CallAuthorized)
@@ -342,7 +332,6 @@ async def test_a_group_call_requested_gets_exactly_one_verdict_naming_whom_to_ri
         }
     # erin's report blocks alice from ringing her in the group too
     assert "erin" not in policy.ok("GET", "/v1/platform/decisions/groups/six/alice")["ring"]
-    await connection.close()
 
 
 @pytest.fixture

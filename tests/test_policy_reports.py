@@ -5,19 +5,22 @@ rate-limited per reporter."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 
 from shared.bus import Delivery
-from shared.contracts import CallAuthorized, CallReported
+from shared.contracts import CallAuthorized, CallReported, EventType
 from tests.conftest import auth
 from tests.support.policy_calls import judged_call
+from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
 from tools.procs import ServiceProcess
+
+pytestmark = pytest.mark.e2e
 
 Token = Callable[..., str]
 
@@ -50,6 +53,7 @@ async def test_f7_only_a_party_of_a_judged_call_may_report_it_and_only_the_other
     redis_client: Redis,
     namespace: str,
     token: Token,
+    tap: EventTap,
 ) -> None:
     policy = spawn("policy")
     received: list[CallReported] = []
@@ -120,8 +124,12 @@ async def test_f7_only_a_party_of_a_judged_call_may_report_it_and_only_the_other
         (legacy, "dave", "frank"),
     }
     await eventually(lambda: len(received) >= len(expected))
-    await asyncio.sleep(0.5)  # time for anything extra to arrive: nothing may
+    await tap.settle(bus.publish)  # anything extra policy published is on the tap by now
     assert sorted((e.call_id, e.reporter, e.reported_user) for e in received) == sorted(expected)
+    reports = [m for m in tap.messages if m["type"] == EventType.CALL_REPORTED.value]
+    assert sorted((m["call_id"], m["reporter"], m["reported_user"]) for m in reports) == sorted(
+        expected
+    )
 
 
 async def test_f7_a_report_right_after_the_call_rang_is_accepted(

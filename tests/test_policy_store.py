@@ -16,6 +16,8 @@ from services.policy.store import PolicyStore, Relation
 from shared import redis as shared_redis
 from tests.support.redis_server import PrivateRedis
 
+pytestmark = pytest.mark.e2e
+
 PAIRS = 30
 
 

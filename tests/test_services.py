@@ -12,6 +12,8 @@ import pytest
 from tests.support.redis_server import PrivateRedis
 from tools.procs import ServiceProcess, free_port
 
+pytestmark = pytest.mark.e2e
+
 SERVICES = ("signaling", "policy", "notifications", "media")
 
 

@@ -6,78 +6,42 @@ on the broker as a node would."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+import functools
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-import httpx
 import pytest
-from redis.asyncio import Redis
 
 from shared.auth import verify_media_token
 from shared.contracts import (
     CallMediaConnected,
     CallMediaPeer,
-    Event,
     EventType,
     MediaNodeDraining,
     PeerConnection,
     parse_event,
 )
-from shared.media_registry import MediaNode, MediaRegistry
+from shared.media_registry import MediaNode
 from shared.settings import CommonSettings
-from tests.conftest import Infra, auth
-from tests.support.signaling import (
-    Device,
-    EventTap,
-    allow_call,
-    event_tap,
-    place_and_accept,
-    publish_event,
-)
+from tests.support import signaling
+from tests.support.signaling import Device, place_and_accept
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+
+pytestmark = pytest.mark.e2e
 
 NODE_A = MediaNode(node_id="media-a", url="http://127.0.0.1:9/a", capacity=50, load=0)
 NODE_B = MediaNode(node_id="media-b", url="http://127.0.0.1:9/b", capacity=50, load=0)
 NODE_C = MediaNode(node_id="media-c", url="http://127.0.0.1:9/c", capacity=50, load=0)
 
 
-@dataclass
-class World:
-    signaling: list[ServiceProcess]
-    policy: ServiceProcess
-    tap: EventTap
-    token: Callable[..., str]
-    registry: MediaRegistry
-    namespace: str
-    rabbitmq_url: str
-    settings: CommonSettings
-    devices: list[Device] = field(default_factory=list)
-    clients: list[httpx.AsyncClient] = field(default_factory=list)
-
-    def http(self, instance: int = 0) -> httpx.AsyncClient:
-        client = httpx.AsyncClient(base_url=self.signaling[instance].url, timeout=15)
-        self.clients.append(client)
-        return client
-
-    def h(self, user: str) -> dict[str, str]:
-        return auth(self.token(user))
-
-    async def device(self, user: str, device_id: str, instance: int = 0) -> Device:
-        device = await Device.connect(
-            self.signaling[instance].url, self.token(user), user, device_id
-        )
-        self.devices.append(device)
-        return device
-
+class World(signaling.World):
     async def call(
         self, caller: str, callee: str, *, media: str = "audio", instance: int = 0
     ) -> tuple[str, Device, Device]:
         """A call ``caller`` -> ``callee``, accepted (on whichever node the registry picks)
         and active: each party's device in the call."""
-        async with httpx.AsyncClient(base_url=self.policy.url, timeout=15) as policy:
-            await allow_call(policy, self.token("platform-svc", scope="platform"), caller, callee)
+        await self.allow(caller, callee)
         a = await self.device(caller, f"{caller}-1", instance)
         b = await self.device(callee, f"{callee}-1", instance)
         call_id, accepted = await place_and_accept(self.http(instance), self.token, a, b, media)
@@ -92,41 +56,12 @@ class World:
         assert response.status_code == 200, response.text
         return dict(response.json())
 
-    async def publish(self, event: Event) -> None:
-        await publish_event(self.rabbitmq_url, self.namespace, event)
-
 
 @pytest.fixture
-async def world(
-    spawn: Callable[..., ServiceProcess],
-    token: Callable[..., str],
-    settings: CommonSettings,
-    infra: Infra,
-    namespace: str,
-    redis_client: Redis,
-) -> AsyncIterator[Callable[..., Any]]:
-    made: list[World] = []
-    taps: list[Any] = []
-
-    async def make(instances: int = 1, **env: str) -> World:
-        policy = spawn("policy")
-        procs = [spawn("signaling", **env) for _ in range(instances)]
-        tap_cm = event_tap(infra.rabbitmq_url, namespace)
-        tap = await tap_cm.__aenter__()
-        taps.append(tap_cm)
-        registry = MediaRegistry(redis_client, settings)
-        w = World(procs, policy, tap, token, registry, namespace, infra.rabbitmq_url, settings)
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        for device in w.devices:
-            await device.close()
-        for client in w.clients:
-            await client.aclose()
-    for cm in taps:
-        await cm.__aexit__(None, None, None)
+def world(worlds: Callable[..., Any]) -> Callable[..., Any]:
+    """``await world(2)``: signaling processes and the real policy; the test registers the
+    media nodes."""
+    return functools.partial(worlds, cls=World, policy=True, node=None)
 
 
 def media_pushes(device: Device, call_id: str) -> list[dict[str, Any]]:
@@ -280,7 +215,7 @@ async def test_a_moved_call_nobody_rejoins_ends_media_timeout_and_both_are_calla
         ended = await device.expect(timeout=15, type="call.state", call_id=lost, state="ended")
         assert ended["end_reason"] == "media_timeout"
     await eventually(lambda: w.tap.of(EventType.CALL_ENDED, lost))
-    await asyncio.sleep(1.0)
+    await w.tap.settle(w.publish)
     ended_events = w.tap.of(EventType.CALL_ENDED, lost)
     assert len(ended_events) == 1, ended_events
     assert ended_events[0]["reason"] == "media_timeout"
@@ -297,8 +232,7 @@ async def test_a_moved_call_nobody_rejoins_ends_media_timeout_and_both_are_calla
 
     # Neither is busy now: a new call to each rings.
     for caller, callee, ring in (("bob", "alice", alice), ("dave", "bob", bob)):
-        async with httpx.AsyncClient(base_url=w.policy.url, timeout=15) as policy:
-            await allow_call(policy, w.token("platform-svc", scope="platform"), caller, callee)
+        await w.allow(caller, callee)
         placed = await w.http().post(
             "/v1/calls", json={"callee": callee, "media": "audio"}, headers=w.h(caller)
         )
@@ -397,9 +331,19 @@ async def test_call_media_peer_reaches_the_other_party_only_from_the_calls_node(
         await bob.expect(
             type="call.peer", call_id=call_id, user="alice", connection=connection.value
         )
-    await asyncio.sleep(0.5)
+    # a later word from the call's node, once it has arrived the stranger's would have too
+    await w.publish(
+        CallMediaPeer(
+            call_id=call_id,
+            node_id=NODE_A.node_id,
+            user="alice",
+            connection=PeerConnection.RECONNECTING,
+        )
+    )
+    await eventually(lambda: len(bob.matching(type="call.peer")) == 3)
     assert [m["connection"] for m in bob.matching(type="call.peer")] == [
         "reconnecting",
         "connected",
+        "reconnecting",
     ]
     assert alice.matching(type="call.peer") == []

@@ -41,7 +41,7 @@ from shared.contracts import (
     MediaMoveReason,
 )
 from shared.ids import new_call_id
-from shared.media_registry import MediaNode
+from tests.support.signaling import NODE
 
 S, A = CallState, CallAction
 
@@ -434,8 +434,6 @@ def test_nobody_joins_a_one_to_one_call() -> None:
 
 # ---------------------------------------------------------------------------- busy and glare
 
-NODE = MediaNode(node_id="n1", url="http://n1/", capacity=10, load=0)
-
 
 def _ringing_1to1(
     caller: str, callee: str, device: str | None, at: datetime = T0, call_id: str = ""
@@ -502,7 +500,7 @@ def test_glare_the_lesser_id_survives_answered_by_the_losers_device(device: str 
     )
     after = {w.after.call_id: w.after for w in step.writes}
     won, lost = after[x.call_id], after[y.call_id]
-    assert won.state is S.ACCEPTED and won.media_node == "n1"
+    assert won.state is S.ACCEPTED and won.media_node == NODE.node_id
     assert won.answered_device == device  # None when unknown: never a made-up id
     assert (lost.state, lost.replaced_by) == (S.CANCELLED, x.call_id)
     accepted = [e for e in step.events if e.type is EventType.CALL_ACCEPTED]
@@ -572,7 +570,7 @@ def test_group_accept_answers_once_stops_the_others_devices_and_caps_the_call() 
     call = _group_call(**_rung("bob", "carol"))
     bob = dec.decide_accept(call, "bob", "b1", T0, node=NODE, member=True, max_participants=3)
     after = bob.writes[0].after
-    assert after.state is S.ACCEPTED and after.media_node == "n1"
+    assert after.state is S.ACCEPTED and after.media_node == NODE.node_id
     assert after.participant("bob").state is P.JOINED
     types = [e.type for e in bob.events]
     assert types == [EventType.CALL_ACCEPTED, EventType.CALL_PARTICIPANT_JOINED]
@@ -721,7 +719,7 @@ def test_a_move_sends_every_joined_participant_a_fresh_grant() -> None:
     )
     call = replace(call, media_node="n0", media_url="u0")
     step = dec.decide_move(call, "n0", NODE, MediaMoveReason.NODE_LOST, T0, grace_s=30)
-    assert step.result.moved is not None and step.result.moved.media_node == "n1"
+    assert step.result.moved is not None and step.result.moved.media_node == NODE.node_id
     assert sorted((n.user, n.devices, n.grant) for n in step.notices) == [  # type: ignore[type-var]
         ("alice", frozenset({"a1"}), True),
         ("bob", frozenset({"b1"}), True),

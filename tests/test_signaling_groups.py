@@ -5,15 +5,12 @@ writes (shared/groups.py)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+import functools
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 import pytest
-from redis.asyncio import Redis
 
 from shared.auth import verify_media_token
 from shared.contracts import (
@@ -23,54 +20,16 @@ from shared.contracts import (
     MediaKind,
     parse_event,
 )
-from shared.groups import GroupDirectory
-from shared.media_registry import MediaNode, MediaRegistry
+from shared.media_registry import MediaNode
 from shared.settings import CommonSettings
-from tests.conftest import Infra, auth
-from tests.support.signaling import Device, EventTap, event_tap, publish_event
+from tests.support import signaling
+from tests.support.signaling import NODE
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
 
-NODE = MediaNode(node_id="media-group-1", url="http://127.0.0.1:9/", capacity=50, load=0)
-GROUP_EVENTS = (
-    EventType.CALL_REQUESTED,
-    EventType.CALL_RINGING,
-    EventType.CALL_ACCEPTED,
-    EventType.CALL_DECLINED,
-    EventType.CALL_CANCELLED,
-    EventType.CALL_MISSED,
-    EventType.CALL_ENDED,
-    EventType.CALL_PARTICIPANT_JOINED,
-    EventType.CALL_PARTICIPANT_LEFT,
-)
+pytestmark = pytest.mark.e2e
 
 
-@dataclass
-class World:
-    signaling: list[ServiceProcess]
-    tap: EventTap
-    token: Callable[..., str]
-    groups: GroupDirectory
-    namespace: str
-    rabbitmq_url: str
-    devices: list[Device] = field(default_factory=list)
-    clients: list[httpx.AsyncClient] = field(default_factory=list)
-
-    def http(self, instance: int = 0) -> httpx.AsyncClient:
-        client = httpx.AsyncClient(base_url=self.signaling[instance].url, timeout=15)
-        self.clients.append(client)
-        return client
-
-    def h(self, user: str) -> dict[str, str]:
-        return auth(self.token(user))
-
-    async def device(self, user: str, device_id: str, instance: int = 0) -> Device:
-        device = await Device.connect(
-            self.signaling[instance].url, self.token(user), user, device_id
-        )
-        self.devices.append(device)
-        return device
-
+class World(signaling.World):
     async def group(self, group: str, *members: str) -> None:
         for user in members:
             await self.groups.set_member(group, user, present=True, at=datetime.now(UTC))
@@ -87,14 +46,14 @@ class World:
         return str(body["call_id"])
 
     async def authorize(self, call_id: str, starter: str, group: str, ring: list[str]) -> None:
-        event = CallAuthorized(
-            call_id=call_id, caller=starter, group=group, media=MediaKind.VIDEO, ring=ring
+        await self.publish(
+            CallAuthorized(
+                call_id=call_id, caller=starter, group=group, media=MediaKind.VIDEO, ring=ring
+            )
         )
-        await publish_event(self.rabbitmq_url, self.namespace, event)
 
     async def publish_media_connected(self, call_id: str) -> None:
-        event = CallMediaConnected(call_id=call_id, node_id=NODE.node_id)
-        await publish_event(self.rabbitmq_url, self.namespace, event)
+        await self.publish(CallMediaConnected(call_id=call_id, node_id=NODE.node_id))
 
     def of(self, event_type: EventType, call_id: str, **want: Any) -> list[dict[str, Any]]:
         return [
@@ -105,37 +64,9 @@ class World:
 
 
 @pytest.fixture
-async def world(
-    spawn: Callable[..., ServiceProcess],
-    token: Callable[..., str],
-    settings: CommonSettings,
-    infra: Infra,
-    namespace: str,
-    redis_client: Redis,
-) -> AsyncIterator[Callable[..., Any]]:
-    made: list[World] = []
-    stack: list[Any] = []
-
-    async def make(instances: int = 1, **env: str) -> World:
-        env = {"RING_TIMEOUT_S": "20", **env}
-        procs = [spawn("signaling", **env) for _ in range(instances)]
-        await MediaRegistry(redis_client, settings).heartbeat(NODE, ttl_s=600)
-        tap_cm = event_tap(infra.rabbitmq_url, namespace, GROUP_EVENTS)
-        tap = await tap_cm.__aenter__()
-        stack.append(tap_cm)
-        directory = GroupDirectory(redis_client, settings)
-        w = World(procs, tap, token, directory, namespace, infra.rabbitmq_url)
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        for device in w.devices:
-            await device.close()
-        for client in w.clients:
-            await client.aclose()
-    for cm in stack:
-        await cm.__aexit__(None, None, None)
+def world(worlds: Callable[..., Any]) -> Callable[..., Any]:
+    """``await world(2)``: signaling processes; policy's verdicts are the test's."""
+    return functools.partial(worlds, cls=World, RING_TIMEOUT_S="20")
 
 
 def states(call: dict[str, Any]) -> dict[str, str]:
@@ -161,10 +92,8 @@ async def test_a_group_call_rings_joins_declines_and_ends_with_its_last_particip
         "/v1/calls", json={"callee": "carol", "media": "audio"}, headers=w.h("frank")
     )
     busy_call = placed.json()["call_id"]
-    await publish_event(
-        w.rabbitmq_url,
-        w.namespace,
-        CallAuthorized(call_id=busy_call, caller="frank", callee="carol", media=MediaKind.AUDIO),
+    await w.publish(
+        CallAuthorized(call_id=busy_call, caller="frank", callee="carol", media=MediaKind.AUDIO)
     )
     await c1.expect(type="call.incoming", call_id=busy_call)
     accepted = await http.post(
@@ -330,7 +259,7 @@ async def test_missed_exactly_once_per_invitee_with_two_instances_polling(
     await eventually(lambda: len(w.of(EventType.CALL_MISSED, call_id)) == 2, timeout=10)
     await c1.expect(type="call.state", call_id=call_id)
     await a1.expect(type="call.participant", call_id=call_id, user="cat", state="missed")
-    await asyncio.sleep(0.5)
+    await w.tap.settle(w.publish)
     missed = w.of(EventType.CALL_MISSED, call_id)
     assert sorted(m["callee"] for m in missed) == ["cat", "dan"]
     assert all(parse_event(m).type is EventType.CALL_MISSED and m["group"] == "g2" for m in missed)
@@ -347,7 +276,7 @@ async def test_missed_exactly_once_per_invitee_with_two_instances_polling(
     second = await w.start("ann", "g2", "a1")
     await w.authorize(second, "ann", "g2", ["ben", "cat"])
     await eventually(lambda: w.of(EventType.CALL_ENDED, second), timeout=10)
-    await asyncio.sleep(0.5)
+    await w.tap.settle(w.publish)
     assert sorted(m["callee"] for m in w.of(EventType.CALL_MISSED, second)) == ["ben", "cat"]
     ended = w.of(EventType.CALL_ENDED, second)
     assert len(ended) == 1 and ended[0]["reason"] == "missed"
@@ -399,7 +328,7 @@ async def test_a_full_group_call_refuses_one_more_and_the_starter_can_cancel(
 
 
 async def test_a_lost_node_moves_every_joined_participant_and_group_calls_count_as_placements(
-    world: Callable[..., Any], settings: CommonSettings, redis_client: Redis
+    world: Callable[..., Any], settings: CommonSettings
 ) -> None:
     w: World = await world(
         SIGNALING_NODE_WATCH_MS="200", MEDIA_REJOIN_GRACE_S="1", CALLS_PER_MINUTE="2"
@@ -434,7 +363,7 @@ async def test_a_lost_node_moves_every_joined_participant_and_group_calls_count_
     await k1.expect(type="call.state", call_id=call_id, state="active")
 
     # the node is lost: every joined participant's in-call device gets its own new grant
-    registry = MediaRegistry(redis_client, settings)
+    registry = w.registry
     spare = MediaNode(node_id="media-group-2", url="http://127.0.0.1:9/b", capacity=50, load=0)
     await registry.heartbeat(spare, ttl_s=600)
     await registry.deregister(NODE.node_id)
@@ -446,7 +375,7 @@ async def test_a_lost_node_moves_every_joined_participant_and_group_calls_count_
     assert n1.matching(type="call.media") == []  # ringing, not joined: nothing to move
     # nobody's media flows on the new node in time: the call ends media_timeout, once
     ended = await eventually(lambda: w.of(EventType.CALL_ENDED, call_id), timeout=10)
-    await asyncio.sleep(0.5)
+    await w.tap.settle(w.publish)
     assert len(w.of(EventType.CALL_ENDED, call_id)) == 1
     assert (ended[0]["reason"], ended[0]["group"]) == ("media_timeout", "g4")
     assert [m["callee"] for m in w.of(EventType.CALL_MISSED, call_id)] == ["ned"]

@@ -15,9 +15,10 @@ from shared.contracts import EventType
 from tests import test_signaling_calls
 from tests.conftest import Infra
 from tests.support.broker_gate import BrokerGate
-from tests.support.signaling import Device
+from tests.support.signaling import Device, World
 from tests.support.waiting import eventually
-from tests.test_signaling_calls import World
+
+pytestmark = pytest.mark.e2e
 
 world = test_signaling_calls.world  # the same fixture as the calls tests
 

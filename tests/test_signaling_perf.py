@@ -7,55 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
-import pytest
-from redis.asyncio import Redis
-
-from services.signaling.calls import CallService
-from services.signaling.domain import utcnow
-from services.signaling.presence import Hub
-from services.signaling.settings import SignalingSettings
-from services.signaling.store import CallStore, Commit
+from services.signaling.domain import Call, utcnow
+from services.signaling.store import Commit
 from services.signaling.timers import ring_timer_loop
-from shared import redis as shared_redis
-from shared.bus import Bus
 from shared.contracts import CallAuthorized, CallState, EventType, MediaKind
-from shared.media_registry import MediaNode, MediaRegistry
-from tests.conftest import Infra
-from tests.support.signaling import EventTap, event_tap
+from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
-
-NODE = MediaNode(node_id="node-a", url="http://127.0.0.1:9/", capacity=10, load=0)
-
-
-@pytest.fixture
-async def signaling(
-    make_settings: Callable[..., Any], infra: Infra, namespace: str
-) -> AsyncIterator[tuple[CallService, CallStore, EventTap]]:
-    settings: SignalingSettings = make_settings(SignalingSettings, instance_id="sig-perf")
-    redis: Redis = shared_redis.connect(settings, name="test-signaling-perf")
-    bus = Bus(settings, redis, "signaling")
-    await asyncio.wait_for(bus.start(), 15)
-    store = CallStore(redis, settings, outbox_lease_ms=settings.outbox_lease_ms)
-    registry = MediaRegistry(redis, settings)
-    await registry.heartbeat(NODE, ttl_s=300)
-    service = CallService(settings, store, Hub(store, bus, settings.instance_id), bus, registry)
-    async with event_tap(infra.rabbitmq_url, namespace) as tap:
-        yield service, store, tap
-    await bus.close()
-    await redis.aclose()
 
 
 async def test_a_burst_of_due_calls_is_missed_in_one_pass_each_exactly_once(
-    signaling: tuple[CallService, CallStore, EventTap],
+    in_process: Callable[..., Any], tap: EventTap
 ) -> None:
-    service, store, tap = signaling
-    calls = []
-    for index in range(30):
+    (one,) = await in_process(1)
+    service, store = one.service, one.store
+
+    async def overdue(index: int) -> Call:
+        """A call ringing, its deadline in the past: the timer's next pass finds it due."""
         call = await service.place(
             f"caller-{index}", f"callee-{index}", MediaKind.AUDIO, device_id=None,
             idempotency_key=None,
@@ -67,13 +39,14 @@ async def test_a_burst_of_due_calls_is_missed_in_one_pass_each_exactly_once(
         )
         ringing = await store.get(call.call_id)
         assert ringing is not None and ringing.state is CallState.RINGING
-        # Every deadline in the past at once: the timer's next pass finds all 30 due.
         commit = Commit()
         store.stage(
             commit, ringing, replace(ringing, ring_deadline=utcnow() - timedelta(milliseconds=5))
         )
         await store.commit(commit)
-        calls.append(call)
+        return call
+
+    calls = [await overdue(index) for index in range(30)]  # all due at once
     timer = asyncio.create_task(ring_timer_loop(service, store, poll_ms=50))
     try:
 
@@ -85,7 +58,11 @@ async def test_a_burst_of_due_calls_is_missed_in_one_pass_each_exactly_once(
         await eventually(
             lambda: all(tap.of(EventType.CALL_MISSED, c.call_id) for c in calls), timeout=10
         )
-        await asyncio.sleep(0.5)  # a second pass must not miss anything twice
+        # A later pass must not miss anything twice: one more call due, missed by a pass
+        # after those, and what every pass committed is on the tap.
+        marker = await overdue(30)
+        await eventually(lambda: tap.of(EventType.CALL_MISSED, marker.call_id), timeout=10)
+        await one.settle(tap)
         for call in calls:
             assert len(tap.of(EventType.CALL_MISSED, call.call_id)) == 1
         assert await store.due_rings(2**62) == []
@@ -96,9 +73,10 @@ async def test_a_burst_of_due_calls_is_missed_in_one_pass_each_exactly_once(
 
 
 async def test_presence_of_several_users_is_read_at_once_and_dead_instances_pruned(
-    signaling: tuple[CallService, CallStore, EventTap],
+    in_process: Callable[..., Any],
 ) -> None:
-    _, store, _ = signaling
+    (one,) = await in_process(1)
+    store = one.store
     await store.heartbeat_instance("live-1", ttl_s=60)
     await store.register_device("ann", "a1", "live-1")
     await store.register_device("ann", "a2", "live-1")
@@ -116,9 +94,10 @@ async def test_presence_of_several_users_is_read_at_once_and_dead_instances_prun
 
 
 async def test_live_calls_of_several_users_in_one_read_and_published_events_leave_the_outbox(
-    signaling: tuple[CallService, CallStore, EventTap],
+    in_process: Callable[..., Any], tap: EventTap
 ) -> None:
-    service, store, tap = signaling
+    (one,) = await in_process(1)
+    service, store = one.service, one.store
     first = await service.place("kim", "lee", MediaKind.AUDIO, device_id=None, idempotency_key=None)
     second = await service.place("kim", "mo", MediaKind.VIDEO, device_id=None, idempotency_key=None)
     live = await store.live_calls_of(["kim", "lee", "nobody"])
@@ -132,9 +111,5 @@ async def test_live_calls_of_several_users_in_one_read_and_published_events_leav
     assert await store.live_calls("kim") == live["kim"]
     # Both call_requested were published, so the outbox empties without any relay.
     await eventually(lambda: tap.of(EventType.CALL_REQUESTED, second.call_id))
-
-    async def outbox_empty() -> bool:
-        return await store.redis.hlen(store.outbox_key) == 0  # type: ignore[misc,no-any-return]
-
-    await eventually(outbox_empty)
+    await eventually(one.published_all)
     assert await store.redis.zcard(store.outbox_due_key) == 0

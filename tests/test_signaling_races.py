@@ -6,21 +6,13 @@ out-of-order events."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
-import pytest
-from redis.asyncio import Redis
-
-from services.signaling.calls import CallService
 from services.signaling.domain import Call, utcnow
-from services.signaling.presence import Hub
-from services.signaling.settings import SignalingSettings
 from services.signaling.store import CallStore, Commit
-from shared import redis as shared_redis
-from shared.bus import Bus
 from shared.contracts import (
     CallAuthorized,
     CallMediaConnected,
@@ -31,51 +23,12 @@ from shared.contracts import (
     MediaMoveReason,
     parse_event,
 )
-from shared.media_registry import MediaNode, MediaRegistry
-from tests.conftest import Infra
-from tests.support.signaling import EventTap, event_tap
+from shared.media_registry import MediaNode
+from tests.support.signaling import NODE, EventTap, InProcess
 from tests.support.waiting import eventually
 
-NODE = MediaNode(node_id="node-a", url="http://127.0.0.1:9/", capacity=10, load=0)
 
-
-@dataclass
-class Instance:
-    service: CallService
-    store: CallStore
-
-
-@pytest.fixture
-async def instances(
-    make_settings: Callable[..., Any], infra: Infra, namespace: str
-) -> AsyncIterator[tuple[Callable[[int], Any], EventTap]]:
-    opened: list[tuple[Bus, Redis]] = []
-
-    async def make(count: int) -> list[Instance]:
-        out = []
-        for index in range(count):
-            settings: SignalingSettings = make_settings(
-                SignalingSettings, instance_id=f"sig-{index}", outbox_lease_ms=500
-            )
-            redis = shared_redis.connect(settings, name=f"test-signaling-{index}")
-            bus = Bus(settings, redis, "signaling")
-            await asyncio.wait_for(bus.start(), 15)
-            opened.append((bus, redis))
-            store = CallStore(redis, settings, outbox_lease_ms=settings.outbox_lease_ms)
-            registry = MediaRegistry(redis, settings)
-            await registry.heartbeat(NODE, ttl_s=300)
-            hub = Hub(store, bus, settings.instance_id)
-            out.append(Instance(CallService(settings, store, hub, bus, registry), store))
-        return out
-
-    async with event_tap(infra.rabbitmq_url, namespace) as tap:
-        yield make, tap
-    for bus, redis in opened:
-        await bus.close()
-        await redis.aclose()
-
-
-async def place(one: Instance, caller: str, callee: str, device: str) -> Call:
+async def place(one: InProcess, caller: str, callee: str, device: str) -> Call:
     return await one.service.place(
         caller, callee, MediaKind.AUDIO, device_id=device, idempotency_key=None
     )
@@ -87,17 +40,16 @@ def authorized(call: Call) -> CallAuthorized:
     )
 
 
-async def state_of(one: Instance, call: Call) -> Call:
+async def state_of(one: InProcess, call: Call) -> Call:
     got = await one.store.get(call.call_id)
     assert got is not None
     return got
 
 
 async def test_glare_when_the_call_being_authorized_is_the_lesser(
-    instances: tuple[Callable[[int], Any], EventTap],
+    in_process: Callable[..., Any], tap: EventTap
 ) -> None:
-    make, tap = instances
-    (one,) = await make(1)
+    (one,) = await in_process(1)
     x = await place(one, "alice", "bob", "a1")
     await asyncio.sleep(0.002)  # ids are time-ordered to the millisecond
     y = await place(one, "bob", "alice", "b1")
@@ -117,10 +69,9 @@ async def test_glare_when_the_call_being_authorized_is_the_lesser(
 
 
 async def test_glare_authorized_at_the_same_instant_on_two_instances_keeps_one_call(
-    instances: tuple[Callable[[int], Any], EventTap],
+    in_process: Callable[..., Any],
 ) -> None:
-    make, _tap = instances
-    one, two = await make(2)
+    one, two = await in_process(2)
     for _ in range(5):
         x = await place(one, "carol", "dave", "c1")
         y = await place(two, "dave", "carol", "d1")
@@ -152,10 +103,9 @@ class HeldAfterLiveRead(CallStore):
 
 
 async def test_glare_when_the_reverse_call_starts_ringing_after_the_read(
-    instances: tuple[Callable[[int], Any], EventTap],
+    in_process: Callable[..., Any],
 ) -> None:
-    make, _tap = instances
-    one, two = await make(2)
+    one, two = await in_process(2)
     x = await place(one, "kim", "lee", "k1")
     await asyncio.sleep(0.002)  # ids are time-ordered to the millisecond
     y = await place(two, "lee", "kim", "l1")
@@ -179,10 +129,9 @@ async def test_glare_when_the_reverse_call_starts_ringing_after_the_read(
 
 
 async def test_many_instances_fire_one_ring_timer_exactly_once(
-    instances: tuple[Callable[[int], Any], EventTap],
+    in_process: Callable[..., Any], tap: EventTap
 ) -> None:
-    make, tap = instances
-    many = await make(4)
+    many = await in_process(4)
     call = await place(many[0], "erin", "frank", "e1")
     await many[0].service.authorized(authorized(call))
     ringing = await state_of(many[0], call)
@@ -195,16 +144,15 @@ async def test_many_instances_fire_one_ring_timer_exactly_once(
     assert sum(fired) == 1
     assert (await state_of(many[0], call)).state is CallState.MISSED
     await eventually(lambda: tap.of(EventType.CALL_MISSED, call.call_id))
-    await asyncio.sleep(0.5)
+    await many[0].settle(tap)  # what every firing committed is on the tap now
     assert len(tap.of(EventType.CALL_MISSED, call.call_id)) == 1
     assert await many[0].store.due_rings(2**62) == []
 
 
 async def test_an_event_whose_committer_died_is_published_by_another_instance(
-    instances: tuple[Callable[[int], Any], EventTap],
+    in_process: Callable[..., Any], tap: EventTap
 ) -> None:
-    make, tap = instances
-    one, two = await make(2)
+    one, two = await in_process(2)
     # A commit with an event, and no publish after it: its instance "died" there.
     call = await place(one, "gina", "hal", "g1")
     current = await state_of(one, call)
@@ -227,10 +175,9 @@ async def test_an_event_whose_committer_died_is_published_by_another_instance(
 
 
 async def test_duplicated_and_out_of_order_events_change_nothing_twice(
-    instances: tuple[Callable[[int], Any], EventTap],
+    in_process: Callable[..., Any], tap: EventTap
 ) -> None:
-    make, tap = instances
-    (one,) = await make(1)
+    (one,) = await in_process(1)
     call = await place(one, "ivan", "judy", "i1")
     early = CallMediaConnected(call_id=call.call_id, node_id=NODE.node_id)
     await one.service.media_connected(early)  # before accept: refused, dropped
@@ -240,7 +187,7 @@ async def test_duplicated_and_out_of_order_events_change_nothing_twice(
     await one.service.authorized(authorized(call))  # a second event id, same verdict
     assert (await state_of(one, call)).state is CallState.RINGING
     await eventually(lambda: tap.of(EventType.CALL_RINGING, call.call_id))
-    await asyncio.sleep(0.3)
+    await one.settle(tap)
     assert len(tap.of(EventType.CALL_RINGING, call.call_id)) == 1
     await one.service.accept("judy", call.call_id, "j1")
     stranger = CallMediaConnected(call_id=call.call_id, node_id="another-node")
@@ -252,10 +199,9 @@ async def test_duplicated_and_out_of_order_events_change_nothing_twice(
 
 
 async def test_many_instances_moving_one_call_off_a_lost_node_move_it_once(
-    instances: tuple[Callable[[int], Any], EventTap],
+    in_process: Callable[..., Any],
 ) -> None:
-    make, _tap = instances
-    many = await make(4)
+    many = await in_process(4)
     call = await place(many[0], "kai", "lia", "k1")
     await many[0].service.authorized(authorized(call))
     await many[0].service.accept("lia", call.call_id, "l1")

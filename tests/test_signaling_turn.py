@@ -22,16 +22,17 @@ from redis.asyncio import Redis
 
 from services.signaling.settings import SignalingSettings
 from services.signaling.turn import IceServers, mint_turn_credential
-from shared.media_registry import MediaNode, MediaRegistry
+from shared.media_registry import MediaRegistry
 from shared.settings import CommonSettings
 from tests.conftest import auth
-from tests.support.signaling import Device, allow_call, place_and_accept
+from tests.support.signaling import NODE, Device, allow_call, place_and_accept
 from tools.procs import ServiceProcess
+
+pytestmark = pytest.mark.e2e
 
 SECRET = "a-turn-secret-shared-with-coturn"
 TURN_URLS = ["turn:turn.example.com:3478?transport=udp", "turns:turn.example.com:5349"]
 STUN_URLS = ["stun:stun.example.com:3478"]
-NODE = MediaNode(node_id="media-turn-1", url="http://127.0.0.1:9/", capacity=50, load=0)
 
 
 def coturn_accepts(secret: str, server: dict[str, Any], user: str, *, at: float) -> bool:

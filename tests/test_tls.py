@@ -20,6 +20,8 @@ from shared.settings import CommonSettings
 from tests.support.waiting import eventually
 from tools.procs import ServiceProcess
 
+pytestmark = pytest.mark.e2e
+
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())

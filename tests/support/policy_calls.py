@@ -1,14 +1,17 @@
 """Calls that policy really judged, for the report tests: a ``call_requested`` published as
-signaling would, and the wait until policy's verdict consumer has handled it."""
+signaling would, and the wait until policy's verdict consumer has handled it; the verdicts
+policy published, as an event tap saw them."""
 
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from redis.asyncio import Redis
 
 from shared.bus import Bus
-from shared.contracts import CallRequested, MediaKind
+from shared.contracts import CallRequested, EventType, MediaKind
+from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
 
 
@@ -27,3 +30,9 @@ async def judged_call(
 
     await eventually(handled)
     return event.call_id
+
+
+def verdicts_in(tap: EventTap) -> list[dict[str, Any]]:
+    """Every verdict on ``tap``, each copy published (the bus's consumers drop copies)."""
+    kinds = (EventType.CALL_AUTHORIZED.value, EventType.CALL_REJECTED.value)
+    return [m for m in tap.messages if m["type"] in kinds]

@@ -1,12 +1,15 @@
 """Helpers for the signaling tests: a device on a real WebSocket, a raw event tap on the
-broker, and the platform facts that let one user call another (through the real policy)."""
+broker, the platform facts that let one user call another (through the real policy), the
+signaling stack of an end-to-end test (``World``, the ``worlds`` fixture) and signaling
+instances built in this process (``InProcess``, the ``in_process`` fixture)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,8 +17,24 @@ import aio_pika
 import httpx
 import websockets
 from aio_pika.abc import AbstractIncomingMessage
+from redis.asyncio import Redis
 
-from shared.contracts import Event, EventType, Exchange
+from services.signaling.calls import CallService
+from services.signaling.presence import Hub
+from services.signaling.settings import SignalingSettings
+from services.signaling.store import CallStore
+from shared import redis as shared_redis
+from shared.bus import Bus
+from shared.contracts import CallCancelled, Event, EventType, Exchange
+from shared.groups import GroupDirectory
+from shared.media_registry import MediaNode, MediaRegistry
+from shared.settings import CommonSettings
+from tests.support.waiting import eventually
+from tools.procs import ServiceProcess
+
+NODE = MediaNode(node_id="media-test-1", url="http://127.0.0.1:9/", capacity=50, load=0)
+"""The media node the registry hands out where no media service runs (nothing answers at
+its URL): signaling only needs it registered to accept a call."""
 
 
 @dataclass
@@ -89,6 +108,8 @@ SIGNALING_EVENTS = (
     EventType.CALL_CANCELLED,
     EventType.CALL_MISSED,
     EventType.CALL_ENDED,
+    EventType.CALL_PARTICIPANT_JOINED,
+    EventType.CALL_PARTICIPANT_LEFT,
 )
 
 
@@ -112,6 +133,14 @@ class EventTap:
             for m in self.messages
             if m["type"] == event_type.value and m.get("call_id") == call_id
         ]
+
+    async def settle(self, publish: Callable[[Event], Awaitable[None]]) -> None:
+        """Returns once every event published (and confirmed) before now is here: a marker
+        published now queues behind them all, and this waits for it. What a negative check
+        waits for instead of sleeping: anything extra published so far has arrived."""
+        marker = CallCancelled(call_id=f"marker-{uuid.uuid4().hex}", caller="m", callee="m")
+        await publish(marker)
+        await eventually(lambda: self.of(EventType.CALL_CANCELLED, marker.call_id))
 
 
 @contextlib.asynccontextmanager
@@ -192,3 +221,172 @@ async def place_and_accept(
     )
     assert accepted.status_code == 200, accepted.text
     return call_id, accepted
+
+
+@dataclass
+class World:
+    """One end-to-end test's stack: signaling processes (policy and notifications where
+    asked for) on the test's namespace, a tap on the events they publish, and the devices
+    and HTTP clients the test opens (closed after it)."""
+
+    signaling: list[ServiceProcess]
+    policy: ServiceProcess | None
+    notifications: ServiceProcess | None
+    tap: EventTap
+    token: Callable[..., str]
+    settings: CommonSettings
+    redis: Redis
+    rabbitmq_url: str
+    devices: list[Device] = field(default_factory=list)
+    clients: list[httpx.AsyncClient] = field(default_factory=list)
+
+    @property
+    def namespace(self) -> str:
+        return self.settings.namespace
+
+    @property
+    def registry(self) -> MediaRegistry:
+        return MediaRegistry(self.redis, self.settings)
+
+    @property
+    def groups(self) -> GroupDirectory:
+        return GroupDirectory(self.redis, self.settings)
+
+    def http(self, instance: int = 0) -> httpx.AsyncClient:
+        client = httpx.AsyncClient(base_url=self.signaling[instance].url, timeout=15)
+        self.clients.append(client)
+        return client
+
+    def h(self, user: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(user)}"}
+
+    async def device(self, user: str, device_id: str, instance: int = 0) -> Device:
+        device = await Device.connect(
+            self.signaling[instance].url, self.token(user), user, device_id
+        )
+        self.devices.append(device)
+        return device
+
+    async def allow(self, caller: str, callee: str) -> None:
+        """The platform facts that let ``caller`` call ``callee`` (through the real policy)."""
+        assert self.policy is not None, "this world has no policy"
+        async with httpx.AsyncClient(base_url=self.policy.url, timeout=15) as policy:
+            await allow_call(policy, self.token("platform-svc", scope="platform"), caller, callee)
+
+    async def place(
+        self, caller: str, callee: str, *, instance: int = 0, media: str = "audio", **extra: Any
+    ) -> str:
+        """``caller`` places a call to ``callee``: its id (the call is requested)."""
+        response = await self.http(instance).post(
+            "/v1/calls", json={"callee": callee, "media": media, **extra}, headers=self.h(caller)
+        )
+        assert response.status_code == 202, response.text
+        body = response.json()
+        assert body["state"] == "requested"
+        return str(body["call_id"])
+
+    async def publish(self, event: Event) -> None:
+        await publish_event(self.rabbitmq_url, self.namespace, event)
+
+    async def close(self) -> None:
+        for device in self.devices:
+            await device.close()
+        for client in self.clients:
+            await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def open_worlds(
+    spawn: Callable[..., ServiceProcess],
+    token: Callable[..., str],
+    settings: CommonSettings,
+    rabbitmq_url: str,
+    redis: Redis,
+) -> AsyncIterator[Callable[..., Any]]:
+    """``await make(2, policy=True, RING_TIMEOUT_S="3")``: a ``World`` (or ``cls``) of that
+    many signaling processes, the environment given to them only; every one closed after.
+
+    ``node`` is registered for ten minutes (None: no node); ``events`` are what the tap
+    receives."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(
+            instances: int = 1,
+            *,
+            cls: type[World] = World,
+            policy: bool = False,
+            notifications: bool = False,
+            node: MediaNode | None = NODE,
+            events: tuple[EventType, ...] = SIGNALING_EVENTS,
+            **env: str,
+        ) -> World:
+            policy_proc = spawn("policy", wait=False) if policy else None
+            notifications_proc = spawn("notifications", wait=False) if notifications else None
+            procs = [spawn("signaling", wait=False, **env) for _ in range(instances)]
+            for proc in (policy_proc, notifications_proc, *procs):
+                if proc is not None:
+                    proc.wait_ready()
+            if node is not None:
+                await MediaRegistry(redis, settings).heartbeat(node, ttl_s=600)
+            tap = await stack.enter_async_context(
+                event_tap(rabbitmq_url, settings.namespace, events)
+            )
+            world = cls(
+                procs, policy_proc, notifications_proc, tap, token, settings, redis, rabbitmq_url
+            )
+            stack.push_async_callback(world.close)
+            return world
+
+        yield make
+
+
+@dataclass
+class InProcess:
+    """One signaling instance built in this process (its own Redis and broker connections,
+    no background loops): what a test drives call by call, in the order it chooses."""
+
+    service: CallService
+    store: CallStore
+
+    async def published_all(self) -> bool:
+        """Every event committed (by any instance) is published: the outbox is empty."""
+        return await self.store.redis.hlen(self.store.outbox_key) == 0  # type: ignore[misc,no-any-return]
+
+    async def settle(self, tap: EventTap) -> None:
+        """Returns once every event committed so far is on ``tap``."""
+        await eventually(self.published_all)
+        await tap.settle(self.service.bus.publish)
+
+
+@contextlib.asynccontextmanager
+async def open_in_process(
+    make_settings: Callable[..., Any],
+) -> AsyncIterator[Callable[..., Any]]:
+    """``await make(2)``: that many ``InProcess`` instances (``sig-0``, ``sig-1``...) of one
+    namespace, with ``NODE`` registered; closed after. Their outbox lease is short (500 ms),
+    so a test can outlive one."""
+    opened: list[tuple[Bus, Redis]] = []
+
+    async def make(count: int = 1) -> list[InProcess]:
+        out = []
+        for index in range(count):
+            settings: SignalingSettings = make_settings(
+                SignalingSettings, instance_id=f"sig-{index}", outbox_lease_ms=500
+            )
+            redis = shared_redis.connect(settings, name=f"test-signaling-{index}")
+            bus = Bus(settings, redis, "signaling")
+            await asyncio.wait_for(bus.start(), 15)
+            opened.append((bus, redis))
+            store = CallStore(redis, settings, outbox_lease_ms=settings.outbox_lease_ms)
+            registry = MediaRegistry(redis, settings)
+            await registry.heartbeat(NODE, ttl_s=300)
+            hub = Hub(store, bus, settings.instance_id)
+            out.append(InProcess(CallService(settings, store, hub, bus, registry), store))
+        return out
+
+    try:
+        yield make
+    finally:
+        for bus, redis in opened:
+            await bus.close()
+            await redis.aclose()
