@@ -32,8 +32,7 @@ from services.media.settings import MediaSettings
 from shared.auth import MediaGrant, issue_media_token
 from shared.contracts import EventType
 from shared.media_registry import MediaNode, MediaRegistry
-from tests.conftest import Infra
-from tests.support.signaling import MEDIA_EVENTS, EventTap, event_tap
+from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
 from tools.media_client import EncodedMedia, MediaClient, encode_opus, encode_vp8
 from tools.procs import ServiceProcess
@@ -68,12 +67,6 @@ def media_settings(make_settings: Callable[..., Any]) -> MediaSettings:
 async def http() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=20) as client:
         yield client
-
-
-@pytest.fixture
-async def tap(infra: Infra, namespace: str) -> AsyncIterator[EventTap]:
-    async with event_tap(infra.rabbitmq_url, namespace, MEDIA_EVENTS) as events:
-        yield events
 
 
 def media_token(settings: MediaSettings, call_id: str, user: str, node_id: str = NODE) -> str:

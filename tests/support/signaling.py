@@ -113,14 +113,6 @@ SIGNALING_EVENTS = (
 )
 
 
-MEDIA_EVENTS = (
-    EventType.CALL_MEDIA_CONNECTED,
-    EventType.CALL_MEDIA_FAILED,
-    EventType.CALL_MEDIA_PEER,
-    EventType.MEDIA_NODE_DRAINING,
-)
-
-
 @dataclass
 class EventTap:
     """A plain queue on the ``calls`` exchange: sees every copy published (no dedup)."""
