@@ -29,8 +29,9 @@ from shared.auth import issue_token
 from shared.bus import Bus
 from shared.contracts import EventType
 from shared.settings import CommonSettings
+from tests.support import signaling
 from tests.support.redis_server import PrivateRedis
-from tests.support.signaling import EventTap, event_tap, open_in_process, open_worlds
+from tests.support.signaling import EventTap, event_tap
 from tests.support.webhook_receiver import WebhookReceiver
 from tools.infra import Endpoint
 from tools.procs import ServiceProcess, free_port
@@ -263,25 +264,8 @@ def receiver() -> Iterator[WebhookReceiver]:
     server.stop()
 
 
-@pytest.fixture
-async def worlds(
-    spawn: Callable[..., ServiceProcess],
-    token: Callable[..., str],
-    settings: CommonSettings,
-    infra: Infra,
-    redis_client: Redis,
-) -> AsyncIterator[Callable[..., Any]]:
-    """``await worlds(2, policy=True)``: real signaling processes and what a test opens on
-    them (``World``, tests/support/signaling.py)."""
-    async with open_worlds(spawn, token, settings, infra.rabbitmq_url, redis_client) as make:
-        yield make
-
-
-@pytest.fixture
-async def in_process(make_settings: Callable[..., Any]) -> AsyncIterator[Callable[..., Any]]:
-    """``await in_process(2)``: signaling instances built in this process (``InProcess``)."""
-    async with open_in_process(make_settings) as make:
-        yield make
+worlds = pytest.fixture(signaling.worlds)
+in_process = pytest.fixture(signaling.in_process)
 
 
 @pytest.fixture

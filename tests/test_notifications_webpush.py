@@ -21,17 +21,8 @@ from redis.asyncio import Redis
 
 from shared.contracts import CallCancelled, CallMissed, MediaKind
 from tests.conftest import auth
-from tests.support.notifications import (
-    FAST,
-    Publish,
-    deliveries,
-    inbox_has,
-    new_call,
-    parties,
-    ringing,
-    when_outcome,
-    when_removed,
-)
+from tests.support import notifications
+from tests.support.notifications import FAST, Publish, new_call, parties, ringing
 from tests.support.push_service import PushService, Subscriber, b64d, b64e, verify_vapid
 from tests.support.waiting import eventually
 from tools.procs import ServiceProcess
@@ -108,7 +99,7 @@ async def test_a_subscription_gets_encrypted_vapid_signed_pushes_with_ttl_urgenc
         assert TOPIC.match(call_topic) and ring.call_id not in call_topic
         # The body decrypts, with the subscriber's keys, to what a webhook gets.
         payload = opened(browser, request)
-        [note] = await inbox_has(proc, bob, 1)
+        [note] = await notifications.inbox_has(proc, bob, 1)
         assert payload["notification"] == {k: v for k, v in note.items() if k != "read"}
         assert payload["notification"]["call_id"] == ring.call_id
         assert payload["priority"] == "high" and payload["device_id"] == device["id"]
@@ -139,7 +130,7 @@ async def test_a_subscription_gets_encrypted_vapid_signed_pushes_with_ttl_urgenc
         assert (missed_push.headers["urgency"], missed_push.headers["ttl"]) == ("normal", "86400")
 
         log = await eventually(
-            lambda: _all_in(deliveries(client, bob, device["id"]), 5),
+            lambda: _all_in(notifications.deliveries(client, bob, device["id"]), 5),
         )
         assert {(e["outcome"], e["status"]) for e in log} == {("delivered", 201)}
     assert push_service.refused == []
@@ -184,7 +175,9 @@ async def test_404_and_410_remove_a_subscription_and_a_500_is_retried(
         assert opened(flaky, first) == opened(flaky, second)
         assert opened(flaky, first)["notification"]["call_id"] == ring.call_id
         log = await eventually(
-            lambda: when_outcome(deliveries(client, bob, devices["/flaky"]["id"]), "delivered")
+            lambda: notifications.when_outcome(
+                notifications.deliveries(client, bob, devices["/flaky"]["id"]), "delivered"
+            )
         )
         assert [(e["outcome"], e["status"], e["attempt"]) for e in log] == [
             ("delivered", 201, 2),
@@ -194,10 +187,12 @@ async def test_404_and_410_remove_a_subscription_and_a_500_is_retried(
         # 410 (unsubscribed) and 404 (expired): the subscription is removed.
         for path in ("/gone", "/expired"):
             removed = await eventually(
-                lambda path=path: when_removed(client.get(f"/v1/devices/{devices[path]['id']}"))
+                lambda path=path: notifications.when_removed(
+                    client.get(f"/v1/devices/{devices[path]['id']}")
+                )
             )
             assert removed["removed_reason"] == "gone"
-            log = await deliveries(client, bob, devices[path]["id"])
+            log = await notifications.deliveries(client, bob, devices[path]["id"])
             assert [e["outcome"] for e in log] == ["gone"]
         listed = (await client.get("/v1/devices")).json()
         assert [d["id"] for d in listed] == [devices["/flaky"]["id"]]

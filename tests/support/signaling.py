@@ -228,7 +228,6 @@ class World:
     token: Callable[..., str]
     settings: CommonSettings
     redis: Redis
-    rabbitmq_url: str
     devices: list[Device] = field(default_factory=list)
     clients: list[httpx.AsyncClient] = field(default_factory=list)
 
@@ -278,7 +277,7 @@ class World:
         return str(body["call_id"])
 
     async def publish(self, event: Event) -> None:
-        await publish_event(self.rabbitmq_url, self.namespace, event)
+        await publish_event(self.settings.rabbitmq_url, self.namespace, event)
 
     async def close(self) -> None:
         for device in self.devices:
@@ -287,19 +286,19 @@ class World:
             await client.aclose()
 
 
-@contextlib.asynccontextmanager
-async def open_worlds(
+async def worlds(
     spawn: Callable[..., ServiceProcess],
     token: Callable[..., str],
     settings: CommonSettings,
-    rabbitmq_url: str,
-    redis: Redis,
+    redis_client: Redis,
 ) -> AsyncIterator[Callable[..., Any]]:
-    """``await make(2, policy=True, RING_TIMEOUT_S="3")``: a ``World`` (or ``cls``) of that
-    many signaling processes, the environment given to them only; every one closed after.
+    """The ``worlds`` fixture: ``await worlds(2, policy=True, RING_TIMEOUT_S="3")`` is a
+    ``World`` (or ``cls``) of that many signaling processes, the environment given to them
+    only; every one closed after the test.
 
     ``node`` is registered for ten minutes (None: no node); ``events`` are what the tap
     receives."""
+    redis = redis_client
     async with contextlib.AsyncExitStack() as stack:
 
         async def make(
@@ -321,11 +320,9 @@ async def open_worlds(
             if node is not None:
                 await MediaRegistry(redis, settings).heartbeat(node, ttl_s=600)
             tap = await stack.enter_async_context(
-                event_tap(rabbitmq_url, settings.namespace, events)
+                event_tap(settings.rabbitmq_url, settings.namespace, events)
             )
-            world = cls(
-                procs, policy_proc, notifications_proc, tap, token, settings, redis, rabbitmq_url
-            )
+            world = cls(procs, policy_proc, notifications_proc, tap, token, settings, redis)
             stack.push_async_callback(world.close)
             return world
 
@@ -350,13 +347,10 @@ class InProcess:
         await tap.settle(self.service.bus.publish)
 
 
-@contextlib.asynccontextmanager
-async def open_in_process(
-    make_settings: Callable[..., Any],
-) -> AsyncIterator[Callable[..., Any]]:
-    """``await make(2)``: that many ``InProcess`` instances (``sig-0``, ``sig-1``...) of one
-    namespace, with ``NODE`` registered; closed after. Their outbox lease is short (500 ms),
-    so a test can outlive one."""
+async def in_process(make_settings: Callable[..., Any]) -> AsyncIterator[Callable[..., Any]]:
+    """The ``in_process`` fixture: ``await in_process(2)`` is that many ``InProcess``
+    instances (``sig-0``, ``sig-1``...) of the test's namespace, with ``NODE`` registered;
+    closed after the test. Their outbox lease is short (500 ms), so a test can outlive one."""
     opened: list[tuple[Bus, Redis]] = []
 
     async def make(count: int = 1) -> list[InProcess]:
