@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 import redis as sync_redis
 from redis.asyncio import Redis
 
+from services.media.settings import MediaSettings
 from shared import redis as shared_redis
 from shared.auth import issue_token
 from shared.bus import Bus
@@ -273,3 +275,18 @@ async def tap(infra: Infra, namespace: str) -> AsyncIterator[EventTap]:
     """Every copy of every event published on this test's ``calls`` exchange, as published."""
     async with event_tap(infra.rabbitmq_url, namespace, tuple(EventType)) as events:
         yield events
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for absolute URLs, closed after."""
+    async with httpx.AsyncClient(timeout=20) as client:
+        yield client
+
+
+@pytest.fixture
+def media_settings(
+    make_settings: Callable[..., Any], request: pytest.FixtureRequest
+) -> MediaSettings:
+    """The settings of the media node a module starts: its id is the module's ``NODE``."""
+    return make_settings(MediaSettings, node_id=request.module.NODE)

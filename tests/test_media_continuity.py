@@ -20,7 +20,7 @@ import itertools
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -55,18 +55,6 @@ def videos() -> tuple[EncodedMedia, EncodedMedia]:
 @pytest.fixture(scope="module")
 def audios() -> tuple[EncodedMedia, EncodedMedia]:
     return encode_opus(1.0), encode_opus(1.0)
-
-
-@pytest.fixture
-def media_settings(make_settings: Callable[..., Any]) -> MediaSettings:
-    settings: MediaSettings = make_settings(MediaSettings, node_id=NODE)
-    return settings
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
 
 
 def media_token(settings: MediaSettings, call_id: str, user: str, node_id: str = NODE) -> str:

@@ -44,12 +44,6 @@ def media() -> list[tuple[EncodedMedia, EncodedMedia]]:
 
 
 @pytest.fixture
-def media_settings(make_settings: Callable[..., Any]) -> MediaSettings:
-    settings: MediaSettings = make_settings(MediaSettings, node_id=NODE)
-    return settings
-
-
-@pytest.fixture
 async def bus(media_settings: MediaSettings, redis_client: Redis) -> AsyncIterator[Bus]:
     seen: list[Event] = []
 
@@ -62,12 +56,6 @@ async def bus(media_settings: MediaSettings, redis_client: Redis) -> AsyncIterat
     bus.seen = seen  # type: ignore[attr-defined]
     yield bus
     await bus.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
 
 
 def grant(settings: MediaSettings, call_id: str, user: str, group: str | None = GROUP) -> str:

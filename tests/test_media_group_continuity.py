@@ -16,9 +16,8 @@ import itertools
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 import httpx
 import pytest
@@ -43,18 +42,6 @@ def media() -> list[tuple[EncodedMedia, EncodedMedia]]:
     return [
         (encode_vp8(160, 120, seconds=1.0, bitrate=150_000), encode_opus(0.6)) for _ in range(4)
     ]
-
-
-@pytest.fixture
-def media_settings(make_settings: Callable[..., Any]) -> MediaSettings:
-    settings: MediaSettings = make_settings(MediaSettings, node_id=NODE)
-    return settings
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
 
 
 def grant(settings: MediaSettings, call_id: str, user: str) -> str:

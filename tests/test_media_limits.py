@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -39,18 +39,6 @@ NODE = "node-limits"
 @pytest.fixture(scope="module")
 def audio() -> EncodedMedia:
     return encode_opus(1.0)
-
-
-@pytest.fixture
-def media_settings(make_settings: Callable[..., Any]) -> MediaSettings:
-    settings: MediaSettings = make_settings(MediaSettings, node_id=NODE)
-    return settings
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
 
 
 def media_token(settings: MediaSettings, call_id: str, user: str) -> str:

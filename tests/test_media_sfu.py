@@ -54,12 +54,6 @@ def audio() -> EncodedMedia:
 
 
 @pytest.fixture
-def media_settings(make_settings: Callable[..., Any]) -> MediaSettings:
-    settings: MediaSettings = make_settings(MediaSettings, node_id=NODE)
-    return settings
-
-
-@pytest.fixture
 async def media_events(
     media_settings: MediaSettings, redis_client: Redis
 ) -> AsyncIterator[tuple[Bus, list[Event]]]:
@@ -76,12 +70,6 @@ async def media_events(
     await bus.start()
     yield bus, seen
     await bus.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
 
 
 def media_token(settings: MediaSettings, call_id: str, user: str, **kwargs: Any) -> str:

@@ -30,9 +30,8 @@ from shared.contracts import (
     UserUpdated,
     parse_event,
 )
-from shared.settings import CommonSettings
 from tests.conftest import auth
-from tests.support.policy_calls import verdicts_in
+from tests.support.policy_calls import handled, verdicts_in
 from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
 from tools.procs import ServiceProcess
@@ -44,16 +43,6 @@ T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
-
-
-def handled(redis: Redis, namespace: str, consumer: str, *events: Event) -> Callable[[], Any]:
-    """True once policy's consumer has finished each event (the bus's done mark)."""
-
-    async def check() -> bool:
-        keys = [f"dmcall:{namespace}:bus:seen:policy.{consumer}:{e.event_id}" for e in events]
-        return all(v == b"done" for v in await redis.mget(keys))
-
-    return check
 
 
 async def test_platform_events_reordered_and_duplicated_end_in_the_newest_state(
@@ -157,7 +146,6 @@ async def test_call_requested_delivered_twice_yields_exactly_one_verdict_in_the_
     redis_client: Redis,
     namespace: str,
     token: Callable[..., str],
-    settings: CommonSettings,
     tap: EventTap,
 ) -> None:
     policy = spawn("policy")

@@ -29,9 +29,8 @@ from shared.contracts import (
     MediaKind,
     parse_event,
 )
-from shared.settings import CommonSettings
 from tests.conftest import auth
-from tests.support.policy_calls import verdicts_in
+from tests.support.policy_calls import handled, verdicts_in
 from tests.support.redis_server import PrivateRedis
 from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
@@ -200,14 +199,6 @@ def test_group_facts_over_http_are_order_safe_and_drive_the_group_permission(
     assert policy.http.put(f"{members}/bob", params={"occurred_at": future}).status_code == 422
 
 
-def handled(redis: Redis, namespace: str, consumer: str, *events: Event) -> Callable[[], Any]:
-    async def check() -> bool:
-        keys = [f"dmcall:{namespace}:bus:seen:policy.{consumer}:{e.event_id}" for e in events]
-        return all(v == b"done" for v in await redis.mget(keys))
-
-    return check
-
-
 async def test_group_facts_as_events_reordered_and_duplicated_end_in_the_newest_state(
     spawn: Callable[..., ServiceProcess],
     bus_factory: Callable[..., Any],
@@ -251,7 +242,6 @@ async def test_a_group_call_requested_gets_exactly_one_verdict_naming_whom_to_ri
     redis_client: Redis,
     namespace: str,
     token: Token,
-    settings: CommonSettings,
     tap: EventTap,
 ) -> None:
     proc = spawn("policy", GROUP_CALL_MAX_PARTICIPANTS="3")

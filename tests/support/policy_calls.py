@@ -1,16 +1,17 @@
 """Calls that policy really judged, for the report tests: a ``call_requested`` published as
-signaling would, and the wait until policy's verdict consumer has handled it; the verdicts
+signaling would, and the wait until a consumer of policy's has handled an event; the verdicts
 policy published, as an event tap saw them."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
 
 from shared.bus import Bus
-from shared.contracts import CallRequested, EventType, MediaKind
+from shared.contracts import CallRequested, Event, EventType, MediaKind
 from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
 
@@ -23,13 +24,18 @@ async def judged_call(
         call_id=call_id or uuid.uuid4().hex, caller=caller, callee=callee, media=MediaKind.AUDIO
     )
     await bus.publish(event)
-    done = f"dmcall:{namespace}:bus:seen:policy.verdicts:{event.event_id}"
-
-    async def handled() -> bool:
-        return bool(await redis.get(done) == b"done")
-
-    await eventually(handled)
+    await eventually(handled(redis, namespace, "verdicts", event))
     return event.call_id
+
+
+def handled(redis: Redis, namespace: str, consumer: str, *events: Event) -> Callable[[], Any]:
+    """True once policy's ``consumer`` has finished each event (the bus's done mark)."""
+
+    async def check() -> bool:
+        keys = [f"dmcall:{namespace}:bus:seen:policy.{consumer}:{e.event_id}" for e in events]
+        return all(v == b"done" for v in await redis.mget(keys))
+
+    return check
 
 
 def verdicts_in(tap: EventTap) -> list[dict[str, Any]]:
