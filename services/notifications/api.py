@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from redis.exceptions import RedisError
 
 from services.notifications import webpush
+from services.notifications.guard import UrlRefused, resolve_allowed
 from services.notifications.live import LiveHub, StreamLease
-from services.notifications.push import UrlRefused, resolve_allowed
 from services.notifications.settings import NotificationsSettings
 from services.notifications.store import (
     Device,
