@@ -130,7 +130,13 @@ async def test_every_event_makes_exactly_its_notifications_once_with_two_instanc
             CallDeclined(call_id=calls["declined"], **parties()),
             CallCancelled(call_id=calls["cancelled"], **parties()),
             CallMissed(call_id=calls["missed"], media=MediaKind.VIDEO, **parties()),
-            CallEnded(call_id=calls["busy"], reason=EndReason.BUSY, duration_s=0, **parties()),
+            CallEnded(
+                call_id=calls["busy"],
+                reason=EndReason.BUSY,
+                duration_s=0,
+                media=MediaKind.VIDEO,
+                **parties(),
+            ),
             CallAccepted(call_id=calls["hungup"], device_id="laptop", **parties()),
         ]
         for event in finals:
@@ -172,7 +178,7 @@ async def test_every_event_makes_exactly_its_notifications_once_with_two_instanc
     missed_items = [i for i in items if i["kind"] == "missed_call"]
     assert sorted(i["call_id"] for i in missed_items) == missed
     busy = next(i for i in missed_items if i["call_id"] == calls["busy"])
-    assert busy["media"] == "video"  # remembered from its call_ringing
+    assert busy["media"] == "video"  # carried by its call_ended
     assert [i["id"] for i in items] == sorted(
         (i["id"] for i in items), key=lambda v: tuple(map(int, v.split("-"))), reverse=True
     )

@@ -427,7 +427,7 @@ async def register_device(
             response.status_code = status.HTTP_200_OK
     else:
         await _check_target(body.url, DeviceKind.WEBHOOK, settings)
-        device = await store.add_device(user, DeviceKind.WEBHOOK.value, body.url)
+        device = await store.add_webhook(user, body.url)
     if device is None:
         raise HTTPException(
             status.HTTP_409_CONFLICT,

@@ -10,6 +10,10 @@ The caller hears the outcome on signaling's WebSocket.
 | ``call_missed`` | ``ring_stopped``, then ``missed_call`` |
 | ``call_ended`` | ``ring_stopped``; also ``missed_call`` when the reason is busy or missed |
 
+A ``missed_call`` carries the call's ``media`` from its event (``call_missed``, or
+``call_ended``, which signaling always gives it); ``null`` only for a ``call_ended`` from a
+producer that predates the field (see shared/contracts.py).
+
 In a group call each invitee has their own events (``callee`` = that invitee, ``group``
 set): their ``incoming_call`` and ``missed_call`` carry ``"group"`` (the conversation), so
 a device shows "alice in <group>"; a 1:1 call's have no ``group`` field, as before. A
@@ -38,6 +42,7 @@ from shared.contracts import (
     CallRinging,
     EndReason,
     Event,
+    MediaKind,
 )
 
 
@@ -81,6 +86,7 @@ class Notice:
 
     @property
     def priority(self) -> Priority:
+        """How urgently its pushes go: decided here only (each push job carries it)."""
         return Priority.HIGH if self.kind is NoticeKind.INCOMING_CALL else Priority.NORMAL
 
 
@@ -100,12 +106,14 @@ def _ring_stopped(event: Event, callee: str, call_id: str, reason: RingStopReaso
     return Notice(callee, NoticeKind.RING_STOPPED, call_id, fields)
 
 
-def _missed(event: Event, caller: str, callee: str, call_id: str, media: str | None) -> Notice:
+def _missed(
+    event: Event, caller: str, callee: str, call_id: str, media: MediaKind | None
+) -> Notice:
     fields: dict[str, Any] = {
         "kind": NoticeKind.MISSED_CALL.value,
         "call_id": call_id,
         "from": caller,
-        "media": media,
+        "media": media.value if media is not None else None,
         "created_at": _when(event.occurred_at),
     }
     _name_the_group(fields, event)
@@ -118,12 +126,8 @@ def _name_the_group(fields: dict[str, Any], event: Event) -> None:
         fields["group"] = group
 
 
-def notices_for(event: Event, *, known_media: str | None = None) -> list[Notice]:
-    """The notifications one event makes, in the order they are to be delivered.
-
-    ``known_media`` is the call's media when the event does not carry it (``call_ended``),
-    as remembered from its ``call_ringing``; ``None`` when unknown.
-    """
+def notices_for(event: Event) -> list[Notice]:
+    """The notifications one event makes, in the order they are to be delivered."""
     if isinstance(event, CallRinging):
         fields = {
             "kind": NoticeKind.INCOMING_CALL.value,
@@ -144,13 +148,13 @@ def notices_for(event: Event, *, known_media: str | None = None) -> list[Notice]
     if isinstance(event, CallMissed):
         return [
             _ring_stopped(event, event.callee, event.call_id, RingStopReason.MISSED),
-            _missed(event, event.caller, event.callee, event.call_id, event.media.value),
+            _missed(event, event.caller, event.callee, event.call_id, event.media),
         ]
     if isinstance(event, CallEnded):
         if event.callee is None:
             return []  # a group call: each invitee's own events stopped its ringing
         notices = [_ring_stopped(event, event.callee, event.call_id, RingStopReason.ENDED)]
         if event.reason in MISSED_END_REASONS:
-            notices.append(_missed(event, event.caller, event.callee, event.call_id, known_media))
+            notices.append(_missed(event, event.caller, event.callee, event.call_id, event.media))
         return notices
     return []

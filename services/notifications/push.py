@@ -52,6 +52,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import httpx
@@ -123,12 +124,27 @@ def backoff_ms(attempt: int, base_ms: int, cap_ms: int, rand: Callable[[], float
 # --------------------------------------------------------------------------- the worker
 
 
+class Outcome(StrEnum):
+    """How one push attempt ended: the delivery log's ``outcome`` and the metric's label."""
+
+    DELIVERED = "delivered"
+    RETRYING = "retrying"
+    DEAD_LETTERED = "dead_lettered"
+    GONE = "gone"
+    """The target is gone for good (410; a push service's 404): the device is removed."""
+    EXPIRED = "expired"
+    """An ``incoming_call`` whose call stopped ringing: not sent."""
+    DROPPED = "dropped"
+    """Not tried: the device was removed (metric only, no device to log it for)."""
+    DEFERRED = "deferred"
+    """Not tried yet: back in the retry queue for a moment, not an attempt (metric only)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """How one attempt went."""
 
-    outcome: str
-    """delivered | retrying | dead_lettered | gone | expired"""
+    outcome: Outcome
     status: int | None = None
     error: str | None = None
     not_before_s: float | None = None
@@ -250,14 +266,14 @@ class PushWorker:
         if job is not None and self.scheduler.is_full(job.user, job.device):
             delay = int(DEFER_MS * (0.5 + self._random.random()))
             await self.store.finish_job(entry_id, retry=(job, _now_ms() + delay))
-            PUSHES.labels("unknown", "deferred").inc()
+            PUSHES.labels("unknown", Outcome.DEFERRED).inc()
             return
         self.scheduler.offer(
             Queued(
                 entry_id=entry_id,
                 user=job.user if job else "",
                 target=job.device if job else "",
-                urgent=job is not None and _is_incoming_call(job),
+                urgent=job is not None and job.priority is Priority.HIGH,
                 job=job,
             )
         )
@@ -289,8 +305,8 @@ class PushWorker:
         device = await self.store.device(job.device)
         if device is None or not device.active:
             await self.store.finish_job(entry_id)  # the target is gone: nothing to do
-            PUSHES.labels(device.kind if device else "unknown", "dropped").inc()
-            return Attempt("dropped")
+            PUSHES.labels(device.kind if device else "unknown", Outcome.DROPPED).inc()
+            return Attempt(Outcome.DROPPED)
         notification = {"id": job.nid, **json.loads(job.notification)}
         started = time.perf_counter()
         attempt = await self._attempt(device, job, notification)
@@ -307,7 +323,7 @@ class PushWorker:
         }
         retry = None
         dead = None
-        if attempt.outcome == "retrying":
+        if attempt.outcome is Outcome.RETRYING:
             delay = backoff_ms(
                 job.attempt,
                 self.settings.push_backoff_base_ms,
@@ -320,12 +336,12 @@ class PushWorker:
                 datetime.fromtimestamp((_now_ms() + delay) / 1000, UTC)
             )
             retry = (job.next_attempt(), _now_ms() + delay)
-        elif attempt.outcome == "dead_lettered":
+        elif attempt.outcome is Outcome.DEAD_LETTERED:
             dead = (job.to_json(), attempt.error or f"HTTP {attempt.status}")
         await self.store.finish_job(
             entry_id, record=record, device_id=device.id, retry=retry, dead_letter=dead
         )
-        if attempt.outcome == "gone":
+        if attempt.outcome is Outcome.GONE:
             await self.store.remove_device(device, "gone")
             log.info("device %s answered %s: removed", device.id, attempt.status)
         PUSHES.labels(device.kind, attempt.outcome).inc()
@@ -333,13 +349,8 @@ class PushWorker:
 
     async def _attempt(self, device: Device, job: PushJob, notification: dict[str, Any]) -> Attempt:
         kind = notification.get("kind")
-        priority = Priority.HIGH if kind == NoticeKind.INCOMING_CALL else Priority.NORMAL
         if kind == NoticeKind.INCOMING_CALL and _deadline_passed(notification):
-            return Attempt("expired", error="the call stopped ringing before delivery")
-        try:
-            target = DeviceKind(device.kind)
-        except ValueError:
-            return Attempt("dead_lettered", error=f"unknown device kind {device.kind!r}")
+            return Attempt(Outcome.EXPIRED, error="the call stopped ringing before delivery")
         wait_s = self.breakers.allow(device.id, time.monotonic())
         if wait_s is not None:
             skipped = self._failed(
@@ -350,7 +361,7 @@ class PushWorker:
             )
             return dataclasses.replace(skipped, not_before_s=wait_s)
         try:
-            attempt = await self._request(device, job, notification, target, kind, priority)
+            attempt = await self._request(device, job, notification, kind)
         except BaseException:
             self.breakers.abandoned(device.id)
             raise
@@ -362,7 +373,7 @@ class PushWorker:
                     self.breakers.threshold,
                     self.breakers.cooloff_s,
                 )
-        elif attempt.status is not None or attempt.outcome == "retrying":
+        elif attempt.status is not None or attempt.outcome is Outcome.RETRYING:
             self.breakers.answered(device.id)
         else:
             self.breakers.abandoned(device.id)
@@ -373,32 +384,30 @@ class PushWorker:
         device: Device,
         job: PushJob,
         notification: dict[str, Any],
-        target: DeviceKind,
         kind: Any,
-        priority: Priority,
     ) -> Attempt:
         try:
             address = await resolve_allowed(
-                device.url, allow_private=self.settings.webhook_allow_private, kind=target
+                device.url, allow_private=self.settings.webhook_allow_private, kind=device.kind
             )
         except UrlRefused as exc:
             if exc.reason == "unresolvable_host":
                 return self._failed(job, None, str(exc))
-            return Attempt("dead_lettered", error=str(exc))
+            return Attempt(Outcome.DEAD_LETTERED, error=str(exc))
         payload: dict[str, Any] = {
             "delivery_id": job.id,
             "device_id": device.id,
             "user": job.user,
-            "priority": priority.value,
+            "priority": job.priority.value,
             "notification": notification,
         }
         if "ring_deadline" in notification:
             payload["ring_deadline"] = notification["ring_deadline"]
         body = json.dumps(payload, separators=(",", ":")).encode()
-        if target is DeviceKind.WEBPUSH:
+        if device.kind is DeviceKind.WEBPUSH:
             outgoing = await self._webpush_request(device, job, body, notification)
         else:
-            outgoing = self._webhook_request(device, job, body, priority, str(kind))
+            outgoing = self._webhook_request(device, job, body, str(kind))
         if isinstance(outgoing, Attempt):
             return outgoing
         url, host_header, server_name = pinned(device.url, address)
@@ -423,18 +432,16 @@ class PushWorker:
             return self._failed(job, None, f"{type(exc).__name__}: {exc}")
         status = response.status_code
         if 200 <= status < 300:
-            return Attempt("delivered", status=status)
+            return Attempt(Outcome.DELIVERED, status=status)
         # A push service answers 404 for an expired subscription and 410 for one the user
         # ended (RFC 8030 §7.3, RFC 8292 §4): either way it never comes back.
-        if status == 410 or (status == 404 and target is DeviceKind.WEBPUSH):
-            return Attempt("gone", status=status)
+        if status == 410 or (status == 404 and device.kind is DeviceKind.WEBPUSH):
+            return Attempt(Outcome.GONE, status=status)
         if status >= 500 or status in (408, 429):
             return self._failed(job, status, f"HTTP {status}")
-        return Attempt("dead_lettered", status=status, error=f"HTTP {status} (not retried)")
+        return Attempt(Outcome.DEAD_LETTERED, status=status, error=f"HTTP {status} (not retried)")
 
-    def _webhook_request(
-        self, device: Device, job: PushJob, body: bytes, priority: Priority, kind: str
-    ) -> Outgoing:
+    def _webhook_request(self, device: Device, job: PushJob, body: bytes, kind: str) -> Outgoing:
         return Outgoing(
             body,
             {
@@ -442,7 +449,7 @@ class PushWorker:
                 SIGNATURE_HEADER: sign(device.secret, body, int(time.time())),
                 DELIVERY_HEADER: job.id,
                 "X-Dmcall-Attempt": str(job.attempt),
-                "X-Dmcall-Priority": priority.value,
+                "X-Dmcall-Priority": job.priority.value,
                 "X-Dmcall-Kind": kind,
             },
         )
@@ -453,9 +460,9 @@ class PushWorker:
         """The same JSON a webhook gets, encrypted for the subscriber and VAPID-signed; no
         dmcall headers (the push service does not forward them, and need not see them)."""
         if self.vapid is None:
-            return Attempt("dead_lettered", error="Web Push is disabled in this deployment")
+            return Attempt(Outcome.DEAD_LETTERED, error="Web Push is disabled in this deployment")
         if not device.p256dh or not device.auth:
-            return Attempt("dead_lettered", error="the subscription has no keys")
+            return Attempt(Outcome.DEAD_LETTERED, error="the subscription has no keys")
         try:
             signer = await self.vapid.signer()
         except Exception as exc:  # the shared development key lives in Redis
@@ -466,7 +473,7 @@ class PushWorker:
             )
             authorization = signer.authorization(device.url)
         except (ValueError, VapidException) as exc:
-            return Attempt("dead_lettered", error=f"cannot make the push: {exc}")
+            return Attempt(Outcome.DEAD_LETTERED, error=f"cannot make the push: {exc}")
         headers = {
             "Content-Type": "application/octet-stream",
             "Content-Encoding": webpush.CONTENT_ENCODING,
@@ -477,15 +484,8 @@ class PushWorker:
 
     def _failed(self, job: PushJob, status: int | None, error: str) -> Attempt:
         if job.attempt >= self.settings.push_max_attempts:
-            return Attempt("dead_lettered", status=status, error=f"{error} (last attempt)")
-        return Attempt("retrying", status=status, error=error)
-
-
-def _is_incoming_call(job: PushJob) -> bool:
-    try:
-        return bool(json.loads(job.notification).get("kind") == NoticeKind.INCOMING_CALL)
-    except (ValueError, AttributeError):
-        return False
+            return Attempt(Outcome.DEAD_LETTERED, status=status, error=f"{error} (last attempt)")
+        return Attempt(Outcome.RETRYING, status=status, error=error)
 
 
 def _deadline_passed(notification: dict[str, Any]) -> bool:

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.types import ASGIApp
 
+from services.policy import consumers
 from services.policy.api import router
-from services.policy.consumers import PolicyConsumers
 from services.policy.deps import CachingVerifier
 from services.policy.fastpath import PermissionFastPath
 from services.policy.settings import PolicySettings
@@ -33,7 +33,7 @@ def create_app(settings: PolicySettings | None = None) -> FastAPI:
         app.state.policy_verifier = CachingVerifier(
             TokenVerifier(settings), settings.token_cache_size
         )
-        PolicyConsumers(store, runtime.bus, settings).register()
+        consumers.register(runtime.bus, store, settings)
         try:
             yield
         finally:

@@ -30,9 +30,7 @@ adds the joiner, so any of them may report another.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from opentelemetry import trace
 from prometheus_client import Counter
@@ -40,7 +38,7 @@ from prometheus_client import Counter
 from services.policy.domain import GroupVerdict, Verdict, decide, decide_group
 from services.policy.settings import PolicySettings
 from services.policy.store import PolicyStore, Relation
-from shared.bus import Bus, Delivery
+from shared.bus import Bus, Delivery, Handler, Scope
 from shared.contracts import (
     BlockCreated,
     BlockDeleted,
@@ -148,30 +146,32 @@ def record_on_span(verdict: Verdict) -> None:
         span.set_attribute("dmcall.policy.detail", verdict.detail.value)
 
 
+def register(bus: Bus, store: PolicyStore, settings: PolicySettings) -> None:
+    policy = PolicyConsumers(store, bus, settings)
+    facts: dict[type[Event], Handler] = {
+        UserUpdated: policy.on_user_updated,
+        DmSent: policy.on_dm_sent,
+        GroupMemberAdded: policy.on_group_member,
+        GroupMemberRemoved: policy.on_group_member,
+        GroupMessageSent: policy.on_group_message,
+    }
+    facts.update(dict.fromkeys(RELATION_EVENTS, policy.on_relation))
+    bus.subscribe(FACTS_CONSUMER, facts, scope=Scope.SERVICE)
+    bus.subscribe(
+        VERDICTS_CONSUMER,
+        {
+            CallRequested: policy.on_call_requested,
+            CallParticipantJoined: policy.on_participant_joined,
+        },
+        scope=Scope.SERVICE,
+    )
+
+
 class PolicyConsumers:
     def __init__(self, store: PolicyStore, bus: Bus, settings: PolicySettings) -> None:
         self.store = store
         self.bus = bus
         self.settings = settings
-
-    def register(self) -> None:
-        handlers: dict[type[Event], Callable[[Any, Delivery], Awaitable[None]]] = {
-            UserUpdated: self.on_user_updated,
-            DmSent: self.on_dm_sent,
-        }
-        for model in RELATION_EVENTS:
-            handlers[model] = self.on_relation
-        handlers[GroupMemberAdded] = self.on_group_member
-        handlers[GroupMemberRemoved] = self.on_group_member
-        handlers[GroupMessageSent] = self.on_group_message
-        self.bus.subscribe(FACTS_CONSUMER, handlers)
-        self.bus.subscribe(
-            VERDICTS_CONSUMER,
-            {
-                CallRequested: self.on_call_requested,
-                CallParticipantJoined: self.on_participant_joined,
-            },
-        )
 
     # ---------------------------------------------------------------- facts
 
