@@ -293,16 +293,20 @@ def test_push_headers_follow_the_notification_kind() -> None:
     now = datetime(2026, 11, 21, 8, 0, 0, tzinfo=UTC)
     deadline = (now + timedelta(seconds=42, milliseconds=300)).isoformat().replace("+00:00", "Z")
     ring = {"kind": "incoming_call", "call_id": "c1", "ring_deadline": deadline}
-    assert webpush.delivery_headers(ring, policy, now=now) == {
+    assert webpush.delivery_headers(ring, Priority.HIGH, policy, now=now) == {
         "Urgency": "high",
         "TTL": "43",
         "Topic": webpush.topic_for("c1"),
     }
-    late = webpush.delivery_headers(ring, policy, now=now + timedelta(minutes=5))
+    late = webpush.delivery_headers(ring, Priority.HIGH, policy, now=now + timedelta(minutes=5))
     assert late["TTL"] == "0"
-    stop = webpush.delivery_headers({"kind": "ring_stopped", "call_id": "c1"}, policy, now=now)
+    stop = webpush.delivery_headers(
+        {"kind": "ring_stopped", "call_id": "c1"}, Priority.NORMAL, policy, now=now
+    )
     assert stop == {"Urgency": "normal", "TTL": "300", "Topic": webpush.topic_for("c1")}
-    missed = webpush.delivery_headers({"kind": "missed_call", "call_id": "c1"}, policy, now=now)
+    missed = webpush.delivery_headers(
+        {"kind": "missed_call", "call_id": "c1"}, Priority.NORMAL, policy, now=now
+    )
     assert missed == {"Urgency": "normal", "TTL": "86400"}
     topic = webpush.topic_for("0193a5c4-7f3e-7000-8000-000000000001")
     assert re.fullmatch(r"[A-Za-z0-9_-]{32}", topic)

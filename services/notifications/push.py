@@ -478,7 +478,7 @@ class PushWorker:
             "Content-Type": "application/octet-stream",
             "Content-Encoding": webpush.CONTENT_ENCODING,
             "Authorization": authorization,
-            **webpush.delivery_headers(notification, self.webpush_policy),
+            **webpush.delivery_headers(notification, job.priority, self.webpush_policy),
         }
         return Outgoing(encrypted, headers)
 

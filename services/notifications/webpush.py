@@ -35,7 +35,7 @@ from typing import Any
 import http_ece
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from services.notifications.notices import NoticeKind
+from services.notifications.notices import NoticeKind, Priority
 from services.notifications.settings import NotificationsSettings
 from services.notifications.store import NotificationStore
 from services.notifications.vapid import (
@@ -57,13 +57,6 @@ P256DH_BYTES = 65
 AUTH_BYTES = 16
 TOPIC_LENGTH = 32
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
-
-
-class Urgency:
-    """RFC 8030 §5.3 values used here."""
-
-    HIGH = "high"
-    NORMAL = "normal"
 
 
 # --------------------------------------------------------------------------- encodings
@@ -166,14 +159,21 @@ class DeliveryPolicy:
 
 
 def delivery_headers(
-    notification: dict[str, Any], policy: DeliveryPolicy, *, now: datetime | None = None
+    notification: dict[str, Any],
+    priority: Priority,
+    policy: DeliveryPolicy,
+    *,
+    now: datetime | None = None,
 ) -> dict[str, str]:
     """``TTL``, ``Urgency`` and ``Topic`` (RFC 8030 §5) of one notification's push.
 
-    - ``incoming_call``: urgency high; TTL the seconds left until the ring deadline, so a
-      browser that comes online later is not shown a call that stopped ringing.
-    - ``ring_stopped``: normal; a short TTL.
-    - ``missed_call``: normal; the default TTL.
+    ``Urgency`` is the notification's priority (its values are RFC 8030's ``high`` and
+    ``normal``). ``TTL``, by kind:
+
+    - ``incoming_call``: the seconds left until the ring deadline, so a browser that comes
+      online later is not shown a call that stopped ringing.
+    - ``ring_stopped``: a short TTL.
+    - ``missed_call``: the default TTL.
 
     ``incoming_call`` and ``ring_stopped`` of one call share a Topic: a push service still
     holding the incoming call for an offline browser replaces it with its ring_stopped. A
@@ -182,9 +182,8 @@ def delivery_headers(
     """
     kind = notification.get("kind")
     call_id = str(notification.get("call_id", ""))
-    headers = {"Urgency": Urgency.NORMAL, "TTL": str(policy.default_ttl_s)}
+    headers = {"Urgency": priority.value, "TTL": str(policy.default_ttl_s)}
     if kind == NoticeKind.INCOMING_CALL:
-        headers["Urgency"] = Urgency.HIGH
         headers["TTL"] = str(_seconds_until(notification.get("ring_deadline"), now))
         headers["Topic"] = topic_for(call_id)
     elif kind == NoticeKind.RING_STOPPED:
