@@ -364,10 +364,12 @@ async def test_a_user_cannot_read_stream_or_mark_anothers_notifications(
         ).json()
         async with open_stream(proc.url, token=alice) as alice_live:
             await publish(ringing(to_bob))
+            # Ids are per user (stream entry ids): made in the same millisecond, bob's and
+            # alice's would be equal, and marking "bob's" id would find alice's own.
+            bobs = await inbox_has(proc, bob, 1)
             await publish(ringing(to_alice, caller="bob", callee="alice"))
             # alice's stream carries only her own notification
             assert (await alice_live.next_data()).json()["call_id"] == to_alice
-        bobs = await inbox_has(proc, bob, 1)
         assert [i["call_id"] for i in bobs] == [to_bob]
         alices = await inbox(proc, alice)
         assert [i["call_id"] for i in alices] == [to_alice]
