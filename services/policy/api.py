@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
@@ -41,26 +41,25 @@ log = logging.getLogger(__name__)
 
 router = APIRouter()
 
+T = TypeVar("T")
+
 
 # --------------------------------------------------------------------------- dependencies
-# ``async def``: a plain ``def`` dependency would cost every request a thread-pool hop.
 
 
-async def _store(request: Request) -> PolicyStore:
-    return app_state(request, "policy_store", PolicyStore)
+def _state(name: str, kind: type[T]) -> Any:
+    """A dependency on an object the lifespan put on ``app.state`` (``async def``: a plain
+    ``def`` one would cost every request a thread-pool hop)."""
+
+    async def dependency(request: Request) -> T:
+        return app_state(request, name, kind)
+
+    return Depends(dependency)
 
 
-async def _settings(request: Request) -> PolicySettings:
-    return app_state(request, "settings", PolicySettings)
-
-
-async def _reports(request: Request) -> Reports:
-    return app_state(request, "policy_reports", Reports)
-
-
-Store = Annotated[PolicyStore, Depends(_store)]
-Settings = Annotated[PolicySettings, Depends(_settings)]
-ReportDesk = Annotated[Reports, Depends(_reports)]
+Store = Annotated[PolicyStore, _state("policy_store", PolicyStore)]
+Settings = Annotated[PolicySettings, _state("settings", PolicySettings)]
+ReportDesk = Annotated[Reports, _state("policy_reports", Reports)]
 
 
 # --------------------------------------------------------------------------- parameters
