@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from shared import redis as shared_redis
 from shared.media_registry import MediaNode, MediaRegistry
@@ -35,8 +36,8 @@ pytestmark = pytest.mark.e2e
 MASTER = "dmcall"
 PAIRS = 16  # callers, each calling its own callee: no rate limit, no busy callee
 PAUSE_S = 0.25  # between one caller's calls: ~40 calls/s in all
-BEFORE_KILL_S = 4.0
-AFTER_RECOVERY_S = 4.0
+BEFORE_KILL_S = 3.0
+AFTER_RECOVERY_S = 3.0
 RECOVERY_BOUND_S = 25.0  # generous: Sentinel needs ~1 s to see it down and ~1 s to promote
 NODE = MediaNode(node_id="media-failover-1", url="http://127.0.0.1:9/", capacity=50, load=0)
 
@@ -93,6 +94,7 @@ class Attempt:
     caller: str
     callee: str
     sent_at: float
+    placed_at: float = 0.0  # when the answer to the placement came
     placed_status: int | None = None  # None: the request itself failed
     call_id: str | None = None
     rang: bool = False
@@ -116,6 +118,7 @@ class Load:
                 await self._one_call(attempt)
             except httpx.HTTPError as exc:
                 attempt.error = type(exc).__name__
+            attempt.placed_at = attempt.placed_at or time.monotonic()
             await asyncio.sleep(PAUSE_S)
 
     async def _one_call(self, attempt: Attempt) -> None:
@@ -124,7 +127,7 @@ class Load:
             json={"callee": attempt.callee, "media": "audio"},
             headers=auth(self.token(attempt.caller)),
         )
-        attempt.placed_status = placed.status_code
+        attempt.placed_status, attempt.placed_at = placed.status_code, time.monotonic()
         if placed.status_code != 202:
             return
         attempt.call_id = str(placed.json()["call_id"])
@@ -188,30 +191,36 @@ async def test_services_carry_on_through_a_sentinel_failover(
         load = Load(http, token)
         workers = [asyncio.create_task(load.caller(i)) for i in range(PAIRS)]
         watch: dict[str, float] = {}
-        watcher: asyncio.Task[None] | None = None
+        probe = WriteProbe(cluster.primary.port, f"{settings.redis_prefix}:test:probe")
+        # The probe writes from the start; the watcher waits for the promotion.
+        watchers = [
+            asyncio.create_task(probe.run()),
+            asyncio.create_task(_watch_primary(cluster.sentinels[0], cluster.primary.port, watch)),
+        ]
         try:
             await asyncio.sleep(BEFORE_KILL_S)
-            watcher = asyncio.create_task(
-                _watch_primary(cluster.sentinels[0], cluster.primary.port, watch)
-            )
             cluster.primary.kill()
             killed_at = time.monotonic()
 
             def placing_again() -> bool:
-                failed = [a for a in load.attempts if a.sent_at > killed_at and not _placed(a)]
-                later = failed[-1].sent_at if failed else killed_at
-                return any(_placed(a) and a.sent_at > later for a in load.attempts)
+                return _recovered_at(load.attempts, killed_at) is not None
 
             await eventually(placing_again, timeout=RECOVERY_BOUND_S, step=0.1)
             await asyncio.sleep(AFTER_RECOVERY_S)
         finally:
             load.stop.set()
             await asyncio.gather(*workers)
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+            for task in watchers:
+                task.cancel()
+            outcomes = await asyncio.gather(*watchers, return_exceptions=True)
+        for outcome in outcomes:  # a probe or watcher that broke must say how
+            if isinstance(outcome, Exception):
+                raise outcome
 
-        report = await _what_was_lost(http, token, load.attempts, killed_at, watch)
+        kept = int(await redis.get(probe.key) or 0)
+        report = await _what_was_lost(
+            http, token, load.attempts, killed_at, watch, (probe.acknowledged, kept)
+        )
         print(report)
 
         # After the failover: both processes alive, ready, and a new call rings and ends.
@@ -231,16 +240,47 @@ def _placed(attempt: Attempt) -> bool:
     return attempt.placed_status == 202
 
 
+def _failed_after(attempts: list[Attempt], killed_at: float) -> list[Attempt]:
+    """Placements answered after the kill with anything but 202 (or no answer at all)."""
+    return [a for a in attempts if a.placed_at >= killed_at and not _placed(a)]
+
+
+def _recovered_at(attempts: list[Attempt], killed_at: float) -> float | None:
+    """When the first call sent after the kill (and after the last failure) was placed."""
+    failed = _failed_after(attempts, killed_at)
+    since = max((a.placed_at for a in failed), default=killed_at)
+    placed = [a.placed_at for a in attempts if _placed(a) and a.sent_at >= since]
+    return min(placed, default=None)
+
+
+@dataclass
+class WriteProbe:
+    """INCRs straight to the primary, one after another: the last one it acknowledged."""
+
+    port: int
+    key: str
+    acknowledged: int = 0
+
+    async def run(self) -> None:
+        client = Redis(port=self.port, retry_on_error=[], socket_timeout=2)
+        try:
+            while True:
+                self.acknowledged = int(await client.incr(self.key))
+        except (OSError, ConnectionError, RedisError):
+            return  # the primary is gone
+        finally:
+            await client.aclose(close_connection_pool=True)
+
+
 async def _what_was_lost(
     http: httpx.AsyncClient,
     token: Callable[..., str],
     attempts: list[Attempt],
     killed_at: float,
     watch: dict[str, float],
+    probe: tuple[int, int],
 ) -> str:
     """The figures: placing's outage, and what the acknowledged calls look like now."""
-    after_kill = [a for a in attempts if a.sent_at >= killed_at]
-    failed = [a for a in after_kill if not _placed(a)]
     outcomes: Counter[str] = Counter()
     lost: list[str] = []
     for a in attempts:
@@ -249,32 +289,72 @@ async def _what_was_lost(
         now = await http.get(f"/v1/calls/{a.call_id}", headers=auth(token(a.caller)))
         state = now.json()["state"] if now.status_code == 200 else f"http {now.status_code}"
         # What the users were told, against what the store says now.
-        told = "cancelled" if a.cancel_status == 200 else f"cancel {a.cancel_status}"
-        when = "before kill" if a.sent_at < killed_at else "after kill"
-        outcomes[f"{when}: rang={a.rang} {told} -> now {state}"] += 1
+        rang = "rang" if a.rang else "never rang"
+        told = "cancelled" if a.cancel_status == 200 else f"cancel got {a.cancel_status}"
+        when = "before the kill" if a.placed_at < killed_at else "after the kill"
+        outcomes[f"placed {when}, {rang}, {told} -> now {state}"] += 1
         if now.status_code == 404:
-            lost.append(f"{a.call_id} ({when}, {a.sent_at - killed_at:+.2f} s)")
-    window = (
-        f"{max(a.sent_at for a in failed) - min(a.sent_at for a in failed):.2f} s "
-        f"(first failed request {min(a.sent_at for a in failed) - killed_at:+.2f} s after "
-        f"the kill, last {max(a.sent_at for a in failed) - killed_at:+.2f} s)"
-        if failed
-        else "none"
-    )
+            lost.append(f"{a.call_id} (placed {a.placed_at - killed_at:+.2f} s from the kill)")
+    failed = _failed_after(attempts, killed_at)
+    recovered = _recovered_at(attempts, killed_at)
     promoted = watch.get("promoted_at")
+    before = sorted(a.placed_at - a.sent_at for a in attempts if a.placed_at < killed_at)
+    slowest = max(attempts, key=lambda a: a.placed_at - a.sent_at)
+    acknowledged, kept = probe
     lines = [
         "",
-        "Redis failover under load "
-        f"({PAIRS} callers, one call each per {PAUSE_S} s plus its round trips):",
-        f"  calls attempted {len(attempts)}, placed (202) {sum(map(_placed, attempts))}",
+        f"Redis failover under load ({PAIRS} callers, each: place, wait for the ring, cancel, "
+        f"pause {PAUSE_S} s):",
+        f"  calls attempted {len(attempts)}, placed (202) {sum(map(_placed, attempts))}; "
+        f"placement p50 before the kill {before[len(before) // 2] * 1000:.0f} ms",
         "  Sentinel named the replica primary "
         + (f"{promoted - killed_at:.2f} s after the kill" if promoted else "(not seen)"),
-        f"  placing failed for {window}",
-        "  failed placements by answer: "
+        f"  placements answered after the kill but refused: {len(failed)} "
         + str(dict(Counter(str(a.placed_status or a.error) for a in failed))),
-        f"  acknowledged calls the promoted replica does not know (404): {len(lost)}",
+        "  last refusal "
+        + (f"{max(a.placed_at for a in failed) - killed_at:.2f} s" if failed else "-")
+        + " after the kill; placing works again (a call sent after the kill and the last "
+        "refusal is placed) "
+        + (f"{recovered - killed_at:.2f} s after the kill" if recovered else "never"),
+        f"  slowest placement {slowest.placed_at - slowest.sent_at:.2f} s "
+        f"(sent {slowest.sent_at - killed_at:+.2f} s from the kill)",
+        f"  writes acknowledged by the old primary and missing on the new one: "
+        f"{acknowledged - kept} of {acknowledged} (back-to-back INCRs)",
+        f"  acknowledged calls the new primary does not know (404): {len(lost)}",
         *(f"    {line}" for line in lost),
-        "  every placed call, what its users saw -> what the API says now:",
+        "  every placed call, what its users saw -> what the API says after the failover:",
         *(f"    {n:4d}  {what}" for what, n in sorted(outcomes.items())),
     ]
     return "\n".join(lines)
+
+
+def test_sentinel_settings_are_parsed_and_a_half_configuration_is_refused() -> None:
+    settings = CommonSettings(
+        environment="test",
+        redis_url="redis://:secret@ignored:1/3",
+        redis_sentinels=" s1:26379, 10.0.0.2:26380 ,[::1]:26381",
+        redis_sentinel_master=MASTER,
+    )
+    assert settings.redis_sentinel_addresses == [
+        ("s1", 26379),
+        ("10.0.0.2", 26380),
+        ("::1", 26381),
+    ]
+    pool = shared_redis.connect(settings, name="t").connection_pool
+    assert pool.connection_kwargs["db"] == 3 and pool.connection_kwargs["password"] == "secret"
+    assert pool.service_name == MASTER and pool.timeout == shared_redis.POOL_WAIT_S  # type: ignore[attr-defined]
+    assert CommonSettings(environment="test").redis_sentinel_addresses == []
+    for bad, says in (
+        ({"redis_sentinels": "s1:26379"}, "REDIS_SENTINEL_MASTER"),
+        ({"redis_sentinels": "s1", "redis_sentinel_master": MASTER}, "not host:port"),
+        (
+            {
+                "redis_sentinels": "s1:26379",
+                "redis_sentinel_master": MASTER,
+                "redis_url": "rediss://r:6379/0",
+            },
+            "redis:// URL",
+        ),
+    ):
+        with pytest.raises(ValueError, match=says):
+            CommonSettings(environment="test", **bad)
