@@ -189,6 +189,11 @@ async def test_services_carry_on_through_a_sentinel_failover(
                 await allow_call(policy_http, platform, f"caller{i}", f"callee{i}")
 
         load = Load(http, token)
+        first = Attempt("caller0", "callee0", time.monotonic())
+        await load._one_call(first)
+        # Policy's verdict needs policy's Redis: a client of its own that went to REDIS_URL
+        # instead of through the Sentinels would leave the call unrung here.
+        assert (first.placed_status, first.rang) == (202, True), first
         workers = [asyncio.create_task(load.caller(i)) for i in range(PAIRS)]
         watch: dict[str, float] = {}
         probe = WriteProbe(cluster.primary.port, f"{settings.redis_prefix}:test:probe")
