@@ -217,10 +217,13 @@ class Stack:
     def start(
         self, service: str, *, wait: bool = False, argv: list[str] | None = None, **env: str
     ) -> ServiceProcess:
-        """Start one more ``service`` process: the n-th is ``DMCALL_INSTANCE_ID`` (and log)
-        ``<service>-<n>``, from 1."""
+        """Start one more ``service`` process: the n-th (from 1) logs to ``<service>-<n>.log``
+        and, in a namespace (which only this stack uses), is ``DMCALL_INSTANCE_ID``
+        ``<service>-<n>``; outside one it keeps the services' unique default."""
         index = len(self.of(service))
         name = f"{service}-{index + 1}"
+        if self.namespace:
+            env = {"DMCALL_INSTANCE_ID": name, **env}
         if self.fixed_ports:
             port = int(os.environ.get(PORT_ENV[service], DEFAULT_PORTS[service])) + 100 * index
         else:
@@ -230,7 +233,7 @@ class Stack:
         proc = ServiceProcess(
             service,
             port,
-            env={**self.env, "DMCALL_INSTANCE_ID": name, **env},
+            env={**self.env, **env},
             log_path=self.log_dir / f"{name}.log" if self.log_dir else None,
             argv=argv,
         )
@@ -273,9 +276,3 @@ class Stack:
             proc.stop()
         if self.owns_namespace and self.namespace:
             remove_keys(self._setting("REDIS_URL", infra.DEFAULT_REDIS_URL), self.namespace)
-
-    def __enter__(self) -> Stack:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
