@@ -255,7 +255,8 @@ class Stack:
         policy = self.start("policy")
         notifications = self.start("notifications")
         for n in range(1, media_nodes + 1):
-            self.start("media", MEDIA_NODE_ID=f"media-{n}", **(media_env or {}))
+            media = {"MEDIA_NODE_ID": f"media-{n}", **(media_env or {})}
+            self.start("media", wait=False, argv=None, **media)
         urls = {
             "SIGNALING_POLICY_URL": self._setting("SIGNALING_POLICY_URL", policy.url),
             "SIGNALING_NOTIFICATIONS_URL": self._setting(
@@ -263,7 +264,7 @@ class Stack:
             ),
         }
         for _ in range(signaling_instances):
-            self.start("signaling", **{**urls, **signaling_env})
+            self.start("signaling", wait=False, argv=None, **{**urls, **signaling_env})
         self.wait_ready()
         return self
 
