@@ -44,7 +44,7 @@ from typing import Any
 import httpx
 
 from tools import infra
-from tools.procs import ROOT, free_port
+from tools.stack import ROOT, Stack, free_port
 
 CACHE = ROOT / ".run" / "bench-media"
 NODE = "bench"
@@ -437,32 +437,26 @@ def _server_side(outcome: Outcome, url: str, call_id: str, args: argparse.Namesp
 
 
 def _run_forwarding(args: argparse.Namespace, media: Path) -> list[Outcome]:
-    port = free_port()
-    namespace = f"bench{uuid.uuid4().hex[:8]}"
-    env = {
-        **os.environ,
-        "MEDIA_PORT": str(port),
-        "MEDIA_NODE_ID": NODE,
-        "MEDIA_CAPACITY": str(max(args.calls, 1) + 5),
-        "MEDIA_TIMEOUT_S": "60",
-        "MEDIA_ICE_TIMEOUT_S": "60",  # a loaded machine: no call failed before it starts
-        "DMCALL_NAMESPACE": namespace,
-        "LOG_LEVEL": os.environ.get("MEDIA_BENCH_LOG_LEVEL", "WARNING"),
-        "PYTHONUNBUFFERED": "1",
-    }
     profile = CACHE / "media.prof"
-    command = [sys.executable, "-m", "services.media"]
-    if args.profile:
-        command = [sys.executable, "-c", _PROFILED_NODE, str(profile)]
-    log = open(CACHE / "media.log", "wb")
-    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    stack = Stack.isolated(
+        "bench", CACHE, LOG_LEVEL=os.environ.get("MEDIA_BENCH_LOG_LEVEL", "WARNING")
+    )
+    node = stack.start(
+        "media",
+        argv=[sys.executable, "-c", _PROFILED_NODE, str(profile)] if args.profile else None,
+        MEDIA_NODE_ID=NODE,
+        MEDIA_CAPACITY=str(max(args.calls, 1) + 5),
+        MEDIA_TIMEOUT_S="60",
+        MEDIA_ICE_TIMEOUT_S="60",  # a loaded machine: no call failed before it starts
+    )
+    url = node.url
+    assert node.proc is not None
     try:
-        _wait_http(f"{url}/readyz", server)
+        node.wait_ready(60)
         outcomes: list[Outcome] = []
         if args.calls > 0:
             outcome, call_id = _measure(
-                "forwarding (services/media)", url, server.pid, args.calls, args, media
+                "forwarding (services/media)", url, node.proc.pid, args.calls, args, media
             )
             _server_side(outcome, url, call_id, args)
             outcomes.append(outcome)
@@ -470,7 +464,7 @@ def _run_forwarding(args: argparse.Namespace, media: Path) -> list[Outcome]:
             outcome, call_id = _measure(
                 f"forwarding, a group of {args.group_size}",
                 url,
-                server.pid,
+                node.proc.pid,
                 1,
                 args,
                 media,
@@ -481,14 +475,8 @@ def _run_forwarding(args: argparse.Namespace, media: Path) -> list[Outcome]:
     finally:
         # uvicorn re-raises the signal after its graceful stop: SIGINT becomes a
         # KeyboardInterrupt, so cProfile still writes its file; SIGTERM would not let it.
-        server.send_signal(signal.SIGINT if args.profile else signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            print(f"the node did not stop within 60 s (log: {CACHE / 'media.log'}); killed")
-            server.kill()
-            server.wait(10)
-        log.close()
+        node.stop(60, signal.SIGINT if args.profile else signal.SIGTERM)
+        stack.stop()
     if args.profile:
         print(f"\nthe SFU's CPU time by function (cProfile's own overhead included): {profile}")
         pstats.Stats(str(profile)).sort_stats("tottime").print_stats(18)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -24,15 +23,13 @@ from pathlib import Path
 from threading import Thread
 
 import httpx
-import redis as sync_redis
 
 from shared import redis as shared_redis
 from shared.auth import issue_token
 from shared.bus import Bus
 from shared.contracts import CallRinging, MediaKind
-from shared.settings import CommonSettings
 from tools import infra
-from tools.procs import ServiceProcess, free_port
+from tools.stack import Stack, free_port
 
 
 def percentiles(values: list[float]) -> str:
@@ -80,40 +77,22 @@ async def read_stream(base: str, token: str, seen: dict[str, float], ready: asyn
 
 
 async def bench(args: argparse.Namespace) -> None:
-    namespace = f"bench{uuid.uuid4().hex[:8]}"
-    env = {
-        "DMCALL_ENV": "test",
-        "DMCALL_NAMESPACE": namespace,
-        "RABBITMQ_URL": os.environ.get("RABBITMQ_URL", infra.DEFAULT_RABBITMQ_URL),
-        "REDIS_URL": os.environ.get("REDIS_URL", infra.DEFAULT_REDIS_URL),
-        "BUS_QUEUE_EXPIRES_MS": "600000",
-        "LOG_LEVEL": "WARNING",
-        "NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE": "true",
-    }
-    settings = CommonSettings(
-        environment="test",
-        namespace=namespace,
-        rabbitmq_url=env["RABBITMQ_URL"],
-        redis_url=env["REDIS_URL"],
+    stack = Stack.isolated(
+        "bench",
+        Path(tempfile.mkdtemp(prefix="bench-notifications-")),
+        BUS_QUEUE_EXPIRES_MS="600000",
+        LOG_LEVEL="WARNING",
+        NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE="true",
     )
-    logs = Path(tempfile.mkdtemp(prefix="bench-notifications-"))
-    procs = [
-        ServiceProcess(
-            "notifications",
-            free_port(),
-            env={**env, "DMCALL_INSTANCE_ID": f"bench-{i}"},
-            log_path=logs / f"notifications-{i}.log",
-        ).start()
-        for i in range(2)
-    ]
+    settings = stack.settings()
+    procs = [stack.start("notifications") for _ in range(2)]
     hooks: dict[str, float] = {}
     receiver, port = start_receiver(hooks)
     redis = shared_redis.connect(settings, name="bench")
     bus = Bus(settings, redis, "bench-signaling")
     readers: list[asyncio.Task[None]] = []
     try:
-        for proc in procs:
-            await asyncio.to_thread(proc.wait_ready)
+        await asyncio.to_thread(stack.wait_ready)
         await bus.start()
         users = [f"bench{u}" for u in range(args.users)]
         tokens = {u: issue_token(settings, u) for u in users}
@@ -171,13 +150,7 @@ async def bench(args: argparse.Namespace) -> None:
         await bus.close()
         await redis.aclose()
         receiver.shutdown()
-        for proc in procs:
-            proc.stop()
-        keys = sync_redis.Redis.from_url(env["REDIS_URL"])
-        batch = list(keys.scan_iter(match=f"dmcall:{namespace}:*", count=1000))
-        for i in range(0, len(batch), 500):
-            keys.delete(*batch[i : i + 500])
-        keys.close()
+        stack.stop()
 
 
 def main() -> None:

@@ -24,18 +24,15 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
-import redis as sync_redis
 import uvloop
 
 from shared.auth import issue_token
 from shared.settings import CommonSettings
-from tools import infra
-from tools.procs import ROOT, ServiceProcess, free_port
+from tools.stack import ROOT, ServiceProcess, Stack
 
 # --------------------------------------------------------------------------- load process
 
@@ -300,20 +297,11 @@ def main(argv: list[str]) -> None:
     )
     args = parser.parse_args(argv)
 
-    if not infra.ensure(quiet=True):
-        sys.exit(1)
-    namespace = f"bench{uuid.uuid4().hex[:8]}"
-    env = {
-        "DMCALL_ENV": "test",
-        "DMCALL_NAMESPACE": namespace,
-        "BUS_QUEUE_EXPIRES_MS": "60000",
-        "LOG_LEVEL": "WARNING",
-    }
-    os.environ.update({k: v for k, v in env.items() if k != "LOG_LEVEL"})
-    settings = CommonSettings()
-    log_path = ROOT / ".run" / "bench-policy.log"
-    log_path.parent.mkdir(exist_ok=True)
-    proc = ServiceProcess("policy", free_port(), env=env, log_path=log_path).start()
+    stack = Stack.isolated(
+        "bench", ROOT / ".run" / "bench-policy", BUS_QUEUE_EXPIRES_MS="60000", LOG_LEVEL="WARNING"
+    )
+    settings = stack.settings()
+    proc = stack.start("policy")
     try:
         proc.wait_ready()
         platform_token = issue_token(settings, "bench", scope="platform")
@@ -357,12 +345,7 @@ def main(argv: list[str]) -> None:
             rate = uvloop.run(_store_decisions(settings, pairs, concurrency, 3.0))
             print(f"  Redis facts + rule, {concurrency:>2} concurrent:   {rate:>12,.0f}")
     finally:
-        proc.stop()
-        client = sync_redis.Redis.from_url(settings.redis_url)
-        keys = list(client.scan_iter(match=f"dmcall:{namespace}:*", count=1000))
-        for start in range(0, len(keys), 500):
-            client.delete(*keys[start : start + 500])
-        client.close()
+        stack.stop()
 
 
 if __name__ == "__main__":

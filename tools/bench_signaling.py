@@ -18,24 +18,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import tempfile
 import time
-import uuid
 from datetime import datetime
 from pathlib import Path
 
 import httpx
-import redis as sync_redis
 from redis.asyncio import Redis
 
 from shared.auth import issue_token
 from shared.media_registry import MediaNode, MediaRegistry
-from shared.settings import CommonSettings
 from tests.support.signaling import Device, allow_call
-from tools import infra
-from tools.procs import ServiceProcess, free_port
+from tools.stack import Stack
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -56,42 +51,20 @@ def _report(name: str, values_ms: list[float]) -> None:
 
 
 async def run(pairs: int, ring_timeout: float) -> None:
-    if not infra.ensure(quiet=True):
-        raise SystemExit("RabbitMQ and Redis must answer (see tools/infra.py)")
-    rabbit = os.environ.get("RABBITMQ_URL", infra.DEFAULT_RABBITMQ_URL)
-    redis_url = os.environ.get("REDIS_URL", infra.DEFAULT_REDIS_URL)
-    namespace = f"bench{uuid.uuid4().hex[:10]}"
-    settings = CommonSettings(
-        environment="test", namespace=namespace, rabbitmq_url=rabbit, redis_url=redis_url
+    stack = Stack.isolated(
+        "bench",
+        Path(tempfile.mkdtemp(prefix="bench-signaling-")),
+        BUS_QUEUE_EXPIRES_MS="600000",
+        RING_TIMEOUT_S=str(ring_timeout),
+        CALLS_PER_MINUTE="100000",
+        LOG_LEVEL="WARNING",
     )
-    env = {
-        "DMCALL_ENV": "test",
-        "DMCALL_NAMESPACE": namespace,
-        "RABBITMQ_URL": rabbit,
-        "REDIS_URL": redis_url,
-        "BUS_QUEUE_EXPIRES_MS": "600000",
-        "RING_TIMEOUT_S": str(ring_timeout),
-        "CALLS_PER_MINUTE": "100000",
-        "LOG_LEVEL": "WARNING",
-    }
-    logs = Path(tempfile.mkdtemp(prefix="bench-signaling-"))
-    procs = [ServiceProcess("policy", free_port(), env=env, log_path=logs / "policy.log")]
-    for index in range(2):
-        procs.append(
-            ServiceProcess(
-                "signaling",
-                free_port(),
-                env={**env, "DMCALL_INSTANCE_ID": f"bench-signaling-{index}"},
-                log_path=logs / f"signaling-{index}.log",
-            )
-        )
-    redis = Redis.from_url(redis_url)
+    settings = stack.settings()
+    redis = Redis.from_url(settings.redis_url)
     devices: list[Device] = []
     try:
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.wait_ready()
+        procs = [stack.start("policy"), stack.start("signaling"), stack.start("signaling")]
+        stack.wait_ready()
         policy, s0, s1 = procs
         await MediaRegistry(redis, settings).heartbeat(
             MediaNode("bench-node", "http://127.0.0.1:9/", capacity=100_000, load=0), ttl_s=600
@@ -180,14 +153,8 @@ async def run(pairs: int, ring_timeout: float) -> None:
     finally:
         for device in devices:
             await device.close()
-        for proc in procs:
-            proc.stop()
+        stack.stop()
         await redis.aclose()
-        client_sync = sync_redis.Redis.from_url(redis_url)
-        keys = list(client_sync.scan_iter(match=f"dmcall:{namespace}:*", count=1000))
-        for start in range(0, len(keys), 500):
-            client_sync.delete(*keys[start : start + 500])
-        client_sync.close()
 
 
 def main() -> None:

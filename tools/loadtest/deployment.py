@@ -11,21 +11,14 @@ from __future__ import annotations
 
 import os
 import resource
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import redis as sync_redis
-
-from tools import infra
-from tools.procs import ServiceProcess, free_port
-
-SERVICES = ("policy", "signaling", "notifications", "media")
+from tools.stack import ServiceProcess, Stack
 
 # Settings for services the harness starts. Unknown variables are ignored by the
 # services' settings classes, so naming one a service does not (yet) read is harmless.
 LOAD_ENV = {
-    "DMCALL_ENV": "test",
     "LOG_LEVEL": "WARNING",
     "BUS_QUEUE_EXPIRES_MS": "120000",
     "BUS_PREFETCH": "256",
@@ -81,13 +74,20 @@ class Deployment:
     policy_url: str
     notifications_url: str | None
     media_urls: list[str] = field(default_factory=list)
-    namespace: str | None = None
-    processes: list[ServiceProcess] = field(default_factory=list)
-    redis_url: str = infra.DEFAULT_REDIS_URL
+    stack: Stack | None = None
+    """The services the harness started (none when it was given URLs)."""
 
     @property
     def ws_base(self) -> str:
         return "ws" + self.signaling_url.removeprefix("http")
+
+    @property
+    def processes(self) -> list[ServiceProcess]:
+        return self.stack.processes if self.stack else []
+
+    @property
+    def namespace(self) -> str | None:
+        return self.stack.namespace if self.stack else None
 
     @property
     def local(self) -> bool:
@@ -107,16 +107,8 @@ class Deployment:
         return None
 
     def stop(self) -> None:
-        for proc in reversed(self.processes):
-            proc.stop()
-        if self.namespace:
-            client = sync_redis.Redis.from_url(self.redis_url)
-            try:
-                batch = list(client.scan_iter(match=f"dmcall:{self.namespace}:*", count=1000))
-                for start in range(0, len(batch), 500):
-                    client.delete(*batch[start : start + 500])
-            finally:
-                client.close()
+        if self.stack:
+            self.stack.stop()
 
 
 def start_local(
@@ -129,54 +121,19 @@ def start_local(
     redis_url: str | None = None,
 ) -> Deployment:
     """Start the services on free ports in a fresh namespace; waits until they are ready."""
-    if not infra.ensure(quiet=True):
-        raise RuntimeError("RabbitMQ and Redis must answer to start the services locally")
+    servers = {"RABBITMQ_URL": rabbitmq_url, "REDIS_URL": redis_url}
+    given = {name: url for name, url in servers.items() if url}
+    stack = Stack.isolated("lt", log_dir, **{**given, **LOAD_ENV, **(env or {})})
     raise_fd_limit()
-    namespace = f"lt{uuid.uuid4().hex[:10]}"
-    base = {
-        "RABBITMQ_URL": rabbitmq_url or os.environ.get("RABBITMQ_URL", infra.DEFAULT_RABBITMQ_URL),
-        "REDIS_URL": redis_url or os.environ.get("REDIS_URL", infra.DEFAULT_REDIS_URL),
-        **LOAD_ENV,
-        "DMCALL_NAMESPACE": namespace,
-        **(env or {}),
-    }
-    log_dir.mkdir(parents=True, exist_ok=True)
-    wanted = ["policy", "notifications", *(["signaling"] * signaling_instances)]
-    if media:
-        wanted.append("media")
-    procs: list[ServiceProcess] = []
-    counts: dict[str, int] = {}
-    for service in wanted:
-        index = counts.get(service, 0)
-        counts[service] = index + 1
-        port = free_port()
-        extra = {"DMCALL_INSTANCE_ID": f"{namespace}-{service}-{index}"}
-        if service == "media":
-            extra["MEDIA_NODE_ID"] = f"{namespace}-media-{index}"
-            extra["MEDIA_PUBLIC_URL"] = f"http://127.0.0.1:{port}"
-        procs.append(
-            ServiceProcess(
-                service,
-                port,
-                env={**base, **extra},
-                log_path=log_dir / f"{service}-{index}.log",
-            )
-        )
-    deployment = Deployment(
-        signaling_url=next(p.url for p in procs if p.service == "signaling"),
-        policy_url=next(p.url for p in procs if p.service == "policy"),
-        notifications_url=next(p.url for p in procs if p.service == "notifications"),
-        media_urls=[p.url for p in procs if p.service == "media"],
-        namespace=namespace,
-        processes=procs,
-        redis_url=base["REDIS_URL"],
-    )
     try:
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.wait_ready(timeout=60)
+        stack.start_all(media_nodes=int(media), signaling_instances=signaling_instances)
     except BaseException:
-        deployment.stop()
+        stack.stop()
         raise
-    return deployment
+    return Deployment(
+        signaling_url=stack.of("signaling")[0].url,
+        policy_url=stack.of("policy")[0].url,
+        notifications_url=stack.of("notifications")[0].url,
+        media_urls=[p.url for p in stack.of("media")],
+        stack=stack,
+    )
