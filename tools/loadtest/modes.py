@@ -502,7 +502,7 @@ def _encoded_media() -> tuple[Any, Any]:
     """The media benchmark's pre-encoded VP8 640x480 ~1 Mbps and Opus (cached on disk)."""
     import pickle
 
-    from tools.bench_media import _media
+    from tools.loadtest.bench_media import _media
 
     with open(_media(3.0), "rb") as fh:
         video, audio = pickle.load(fh)

@@ -7,7 +7,7 @@ Opus (a "stream"), so the clients spend no CPU encoding. The same calls go throu
 - the forwarding SFU (``python -m services.media``, a real node with broker and Redis),
 - the same node with one group call of ``--group-size`` participants (6), each
   publishing a stream that goes to every other one: size x (size - 1) forwarded streams,
-- the transcoding path: aiortc's ``MediaRelay`` (tools/bench_media_transcoder.py),
+- the transcoding path: aiortc's ``MediaRelay`` (tools/loadtest/transcoder.py),
 
 one after the other in the same run. A *forwarded stream* is one published stream
 delivered to one subscriber (in a 1:1 call each stream is forwarded once), so the CPU
@@ -19,7 +19,7 @@ and the delay inside the server: for the SFU, from a packet's arrival to the sen
 forwarded copy, every packet (its own ``node_forward_delay_ms``); for the transcoder,
 from a video frame's last packet in to the re-encoded frame out.
 
-    python -m tools.bench_media --calls 5 --duration 20 [--group-size 6] [--transcode-calls 2]
+    python -m tools.loadtest.bench_media --calls 5 --duration 20 [--group-size 6] [--transcode-calls 2]
 
 Clients run in worker processes (``--workers``) apart from the server measured.
 """
@@ -327,7 +327,7 @@ def _start_workers(
                 [
                     sys.executable,
                     "-m",
-                    "tools.bench_media",
+                    "tools.loadtest.bench_media",
                     "worker",
                     "--url",
                     url,
@@ -499,7 +499,7 @@ def _run_transcoding(args: argparse.Namespace, media: Path) -> Outcome:
     port = free_port()
     log = open(CACHE / "transcoder.log", "wb")
     server = subprocess.Popen(
-        [sys.executable, "-m", "tools.bench_media_transcoder", str(port)],
+        [sys.executable, "-m", "tools.loadtest.transcoder", str(port)],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,

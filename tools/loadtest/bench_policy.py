@@ -161,7 +161,7 @@ def _run_load(
         [
             sys.executable,
             "-m",
-            "tools.bench_policy",
+            "tools.loadtest.bench_policy",
             "load",
             "--port",
             str(port),
