@@ -25,7 +25,7 @@ from shared import telemetry
 from shared.settings import DEV_JWT_SECRET
 from tools import infra
 from tools.loadtest.config import DEFAULT_MIX, LoadConfig, format_mix, parse_mix
-from tools.loadtest.deployment import Deployment, raise_fd_limit, start_local
+from tools.loadtest.deployment import LOAD_ENV, Deployment, raise_fd_limit, start_local
 from tools.loadtest.tokens import TokenSource, TokenSourceError
 
 
@@ -218,13 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()
     deployment: Deployment
     if start:
-        env = dict(args.service_env)
-        env.setdefault("SIGNALING_RING_TIMEOUT_S", f"{ring_timeout:g}")
+        env = {**LOAD_ENV, "SIGNALING_RING_TIMEOUT_S": f"{ring_timeout:g}"}
         console.print("starting the services on free ports...")
         deployment = start_local(
             args.output / f"logs-{stamp}",
-            env=env,
-            media=not args.no_media,
+            ("policy", "notifications", "signaling", *([] if args.no_media else ["media"])),
+            env={**env, **dict(args.service_env)},
             rabbitmq_url=args.rabbitmq_url,
             redis_url=args.redis_url,
         )

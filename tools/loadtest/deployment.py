@@ -1,9 +1,10 @@
-"""The deployment under load: given URLs, or services the harness starts itself on free
-ports against the local RabbitMQ and Redis, in a namespace of their own.
+"""The deployment under load: given URLs, or services the harness (or a benchmark) starts
+itself on free ports against the local RabbitMQ and Redis, in a namespace of their own.
 
-Started services get the settings a load run needs (a short ring timeout so missed calls
-finish within the run, placing-rate limits out of the way); ``--service-env`` adds or
-overrides any. Their logs go to the run's output directory; their keys are removed and
+:func:`start_local` is the one place the harness and the benchmarks start services. The
+load run gives them the settings it needs (``LOAD_ENV``: a short ring timeout so missed
+calls finish within the run, placing-rate limits out of the way); ``--service-env`` adds
+or overrides any. Their logs go to the run's output directory; their keys are removed and
 their queues expire when the run ends.
 """
 
@@ -12,24 +13,22 @@ from __future__ import annotations
 import os
 import resource
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis as sync_redis
 
+from shared.settings import CommonSettings, Environment
 from tools import infra
 from tools.procs import ServiceProcess, free_port
 
-SERVICES = ("policy", "signaling", "notifications", "media")
-
-# Settings for services the harness starts. Unknown variables are ignored by the
-# services' settings classes, so naming one a service does not (yet) read is harmless.
+# Every started service: a test deployment whose queues expire once it is gone.
+BASE_ENV = {"DMCALL_ENV": "test", "LOG_LEVEL": "WARNING", "BUS_QUEUE_EXPIRES_MS": "120000"}
+# What a load run adds. Unknown variables are ignored by the services' settings classes,
+# so naming one a service does not (yet) read is harmless.
 LOAD_ENV = {
-    "DMCALL_ENV": "test",
-    "LOG_LEVEL": "WARNING",
-    "BUS_QUEUE_EXPIRES_MS": "120000",
     "BUS_PREFETCH": "256",
-    "SIGNALING_RING_TIMEOUT_S": "3",
     "SIGNALING_CALLS_PER_MINUTE": "100000",
 }
 
@@ -80,10 +79,10 @@ class Deployment:
     signaling_url: str
     policy_url: str
     notifications_url: str | None
-    media_urls: list[str] = field(default_factory=list)
     namespace: str | None = None
     processes: list[ServiceProcess] = field(default_factory=list)
     redis_url: str = infra.DEFAULT_REDIS_URL
+    rabbitmq_url: str = infra.DEFAULT_RABBITMQ_URL
 
     @property
     def ws_base(self) -> str:
@@ -99,6 +98,18 @@ class Deployment:
             for p in self.processes
             if p.proc is not None
         }
+
+    def urls(self, service: str) -> list[str]:
+        return [p.url for p in self.processes if p.service == service]
+
+    def settings(self) -> CommonSettings:
+        """The started services' shared settings (namespace, broker, Redis, dev secret)."""
+        return CommonSettings(
+            environment=Environment.TEST,
+            namespace=self.namespace or "",
+            rabbitmq_url=self.rabbitmq_url,
+            redis_url=self.redis_url,
+        )
 
     def pid(self, service: str) -> int | None:
         for p in self.processes:
@@ -121,14 +132,14 @@ class Deployment:
 
 def start_local(
     log_dir: Path,
+    services: Sequence[str] = ("policy", "notifications", "signaling", "media"),
     *,
     env: dict[str, str] | None = None,
-    media: bool = True,
-    signaling_instances: int = 1,
     rabbitmq_url: str | None = None,
     redis_url: str | None = None,
 ) -> Deployment:
-    """Start the services on free ports in a fresh namespace; waits until they are ready."""
+    """Start ``services`` (a name twice: two instances) on free ports in a fresh namespace,
+    with ``env`` over ``BASE_ENV``; waits until they are ready."""
     if not infra.ensure(quiet=True):
         raise RuntimeError("RabbitMQ and Redis must answer to start the services locally")
     raise_fd_limit()
@@ -136,19 +147,13 @@ def start_local(
     base = {
         "RABBITMQ_URL": rabbitmq_url or os.environ.get("RABBITMQ_URL", infra.DEFAULT_RABBITMQ_URL),
         "REDIS_URL": redis_url or os.environ.get("REDIS_URL", infra.DEFAULT_REDIS_URL),
-        **LOAD_ENV,
+        **BASE_ENV,
         "DMCALL_NAMESPACE": namespace,
-        **(env or {}),
     }
     log_dir.mkdir(parents=True, exist_ok=True)
-    wanted = ["policy", "notifications", *(["signaling"] * signaling_instances)]
-    if media:
-        wanted.append("media")
     procs: list[ServiceProcess] = []
-    counts: dict[str, int] = {}
-    for service in wanted:
-        index = counts.get(service, 0)
-        counts[service] = index + 1
+    for service in services:
+        index = sum(1 for p in procs if p.service == service)
         port = free_port()
         extra = {"DMCALL_INSTANCE_ID": f"{namespace}-{service}-{index}"}
         if service == "media":
@@ -158,18 +163,22 @@ def start_local(
             ServiceProcess(
                 service,
                 port,
-                env={**base, **extra},
+                env={**base, **extra, **(env or {})},
                 log_path=log_dir / f"{service}-{index}.log",
             )
         )
+
+    def first(service: str) -> str | None:
+        return next((p.url for p in procs if p.service == service), None)
+
     deployment = Deployment(
-        signaling_url=next(p.url for p in procs if p.service == "signaling"),
-        policy_url=next(p.url for p in procs if p.service == "policy"),
-        notifications_url=next(p.url for p in procs if p.service == "notifications"),
-        media_urls=[p.url for p in procs if p.service == "media"],
+        signaling_url=first("signaling") or "",
+        policy_url=first("policy") or "",
+        notifications_url=first("notifications"),
         namespace=namespace,
         processes=procs,
         redis_url=base["REDIS_URL"],
+        rabbitmq_url=base["RABBITMQ_URL"],
     )
     try:
         for proc in procs:

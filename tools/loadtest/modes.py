@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,19 +26,9 @@ from tools.loadtest.deployment import Deployment, process_stats
 from tools.loadtest.devices import Device, Received, Router, incoming_for, state_for
 from tools.loadtest.http import HttpClient, HttpError
 from tools.loadtest.metrics import Metric, Recorder, summarize
-from tools.loadtest.population import Group, Population, User, set_up_facts
+from tools.loadtest.population import User, bounded, connected_pairs
 from tools.loadtest.scenarios import parse_time
 from tools.loadtest.tokens import TokenSource
-
-
-async def _bounded(jobs: list[Callable[[], Awaitable[None]]], concurrency: int) -> None:
-    queue = deque(jobs)
-
-    async def worker() -> None:
-        while queue:
-            await queue.popleft()()
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
 async def run_idle(
@@ -85,12 +76,12 @@ async def run_idle(
 
     # A first hundred devices warm the process up (imports, pools, caches), so the
     # baseline and the per-device figure are about sockets, not start-up.
-    await _bounded([job(d) for d in made[:warm]], 32)
+    await bounded([job(d) for d in made[:warm]], 32)
     await asyncio.sleep(2)
     base = process_stats(pid) if pid else None
     console.print(f"connecting {devices} idle devices...")
     started = time.monotonic()
-    await _bounded([job(d) for d in made[warm:]], 64)
+    await bounded([job(d) for d in made[warm:]], 64)
     connect_s = time.monotonic() - started
     connected = process_stats(pid) if pid else None
     console.print(f"  connected in {connect_s:.1f}s; holding {hold_s:g}s")
@@ -111,7 +102,7 @@ async def run_idle(
         except Exception:
             errors["ping_unanswered"] += 1
     still_open = sum(1 for d in made if not d.closed_unexpectedly)
-    await _bounded([d.close for d in made], 256)
+    await bounded([d.close for d in made], 256)
     report: dict[str, Any] = {
         "devices": devices,
         "connected_and_still_open": still_open,
@@ -180,21 +171,12 @@ async def run_storm(
     router = Router(tap=on_message)
     signaling = HttpClient(deployment.signaling_url, size=256)
     policy = HttpClient(deployment.policy_url, size=32)
-    groups = [
-        Group(
-            i, [User(uid, tokens.user(uid)) for uid in (f"ls{run_id}-{i}-a", f"ls{run_id}-{i}-b")]
-        )
-        for i in range(pairs)
-    ]
-    population = Population(run_id, groups, [])
-    console.print(f"storm: {pairs} pairs, facts...")
-    await set_up_facts(population, policy, tokens, concurrency=32)
-    for group in groups:
-        for user in group.users:
-            user.devices.append(
-                Device(deployment.ws_base, user.id, f"{user.id}-d0", user.token, router)
-            )
-    await _bounded([d.connect for d in population.devices], 64)
+    console.print(f"storm: {pairs} pairs, facts and devices...")
+    ws = (deployment.ws_base, deployment.ws_base)
+    population = await connected_pairs(
+        f"ls{run_id}", pairs, policy, tokens, router, ws, concurrency=32
+    )
+    groups = population.groups
     placed: list[str] = []
     errors: Counter[str] = Counter()
     console.print(f"storm: placing {calls} calls at {rate:g}/s...")
@@ -254,7 +236,7 @@ async def run_storm(
         recorder.samples.setdefault(Metric.MISSED_LATENESS, []).append(
             (got.at - recorder.started, (got.wall - deadline) * 1000)
         )
-    await _bounded([d.close for d in population.devices], 256)
+    await bounded([d.close for d in population.devices], 256)
     await signaling.close()
     await policy.close()
     return (
@@ -308,25 +290,18 @@ async def run_media(
     """
     import httpx
 
+    from tools.loadtest.bench_media import Outcome, received
     from tools.media_client import MediaClient
 
     video, audio = _encoded_media()
     router = Router()
     signaling = HttpClient(deployment.signaling_url, size=32)
     policy = HttpClient(deployment.policy_url, size=16)
-    groups = [
-        Group(
-            i, [User(uid, tokens.user(uid)) for uid in (f"lm{run_id}-{i}-a", f"lm{run_id}-{i}-b")]
-        )
-        for i in range(calls)
-    ]
-    population = Population(run_id, groups, [])
-    await set_up_facts(population, policy, tokens, concurrency=16)
-    for user in population.users:
-        user.devices.append(
-            Device(deployment.ws_base, user.id, f"{user.id}-d0", user.token, router)
-        )
-    await _bounded([d.connect for d in population.devices], 32)
+    ws = (deployment.ws_base, deployment.ws_base)
+    population = await connected_pairs(
+        f"lm{run_id}", calls, policy, tokens, router, ws, concurrency=16
+    )
+    groups = population.groups
     errors: Counter[str] = Counter()
     legs: list[tuple[str, User, str, str, MediaClient]] = []
     console.print(f"media: placing and answering {calls} calls...")
@@ -420,23 +395,22 @@ async def run_media(
     by_call: dict[str, list[MediaClient]] = {}
     for call_id, _user, _url, _token, client in legs:
         by_call.setdefault(call_id, []).append(client)
-    loss: dict[str, float | None] = {}
-    frames_sent = frames_got = 0
-    for kind in ("video", "audio"):
-        expected = received = 0
-        for pair in by_call.values():
-            if len(pair) != 2:
-                continue
-            for receiver in pair:
-                seqs = receiver.received[kind].window_seqs
-                expected += (max(seqs) - min(seqs) + 1) if seqs else 0
-                received += len(seqs)
-        loss[kind] = round(1 - received / expected, 5) if expected else None
-    for pair in by_call.values():
-        if len(pair) == 2:
-            for sender, receiver in ((pair[0], pair[1]), (pair[1], pair[0])):
-                frames_sent += sender.sent["video"].window_frames
-                frames_got += receiver.received["video"].window_frames
+    figures = Outcome(
+        "media",
+        calls,
+        window_s,
+        0.0,
+        [
+            {"kind": kind, "sent_frames": sender.sent[kind].window_frames, **received(got[kind])}
+            for pair in by_call.values()
+            if len(pair) == 2
+            for sender, got in ((pair[0], pair[1].received), (pair[1], pair[0].received))
+            for kind in ("video", "audio")
+        ],
+        None,
+        None,
+        "",
+    )
     for group in groups:
         caller = group.users[0]
         for call_id in [c for c, u, *_ in legs if u is caller]:
@@ -444,7 +418,7 @@ async def run_media(
                 await signaling.request(
                     "POST", f"/v1/calls/{call_id}/hangup", token=caller.token, json_body={}
                 )
-    await _bounded([d.close for d in population.devices], 64)
+    await bounded([d.close for d in population.devices], 64)
     await signaling.close()
     await policy.close()
     streams = len(legs)
@@ -453,8 +427,8 @@ async def run_media(
         "streams": streams,
         "media_up_seconds": round(media_up_s, 1),
         "window_s": round(window_s, 1),
-        "loss": loss,
-        "video_frames_delivered": round(frames_got / frames_sent, 4) if frames_sent else None,
+        "loss": {kind: _rounded(figures.loss(kind), 5) for kind in ("video", "audio")},
+        "video_frames_delivered": _rounded(figures.frames_delivered(), 4),
         "rejoins": dict(rejoins),
         "errors": dict(errors),
         "lost": {},
@@ -489,6 +463,10 @@ async def _follow_moves(
                 outcomes[f"rejoin_{answer.status_code}"] += 1
         seen = len(moves)
         await asyncio.sleep(0.1)
+
+
+def _rounded(value: float, digits: int) -> float | None:
+    return None if math.isnan(value) else round(value, digits)
 
 
 def url_base(location: str, media_url: str) -> str:

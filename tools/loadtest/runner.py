@@ -28,6 +28,7 @@ from tools.loadtest.devices import Router
 from tools.loadtest.floor import measure_floor
 from tools.loadtest.http import HttpClient
 from tools.loadtest.metrics import Metric, Recorder
+from tools.loadtest.profiling import Profiler, summary_lines
 from tools.loadtest.report import build_report, print_summary, write_json, write_png
 from tools.loadtest.scenarios import Context, run_one
 from tools.loadtest.sse import NotificationFeed
@@ -131,7 +132,9 @@ async def run_calls(
     groups_made = len(population.groups)
     console.print(f"setting up {users} users in {groups_made} groups (platform facts)...")
     setup_started = time.monotonic()
-    facts = await pop.set_up_facts(population, policy, tokens, concurrency=config.setup_concurrency)
+    facts = await pop.set_up_facts(
+        pop.group_facts(population), policy, tokens, concurrency=config.setup_concurrency
+    )
     await pop.check_facts(population, policy)
     took = time.monotonic() - setup_started
     console.print(f"  {facts} facts in {took:.1f}s; connecting devices...")
@@ -160,8 +163,6 @@ async def run_calls(
     machine_before = machine_cpu_seconds()
     profiler = None
     if config.profile and deployment.local:
-        from tools.loadtest.profiling import Profiler
-
         profiler = Profiler(deployment, config.output_dir, stamp)
         profiler.start(config.duration_s * len(config.schedule()))
     recorder.started = time.monotonic()
@@ -258,15 +259,8 @@ async def run_calls(
     write_json(report, out / f"report-{stamp}.json")
     write_png(recorder, report, out / f"report-{stamp}.png")
     print_summary(report, console)
-    for name, prof in (profile or {}).items():
-        console.print(f"[bold]py-spy {name}[/bold]: {prof['samples']} samples (GIL held)")
-        for title, key in (
-            ("by package", "by_package"),
-            ("our code, inclusive", "our_code_inclusive"),
-        ):
-            console.print(f"  {title}:")
-            for row in prof[key][:10]:  # type: ignore[index]
-                console.print(f"    {row['share'] * 100:5.1f}%  {row['function']}")
+    for line in summary_lines(profile or {}):
+        console.print(line, markup=False, highlight=False)
     console.print(f"report: {out / f'report-{stamp}.json'}  picture: {out / f'report-{stamp}.png'}")
     return report
 
