@@ -53,6 +53,16 @@ def _self_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _cpu_used(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, float]:
+    """CPU seconds each started process used between two ``Deployment.stats()``."""
+    return {
+        name: round(after[name]["cpu_s"] - before.get(name, {"cpu_s": 0.0})["cpu_s"], 2)
+        for name in after
+    }
+
+
 def _choose(rng: random.Random, mix: dict[Outcome, float]) -> Outcome:
     pick = rng.random()
     acc = 0.0
@@ -207,10 +217,7 @@ async def run_calls(
     if dropped:
         recorder.error("ws_closed_by_server", f"{dropped} devices")
     profile = profiler.finish() if profiler is not None else None
-    cpu = {
-        name: round(after[name]["cpu_s"] - before.get(name, {"cpu_s": 0.0})["cpu_s"], 2)
-        for name in after
-    }
+    cpu = _cpu_used(before, after)
     cpu["loadtest"] = round(self_cpu, 2)
     ours = sum(cpu.values())
     # The machine is shared: what everything else used (RabbitMQ, Redis, other work).
@@ -278,9 +285,8 @@ async def run_scale(
     idle_hold_s: float,
     storm_calls: int,
     storm_pairs: int,
-    media_calls: int = 5,
 ) -> dict[str, Any]:
-    """The idle-devices, missed-storm and media runs (see tools/loadtest/modes.py)."""
+    """The idle-devices and missed-storm runs (see tools/loadtest/modes.py)."""
     from tools.loadtest import modes
 
     env = environment()
@@ -298,16 +304,6 @@ async def run_scale(
             console=console,
             run_id=run_id,
         )
-    elif scenario == "media":
-        result = await modes.run_media(
-            deployment,
-            tokens,
-            calls=media_calls,
-            duration_s=config.duration_s,
-            event_timeout_s=config.event_timeout_s,
-            console=console,
-            run_id=run_id,
-        )
     else:
         result, recorder = await modes.run_storm(
             deployment,
@@ -321,10 +317,7 @@ async def run_scale(
         )
     after = deployment.stats()
     env["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    cpu = {
-        name: round(after[name]["cpu_s"] - before.get(name, {"cpu_s": 0.0})["cpu_s"], 2)
-        for name in after
-    }
+    cpu = _cpu_used(before, after)
     cpu["machine_total"] = round(machine_cpu_seconds() - machine_before, 2)
     report = {
         "version": 1,
