@@ -431,7 +431,6 @@ def _run_forwarding(args: argparse.Namespace, media: Path) -> list[Outcome]:
             "MEDIA_CAPACITY": str(max(args.calls, 1) + 5),
             "MEDIA_TIMEOUT_S": "60",
             "MEDIA_ICE_TIMEOUT_S": "60",  # a loaded machine: no call failed before it starts
-            "LOG_LEVEL": os.environ.get("MEDIA_BENCH_LOG_LEVEL", "WARNING"),
         },
     )
     (url,) = deployment.urls("media")

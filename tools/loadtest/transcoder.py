@@ -131,11 +131,6 @@ def create_app() -> FastAPI:
             "count": delays.count,
         }
 
-    @app.post("/delays/reset")
-    async def reset_delays() -> dict[str, str]:
-        delays.reset_window()
-        return {"status": "ok"}
-
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
