@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import redis as sync_redis
 from redis.asyncio import Redis
 
 from shared import redis as shared_redis
@@ -30,7 +29,7 @@ from shared.bus import Bus
 from shared.settings import CommonSettings
 from tests.support.redis_server import PrivateRedis
 from tools.infra import Endpoint
-from tools.procs import ServiceProcess, free_port
+from tools.stack import ServiceProcess, Stack, remove_keys
 
 S = TypeVar("S", bound=CommonSettings)
 
@@ -107,13 +106,7 @@ def namespace(infra: Infra) -> Iterator[str]:
     """A unique prefix for this test's exchanges, queues and Redis keys; keys removed after."""
     ns = f"t{uuid.uuid4().hex[:12]}"
     yield ns
-    client = sync_redis.Redis.from_url(infra.redis_url)
-    try:
-        batch = list(client.scan_iter(match=f"dmcall:{ns}:*", count=1000))
-        for start in range(0, len(batch), 500):
-            client.delete(*batch[start : start + 500])
-    finally:
-        client.close()
+    remove_keys(infra.redis_url, ns)
 
 
 @pytest.fixture
@@ -155,29 +148,22 @@ def service_env(infra: Infra, namespace: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def spawn(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
-    """Start a real service process: ``spawn("policy", POLICY_REQUIRE_PREMIUM="false")``.
+def service_stack(service_env: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
+    """This test's service processes (its namespace, logs in its tmp_path), stopped after."""
+    stack = Stack(service_env, tmp_path)
+    yield stack
+    stack.stop()
 
-    Its log is in the test's tmp_path; every process is stopped after the test.
-    """
-    started: list[ServiceProcess] = []
+
+@pytest.fixture
+def spawn(service_stack: Stack) -> Callable[..., ServiceProcess]:
+    """Start a real service process: ``spawn("policy", POLICY_REQUIRE_PREMIUM="false")``,
+    ready unless ``wait=False``."""
 
     def start(service: str, *, wait: bool = True, **env: str) -> ServiceProcess:
-        index = sum(1 for p in started if p.service == service)
-        proc = ServiceProcess(
-            service,
-            free_port(),
-            env={**service_env, "DMCALL_INSTANCE_ID": f"{service}-{index}", **env},
-            log_path=tmp_path / f"{service}-{index}.log",
-        )
-        started.append(proc.start())
-        if wait:
-            proc.wait_ready()
-        return proc
+        return service_stack.start(service, wait=wait, **env)
 
-    yield start
-    for proc in started:
-        proc.stop()
+    return start
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from shared.contracts import CallMissed, CallRinging, MediaKind
 from tests.conftest import auth
 from tests.support.waiting import eventually
 from tests.support.webhook_receiver import WebhookReceiver
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 FAST = {"NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE": "true", "NOTIFICATIONS_PUSH_TIMEOUT_S": "1"}
 

@@ -23,7 +23,7 @@ from shared.settings import CommonSettings
 from tests.conftest import Infra, auth
 from tests.support.signaling import SIGNALING_EVENTS, Device, EventTap, event_tap
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

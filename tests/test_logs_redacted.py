@@ -19,7 +19,7 @@ from shared.telemetry import redact
 from tests.conftest import auth
 from tests.support.signaling import Device, allow_call, place_and_accept
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 TURN_SECRET = "a-turn-secret-shared-with-coturn-f2"
 TURN_URLS = ["turn:turn.example.com:3478?transport=udp"]

@@ -30,7 +30,7 @@ from tests.conftest import Infra
 from tests.support.signaling import MEDIA_EVENTS, EventTap, event_tap
 from tests.support.waiting import eventually
 from tools.media_client import EncodedMedia, Flow, MediaClient, encode_opus, encode_vp8
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

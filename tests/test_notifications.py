@@ -36,7 +36,7 @@ from tests.conftest import auth
 from tests.support.sse import open_stream
 from tests.support.waiting import eventually
 from tests.support.webhook_receiver import HANG, WebhookReceiver
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.asyncio
 

@@ -33,7 +33,7 @@ from tests.test_notifications import (
     parties,
     ringing,
 )
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.asyncio
 

@@ -20,7 +20,7 @@ from tests.conftest import auth
 from tests.support.policy_calls import judged_call
 from tests.support.redis_server import PrivateRedis
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 Token = Callable[..., str]
 

@@ -34,7 +34,7 @@ from shared.contracts import (
 from shared.settings import CommonSettings
 from tests.conftest import auth
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 

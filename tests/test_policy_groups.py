@@ -35,7 +35,7 @@ from shared.settings import CommonSettings
 from tests.conftest import auth
 from tests.support.redis_server import PrivateRedis
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 Token = Callable[..., str]
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)

@@ -17,7 +17,7 @@ from shared.contracts import CallAuthorized, CallReported
 from tests.conftest import auth
 from tests.support.policy_calls import judged_call
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 Token = Callable[..., str]
 

@@ -29,7 +29,7 @@ from tests.conftest import auth
 from tests.support.redis_server import PrivateRedis, PrivateSentinel
 from tests.support.signaling import allow_call
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess, free_port
+from tools.stack import ServiceProcess, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.support.redis_server import PrivateRedis
-from tools.procs import ServiceProcess, free_port
+from tools.stack import ServiceProcess, free_port
 
 SERVICES = ("signaling", "policy", "notifications", "media")
 
@@ -93,7 +93,7 @@ def test_services_carry_on_after_redis_restarts(
 
 
 def test_free_ports_are_never_handed_out_twice_and_stay_below_the_ephemeral_range() -> None:
-    from tools.procs import _ephemeral_range
+    from tools.stack import _ephemeral_range
 
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)

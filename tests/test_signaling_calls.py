@@ -28,7 +28,7 @@ from shared.settings import CommonSettings
 from tests.conftest import Infra, auth
 from tests.support.signaling import Device, EventTap, allow_call, event_tap, publish_event
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 NODE = MediaNode(node_id="media-test-1", url="http://127.0.0.1:9/", capacity=50, load=0)
 

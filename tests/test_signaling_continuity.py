@@ -36,7 +36,7 @@ from tests.support.signaling import (
     publish_event,
 )
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 NODE_A = MediaNode(node_id="media-a", url="http://127.0.0.1:9/a", capacity=50, load=0)
 NODE_B = MediaNode(node_id="media-b", url="http://127.0.0.1:9/b", capacity=50, load=0)

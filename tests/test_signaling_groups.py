@@ -29,7 +29,7 @@ from shared.settings import CommonSettings
 from tests.conftest import Infra, auth
 from tests.support.signaling import Device, EventTap, event_tap, publish_event
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 NODE = MediaNode(node_id="media-group-1", url="http://127.0.0.1:9/", capacity=50, load=0)
 GROUP_EVENTS = (

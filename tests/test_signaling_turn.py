@@ -26,7 +26,7 @@ from shared.media_registry import MediaNode, MediaRegistry
 from shared.settings import CommonSettings
 from tests.conftest import auth
 from tests.support.signaling import Device, allow_call, place_and_accept
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 SECRET = "a-turn-secret-shared-with-coturn"
 TURN_URLS = ["turn:turn.example.com:3478?transport=udp", "turns:turn.example.com:5349"]

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tools.procs import free_port
+from tools.stack import free_port
 
 
 class PrivateRedis:

@@ -46,7 +46,7 @@ import httpx
 
 from tools.loadtest.deployment import process_stats, start_local
 from tools.loadtest.profiling import Profiler, summary_lines
-from tools.procs import ROOT, free_port
+from tools.stack import ROOT, free_port
 
 CACHE = ROOT / ".run" / "bench-media"
 NODE = "bench"

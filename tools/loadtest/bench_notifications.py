@@ -31,7 +31,7 @@ from tools.loadtest.http import HttpClient
 from tools.loadtest.metrics import latency_line
 from tools.loadtest.sse import NotificationFeed
 from tools.loadtest.tokens import TokenSource
-from tools.procs import free_port
+from tools.stack import free_port
 
 
 def start_receiver(arrivals: dict[str, float]) -> tuple[ThreadingHTTPServer, int]:

@@ -37,7 +37,7 @@ from tools.loadtest.metrics import percentile
 from tools.loadtest.population import Fact, set_up_facts
 from tools.loadtest.profiling import Profiler, summary_lines
 from tools.loadtest.tokens import TokenSource
-from tools.procs import ROOT
+from tools.stack import ROOT
 
 # --------------------------------------------------------------------------- load process
 

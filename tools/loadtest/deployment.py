@@ -1,7 +1,8 @@
 """The deployment under load: given URLs, or services the harness (or a benchmark) starts
 itself on free ports against the local RabbitMQ and Redis, in a namespace of their own.
 
-:func:`start_local` is the one place the harness and the benchmarks start services. The
+:func:`start_local` is the one place the harness and the benchmarks start services (a
+tools/stack.py Stack of their own). The
 load run gives them the settings it needs (``LOAD_ENV``: a short ring timeout so missed
 calls finish within the run, placing-rate limits out of the way); ``--service-env`` adds
 or overrides any. Their logs go to the run's output directory; their keys are removed and
@@ -12,19 +13,16 @@ from __future__ import annotations
 
 import os
 import resource
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import redis as sync_redis
+from shared.settings import CommonSettings
+from tools.stack import ServiceProcess, Stack
 
-from shared.settings import CommonSettings, Environment
-from tools import infra
-from tools.procs import ServiceProcess, free_port
-
-# Every started service: a test deployment whose queues expire once it is gone.
-BASE_ENV = {"DMCALL_ENV": "test", "LOG_LEVEL": "WARNING", "BUS_QUEUE_EXPIRES_MS": "120000"}
+# Every started service, on top of Stack.isolated's test environment: queues expire once
+# the deployment is gone.
+BASE_ENV = {"LOG_LEVEL": "WARNING", "BUS_QUEUE_EXPIRES_MS": "120000"}
 # What a load run adds. Unknown variables are ignored by the services' settings classes,
 # so naming one a service does not (yet) read is harmless.
 LOAD_ENV = {
@@ -79,14 +77,20 @@ class Deployment:
     signaling_url: str
     policy_url: str
     notifications_url: str | None
-    namespace: str | None = None
-    processes: list[ServiceProcess] = field(default_factory=list)
-    redis_url: str = infra.DEFAULT_REDIS_URL
-    rabbitmq_url: str = infra.DEFAULT_RABBITMQ_URL
+    stack: Stack | None = None
+    """The services the harness started (none when it was given URLs)."""
 
     @property
     def ws_base(self) -> str:
         return "ws" + self.signaling_url.removeprefix("http")
+
+    @property
+    def processes(self) -> list[ServiceProcess]:
+        return self.stack.processes if self.stack else []
+
+    @property
+    def namespace(self) -> str | None:
+        return self.stack.namespace if self.stack else None
 
     @property
     def local(self) -> bool:
@@ -103,13 +107,9 @@ class Deployment:
         return [p.url for p in self.processes if p.service == service]
 
     def settings(self) -> CommonSettings:
-        """The started services' shared settings (namespace, broker, Redis, dev secret)."""
-        return CommonSettings(
-            environment=Environment.TEST,
-            namespace=self.namespace or "",
-            rabbitmq_url=self.rabbitmq_url,
-            redis_url=self.redis_url,
-        )
+        """Settings for a client of the started services (namespace, broker, Redis)."""
+        assert self.stack is not None
+        return self.stack.settings()
 
     def pid(self, service: str) -> int | None:
         for p in self.processes:
@@ -118,16 +118,8 @@ class Deployment:
         return None
 
     def stop(self) -> None:
-        for proc in reversed(self.processes):
-            proc.stop()
-        if self.namespace:
-            client = sync_redis.Redis.from_url(self.redis_url)
-            try:
-                batch = list(client.scan_iter(match=f"dmcall:{self.namespace}:*", count=1000))
-                for start in range(0, len(batch), 500):
-                    client.delete(*batch[start : start + 500])
-            finally:
-                client.close()
+        if self.stack:
+            self.stack.stop()
 
 
 def start_local(
@@ -138,54 +130,24 @@ def start_local(
     rabbitmq_url: str | None = None,
     redis_url: str | None = None,
 ) -> Deployment:
-    """Start ``services`` (a name twice: two instances) on free ports in a fresh namespace,
-    with ``env`` over ``BASE_ENV``; waits until they are ready."""
-    if not infra.ensure(quiet=True):
-        raise RuntimeError("RabbitMQ and Redis must answer to start the services locally")
+    """Start ``services`` (a name twice: two instances) with ``env`` over ``BASE_ENV``, in a
+    stack of their own (tools/stack.py: free ports, a fresh namespace); waits until they
+    are ready."""
+    servers = {"RABBITMQ_URL": rabbitmq_url, "REDIS_URL": redis_url}
+    given = {name: url for name, url in servers.items() if url}
+    stack = Stack.isolated("lt", log_dir, **{**given, **BASE_ENV, **(env or {})})
     raise_fd_limit()
-    namespace = f"lt{uuid.uuid4().hex[:10]}"
-    base = {
-        "RABBITMQ_URL": rabbitmq_url or os.environ.get("RABBITMQ_URL", infra.DEFAULT_RABBITMQ_URL),
-        "REDIS_URL": redis_url or os.environ.get("REDIS_URL", infra.DEFAULT_REDIS_URL),
-        **BASE_ENV,
-        "DMCALL_NAMESPACE": namespace,
-    }
-    log_dir.mkdir(parents=True, exist_ok=True)
-    procs: list[ServiceProcess] = []
-    for service in services:
-        index = sum(1 for p in procs if p.service == service)
-        port = free_port()
-        extra = {"DMCALL_INSTANCE_ID": f"{namespace}-{service}-{index}"}
-        if service == "media":
-            extra["MEDIA_NODE_ID"] = f"{namespace}-media-{index}"
-            extra["MEDIA_PUBLIC_URL"] = f"http://127.0.0.1:{port}"
-        procs.append(
-            ServiceProcess(
-                service,
-                port,
-                env={**base, **extra, **(env or {})},
-                log_path=log_dir / f"{service}-{index}.log",
-            )
-        )
+    try:
+        for service in services:
+            stack.start(service)
+        stack.wait_ready()
+    except BaseException:
+        stack.stop()
+        raise
 
     def first(service: str) -> str | None:
-        return next((p.url for p in procs if p.service == service), None)
+        return next((p.url for p in stack.of(service)), None)
 
-    deployment = Deployment(
-        signaling_url=first("signaling") or "",
-        policy_url=first("policy") or "",
-        notifications_url=first("notifications"),
-        namespace=namespace,
-        processes=procs,
-        redis_url=base["REDIS_URL"],
-        rabbitmq_url=base["RABBITMQ_URL"],
+    return Deployment(
+        first("signaling") or "", first("policy") or "", first("notifications"), stack
     )
-    try:
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.wait_ready(timeout=60)
-    except BaseException:
-        deployment.stop()
-        raise
-    return deployment
