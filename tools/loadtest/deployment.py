@@ -1,9 +1,11 @@
-"""The deployment under load: given URLs, or services the harness starts itself on free
-ports against the local RabbitMQ and Redis, in a namespace of their own.
+"""The deployment under load: given URLs, or services the harness (or a benchmark) starts
+itself on free ports against the local RabbitMQ and Redis, in a namespace of their own.
 
-Started services get the settings a load run needs (a short ring timeout so missed calls
-finish within the run, placing-rate limits out of the way); ``--service-env`` adds or
-overrides any. Their logs go to the run's output directory; their keys are removed and
+:func:`start_local` is the one place the harness and the benchmarks start services (a
+tools/stack.py Stack of their own). The
+load run gives them the settings it needs (``LOAD_ENV``: a short ring timeout so missed
+calls finish within the run, placing-rate limits out of the way); ``--service-env`` adds
+or overrides any. Their logs go to the run's output directory; their keys are removed and
 their queues expire when the run ends.
 """
 
@@ -11,18 +13,20 @@ from __future__ import annotations
 
 import os
 import resource
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from shared.settings import CommonSettings
 from tools.stack import ServiceProcess, Stack
 
-# Settings for services the harness starts. Unknown variables are ignored by the
-# services' settings classes, so naming one a service does not (yet) read is harmless.
+# Every started service, on top of Stack.isolated's test environment: queues expire once
+# the deployment is gone.
+BASE_ENV = {"LOG_LEVEL": "WARNING", "BUS_QUEUE_EXPIRES_MS": "120000"}
+# What a load run adds. Unknown variables are ignored by the services' settings classes,
+# so naming one a service does not (yet) read is harmless.
 LOAD_ENV = {
-    "LOG_LEVEL": "WARNING",
-    "BUS_QUEUE_EXPIRES_MS": "120000",
     "BUS_PREFETCH": "256",
-    "SIGNALING_RING_TIMEOUT_S": "3",
     "SIGNALING_CALLS_PER_MINUTE": "100000",
 }
 
@@ -73,7 +77,6 @@ class Deployment:
     signaling_url: str
     policy_url: str
     notifications_url: str | None
-    media_urls: list[str] = field(default_factory=list)
     stack: Stack | None = None
     """The services the harness started (none when it was given URLs)."""
 
@@ -100,6 +103,14 @@ class Deployment:
             if p.proc is not None
         }
 
+    def urls(self, service: str) -> list[str]:
+        return [p.url for p in self.processes if p.service == service]
+
+    def settings(self) -> CommonSettings:
+        """Settings for a client of the started services (namespace, broker, Redis)."""
+        assert self.stack is not None
+        return self.stack.settings()
+
     def pid(self, service: str) -> int | None:
         for p in self.processes:
             if p.service == service and p.proc is not None:
@@ -113,27 +124,30 @@ class Deployment:
 
 def start_local(
     log_dir: Path,
+    services: Sequence[str] = ("policy", "notifications", "signaling", "media"),
     *,
     env: dict[str, str] | None = None,
-    media: bool = True,
-    signaling_instances: int = 1,
     rabbitmq_url: str | None = None,
     redis_url: str | None = None,
 ) -> Deployment:
-    """Start the services on free ports in a fresh namespace; waits until they are ready."""
+    """Start ``services`` (a name twice: two instances) with ``env`` over ``BASE_ENV``, in a
+    stack of their own (tools/stack.py: free ports, a fresh namespace); waits until they
+    are ready."""
     servers = {"RABBITMQ_URL": rabbitmq_url, "REDIS_URL": redis_url}
     given = {name: url for name, url in servers.items() if url}
-    stack = Stack.isolated("lt", log_dir, **{**given, **LOAD_ENV, **(env or {})})
+    stack = Stack.isolated("lt", log_dir, **{**given, **BASE_ENV, **(env or {})})
     raise_fd_limit()
     try:
-        stack.start_all(media_nodes=int(media), signaling_instances=signaling_instances)
+        for service in services:
+            stack.start(service)
+        stack.wait_ready()
     except BaseException:
         stack.stop()
         raise
+
+    def first(service: str) -> str | None:
+        return next((p.url for p in stack.of(service)), None)
+
     return Deployment(
-        signaling_url=stack.of("signaling")[0].url,
-        policy_url=stack.of("policy")[0].url,
-        notifications_url=stack.of("notifications")[0].url,
-        media_urls=[p.url for p in stack.of("media")],
-        stack=stack,
+        first("signaling") or "", first("policy") or "", first("notifications"), stack
     )

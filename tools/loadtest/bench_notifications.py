@@ -5,7 +5,8 @@ Redis), opens one SSE stream per user on the second instance, registers one webh
 user pointing at a local receiver, publishes ``--events`` call_ringing events round-robin
 over ``--users`` callees at ``--rate`` per second, and prints latency percentiles (event
 ``occurred_at`` -> SSE message read / webhook received) and throughput. Figures depend on
-the machine; on a shared one they are only indicative.
+the machine; on a shared one they are only indicative. The streams are the harness's
+(tools/loadtest/sse.py), and so are the figures.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import tempfile
 import time
 import uuid
@@ -22,28 +22,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from threading import Thread
 
-import httpx
-
 from shared import redis as shared_redis
-from shared.auth import issue_token
 from shared.bus import Bus
 from shared.contracts import CallRinging, MediaKind
-from tools import infra
-from tools.stack import Stack, free_port
-
-
-def percentiles(values: list[float]) -> str:
-    if not values:
-        return "no samples"
-    ordered = sorted(values)
-
-    def pick(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-    return (
-        f"p50 {pick(0.50):.1f} ms  p90 {pick(0.90):.1f} ms  p99 {pick(0.99):.1f} ms  "
-        f"max {ordered[-1]:.1f} ms  mean {statistics.fmean(ordered):.1f} ms  (n={len(ordered)})"
-    )
+from shared.settings import DEV_JWT_SECRET
+from tools.loadtest.deployment import start_local
+from tools.loadtest.http import HttpClient
+from tools.loadtest.metrics import latency_line
+from tools.loadtest.sse import NotificationFeed
+from tools.loadtest.tokens import TokenSource
+from tools.stack import free_port
 
 
 def start_receiver(arrivals: dict[str, float]) -> tuple[ThreadingHTTPServer, int]:
@@ -64,56 +52,38 @@ def start_receiver(arrivals: dict[str, float]) -> tuple[ThreadingHTTPServer, int
     return server, port
 
 
-async def read_stream(base: str, token: str, seen: dict[str, float], ready: asyncio.Event) -> None:
-    async with (
-        httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(10.0, read=None)) as client,
-        client.stream("GET", "/v1/notifications/stream", params={"token": token}) as response,
-    ):
-        async for line in response.aiter_lines():
-            if line.startswith("retry:"):
-                ready.set()
-            elif line.startswith("data: "):
-                seen[json.loads(line[6:])["call_id"]] = time.time()
-
-
 async def bench(args: argparse.Namespace) -> None:
-    stack = Stack.isolated(
-        "bench",
+    deployment = start_local(
         Path(tempfile.mkdtemp(prefix="bench-notifications-")),
-        BUS_QUEUE_EXPIRES_MS="600000",
-        LOG_LEVEL="WARNING",
-        NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE="true",
+        ("notifications", "notifications"),
+        env={"NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE": "true"},
     )
-    settings = stack.settings()
-    procs = [stack.start("notifications") for _ in range(2)]
+    settings = deployment.settings()
+    first, second = deployment.urls("notifications")
     hooks: dict[str, float] = {}
     receiver, port = start_receiver(hooks)
     redis = shared_redis.connect(settings, name="bench")
     bus = Bus(settings, redis, "bench-signaling")
-    readers: list[asyncio.Task[None]] = []
+    http = HttpClient(first)
+    feed = NotificationFeed(second)
+    tokens = TokenSource.from_secret(DEV_JWT_SECRET)
     try:
-        await asyncio.to_thread(stack.wait_ready)
         await bus.start()
         users = [f"bench{u}" for u in range(args.users)]
-        tokens = {u: issue_token(settings, u) for u in users}
-        async with httpx.AsyncClient(base_url=procs[0].url) as client:
-            for user in users:
-                response = await client.post(
-                    "/v1/devices",
-                    json={"kind": "webhook", "url": f"http://127.0.0.1:{port}/hook"},
-                    headers={"Authorization": f"Bearer {tokens[user]}"},
-                )
-                response.raise_for_status()
-        streamed: dict[str, float] = {}
         for user in users:
-            ready = asyncio.Event()
-            readers.append(
-                asyncio.create_task(read_stream(procs[1].url, tokens[user], streamed, ready))
+            response = await http.request(
+                "POST",
+                "/v1/devices",
+                token=tokens.user(user),
+                json_body={"kind": "webhook", "url": f"http://127.0.0.1:{port}/hook"},
             )
-            await asyncio.wait_for(ready.wait(), 10)
+            if response.status >= 300:
+                raise RuntimeError(f"registering a webhook: {response.status} {response.body!r}")
+        for user in users:
+            await feed.subscribe(user, tokens.user(user))
         await asyncio.sleep(0.5)  # the hub subscribes to the users' channels
 
-        sent: dict[str, float] = {}
+        sent: dict[tuple[str, str], float] = {}
         interval = 1.0 / args.rate
         started = time.time()
         for n in range(args.events):
@@ -125,32 +95,38 @@ async def bench(args: argparse.Namespace) -> None:
                 ring_deadline=datetime.now(UTC) + timedelta(minutes=5),
             )
             await bus.publish(event)
-            sent[event.call_id] = event.occurred_at.timestamp()
+            sent[(event.callee, event.call_id)] = event.occurred_at.timestamp()
             await asyncio.sleep(max(0.0, started + (n + 1) * interval - time.time()))
+        # The feed stamps arrivals on the monotonic clock; events carry wall-clock times.
+        wall = time.time() - time.monotonic()
+
+        def streamed() -> dict[tuple[str, str], float]:
+            return {k: wall + min(feed.seen[k].values()) for k in sent if feed.seen.get(k)}
+
         for _ in range(1200):  # up to a minute for the stragglers
-            if len(streamed) >= len(sent) and len(hooks) >= len(sent):
+            if len(streamed()) >= len(sent) and len(hooks) >= len(sent):
                 break
             await asyncio.sleep(0.05)
-        sse = [(streamed[c] - t) * 1000 for c, t in sent.items() if c in streamed]
-        webhook = [(hooks[c] - t) * 1000 for c, t in sent.items() if c in hooks]
-        last = max([*streamed.values(), *hooks.values()], default=started)
+        arrived = streamed()
+        sse = [(arrived[k] - t) * 1000 for k, t in sent.items() if k in arrived]
+        webhook = [(hooks[k[1]] - t) * 1000 for k, t in sent.items() if k[1] in hooks]
+        last = max([*arrived.values(), *hooks.values()], default=started)
         print(
             f"notifications: {args.events} call_ringing over {args.users} users at "
             f"{args.rate}/s, 2 instances (consumed by either, streamed from the second)"
         )
-        print(f"  event -> SSE message    {percentiles(sse)}")
-        print(f"  event -> webhook POST   {percentiles(webhook)}")
+        print(latency_line("  event -> SSE message", sse, (50, 90, 99)))
+        print(latency_line("  event -> webhook POST", webhook, (50, 90, 99)))
         print(f"  throughput: {len(sse) / max(last - started, 1e-9):.0f} notifications/s")
         if len(sse) < len(sent) or len(webhook) < len(sent):
             print(f"  MISSING: sse {len(sent) - len(sse)}, webhook {len(sent) - len(webhook)}")
     finally:
-        for task in readers:
-            task.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
+        await feed.close()
+        await http.close()
         await bus.close()
         await redis.aclose()
         receiver.shutdown()
-        stack.stop()
+        deployment.stop()
 
 
 def main() -> None:
@@ -158,10 +134,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1000)
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--rate", type=float, default=200.0, help="events per second")
-    args = parser.parse_args()
-    if not infra.ensure(quiet=True):
-        raise SystemExit("RabbitMQ and Redis are needed (see make test)")
-    asyncio.run(bench(args))
+    asyncio.run(bench(parser.parse_args()))
 
 
 if __name__ == "__main__":
