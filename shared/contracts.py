@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from shared.clock import utcnow
 from shared.ids import CallId, GroupId, UserId
 
 # --------------------------------------------------------------------------- enums
@@ -169,10 +170,6 @@ class Exchange(StrEnum):
 
 
 # --------------------------------------------------------------------------- envelope
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Event(BaseModel):
