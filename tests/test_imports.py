@@ -80,3 +80,20 @@ def test_there_is_no_import_cycle() -> None:
     assert {"shared.bus", "shared.settings"} <= graph["shared.service"]  # the graph is read
     cycles = _cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def _home(module: str) -> str:
+    """``services.<name>`` for a service's module, else its top-level package."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "services" else parts[0]
+
+
+def test_a_service_imports_only_itself_and_shared() -> None:
+    modules = _modules()
+    for name, path in modules.items():
+        if _home(name) in ("tools", "tests"):
+            continue
+        strays = {
+            m for m in _imports(name, path, modules) if _home(m) not in {_home(name), "shared"}
+        }
+        assert not strays, f"{name} imports {sorted(strays)}"
