@@ -40,7 +40,7 @@ from shared.contracts import (
     RejectReason,
     ReportReason,
 )
-from shared.ids import USER_ID_PATTERN, CallId, UserId
+from shared.ids import ID_PATTERN, CallId, UserId
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,8 @@ router = APIRouter()
 # --------------------------------------------------------------------------- parameters
 
 
-UserPath = Annotated[str, Path(pattern=USER_ID_PATTERN, description="A user id")]
-GroupPath = Annotated[
-    str, Path(pattern=USER_ID_PATTERN, description="A group DM conversation's id")
-]
+UserPath = Annotated[str, Path(pattern=ID_PATTERN, description="A user id")]
+GroupPath = Annotated[str, Path(pattern=ID_PATTERN, description="A group DM conversation's id")]
 OccurredAt = Annotated[
     AwareDatetime | None,
     Query(

@@ -19,7 +19,7 @@ from services.policy.settings import PolicySettings
 from services.policy.store import PolicyStore
 from shared.auth import LEEWAY_S, AuthError, Principal, TokenVerifier, token_from
 from shared.bus import Bus
-from shared.service import app_state, runtime_of
+from shared.service import Runtime, app_state
 
 
 class CachingVerifier:
@@ -85,7 +85,7 @@ async def settings_of(request: Request) -> PolicySettings:
 
 
 async def bus_of(request: Request) -> Bus:
-    return runtime_of(request).bus
+    return app_state(request, "runtime", Runtime).bus
 
 
 CurrentUser = Annotated[str, Depends(current_user)]

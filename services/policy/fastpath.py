@@ -29,13 +29,13 @@ from services.policy.store import PolicyStore
 from shared import telemetry
 from shared.auth import AuthError
 from shared.contracts import RejectReason
-from shared.ids import USER_ID_PATTERN
+from shared.ids import ID_PATTERN
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/v1/permissions/"
 ROUTE = "/v1/permissions/{callee}"
-_CALLEE = re.compile(USER_ID_PATTERN)
+_CALLEE = re.compile(ID_PATTERN)
 
 _ANSWER: dict[RejectReason | None, bytes] = {
     None: b'{"callee":"%s","allowed":true,"media":["audio","video"],"reason":null}',
