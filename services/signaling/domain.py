@@ -567,10 +567,6 @@ class Call:
             return [self.other(user)]
         return [u for u in self.joined() if u != user]
 
-    @property
-    def is_final(self) -> bool:
-        return self.state in FINAL_STATES
-
     def duration_s(self, now: datetime | None = None) -> float:
         if self.answered_at is None:
             return 0.0
