@@ -25,10 +25,10 @@ ringing (out of order) is not made at all.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from shared.clock import iso
 from shared.contracts import (
     CallAccepted,
     CallCancelled,
@@ -84,12 +84,16 @@ class Notice:
         return Priority.HIGH if self.kind is NoticeKind.INCOMING_CALL else Priority.NORMAL
 
 
+def _when(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
 def _ring_stopped(event: Event, callee: str, call_id: str, reason: RingStopReason) -> Notice:
     fields: dict[str, Any] = {
         "kind": NoticeKind.RING_STOPPED.value,
         "call_id": call_id,
         "reason": reason.value,
-        "created_at": iso(event.occurred_at),
+        "created_at": _when(event.occurred_at),
     }
     if isinstance(event, CallAccepted):
         fields["device_id"] = event.device_id
@@ -102,7 +106,7 @@ def _missed(event: Event, caller: str, callee: str, call_id: str, media: str | N
         "call_id": call_id,
         "from": caller,
         "media": media,
-        "created_at": iso(event.occurred_at),
+        "created_at": _when(event.occurred_at),
     }
     _name_the_group(fields, event)
     return Notice(callee, NoticeKind.MISSED_CALL, call_id, fields)
@@ -126,8 +130,8 @@ def notices_for(event: Event, *, known_media: str | None = None) -> list[Notice]
             "call_id": event.call_id,
             "from": event.caller,
             "media": event.media.value,
-            "created_at": iso(event.occurred_at),
-            "ring_deadline": iso(event.ring_deadline),
+            "created_at": _when(event.occurred_at),
+            "ring_deadline": _when(event.ring_deadline),
         }
         _name_the_group(fields, event)
         return [Notice(event.callee, NoticeKind.INCOMING_CALL, event.call_id, fields)]
