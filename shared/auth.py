@@ -71,7 +71,7 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise AuthError(f"invalid token: {exc}") from exc
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not is_id(sub):
+        if not is_id(sub):
             raise AuthError("token subject is not a valid user id")
         scope = claims.get("scope", "")
         if not isinstance(scope, str):

@@ -6,7 +6,7 @@ import os
 import re
 import time
 import uuid
-from typing import Annotated
+from typing import Annotated, TypeGuard
 
 from pydantic import StringConstraints
 
@@ -27,7 +27,7 @@ DeviceId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 """A user's device as the client names it (the device WebSocket's ``device_id``)."""
 
 
-def is_id(value: object) -> bool:
+def is_id(value: object) -> TypeGuard[str]:
     """``value`` is an id of :data:`ID_PATTERN` (a user's, a call's, a device's...)."""
     return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
 

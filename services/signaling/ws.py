@@ -168,12 +168,12 @@ async def _handle_frame(
         return await _media_state(message, session, calls, settings)
     call_id = message.get("call_id")
     payload = message.get("payload")
-    if not isinstance(call_id, str) or not is_id(call_id):
+    if not is_id(call_id):
         return _error("bad_request", "call.signal needs a call_id string")
     if not isinstance(payload, dict):
         return _error("bad_request", "call.signal needs a payload object", call_id=call_id)
     to = message.get("to")
-    if to is not None and (not isinstance(to, str) or not is_id(to)):
+    if to is not None and not is_id(to):
         return _error("bad_request", "call.signal's to must be a user id", call_id=call_id)
     try:
         await calls.relay_signal(session.user, session.device_id, call_id, payload, to=to)
@@ -198,7 +198,7 @@ async def _media_state(
 ) -> dict[str, Any] | None:
     """``call.media_state``: this party's microphone and camera, for the other party."""
     call_id = message.get("call_id")
-    if not isinstance(call_id, str) or not is_id(call_id):
+    if not is_id(call_id):
         return _error("bad_request", "call.media_state needs a call_id string")
     raw_audio, raw_video = message.get("audio"), message.get("video")
     try:
