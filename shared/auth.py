@@ -44,8 +44,16 @@ class Principal:
 
 
 class TokenVerifier:
+    """Verifies bearer tokens, and remembers the principal of a verified one until its
+    ``exp`` (the :data:`CACHE_SIZE` latest): clients ask again and again with the same
+    token (the phone icon's permission query), and decoding a JWT costs more than that
+    query's own work. A refused token is never remembered."""
+
+    CACHE_SIZE = 10_000
+
     def __init__(self, settings: CommonSettings) -> None:
         self._settings = settings
+        self._cache: dict[str, Principal] = {}
         if settings.auth_jwt_public_key:
             self._key: Any = settings.auth_jwt_public_key
             self._algorithms = ["RS256"]
@@ -54,6 +62,19 @@ class TokenVerifier:
             self._algorithms = ["HS256"]
 
     def verify(self, token: str) -> Principal:
+        principal = self._cache.get(token)
+        if principal is not None:
+            assert principal.expires_at is not None
+            if time.time() < principal.expires_at + LEEWAY_S:
+                return principal
+            del self._cache[token]
+        principal = self._decode(token)
+        if len(self._cache) >= self.CACHE_SIZE:
+            del self._cache[next(iter(self._cache))]  # the oldest (dicts keep their order)
+        self._cache[token] = principal
+        return principal
+
+    def _decode(self, token: str) -> Principal:
         try:
             claims = jwt.decode(
                 token,
@@ -76,11 +97,8 @@ class TokenVerifier:
         scope = claims.get("scope", "")
         if not isinstance(scope, str):
             raise AuthError("token scope must be a space-separated string")
-        exp = claims.get("exp")
         return Principal(
-            user_id=sub,
-            scopes=frozenset(scope.split()),
-            expires_at=float(exp) if isinstance(exp, (int, float)) else None,
+            user_id=sub, scopes=frozenset(scope.split()), expires_at=float(claims["exp"])
         )
 
 

@@ -353,7 +353,6 @@ async def private_store(
     redis = shared_redis.connect(settings, name="test-policy-groups")
     store = PolicyStore(redis, settings)
     yield store, private_redis.url
-    store.close()
     await redis.aclose()
 
 

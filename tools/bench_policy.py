@@ -227,7 +227,6 @@ async def _store_decisions(
             i += 1
 
     await asyncio.gather(*(worker(k * 7) for k in range(concurrency)))
-    store.close()
     await redis.aclose()
     return count / seconds
 
