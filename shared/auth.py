@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import jwt
 from fastapi import Depends, HTTPException, Request, WebSocket, status
 
-from shared.ids import is_user_id
+from shared.ids import is_id
 from shared.settings import CommonSettings
 
 PLATFORM_SCOPE = "platform"
@@ -92,7 +92,7 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise AuthError(f"invalid token: {exc}") from exc
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not is_user_id(sub):
+        if not is_id(sub):
             raise AuthError("token subject is not a valid user id")
         scope = claims.get("scope", "")
         if not isinstance(scope, str):
@@ -106,7 +106,7 @@ def issue_token(
     settings: CommonSettings, user_id: str, *, scope: str | None = None, ttl_s: int = 86_400
 ) -> str:
     """A development token (HS256). Production tokens come from the platform."""
-    if not is_user_id(user_id):
+    if not is_id(user_id):
         raise ValueError(f"not a valid user id: {user_id!r}")
     now = int(time.time())
     claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + ttl_s}
@@ -252,6 +252,5 @@ def authenticate_websocket(websocket: WebSocket) -> Principal:
 
 
 CurrentUser = Annotated[str, Depends(current_user)]
-CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 StreamUser = Annotated[Principal, Depends(current_principal_query_ok)]
 PlatformPrincipal = Annotated[Principal, Depends(platform_only)]

@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticUndefined
 
+from shared.clock import utcnow
 from shared.ids import CallId, GroupId, UserId
 
 # --------------------------------------------------------------------------- enums
@@ -170,10 +171,6 @@ class Exchange(StrEnum):
 
 
 # --------------------------------------------------------------------------- envelope
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Event(BaseModel):

@@ -16,13 +16,13 @@ import pytest
 from redis.asyncio import Redis
 
 from services.signaling.calls import CallService
-from services.signaling.domain import utcnow
 from services.signaling.presence import Hub
 from services.signaling.settings import SignalingSettings
 from services.signaling.store import CallStore, Commit
 from services.signaling.timers import ring_timer_loop
 from shared import redis as shared_redis
 from shared.bus import Bus
+from shared.clock import utcnow
 from shared.contracts import CallAuthorized, CallState, EventType, MediaKind
 from shared.media_registry import MediaNode, MediaRegistry
 from tests.conftest import Infra
@@ -88,7 +88,7 @@ async def test_a_burst_of_due_calls_is_missed_in_one_pass_each_exactly_once(
         await asyncio.sleep(0.5)  # a second pass must not miss anything twice
         for call in calls:
             assert len(tap.of(EventType.CALL_MISSED, call.call_id)) == 1
-        assert await store.due_rings(2**62) == []
+        assert (await store.ring_poll(2**62))[0] == []
     finally:
         timer.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -32,9 +32,9 @@ from services.notifications.store import (
     NotificationStore,
     StreamEntry,
     parse_stream_id,
-    utc_iso,
 )
 from shared.auth import CurrentUser, StreamUser
+from shared.clock import iso
 from shared.service import app_state
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ def _sse(entry: StreamEntry) -> str:
 
 
 def _token_expired(expires_at: float) -> str:
-    data = {"kind": "token_expired", "expired_at": utc_iso(datetime.fromtimestamp(expires_at, UTC))}
+    data = {"kind": "token_expired", "expired_at": iso(datetime.fromtimestamp(expires_at, UTC))}
     return f"event: {TOKEN_EXPIRED_EVENT}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 

@@ -69,8 +69,8 @@ from services.notifications.store import (
     DeviceKind,
     NotificationStore,
     PushJob,
-    utc_iso,
 )
+from shared.clock import iso, utcnow
 from shared.service import TaskSet
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,7 @@ class PushWorker:
             "outcome": attempt.outcome,
             "status": attempt.status,
             "error": attempt.error,
-            "at": utc_iso(),
+            "at": iso(utcnow()),
             "duration_ms": round((time.perf_counter() - started) * 1000, 1),
         }
         retry = None
@@ -332,9 +332,7 @@ class PushWorker:
             )
             if attempt.not_before_s is not None:  # a breaker's cool-off: no sooner than that
                 delay = max(delay, int(attempt.not_before_s * 1000))
-            record["next_attempt_at"] = utc_iso(
-                datetime.fromtimestamp((_now_ms() + delay) / 1000, UTC)
-            )
+            record["next_attempt_at"] = iso(datetime.fromtimestamp((_now_ms() + delay) / 1000, UTC))
             retry = (job.next_attempt(), _now_ms() + delay)
         elif attempt.outcome is Outcome.DEAD_LETTERED:
             dead = (job.to_json(), attempt.error or f"HTTP {attempt.status}")

@@ -25,7 +25,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -35,6 +34,7 @@ from redis.exceptions import ResponseError
 
 from services.notifications.notices import Notice, NoticeKind, Priority
 from services.notifications.settings import NotificationsSettings
+from shared.clock import iso, utcnow
 from shared.redis import KeySpace
 
 PUSH_GROUP = "push"
@@ -207,10 +207,6 @@ local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #nxt == 0 then return {#due, -1} end
 return {#due, tonumber(nxt[2])}
 """
-
-
-def utc_iso(moment: datetime | None = None) -> str:
-    return (moment or datetime.now(UTC)).isoformat().replace("+00:00", "Z")
 
 
 def parse_stream_id(value: str) -> tuple[int, int] | None:
@@ -460,7 +456,7 @@ class NotificationStore:
             kind=DeviceKind.WEBHOOK,
             url=url,
             secret=f"whsec_{secrets.token_urlsafe(32)}",
-            created_at=utc_iso(),
+            created_at=iso(utcnow()),
         )
         fields = {
             "id": device.id,
@@ -495,7 +491,7 @@ class NotificationStore:
             "kind": DeviceKind.WEBPUSH.value,
             "url": endpoint,
             "secret": "",
-            "created_at": utc_iso(),
+            "created_at": iso(utcnow()),
             "p256dh": p256dh,
             "auth": auth,
         }
@@ -547,7 +543,7 @@ class NotificationStore:
         async with self.redis.pipeline(transaction=True) as tx:
             tx.srem(k.devices(device.user), device.id)
             tx.hset(
-                k.device(device.id), mapping={"removed_at": utc_iso(), "removed_reason": reason}
+                k.device(device.id), mapping={"removed_at": iso(utcnow()), "removed_reason": reason}
             )
             tx.expire(k.device(device.id), keep_s)
             tx.expire(k.deliveries(device.id), keep_s)
@@ -630,7 +626,7 @@ class NotificationStore:
                 job_json, error = dead_letter
                 tx.xadd(
                     k.push_dlq(),
-                    {"job": job_json, "error": error, "at": utc_iso()},
+                    {"job": job_json, "error": error, "at": iso(utcnow())},
                     maxlen=self.settings.dead_letter_max,
                     approximate=True,
                 )

@@ -34,7 +34,7 @@ from services.policy.store import PolicyStore, Relation
 from shared.auth import CurrentUser, PlatformPrincipal
 from shared.bus import BusUnavailable
 from shared.contracts import DenialDetail, MediaKind, RejectReason, ReportReason
-from shared.ids import USER_ID_PATTERN, CallId, UserId
+from shared.ids import ID_PATTERN, CallId, UserId
 from shared.service import app_state
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,8 @@ ReportDesk = Annotated[Reports, _state("policy_reports", Reports)]
 # --------------------------------------------------------------------------- parameters
 
 
-UserPath = Annotated[str, Path(pattern=USER_ID_PATTERN, description="A user id")]
-GroupPath = Annotated[
-    str, Path(pattern=USER_ID_PATTERN, description="A group DM conversation's id")
-]
+UserPath = Annotated[str, Path(pattern=ID_PATTERN, description="A user id")]
+GroupPath = Annotated[str, Path(pattern=ID_PATTERN, description="A group DM conversation's id")]
 OccurredAt = Annotated[
     AwareDatetime | None,
     Query(

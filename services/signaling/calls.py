@@ -40,7 +40,6 @@ from services.signaling.domain import (
     IllegalTransition,
     ParticipantState,
     VideoState,
-    utcnow,
 )
 from services.signaling.presence import Hub, Push
 from services.signaling.settings import SignalingSettings
@@ -54,6 +53,7 @@ from services.signaling.store import (
 from services.signaling.turn import IceServers
 from shared.auth import MediaGrant, issue_media_token
 from shared.bus import Bus
+from shared.clock import utcnow
 from shared.contracts import (
     CallAuthorized,
     CallMediaConnected,

@@ -21,7 +21,7 @@ from pathlib import Path
 import uvloop
 from rich.console import Console
 
-from shared import telemetry
+from shared import gc_tuning
 from shared.settings import DEV_JWT_SECRET
 from tools import infra
 from tools.loadtest.config import DEFAULT_MIX, LoadConfig, format_mix, parse_mix
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     floor_urls = None if args.no_floor else (args.rabbitmq_url, args.redis_url)
     # The generator holds thousands of sockets and calls too: its own collection pauses
     # would show up as latency (a pause of 100 ms or more is logged).
-    telemetry.tune_gc()
+    gc_tuning.tune()
     try:
         if args.scenario == "calls":
             report = uvloop.run(
