@@ -29,10 +29,10 @@ ringing (out of order) is not made at all.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from shared.clock import iso
 from shared.contracts import (
     CallAccepted,
     CallCancelled,
@@ -90,16 +90,12 @@ class Notice:
         return Priority.HIGH if self.kind is NoticeKind.INCOMING_CALL else Priority.NORMAL
 
 
-def _when(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
-
-
 def _ring_stopped(event: Event, callee: str, call_id: str, reason: RingStopReason) -> Notice:
     fields: dict[str, Any] = {
         "kind": NoticeKind.RING_STOPPED.value,
         "call_id": call_id,
         "reason": reason.value,
-        "created_at": _when(event.occurred_at),
+        "created_at": iso(event.occurred_at),
     }
     if isinstance(event, CallAccepted):
         fields["device_id"] = event.device_id
@@ -114,7 +110,7 @@ def _missed(
         "call_id": call_id,
         "from": caller,
         "media": media.value if media is not None else None,
-        "created_at": _when(event.occurred_at),
+        "created_at": iso(event.occurred_at),
     }
     _name_the_group(fields, event)
     return Notice(callee, NoticeKind.MISSED_CALL, call_id, fields)
@@ -134,8 +130,8 @@ def notices_for(event: Event) -> list[Notice]:
             "call_id": event.call_id,
             "from": event.caller,
             "media": event.media.value,
-            "created_at": _when(event.occurred_at),
-            "ring_deadline": _when(event.ring_deadline),
+            "created_at": iso(event.occurred_at),
+            "ring_deadline": iso(event.ring_deadline),
         }
         _name_the_group(fields, event)
         return [Notice(event.callee, NoticeKind.INCOMING_CALL, event.call_id, fields)]
