@@ -39,7 +39,7 @@ loadtest: machine $(STAMP) ## load the services (started on free ports unless UR
 
 .PHONY: bench-signaling
 bench-signaling: machine $(STAMP) ## signaling figures: ring, accept, missed lateness (PAIRS=40)
-	$(PY) -m tools.bench_signaling --pairs $(or $(PAIRS),40)
+	$(PY) -m tools.loadtest.bench_signaling --pairs $(or $(PAIRS),40)
 
 .PHONY: vapid-key
 vapid-key: $(STAMP) ## print a new VAPID key pair for Web Push (VAPID_PRIVATE_KEY=...)
@@ -50,7 +50,7 @@ token: $(STAMP) ## make token USER=alice [SCOPE=platform]
 
 .PHONY: bench-notifications
 bench-notifications: machine $(STAMP) ## call_ringing -> SSE / webhook latency; BENCH_ARGS="--events 1000 --rate 200"
-	$(PY) -m tools.bench_notifications $(BENCH_ARGS)
+	$(PY) -m tools.loadtest.bench_notifications $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .run artifacts
@@ -66,7 +66,7 @@ k8s-check: $(STAMP) ## render OVERLAY=dev|prod and check it offline (schemas, wi
 	$(PY) -m tools.deploy_check $(K8S_DIR)
 
 bench-policy: machine $(STAMP) ## permission queries/s and p50/p99 over HTTP, decisions/s in-process
-	$(PY) -m tools.bench_policy $(BENCH_ARGS)
+	$(PY) -m tools.loadtest.bench_policy $(BENCH_ARGS)
 
 .PHONY: test-browser
 test-browser: machine-browser $(STAMP) ## the web client in Debian's Chromium against the real services
@@ -74,4 +74,4 @@ test-browser: machine-browser $(STAMP) ## the web client in Debian's Chromium ag
 
 .PHONY: bench-media
 bench-media: machine $(STAMP) ## forwarding SFU (1:1 calls, a group of 6) vs transcoding: make bench-media [CALLS=5] [DURATION=20] [MEDIA_BENCH_ARGS="--group-size 6 --transcode-calls 2 --profile"]
-	$(PY) -m tools.bench_media --calls $(or $(CALLS),5) --duration $(or $(DURATION),20) $(MEDIA_BENCH_ARGS)
+	$(PY) -m tools.loadtest.bench_media --calls $(or $(CALLS),5) --duration $(or $(DURATION),20) $(MEDIA_BENCH_ARGS)

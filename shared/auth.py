@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import jwt
 from fastapi import Depends, HTTPException, Request, WebSocket, status
 
-from shared.ids import is_user_id
+from shared.ids import is_id
 from shared.settings import CommonSettings
 
 PLATFORM_SCOPE = "platform"
@@ -44,8 +44,16 @@ class Principal:
 
 
 class TokenVerifier:
+    """Verifies bearer tokens, and remembers the principal of a verified one until its
+    ``exp`` (the :data:`CACHE_SIZE` latest): clients ask again and again with the same
+    token (the phone icon's permission query), and decoding a JWT costs more than that
+    query's own work. A refused token is never remembered."""
+
+    CACHE_SIZE = 10_000
+
     def __init__(self, settings: CommonSettings) -> None:
         self._settings = settings
+        self._cache: dict[str, Principal] = {}
         if settings.auth_jwt_public_key:
             self._key: Any = settings.auth_jwt_public_key
             self._algorithms = ["RS256"]
@@ -54,6 +62,19 @@ class TokenVerifier:
             self._algorithms = ["HS256"]
 
     def verify(self, token: str) -> Principal:
+        principal = self._cache.get(token)
+        if principal is not None:
+            assert principal.expires_at is not None
+            if time.time() < principal.expires_at + LEEWAY_S:
+                return principal
+            del self._cache[token]
+        principal = self._decode(token)
+        if len(self._cache) >= self.CACHE_SIZE:
+            del self._cache[next(iter(self._cache))]  # the oldest (dicts keep their order)
+        self._cache[token] = principal
+        return principal
+
+    def _decode(self, token: str) -> Principal:
         try:
             claims = jwt.decode(
                 token,
@@ -71,16 +92,13 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise AuthError(f"invalid token: {exc}") from exc
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not is_user_id(sub):
+        if not is_id(sub):
             raise AuthError("token subject is not a valid user id")
         scope = claims.get("scope", "")
         if not isinstance(scope, str):
             raise AuthError("token scope must be a space-separated string")
-        exp = claims.get("exp")
         return Principal(
-            user_id=sub,
-            scopes=frozenset(scope.split()),
-            expires_at=float(exp) if isinstance(exp, (int, float)) else None,
+            user_id=sub, scopes=frozenset(scope.split()), expires_at=float(claims["exp"])
         )
 
 
@@ -88,7 +106,7 @@ def issue_token(
     settings: CommonSettings, user_id: str, *, scope: str | None = None, ttl_s: int = 86_400
 ) -> str:
     """A development token (HS256). Production tokens come from the platform."""
-    if not is_user_id(user_id):
+    if not is_id(user_id):
         raise ValueError(f"not a valid user id: {user_id!r}")
     now = int(time.time())
     claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + ttl_s}
@@ -234,6 +252,5 @@ def authenticate_websocket(websocket: WebSocket) -> Principal:
 
 
 CurrentUser = Annotated[str, Depends(current_user)]
-CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 StreamUser = Annotated[Principal, Depends(current_principal_query_ok)]
 PlatformPrincipal = Annotated[Principal, Depends(platform_only)]

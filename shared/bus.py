@@ -141,7 +141,6 @@ class Bus:
         service: str,
         *,
         publish_timeout_s: float = 15.0,
-        queue_type: str = "classic",
     ) -> None:
         self.settings = settings
         self.service = service
@@ -149,7 +148,6 @@ class Bus:
         self._redis = redis
         self._keys = KeySpace(settings, "bus")
         self._publish_timeout_s = publish_timeout_s
-        self._queue_type = queue_type
         self._subscriptions: list[Subscription] = []
         self._instance_handler: InstanceHandler | None = None
         self._connection: AbstractRobustConnection | None = None
@@ -245,7 +243,7 @@ class Bus:
         if sub.scope is Scope.SERVICE:
             sub.queue_name = base
             args: dict[str, Any] = dict(expiry)
-            if self._queue_type == "quorum":
+            if self.settings.bus_queue_type == "quorum":
                 args["x-queue-type"] = "quorum"
             queue = await channel.declare_queue(base, durable=True, arguments=args)
             retry_durable = True

@@ -25,7 +25,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticUndefined
 
+from shared.clock import utcnow
 from shared.ids import CallId, GroupId, UserId
 
 # --------------------------------------------------------------------------- enums
@@ -171,10 +173,6 @@ class Exchange(StrEnum):
 # --------------------------------------------------------------------------- envelope
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class Event(BaseModel):
     """The envelope every event shares."""
 
@@ -308,8 +306,9 @@ class CallEnded(GroupCallEvent):
     reason: EndReason
     duration_s: float = Field(ge=0)
     media: MediaKind | None = None
-    """What the call was when it ended (``video`` once upgraded); absent from older
-    producers."""
+    """What the call was when it ended (``video`` once upgraded). Signaling always sets it;
+    it is null only in a call_ended from a producer that predates it (some v2 ones), which
+    upcasting cannot invent (so a missed_call made from it says ``media: null``)."""
 
 
 class CallMediaConnected(Event):
@@ -446,38 +445,27 @@ class GroupMessageSent(PlatformEvent):
 
 # --------------------------------------------------------------------------- registry
 
-EVENT_MODELS: dict[EventType, type[Event]] = {
-    model.model_fields["type"].default: model
-    for model in (
-        CallRequested,
-        CallAuthorized,
-        CallRejected,
-        CallRinging,
-        CallAccepted,
-        CallDeclined,
-        CallCancelled,
-        CallMissed,
-        CallEnded,
-        CallMediaConnected,
-        CallMediaFailed,
-        CallMediaPeer,
-        MediaNodeDraining,
-        CallParticipantJoined,
-        CallParticipantLeft,
-        CallReported,
-        UserUpdated,
-        FollowCreated,
-        FollowDeleted,
-        ContactAdded,
-        ContactRemoved,
-        BlockCreated,
-        BlockDeleted,
-        DmSent,
-        GroupMemberAdded,
-        GroupMemberRemoved,
-        GroupMessageSent,
-    )
-}
+
+def _registry() -> dict[EventType, type[Event]]:
+    registry: dict[EventType, type[Event]] = {}
+    pending = list(Event.__subclasses__())
+    while pending:
+        model = pending.pop()
+        pending += model.__subclasses__()
+        event_type = model.model_fields["type"].default
+        if event_type is PydanticUndefined:
+            continue  # a base (CallEvent, PlatformEvent, ...): no type of its own
+        if event_type in registry:
+            raise TypeError(
+                f"{model.__name__} and {registry[event_type].__name__} share {event_type}"
+            )
+        registry[event_type] = model
+    return registry
+
+
+EVENT_MODELS: dict[EventType, type[Event]] = _registry()
+"""Event type -> its model, derived from the classes above: a new event is a new class
+(with its ``type`` literal and a member of :class:`EventType`), nothing else to list."""
 
 
 def current_version(event_type: EventType) -> int:
@@ -505,6 +493,7 @@ def _one_to_one(payload: dict[str, Any]) -> dict[str, Any]:
 UPCASTERS: dict[tuple[EventType, int], Upcaster] = {
     # (type, from_version) -> payload of from_version + 1
     (EventType.CALL_ENDED, 1): _call_ended_v1_to_v2,
+    # media passes as it is: a v2 that carried it keeps it, one that did not stays null.
     (EventType.CALL_ENDED, 2): _one_to_one,
     (EventType.CALL_REQUESTED, 1): _one_to_one,
     (EventType.CALL_AUTHORIZED, 1): _one_to_one,

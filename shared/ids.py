@@ -1,4 +1,4 @@
-"""Identifiers: user ids, call ids, and how they are validated."""
+"""Identifiers: user, group, call and device ids, and the one pattern they all follow."""
 
 from __future__ import annotations
 
@@ -6,27 +6,30 @@ import os
 import re
 import time
 import uuid
-from typing import Annotated, NewType
+from typing import Annotated, TypeGuard
 
 from pydantic import StringConstraints
 
-USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-_USER_ID_RE = re.compile(USER_ID_PATTERN)
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+"""Every id a client names (user, group, call, device): 1 to 64 of ``A-Z a-z 0-9 _ -``,
+as CONTRACT.md fixes it for user ids."""
+_ID_RE = re.compile(ID_PATTERN)
 
-UserId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN)]
-"""A user id as CONTRACT.md fixes it: 1 to 64 of ``A-Z a-z 0-9 _ -``."""
+UserId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 
-GroupId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN)]
-"""A group DM conversation's id: the same pattern as a user id (CONTRACT.md)."""
+GroupId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+"""A group DM conversation's id (CONTRACT.md)."""
 
-CallId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+CallId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 """A call id: opaque to clients; signaling makes them sortable by time (see new_call_id)."""
 
-EventId = NewType("EventId", uuid.UUID)
+DeviceId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+"""A user's device as the client names it (the device WebSocket's ``device_id``)."""
 
 
-def is_user_id(value: object) -> bool:
-    return isinstance(value, str) and _USER_ID_RE.fullmatch(value) is not None
+def is_id(value: object) -> TypeGuard[str]:
+    """``value`` is an id of :data:`ID_PATTERN` (a user's, a call's, a device's...)."""
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
 
 
 def new_call_id() -> str:

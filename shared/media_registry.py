@@ -32,10 +32,6 @@ class MediaNode:
     load: int
     draining: bool = False
 
-    @property
-    def utilisation(self) -> float:
-        return self.load / self.capacity if self.capacity > 0 else float("inf")
-
     def session_url(self, call_id: str) -> str:
         """Where a party POSTs its SDP offer for ``call_id`` (the contract's ``media_url``)."""
         return f"{self.url.rstrip('/')}/v1/rooms/{call_id}/sessions"

@@ -9,15 +9,20 @@ its key shapes as functions next to a comment saying what the key holds.
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
-from redis.backoff import EqualJitterBackoff
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.settings import CommonSettings
 
 POOL_WAIT_S = 5.0
+SENTINEL_TIMEOUT_S = 1.0
 
 
 def connect(settings: CommonSettings, *, name: str) -> Redis:
@@ -29,20 +34,65 @@ def connect(settings: CommonSettings, *, name: str) -> Redis:
     The pool *waits* (up to ``POOL_WAIT_S``) for a free connection when all are in use:
     under overload a command queues a little longer instead of failing at once with
     ``MaxConnectionsError`` (which turned into 500s and failed ring-timer passes).
+
+    With ``REDIS_SENTINELS`` set, every new connection asks the Sentinels where the primary
+    is, so after a failover the retries land on the promoted replica: the service carries on
+    without a restart (docs/operations.md, "Redis failover"). Otherwise ``REDIS_URL`` is the
+    primary.
     """
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        timeout=POOL_WAIT_S,
-        decode_responses=False,
-        client_name=name,
-        socket_connect_timeout=2.0,
-        socket_timeout=5.0,
-        health_check_interval=15,
-        retry=Retry(EqualJitterBackoff(cap=1.0, base=0.05), retries=5),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
-        max_connections=256,
-    )
+    options: dict[str, Any] = {
+        "timeout": POOL_WAIT_S,
+        "decode_responses": False,
+        "client_name": name,
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": 5.0,
+        "health_check_interval": 15,
+        "retry": Retry(EqualJitterBackoff(cap=1.0, base=0.05), retries=5),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+        "max_connections": 256,
+    }
+    if settings.redis_sentinel_addresses:
+        pool: BlockingConnectionPool = _sentinel_pool(settings, name, options)
+    else:
+        pool = BlockingConnectionPool.from_url(settings.redis_url, **options)
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Connections to whichever node the Sentinels name primary, with the blocking pool's
+    wait for a free connection (redis-py's own Sentinel pool fails at once when full)."""
+
+    sentinel_manager: Sentinel
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self.sentinel_manager.aclose()  # the pool is the only user of its Sentinel
+
+
+def _sentinel_pool(
+    settings: CommonSettings, name: str, options: dict[str, Any]
+) -> _BlockingSentinelPool:
+    primary = parse_url(settings.redis_url)  # host and port unused: Sentinel says where
+    sentinel = Sentinel(
+        settings.redis_sentinel_addresses,
+        sentinel_kwargs={
+            "username": settings.redis_sentinel_username,
+            "password": settings.redis_sentinel_password,
+            "client_name": f"{name}-sentinel",
+            "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+            "socket_timeout": SENTINEL_TIMEOUT_S,
+            # a dead Sentinel is skipped for the next one, not retried
+            "retry": Retry(NoBackoff(), retries=0),
+        },
+    )
+    return _BlockingSentinelPool(
+        settings.redis_sentinel_master,
+        sentinel,
+        db=primary.get("db", 0),
+        username=primary.get("username"),
+        password=primary.get("password"),
+        **options,
+    )
 
 
 class KeySpace:

@@ -31,8 +31,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared import gc_tuning, telemetry
 from shared import redis as shared_redis
-from shared import telemetry
 from shared.auth import TokenVerifier
 from shared.bus import Bus
 from shared.edge import bounded_protocol
@@ -94,15 +94,12 @@ def create_service_app(
     setup: Setup = _nothing,
     title: str,
     description: str = "",
-    bus_queue_type: str | None = None,
 ) -> FastAPI:
-    """``bus_queue_type`` overrides the ``BUS_QUEUE_TYPE`` setting when given."""
-
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         telemetry.setup_logging(service, settings.log_level)
         redis = shared_redis.connect(settings, name=f"dmcall-{service}")
-        bus = Bus(settings, redis, service, queue_type=bus_queue_type or settings.bus_queue_type)
+        bus = Bus(settings, redis, service)
         runtime = Runtime(service=service, settings=settings, redis=redis, bus=bus)
         app.state.runtime = runtime
         app.state.settings = settings
@@ -110,7 +107,7 @@ def create_service_app(
         try:
             async with setup(app, runtime):
                 runtime.tasks.spawn(bus.start(), name=f"{service}-bus-start")
-                telemetry.tune_gc()
+                gc_tuning.tune()
                 log.info("%s up (instance %s)", service, settings.instance_id)
                 yield
         finally:
@@ -206,12 +203,6 @@ def app_state(request: Request, name: str, kind: type[T]) -> T:
     return value
 
 
-def runtime_of(request: Request) -> Runtime:
-    runtime = request.app.state.runtime
-    assert isinstance(runtime, Runtime)
-    return runtime
-
-
 def _ops_router(service: str) -> APIRouter:
     router = APIRouter(tags=["operations"])
 
@@ -225,7 +216,7 @@ def _ops_router(service: str) -> APIRouter:
         responses={503: {"description": "A dependency does not answer"}},
     )
     async def readyz(request: Request) -> JSONResponse:
-        runtime = runtime_of(request)
+        runtime = app_state(request, "runtime", Runtime)
         checks = {"rabbitmq": runtime.bus.ready, "redis": await _redis_ok(runtime.redis)}
         ready = all(checks.values())
         return JSONResponse(

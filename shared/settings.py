@@ -13,6 +13,7 @@ import socket
 import uuid
 from enum import StrEnum
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -65,7 +66,34 @@ class CommonSettings(BaseSettings):
     rabbitmq_url: str = Field(
         "amqp://guest:guest@127.0.0.1:5672/", validation_alias=_env("RABBITMQ_URL")
     )
-    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("REDIS_URL"))
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias=_env("REDIS_URL"),
+        description="The Redis primary. With REDIS_SENTINELS set, only its user name, "
+        "password and database number are used (Sentinel says where the primary is).",
+    )
+    redis_sentinels: str = Field(
+        "",
+        validation_alias=_env("REDIS_SENTINELS"),
+        description="Comma-separated host:port of Redis Sentinels: when set, the services "
+        "ask them where the primary is (and again after a failover) instead of REDIS_URL's "
+        "host.",
+    )
+    redis_sentinel_master: str = Field(
+        "",
+        validation_alias=_env("REDIS_SENTINEL_MASTER"),
+        description="The master name the Sentinels monitor (`sentinel monitor <name> ...`); "
+        "required with REDIS_SENTINELS.",
+    )
+    redis_sentinel_username: str | None = Field(
+        None, validation_alias=_env("REDIS_SENTINEL_USERNAME")
+    )
+    redis_sentinel_password: str | None = Field(
+        None,
+        validation_alias=_env("REDIS_SENTINEL_PASSWORD"),
+        description="The Sentinels' own password (`requirepass` in sentinel.conf), when they "
+        "have one; the primary's is REDIS_URL's.",
+    )
 
     auth_jwt_secret: str = Field(DEV_JWT_SECRET, validation_alias=_env("AUTH_JWT_SECRET"))
     auth_jwt_public_key: str | None = Field(
@@ -154,6 +182,32 @@ class CommonSettings(BaseSettings):
     otel_exporter_otlp_endpoint: str | None = Field(
         None, validation_alias=_env("OTEL_EXPORTER_OTLP_ENDPOINT")
     )
+
+    @model_validator(mode="after")
+    def _check_sentinels(self) -> CommonSettings:
+        if not self.redis_sentinels.strip():
+            return self
+        _ = self.redis_sentinel_addresses  # refuses a malformed list
+        if not self.redis_sentinel_master:
+            raise ValueError("REDIS_SENTINELS is set: set REDIS_SENTINEL_MASTER too")
+        if urlsplit(self.redis_url).scheme != "redis":
+            raise ValueError(
+                "with REDIS_SENTINELS, REDIS_URL must be a redis:// URL (its user name, "
+                "password and database are the primary's; TLS through Sentinel is not supported)"
+            )
+        return self
+
+    @property
+    def redis_sentinel_addresses(self) -> list[tuple[str, int]]:
+        """REDIS_SENTINELS as (host, port) pairs; empty when Sentinel is not used."""
+        addresses = []
+        for entry in filter(None, (part.strip() for part in self.redis_sentinels.split(","))):
+            host, sep, port = entry.rpartition(":")
+            host = host.removeprefix("[").removesuffix("]")
+            if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"REDIS_SENTINELS: {entry!r} is not host:port")
+            addresses.append((host, int(port)))
+        return addresses
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> CommonSettings:

@@ -10,11 +10,9 @@ they are still made (so trace ids reach logs and events) but go nowhere.
 
 from __future__ import annotations
 
-import gc
 import logging
 import re
 import sys
-import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -49,56 +47,6 @@ HTTP_LATENCY = Histogram(
     ["service", "method", "route"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
-GC_PAUSE = Histogram(
-    "dmcall_gc_pause_seconds",
-    "How long the garbage collector stopped the process, by generation",
-    ["generation"],
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-)
-GC_PAUSE_WARN_S = 0.1
-_gc_started = 0.0
-
-
-def _on_gc(phase: str, info: dict[str, int]) -> None:
-    global _gc_started
-    if phase == "start":
-        _gc_started = time.perf_counter()
-        return
-    pause = time.perf_counter() - _gc_started
-    GC_PAUSE.labels(str(info["generation"])).observe(pause)
-    if pause >= GC_PAUSE_WARN_S:
-        logging.getLogger(__name__).warning(
-            "garbage collection of generation %d stopped the process for %.0f ms "
-            "(%d objects collected)",
-            info["generation"],
-            pause * 1000,
-            info["collected"],
-        )
-
-
-def watch_gc() -> None:
-    """Record every collection's pause (a long one delays everything the process does)."""
-    if _on_gc not in gc.callbacks:
-        gc.callbacks.append(_on_gc)
-
-
-GC_THRESHOLDS = (50_000, 20, 100)
-"""CPython's defaults are (700, 10, 10). A process holding thousands of WebSockets tracks
-millions of long-lived objects, and a full (generation 2) collection walks them all: with
-10,000 devices on one signaling process it stopped the process for ~1.6 s about every
-50 s during a missed-call storm, and every call whose deadline fell in such a pause was
-missed that late. Fewer young collections let most short-lived objects die uncollected,
-and far fewer reach the old generation, so full collections become rare."""
-
-
-def tune_gc() -> None:
-    """For a long-running server: freeze what start-up made (modules, the app: never
-    garbage, so no collection walks it again), collect less often, record every pause."""
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-    watch_gc()
-
-
 BUS_PUBLISHED = Counter("dmcall_bus_published_total", "Events published", ["service", "event_type"])
 BUS_HANDLED = Counter(
     "dmcall_bus_handled_total",

@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-import redis as sync_redis
 from redis.asyncio import Redis
 
 from services.media.settings import MediaSettings
@@ -36,7 +35,7 @@ from tests.support.redis_server import PrivateRedis
 from tests.support.signaling import EventTap, event_tap
 from tests.support.webhook_receiver import WebhookReceiver
 from tools.infra import Endpoint
-from tools.procs import ServiceProcess, free_port
+from tools.stack import ServiceProcess, Stack, remove_keys
 
 S = TypeVar("S", bound=CommonSettings)
 
@@ -50,7 +49,7 @@ TEST_QUEUE_EXPIRES_MS = 10 * 60 * 1000
 
 # Fixtures that start processes: a test using one is end to end, marked ``e2e`` (a module's
 # ``pytestmark = pytest.mark.e2e``), so ``-m 'not e2e'`` is the fast lane.
-PROCESS_FIXTURES = frozenset({"spawn", "worlds", "private_redis"})
+PROCESS_FIXTURES = frozenset({"spawn", "service_stack", "worlds", "private_redis"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -129,13 +128,7 @@ def namespace(infra: Infra) -> Iterator[str]:
     """A unique prefix for this test's exchanges, queues and Redis keys; keys removed after."""
     ns = f"t{uuid.uuid4().hex[:12]}"
     yield ns
-    client = sync_redis.Redis.from_url(infra.redis_url)
-    try:
-        batch = list(client.scan_iter(match=f"dmcall:{ns}:*", count=1000))
-        for start in range(0, len(batch), 500):
-            client.delete(*batch[start : start + 500])
-    finally:
-        client.close()
+    remove_keys(infra.redis_url, ns)
 
 
 @pytest.fixture
@@ -177,29 +170,22 @@ def service_env(infra: Infra, namespace: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def spawn(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
-    """Start a real service process: ``spawn("policy", POLICY_REQUIRE_PREMIUM="false")``.
+def service_stack(service_env: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
+    """This test's service processes (its namespace, logs in its tmp_path), stopped after."""
+    stack = Stack(service_env, tmp_path)
+    yield stack
+    stack.stop()
 
-    Its log is in the test's tmp_path; every process is stopped after the test.
-    """
-    started: list[ServiceProcess] = []
+
+@pytest.fixture
+def spawn(service_stack: Stack) -> Callable[..., ServiceProcess]:
+    """Start a real service process: ``spawn("policy", POLICY_REQUIRE_PREMIUM="false")``,
+    ready unless ``wait=False``."""
 
     def start(service: str, *, wait: bool = True, **env: str) -> ServiceProcess:
-        index = sum(1 for p in started if p.service == service)
-        proc = ServiceProcess(
-            service,
-            free_port(),
-            env={**service_env, "DMCALL_INSTANCE_ID": f"{service}-{index}", **env},
-            log_path=tmp_path / f"{service}-{index}.log",
-        )
-        started.append(proc.start())
-        if wait:
-            proc.wait_ready()
-        return proc
+        return service_stack.start(service, wait=wait, **env)
 
-    yield start
-    for proc in started:
-        proc.stop()
+    return start
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
 
 from shared.auth import (
+    LEEWAY_S,
     AuthError,
     CurrentUser,
     MediaGrant,
@@ -132,6 +133,26 @@ async def test_rs256_public_key_verification() -> None:
     # An HS256 token signed with the (public) key text must not pass: algorithm confusion.
     with pytest.raises(AuthError):
         verifier.verify(issue_token(SETTINGS, "alice"))
+
+
+def test_a_verified_token_is_remembered_until_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    verifier = TokenVerifier(SETTINGS)
+    decoded: list[str] = []
+    decode = verifier._decode
+    monkeypatch.setattr(verifier, "_decode", lambda t: decoded.append(t) or decode(t))
+    token = issue_token(SETTINGS, "alice", ttl_s=60)
+    first = verifier.verify(token)
+    assert verifier.verify(token) is first and decoded == [token]
+    expired = issue_token(SETTINGS, "bob", ttl_s=-3600)
+    for _ in range(2):  # a refused token is never remembered
+        with pytest.raises(AuthError, match="expired"):
+            verifier.verify(expired)
+    assert decoded == [token, expired, expired]
+    # past its exp (and the leeway) the token is checked again, not answered from memory
+    later = time.time() + 60 + LEEWAY_S + 1
+    monkeypatch.setattr("shared.auth.time.time", lambda: later)
+    verifier.verify(token)
+    assert decoded == [token, expired, expired, token]
 
 
 def test_media_tokens_name_call_user_and_node() -> None:

@@ -21,7 +21,7 @@ from shared.contracts import CallDeclined, CallRequested, MediaKind
 from shared.settings import CommonSettings
 from tests.conftest import Infra
 from tests.support.waiting import eventually
-from tools.procs import ROOT
+from tools.stack import ROOT
 
 pytestmark = pytest.mark.e2e
 

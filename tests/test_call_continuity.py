@@ -29,7 +29,7 @@ from tests.support.netns import NetnsHost, netns_host
 from tests.support.signaling import Device, allow_call, place_and_accept
 from tests.support.waiting import eventually
 from tools.media_client import EncodedMedia, Flow, MediaClient, encode_opus, encode_vp8
-from tools.procs import ROOT, ServiceProcess
+from tools.stack import ROOT, ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

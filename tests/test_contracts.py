@@ -163,6 +163,7 @@ def test_an_old_call_ended_is_upcast() -> None:
     assert event.version == c.current_version(c.EventType.CALL_ENDED)
     assert event.group is None and event.callee == "bob"
     assert event.duration_s == pytest.approx(61.25)
+    assert event.media is None  # it predates media: upcasting cannot invent it
 
 
 @pytest.mark.parametrize(

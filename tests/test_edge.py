@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import auth
 from tests.support.redis_server import PrivateRedis
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

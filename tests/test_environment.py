@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from shared.settings import DEV_JWT_SECRET, CommonSettings, Environment
-from tools.procs import ServiceProcess, free_port
+from tools.stack import ServiceProcess, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -22,7 +22,7 @@ from shared.contracts import CallMissed, CallRinging, MediaKind
 from tests.conftest import auth
 from tests.support.waiting import eventually
 from tests.support.webhook_receiver import WebhookReceiver
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

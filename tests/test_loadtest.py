@@ -21,7 +21,7 @@ from tools.loadtest.metrics import percentile, summarize
 from tools.loadtest.runner import run_calls
 from tools.loadtest.scenarios import parse_time
 from tools.loadtest.tokens import TokenSource, TokenSourceError
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -83,7 +83,7 @@ def test_cli_refuses_bad_options() -> None:
 
 async def test_http_client_reports_a_refused_connection() -> None:
     from tools.loadtest.http import HttpError
-    from tools.procs import free_port
+    from tools.stack import free_port
 
     client = HttpClient(f"http://127.0.0.1:{free_port()}", timeout=2.0)
     with pytest.raises(HttpError) as caught:

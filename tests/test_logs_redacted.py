@@ -19,7 +19,7 @@ from shared.telemetry import redact
 from tests.conftest import auth
 from tests.support.signaling import NODE, Device, allow_call, place_and_accept
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

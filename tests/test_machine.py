@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.procs import ROOT
+from tools.stack import ROOT
 
 SCRIPT = ROOT / "tools" / "machine.sh"
 

@@ -35,7 +35,7 @@ from shared.media_registry import MediaNode, MediaRegistry
 from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
 from tools.media_client import EncodedMedia, MediaClient, encode_opus, encode_vp8
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

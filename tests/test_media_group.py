@@ -25,7 +25,7 @@ from shared.bus import Bus, Delivery, Scope
 from shared.contracts import CallMediaConnected, CallParticipantLeft, Event
 from tests.support.waiting import eventually
 from tools.media_client import EncodedMedia, MediaClient, encode_opus, encode_vp8
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -28,7 +28,7 @@ from shared.contracts import EventType
 from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
 from tools.media_client import EncodedMedia, Flow, MediaClient, encode_opus, encode_vp8
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

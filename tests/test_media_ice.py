@@ -30,7 +30,7 @@ from tests.conftest import Infra, auth
 from tests.support.signaling import Device, allow_call, event_tap, place_and_accept
 from tests.support.waiting import eventually
 from tools.media_client import MediaClient, encode_opus
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

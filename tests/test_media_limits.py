@@ -29,7 +29,7 @@ from shared.bus import Bus
 from shared.contracts import CallCancelled, CallEnded, EndReason
 from tests.support.waiting import eventually
 from tools.media_client import EncodedMedia, MediaClient, encode_opus
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -30,7 +30,7 @@ from shared.contracts import (
 from shared.media_registry import MediaRegistry
 from tests.support.waiting import eventually
 from tools.media_client import EncodedMedia, MediaClient, encode_opus, encode_vp8
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

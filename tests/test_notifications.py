@@ -46,7 +46,7 @@ from tests.support.notifications import (
 from tests.support.sse import open_stream
 from tests.support.waiting import eventually
 from tests.support.webhook_receiver import HANG, WebhookReceiver
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -80,7 +80,13 @@ async def test_every_event_makes_exactly_its_notifications_once_with_two_instanc
             CallDeclined(call_id=calls["declined"], **parties()),
             CallCancelled(call_id=calls["cancelled"], **parties()),
             CallMissed(call_id=calls["missed"], media=MediaKind.VIDEO, **parties()),
-            CallEnded(call_id=calls["busy"], reason=EndReason.BUSY, duration_s=0, **parties()),
+            CallEnded(
+                call_id=calls["busy"],
+                reason=EndReason.BUSY,
+                duration_s=0,
+                media=MediaKind.VIDEO,
+                **parties(),
+            ),
             CallAccepted(call_id=calls["hungup"], device_id="laptop", **parties()),
         ]
         for event in finals:
@@ -122,7 +128,7 @@ async def test_every_event_makes_exactly_its_notifications_once_with_two_instanc
     missed_items = [i for i in items if i["kind"] == "missed_call"]
     assert sorted(i["call_id"] for i in missed_items) == missed
     busy = next(i for i in missed_items if i["call_id"] == calls["busy"])
-    assert busy["media"] == "video"  # remembered from its call_ringing
+    assert busy["media"] == "video"  # carried by its call_ended
     assert [i["id"] for i in items] == sorted(
         (i["id"] for i in items), key=lambda v: tuple(map(int, v.split("-"))), reverse=True
     )
@@ -308,10 +314,12 @@ async def test_a_user_cannot_read_stream_or_mark_anothers_notifications(
         ).json()
         async with open_stream(proc.url, token=alice) as alice_live:
             await publish(ringing(to_bob))
+            # Ids are per user (stream entry ids): made in the same millisecond, bob's and
+            # alice's would be equal, and marking "bob's" id would find alice's own.
+            bobs = await inbox_has(proc, bob, 1)
             await publish(ringing(to_alice, caller="bob", callee="alice"))
             # alice's stream carries only her own notification
             assert (await alice_live.next_data()).json()["call_id"] == to_alice
-        bobs = await inbox_has(proc, bob, 1)
         assert [i["call_id"] for i in bobs] == [to_bob]
         alices = await inbox(proc, alice)
         assert [i["call_id"] for i in alices] == [to_alice]

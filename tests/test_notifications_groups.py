@@ -17,7 +17,7 @@ from shared.contracts import CallEnded, CallMissed, CallRinging, EndReason, Medi
 from tests.conftest import auth
 from tests.support.waiting import eventually
 from tests.support.webhook_receiver import WebhookReceiver
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -15,17 +15,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
-from services.notifications import webpush
+from services.notifications import vapid, webpush
+from services.notifications.guard import UrlRefused, check_url_shape, is_public_address, pinned
 from services.notifications.notices import NoticeKind, Priority, notices_for
-from services.notifications.push import (
-    UrlRefused,
-    backoff_ms,
-    check_url_shape,
-    is_public_address,
-    pinned,
-    sign,
-    verify,
-)
+from services.notifications.push import backoff_ms, sign, verify
 from services.notifications.scheduling import (
     Breakers,
     BreakerState,
@@ -48,7 +41,7 @@ from shared.contracts import (
     RejectReason,
 )
 from tests.support.push_service import Subscriber, b64d, b64e, verify_vapid
-from tools import vapid
+from tools import vapid as vapid_tool
 
 P = {"call_id": "c1", "caller": "alice", "callee": "bob"}
 
@@ -73,8 +66,9 @@ def test_each_event_maps_to_its_notifications_for_the_callee() -> None:
     ]
     busy = CallEnded(reason=EndReason.BUSY, duration_s=0, **P)
     assert kinds(busy) == [("ring_stopped", "bob"), ("missed_call", "bob")]
-    assert notices_for(busy, known_media="video")[1].fields["media"] == "video"
-    assert notices_for(busy)[1].fields["media"] is None
+    video = CallEnded(reason=EndReason.BUSY, duration_s=0, media=MediaKind.VIDEO, **P)
+    assert notices_for(video)[1].fields["media"] == "video"
+    assert notices_for(busy)[1].fields["media"] is None  # a call_ended from before media
     assert kinds(CallEnded(reason=EndReason.USER_HANGUP, duration_s=3, **P)) == [
         ("ring_stopped", "bob")
     ]
@@ -203,8 +197,8 @@ def _production(**values: Any) -> NotificationsSettings:
 
 
 def test_vapid_keys_load_from_pem_raw_and_der_and_nothing_else() -> None:
-    key = webpush.generate_private_key()
-    public = webpush.public_key_b64(key)
+    key = vapid.generate_private_key()
+    public = vapid.public_key_b64(key)
     der = key.private_bytes(
         serialization.Encoding.DER,
         serialization.PrivateFormat.PKCS8,
@@ -215,9 +209,9 @@ def test_vapid_keys_load_from_pem_raw_and_der_and_nothing_else() -> None:
         serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption(),
     ).decode()
-    pem = webpush.private_key_pem(key)
-    for text in (pem, pem.replace("\n", "\\n"), sec1, webpush.private_key_raw(key), b64e(der)):
-        assert webpush.public_key_b64(webpush.load_private_key(text)) == public, text
+    pem = vapid.private_key_pem(key)
+    for text in (pem, pem.replace("\n", "\\n"), sec1, vapid.private_key_raw(key), b64e(der)):
+        assert vapid.public_key_b64(vapid.load_private_key(text)) == public, text
     assert len(b64d(public)) == 65 and b64d(public)[0] == 4
     other_curve = ec.generate_private_key(ec.SECP384R1()).private_bytes(
         serialization.Encoding.PEM,
@@ -226,11 +220,11 @@ def test_vapid_keys_load_from_pem_raw_and_der_and_nothing_else() -> None:
     )
     for bad in ("", "replace-me", b64e(b"\x00" * 32), other_curve.decode(), "-----BEGIN x"):
         with pytest.raises(ValueError):
-            webpush.load_private_key(bad)
+            vapid.load_private_key(bad)
 
 
 def test_settings_refuse_web_push_without_vapid_outside_development() -> None:
-    key = webpush.private_key_raw(webpush.generate_private_key())
+    key = vapid.private_key_raw(vapid.generate_private_key())
     subject = "mailto:ops@calls.example.com"
     with pytest.raises(ValidationError, match="VAPID_PRIVATE_KEY or VAPID_SUBJECT"):
         _production()
@@ -255,15 +249,15 @@ def test_settings_refuse_web_push_without_vapid_outside_development() -> None:
 
 
 def test_vapid_authorization_is_an_es256_token_for_the_endpoint_origin() -> None:
-    key = webpush.generate_private_key()
-    signer = webpush.VapidSigner(key, "https://calls.example.com/contact")
+    key = vapid.generate_private_key()
+    signer = vapid.VapidSigner(key, "https://calls.example.com/contact")
     header = signer.authorization("https://push.example.net:443/send/abc?x=1", now=1_800_000_000)
     claims = verify_vapid(header, audience="https://push.example.net", now=1_800_000_000)
-    assert claims["k"] == signer.public_key == webpush.public_key_b64(key)
+    assert claims["k"] == signer.public_key == vapid.public_key_b64(key)
     assert claims["sub"] == "https://calls.example.com/contact"
     assert claims["exp"] == 1_800_000_000 + 12 * 3600
-    assert webpush.origin("http://127.0.0.1:8080/p") == "http://127.0.0.1:8080"
-    assert webpush.origin("https://[2001:db8::1]/p") == "https://[2001:db8::1]"
+    assert vapid.origin("http://127.0.0.1:8080/p") == "http://127.0.0.1:8080"
+    assert vapid.origin("https://[2001:db8::1]/p") == "https://[2001:db8::1]"
 
 
 def test_payloads_are_encrypted_for_one_subscriber_within_the_size_limit() -> None:
@@ -299,16 +293,20 @@ def test_push_headers_follow_the_notification_kind() -> None:
     now = datetime(2026, 11, 21, 8, 0, 0, tzinfo=UTC)
     deadline = (now + timedelta(seconds=42, milliseconds=300)).isoformat().replace("+00:00", "Z")
     ring = {"kind": "incoming_call", "call_id": "c1", "ring_deadline": deadline}
-    assert webpush.delivery_headers(ring, policy, now=now) == {
+    assert webpush.delivery_headers(ring, Priority.HIGH, policy, now=now) == {
         "Urgency": "high",
         "TTL": "43",
         "Topic": webpush.topic_for("c1"),
     }
-    late = webpush.delivery_headers(ring, policy, now=now + timedelta(minutes=5))
+    late = webpush.delivery_headers(ring, Priority.HIGH, policy, now=now + timedelta(minutes=5))
     assert late["TTL"] == "0"
-    stop = webpush.delivery_headers({"kind": "ring_stopped", "call_id": "c1"}, policy, now=now)
+    stop = webpush.delivery_headers(
+        {"kind": "ring_stopped", "call_id": "c1"}, Priority.NORMAL, policy, now=now
+    )
     assert stop == {"Urgency": "normal", "TTL": "300", "Topic": webpush.topic_for("c1")}
-    missed = webpush.delivery_headers({"kind": "missed_call", "call_id": "c1"}, policy, now=now)
+    missed = webpush.delivery_headers(
+        {"kind": "missed_call", "call_id": "c1"}, Priority.NORMAL, policy, now=now
+    )
     assert missed == {"Urgency": "normal", "TTL": "86400"}
     topic = webpush.topic_for("0193a5c4-7f3e-7000-8000-000000000001")
     assert re.fullmatch(r"[A-Za-z0-9_-]{32}", topic)
@@ -318,12 +316,12 @@ def test_push_headers_follow_the_notification_kind() -> None:
 def test_make_vapid_key_prints_a_key_the_settings_accept(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    vapid.main()
+    vapid_tool.main()
     lines = capsys.readouterr().out.splitlines()
     name, _, value = lines[0].partition("=")
     assert name == "VAPID_PRIVATE_KEY"
     public = lines[1].rsplit(" ", 1)[1]
-    assert webpush.public_key_b64(webpush.load_private_key(value)) == public
+    assert vapid.public_key_b64(vapid.load_private_key(value)) == public
     assert _production(vapid_private_key=value, vapid_subject="mailto:a@b.example")
 
 

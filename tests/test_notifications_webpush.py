@@ -25,7 +25,7 @@ from tests.support import notifications
 from tests.support.notifications import FAST, Publish, new_call, parties, ringing
 from tests.support.push_service import PushService, Subscriber, b64d, b64e, verify_vapid
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -34,7 +34,7 @@ from tests.conftest import auth
 from tests.support.policy_calls import handled, verdicts_in
 from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -34,7 +34,7 @@ from tests.support.policy_calls import handled, verdicts_in
 from tests.support.redis_server import PrivateRedis
 from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -332,7 +332,6 @@ async def private_store(
     redis = shared_redis.connect(settings, name="test-policy-groups")
     store = PolicyStore(redis, settings)
     yield store, private_redis.url
-    store.close()
     await redis.aclose()
 
 

@@ -18,7 +18,7 @@ from tests.conftest import auth
 from tests.support.policy_calls import judged_call
 from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.support.redis_server import PrivateRedis
-from tools.procs import ServiceProcess, free_port
+from tools.stack import ServiceProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -95,7 +95,7 @@ def test_services_carry_on_after_redis_restarts(
 
 
 def test_free_ports_are_never_handed_out_twice_and_stay_below_the_ephemeral_range() -> None:
-    from tools.procs import _ephemeral_range
+    from tools.stack import _ephemeral_range
 
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)
@@ -110,15 +110,15 @@ def test_services_collect_garbage_less_often_and_record_every_pause(
 
     from prometheus_client import REGISTRY
 
-    from shared import telemetry
+    from shared import gc_tuning
 
     before = gc.get_threshold()
     try:
-        telemetry.tune_gc()
-        assert gc.get_threshold() == telemetry.GC_THRESHOLDS
+        gc_tuning.tune()
+        assert gc.get_threshold() == gc_tuning.THRESHOLDS
         assert gc.get_freeze_count() > 0
-        telemetry.tune_gc()  # twice: still one callback
-        assert gc.callbacks.count(telemetry._on_gc) == 1
+        gc_tuning.tune()  # twice: still one callback
+        assert gc.callbacks.count(gc_tuning._on_gc) == 1
 
         def full_collections() -> float:
             value = REGISTRY.get_sample_value("dmcall_gc_pause_seconds_count", {"generation": "2"})

@@ -26,7 +26,7 @@ from shared.media_registry import MediaRegistry
 from shared.settings import CommonSettings
 from tests.conftest import auth
 from tests.support.signaling import NODE, Device, allow_call, place_and_accept
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 
 from shared.settings import CommonSettings
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -54,6 +54,7 @@ WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
 CUSTOM_SCHEMAS = {
     ("rabbitmq.com/v1beta1", "RabbitmqCluster"): "rabbitmqcluster.rabbitmq.com.v1beta1.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.monitoring.coreos.com.v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.monitoring.coreos.com.v1.json",
 }
 # What a production deployment must set explicitly, whatever the defaults.
 CRITICAL_SETTINGS = ("AUTH_JWT_SECRET", "MEDIA_TOKEN_SECRET", "RABBITMQ_URL", "REDIS_URL")

@@ -7,7 +7,7 @@ key for good: every subscription is tied to it, and a new key strands them all.
 
 from __future__ import annotations
 
-from services.notifications.webpush import generate_private_key, private_key_raw, public_key_b64
+from services.notifications.vapid import generate_private_key, private_key_raw, public_key_b64
 
 
 def main() -> None:

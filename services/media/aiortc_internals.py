@@ -238,10 +238,6 @@ def stop_decoder(receiver: RTCRtpReceiver) -> None:
     receiver._RTCRtpReceiver__jitter_buffer = _NoFrames()  # type: ignore[attr-defined]
 
 
-def decoder_running(receiver: RTCRtpReceiver) -> bool:
-    return receiver._RTCRtpReceiver__decoder_thread is not None  # type: ignore[attr-defined]
-
-
 def receiver_codecs(receiver: RTCRtpReceiver) -> dict[int, RTCRtpCodecParameters]:
     codecs: dict[int, RTCRtpCodecParameters] = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
     return codecs

@@ -17,11 +17,12 @@ from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 from services.media.rooms import Refusal, Rooms, SessionRefused
 from services.media.settings import MediaSettings
 from shared.auth import AuthError, TokenVerifier, token_from, verify_media_token
+from shared.ids import ID_PATTERN
 from shared.service import app_state
 
 router = APIRouter(prefix="/v1/rooms", tags=["rooms"])
 
-CallIdPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The call id")]
+CallIdPath = Annotated[str, Path(pattern=ID_PATTERN, description="The call id")]
 SessionIdPath = Annotated[str, Path(pattern=r"^[a-f0-9]{32}$")]
 SDP_TYPE = "application/sdp"
 

@@ -26,7 +26,6 @@ _CONNECTION = re.compile(r"^c=IN IP4 [^\s]+(\r?)$", re.MULTILINE)
 # What aiortc can verify a peer's certificate with (aiortc.rtcdtlstransport).
 FINGERPRINT_ALGORITHMS = frozenset({"sha-256", "sha-384", "sha-512"})
 DTLS_SETUP_VALUES = frozenset({"actpass", "active", "passive"})
-MDNS_SUFFIX = ".local"
 
 
 class BadOffer(ValueError):

@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from redis.exceptions import RedisError
 
 from services.notifications import webpush
+from services.notifications.guard import UrlRefused, resolve_allowed
 from services.notifications.live import LiveHub, StreamLease
-from services.notifications.push import UrlRefused, resolve_allowed
 from services.notifications.settings import NotificationsSettings
 from services.notifications.store import (
     Device,
@@ -32,9 +32,9 @@ from services.notifications.store import (
     NotificationStore,
     StreamEntry,
     parse_stream_id,
-    utc_iso,
 )
 from shared.auth import CurrentUser, StreamUser
+from shared.clock import iso
 from shared.service import app_state
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ def _sse(entry: StreamEntry) -> str:
 
 
 def _token_expired(expires_at: float) -> str:
-    data = {"kind": "token_expired", "expired_at": utc_iso(datetime.fromtimestamp(expires_at, UTC))}
+    data = {"kind": "token_expired", "expired_at": iso(datetime.fromtimestamp(expires_at, UTC))}
     return f"event: {TOKEN_EXPIRED_EVENT}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
@@ -427,7 +427,7 @@ async def register_device(
             response.status_code = status.HTTP_200_OK
     else:
         await _check_target(body.url, DeviceKind.WEBHOOK, settings)
-        device = await store.add_device(user, DeviceKind.WEBHOOK.value, body.url)
+        device = await store.add_webhook(user, body.url)
     if device is None:
         raise HTTPException(
             status.HTTP_409_CONFLICT,

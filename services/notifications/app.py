@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import httpx
 from fastapi import FastAPI
 
+from services.notifications import consumers
 from services.notifications.api import router
-from services.notifications.consumers import NotificationConsumers
 from services.notifications.live import LiveHub
 from services.notifications.push import USER_AGENT, PushWorker
 from services.notifications.settings import NotificationsSettings
@@ -31,7 +31,7 @@ def create_app(settings: NotificationsSettings | None = None) -> FastAPI:
         app.state.live_hub = hub
         vapid = VapidKeys(settings, store) if settings.webpush_enabled else None
         app.state.vapid_keys = vapid
-        NotificationConsumers(store, runtime.bus).register()
+        consumers.register(runtime.bus, store)
         client = httpx.AsyncClient(
             follow_redirects=False,
             headers={"User-Agent": USER_AGENT},

@@ -16,7 +16,7 @@ import logging
 
 from services.notifications.notices import notices_for
 from services.notifications.store import NotificationStore
-from shared.bus import Bus, Delivery, Handler, Scope
+from shared.bus import Bus, Delivery, Scope
 from shared.contracts import (
     CallAccepted,
     CallCancelled,
@@ -32,38 +32,28 @@ log = logging.getLogger(__name__)
 CONSUMER = "inbox"
 
 
-class NotificationConsumers:
-    def __init__(self, store: NotificationStore, bus: Bus) -> None:
-        self.store = store
-        self.bus = bus
-
-    def register(self) -> None:
-        handlers: dict[type[Event], Handler] = {
-            model: self.on_call_event
-            for model in (
-                CallRinging,
-                CallAccepted,
-                CallDeclined,
-                CallCancelled,
-                CallMissed,
-                CallEnded,
-            )
-        }
-        self.bus.subscribe(CONSUMER, handlers, scope=Scope.SERVICE)
-
-    async def on_call_event(self, event: Event, delivery: Delivery) -> None:
-        media = None
-        if isinstance(event, CallEnded):
-            media = await self.store.call_media(event.call_id)
-        notices = notices_for(event, known_media=media)
+def register(bus: Bus, store: NotificationStore) -> None:
+    async def on_call_event(event: Event, delivery: Delivery) -> None:
+        notices = notices_for(event)
         async with delivery.transaction() as tx:
-            if isinstance(event, CallRinging):
-                self.store.queue_call_media(tx, event.call_id, event.media.value)
             for notice in notices:
-                self.store.queue_notice(tx, notice)
+                store.queue_notice(tx, notice)
         log.info(
             "%s for call %s: %s",
             event.type.value,
             getattr(event, "call_id", "?"),
             ", ".join(f"{n.kind.value} -> {n.user}" for n in notices) or "nothing",
         )
+
+    bus.subscribe(
+        CONSUMER,
+        {
+            CallRinging: on_call_event,
+            CallAccepted: on_call_event,
+            CallDeclined: on_call_event,
+            CallCancelled: on_call_event,
+            CallMissed: on_call_event,
+            CallEnded: on_call_event,
+        },
+        scope=Scope.SERVICE,
+    )

@@ -10,6 +10,10 @@ The caller hears the outcome on signaling's WebSocket.
 | ``call_missed`` | ``ring_stopped``, then ``missed_call`` |
 | ``call_ended`` | ``ring_stopped``; also ``missed_call`` when the reason is busy or missed |
 
+A ``missed_call`` carries the call's ``media`` from its event (``call_missed``, or
+``call_ended``, which signaling always gives it); ``null`` only for a ``call_ended`` from a
+producer that predates the field (see shared/contracts.py).
+
 In a group call each invitee has their own events (``callee`` = that invitee, ``group``
 set): their ``incoming_call`` and ``missed_call`` carry ``"group"`` (the conversation), so
 a device shows "alice in <group>"; a 1:1 call's have no ``group`` field, as before. A
@@ -25,10 +29,10 @@ ringing (out of order) is not made at all.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from shared.clock import iso
 from shared.contracts import (
     CallAccepted,
     CallCancelled,
@@ -38,6 +42,7 @@ from shared.contracts import (
     CallRinging,
     EndReason,
     Event,
+    MediaKind,
 )
 
 
@@ -81,11 +86,8 @@ class Notice:
 
     @property
     def priority(self) -> Priority:
+        """How urgently its pushes go: decided here only (each push job carries it)."""
         return Priority.HIGH if self.kind is NoticeKind.INCOMING_CALL else Priority.NORMAL
-
-
-def _when(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
 
 
 def _ring_stopped(event: Event, callee: str, call_id: str, reason: RingStopReason) -> Notice:
@@ -93,20 +95,22 @@ def _ring_stopped(event: Event, callee: str, call_id: str, reason: RingStopReaso
         "kind": NoticeKind.RING_STOPPED.value,
         "call_id": call_id,
         "reason": reason.value,
-        "created_at": _when(event.occurred_at),
+        "created_at": iso(event.occurred_at),
     }
     if isinstance(event, CallAccepted):
         fields["device_id"] = event.device_id
     return Notice(callee, NoticeKind.RING_STOPPED, call_id, fields)
 
 
-def _missed(event: Event, caller: str, callee: str, call_id: str, media: str | None) -> Notice:
+def _missed(
+    event: Event, caller: str, callee: str, call_id: str, media: MediaKind | None
+) -> Notice:
     fields: dict[str, Any] = {
         "kind": NoticeKind.MISSED_CALL.value,
         "call_id": call_id,
         "from": caller,
-        "media": media,
-        "created_at": _when(event.occurred_at),
+        "media": media.value if media is not None else None,
+        "created_at": iso(event.occurred_at),
     }
     _name_the_group(fields, event)
     return Notice(callee, NoticeKind.MISSED_CALL, call_id, fields)
@@ -118,20 +122,16 @@ def _name_the_group(fields: dict[str, Any], event: Event) -> None:
         fields["group"] = group
 
 
-def notices_for(event: Event, *, known_media: str | None = None) -> list[Notice]:
-    """The notifications one event makes, in the order they are to be delivered.
-
-    ``known_media`` is the call's media when the event does not carry it (``call_ended``),
-    as remembered from its ``call_ringing``; ``None`` when unknown.
-    """
+def notices_for(event: Event) -> list[Notice]:
+    """The notifications one event makes, in the order they are to be delivered."""
     if isinstance(event, CallRinging):
         fields = {
             "kind": NoticeKind.INCOMING_CALL.value,
             "call_id": event.call_id,
             "from": event.caller,
             "media": event.media.value,
-            "created_at": _when(event.occurred_at),
-            "ring_deadline": _when(event.ring_deadline),
+            "created_at": iso(event.occurred_at),
+            "ring_deadline": iso(event.ring_deadline),
         }
         _name_the_group(fields, event)
         return [Notice(event.callee, NoticeKind.INCOMING_CALL, event.call_id, fields)]
@@ -144,13 +144,13 @@ def notices_for(event: Event, *, known_media: str | None = None) -> list[Notice]
     if isinstance(event, CallMissed):
         return [
             _ring_stopped(event, event.callee, event.call_id, RingStopReason.MISSED),
-            _missed(event, event.caller, event.callee, event.call_id, event.media.value),
+            _missed(event, event.caller, event.callee, event.call_id, event.media),
         ]
     if isinstance(event, CallEnded):
         if event.callee is None:
             return []  # a group call: each invitee's own events stopped its ringing
         notices = [_ring_stopped(event, event.callee, event.call_id, RingStopReason.ENDED)]
         if event.reason in MISSED_END_REASONS:
-            notices.append(_missed(event, event.caller, event.callee, event.call_id, known_media))
+            notices.append(_missed(event, event.caller, event.callee, event.call_id, event.media))
         return notices
     return []

@@ -1,4 +1,4 @@
-"""Push: webhook signing, the address guard, and the worker that delivers queued pushes to
+"""Push: webhook signing and the worker that delivers queued pushes to
 every kind of target (webhooks, and Web Push subscriptions: webpush.py makes their request).
 
 Where pushes wait (nothing is held only in memory, so a restart loses nothing):
@@ -34,14 +34,8 @@ repeating cannot help. An ``incoming_call`` whose ring deadline has passed is dr
 ``expired`` instead of being tried again: a call screen for a call that stopped ringing is
 worse than none.
 
-The guard: a webhook URL must be http(s) (a Web Push endpoint https) and every address its
-host resolves to must be public (not private, loopback, link-local, multicast or reserved;
-an IPv6 form that wraps an IPv4 address, such as NAT64 or 6to4, is judged by that address)
-unless ``NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE`` is set (which also admits http Web Push
-endpoints, for a local test receiver). It is checked at registration and again
-before every attempt (DNS may change), and the request goes to the address that was checked
-(the URL's host stays in ``Host`` and TLS SNI), so DNS rebinding cannot redirect it.
-Redirects are not followed.
+The address guard (guard.py) is checked again before every attempt (DNS may change), and
+the request goes to the address that was checked. Redirects are not followed.
 """
 
 from __future__ import annotations
@@ -51,23 +45,22 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import random
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from prometheus_client import Counter
 from py_vapid import VapidException
 
 from services.notifications import webpush
+from services.notifications.guard import UrlRefused, pinned, resolve_allowed
 from services.notifications.notices import NoticeKind, Priority
 from services.notifications.scheduling import Breakers, FairScheduler, Limits, Queued
 from services.notifications.settings import NotificationsSettings
@@ -76,8 +69,8 @@ from services.notifications.store import (
     DeviceKind,
     NotificationStore,
     PushJob,
-    utc_iso,
 )
+from shared.clock import iso, utcnow
 from shared.service import TaskSet
 
 log = logging.getLogger(__name__)
@@ -85,7 +78,6 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Dmcall-Signature"
 DELIVERY_HEADER = "X-Dmcall-Delivery"
 USER_AGENT = "dmcall-notifications/1.0"
-MAX_URL_LENGTH = 2048
 BACKLOG_FACTOR = 4
 """Jobs held in memory per instance (and per user, per target): this many times the
 concurrency (of the instance, the user, the target)."""
@@ -129,130 +121,30 @@ def backoff_ms(attempt: int, base_ms: int, cap_ms: int, rand: Callable[[], float
     return int(ceiling / 2 + rand() * ceiling / 2)
 
 
-# --------------------------------------------------------------------------- address guard
-
-
-class UrlRefused(ValueError):
-    """A webhook URL that may not be used; ``reason`` is a stable code for clients."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-_GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-"""The NAT64 well-known prefix (RFC 6052): DNS64 answers it for IPv4-only hosts."""
-_SIXTOFOUR = ipaddress.IPv6Network("2002::/16")
-_TEREDO = ipaddress.IPv6Network("2001::/32")
-
-
-def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address] | None:
-    """The IPv4 addresses an IPv6 address stands for, where its form routes to them
-    (IPv4-mapped, NAT64, 6to4, Teredo's server and client); None for any other address."""
-    if ip.ipv4_mapped is not None:
-        return [ip.ipv4_mapped]
-    if ip in _NAT64:
-        return [ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)]
-    if ip.sixtofour is not None:
-        return [ip.sixtofour]
-    if ip.teredo is not None:
-        return list(ip.teredo)
-    return None
-
-
-def is_public_address(address: str) -> bool:
-    """Whether a push may go to ``address``: a global unicast address, judged by the IPv4
-    address inside it when it is an IPv6 form that wraps one (docs/notifications.md)."""
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address):
-        wrapped = embedded_ipv4(ip)
-        if wrapped is not None:
-            return all(_is_public_ipv4(v4) for v4 in wrapped)
-        # Everything else outside 2000::/3 is refused, among it the forms that wrap an IPv4
-        # address but reach no one outside a host or a site: IPv4-compatible ::a.b.c.d
-        # (deprecated), SIIT ::ffff:0:a.b.c.d and NAT64's local-use 64:ff9b:1::/48.
-        return ip in _GLOBAL_UNICAST_V6 and ip.is_global and not ip.is_multicast
-    return _is_public_ipv4(ip)
-
-
-def _is_public_ipv4(ip: ipaddress.IPv4Address) -> bool:
-    return ip.is_global and not ip.is_multicast and not ip.is_reserved
-
-
-def check_push_endpoint(url: str, *, allow_insecure: bool) -> None:
-    """A Web Push endpoint is https (plain http only where private addresses are allowed)."""
-    if not allow_insecure and urlsplit(url).scheme != "https":
-        raise UrlRefused(
-            "insecure_endpoint",
-            "a Web Push endpoint must be https:// (see NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE)",
-        )
-
-
-def check_url_shape(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port) of an acceptable URL, or UrlRefused."""
-    if len(url) > MAX_URL_LENGTH:
-        raise UrlRefused("invalid_url", f"url is longer than {MAX_URL_LENGTH} characters")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise UrlRefused("invalid_url", f"url is not valid: {exc}") from exc
-    if parts.scheme not in ("http", "https"):
-        raise UrlRefused("invalid_url", "url must be http:// or https://")
-    if not parts.hostname:
-        raise UrlRefused("invalid_url", "url has no host")
-    if parts.username is not None or parts.password is not None:
-        raise UrlRefused("invalid_url", "url must not carry credentials")
-    if parts.fragment:
-        raise UrlRefused("invalid_url", "url must not have a fragment")
-    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
-
-
-async def resolve_allowed(url: str, *, allow_private: bool, kind: DeviceKind) -> str:
-    """The address to send to: the URL's host resolved, every address checked."""
-    _scheme, host, port = check_url_shape(url)
-    if kind is DeviceKind.WEBPUSH:
-        check_push_endpoint(url, allow_insecure=allow_private)
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-        )
-    except (OSError, UnicodeError) as exc:
-        raise UrlRefused("unresolvable_host", f"host {host!r} does not resolve") from exc
-    addresses = [str(info[4][0]) for info in infos]
-    if not addresses:
-        raise UrlRefused("unresolvable_host", f"host {host!r} does not resolve")
-    if not allow_private:
-        for address in addresses:
-            if not is_public_address(address):
-                raise UrlRefused(
-                    "private_address",
-                    f"host {host!r} resolves to a private or loopback address; push "
-                    "targets must be public (see NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE)",
-                )
-    return addresses[0]
-
-
-def pinned(url: str, address: str) -> tuple[str, str, str]:
-    """(url with the host replaced by ``address``, Host header, TLS server name)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    literal = f"[{address}]" if ":" in address else address
-    netloc = f"{literal}:{parts.port}" if parts.port else literal
-    host_header = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=netloc)), host_header, host
-
-
 # --------------------------------------------------------------------------- the worker
+
+
+class Outcome(StrEnum):
+    """How one push attempt ended: the delivery log's ``outcome`` and the metric's label."""
+
+    DELIVERED = "delivered"
+    RETRYING = "retrying"
+    DEAD_LETTERED = "dead_lettered"
+    GONE = "gone"
+    """The target is gone for good (410; a push service's 404): the device is removed."""
+    EXPIRED = "expired"
+    """An ``incoming_call`` whose call stopped ringing: not sent."""
+    DROPPED = "dropped"
+    """Not tried: the device was removed (metric only, no device to log it for)."""
+    DEFERRED = "deferred"
+    """Not tried yet: back in the retry queue for a moment, not an attempt (metric only)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """How one attempt went."""
 
-    outcome: str
-    """delivered | retrying | dead_lettered | gone | expired"""
+    outcome: Outcome
     status: int | None = None
     error: str | None = None
     not_before_s: float | None = None
@@ -374,14 +266,14 @@ class PushWorker:
         if job is not None and self.scheduler.is_full(job.user, job.device):
             delay = int(DEFER_MS * (0.5 + self._random.random()))
             await self.store.finish_job(entry_id, retry=(job, _now_ms() + delay))
-            PUSHES.labels("unknown", "deferred").inc()
+            PUSHES.labels("unknown", Outcome.DEFERRED).inc()
             return
         self.scheduler.offer(
             Queued(
                 entry_id=entry_id,
                 user=job.user if job else "",
                 target=job.device if job else "",
-                urgent=job is not None and _is_incoming_call(job),
+                urgent=job is not None and job.priority is Priority.HIGH,
                 job=job,
             )
         )
@@ -413,8 +305,8 @@ class PushWorker:
         device = await self.store.device(job.device)
         if device is None or not device.active:
             await self.store.finish_job(entry_id)  # the target is gone: nothing to do
-            PUSHES.labels(device.kind if device else "unknown", "dropped").inc()
-            return Attempt("dropped")
+            PUSHES.labels(device.kind if device else "unknown", Outcome.DROPPED).inc()
+            return Attempt(Outcome.DROPPED)
         notification = {"id": job.nid, **json.loads(job.notification)}
         started = time.perf_counter()
         attempt = await self._attempt(device, job, notification)
@@ -426,12 +318,12 @@ class PushWorker:
             "outcome": attempt.outcome,
             "status": attempt.status,
             "error": attempt.error,
-            "at": utc_iso(),
+            "at": iso(utcnow()),
             "duration_ms": round((time.perf_counter() - started) * 1000, 1),
         }
         retry = None
         dead = None
-        if attempt.outcome == "retrying":
+        if attempt.outcome is Outcome.RETRYING:
             delay = backoff_ms(
                 job.attempt,
                 self.settings.push_backoff_base_ms,
@@ -440,16 +332,14 @@ class PushWorker:
             )
             if attempt.not_before_s is not None:  # a breaker's cool-off: no sooner than that
                 delay = max(delay, int(attempt.not_before_s * 1000))
-            record["next_attempt_at"] = utc_iso(
-                datetime.fromtimestamp((_now_ms() + delay) / 1000, UTC)
-            )
+            record["next_attempt_at"] = iso(datetime.fromtimestamp((_now_ms() + delay) / 1000, UTC))
             retry = (job.next_attempt(), _now_ms() + delay)
-        elif attempt.outcome == "dead_lettered":
+        elif attempt.outcome is Outcome.DEAD_LETTERED:
             dead = (job.to_json(), attempt.error or f"HTTP {attempt.status}")
         await self.store.finish_job(
             entry_id, record=record, device_id=device.id, retry=retry, dead_letter=dead
         )
-        if attempt.outcome == "gone":
+        if attempt.outcome is Outcome.GONE:
             await self.store.remove_device(device, "gone")
             log.info("device %s answered %s: removed", device.id, attempt.status)
         PUSHES.labels(device.kind, attempt.outcome).inc()
@@ -457,13 +347,8 @@ class PushWorker:
 
     async def _attempt(self, device: Device, job: PushJob, notification: dict[str, Any]) -> Attempt:
         kind = notification.get("kind")
-        priority = Priority.HIGH if kind == NoticeKind.INCOMING_CALL else Priority.NORMAL
         if kind == NoticeKind.INCOMING_CALL and _deadline_passed(notification):
-            return Attempt("expired", error="the call stopped ringing before delivery")
-        try:
-            target = DeviceKind(device.kind)
-        except ValueError:
-            return Attempt("dead_lettered", error=f"unknown device kind {device.kind!r}")
+            return Attempt(Outcome.EXPIRED, error="the call stopped ringing before delivery")
         wait_s = self.breakers.allow(device.id, time.monotonic())
         if wait_s is not None:
             skipped = self._failed(
@@ -474,7 +359,7 @@ class PushWorker:
             )
             return dataclasses.replace(skipped, not_before_s=wait_s)
         try:
-            attempt = await self._request(device, job, notification, target, kind, priority)
+            attempt = await self._request(device, job, notification, kind)
         except BaseException:
             self.breakers.abandoned(device.id)
             raise
@@ -486,7 +371,7 @@ class PushWorker:
                     self.breakers.threshold,
                     self.breakers.cooloff_s,
                 )
-        elif attempt.status is not None or attempt.outcome == "retrying":
+        elif attempt.status is not None or attempt.outcome is Outcome.RETRYING:
             self.breakers.answered(device.id)
         else:
             self.breakers.abandoned(device.id)
@@ -497,32 +382,30 @@ class PushWorker:
         device: Device,
         job: PushJob,
         notification: dict[str, Any],
-        target: DeviceKind,
         kind: Any,
-        priority: Priority,
     ) -> Attempt:
         try:
             address = await resolve_allowed(
-                device.url, allow_private=self.settings.webhook_allow_private, kind=target
+                device.url, allow_private=self.settings.webhook_allow_private, kind=device.kind
             )
         except UrlRefused as exc:
             if exc.reason == "unresolvable_host":
                 return self._failed(job, None, str(exc))
-            return Attempt("dead_lettered", error=str(exc))
+            return Attempt(Outcome.DEAD_LETTERED, error=str(exc))
         payload: dict[str, Any] = {
             "delivery_id": job.id,
             "device_id": device.id,
             "user": job.user,
-            "priority": priority.value,
+            "priority": job.priority.value,
             "notification": notification,
         }
         if "ring_deadline" in notification:
             payload["ring_deadline"] = notification["ring_deadline"]
         body = json.dumps(payload, separators=(",", ":")).encode()
-        if target is DeviceKind.WEBPUSH:
+        if device.kind is DeviceKind.WEBPUSH:
             outgoing = await self._webpush_request(device, job, body, notification)
         else:
-            outgoing = self._webhook_request(device, job, body, priority, str(kind))
+            outgoing = self._webhook_request(device, job, body, str(kind))
         if isinstance(outgoing, Attempt):
             return outgoing
         url, host_header, server_name = pinned(device.url, address)
@@ -547,18 +430,16 @@ class PushWorker:
             return self._failed(job, None, f"{type(exc).__name__}: {exc}")
         status = response.status_code
         if 200 <= status < 300:
-            return Attempt("delivered", status=status)
+            return Attempt(Outcome.DELIVERED, status=status)
         # A push service answers 404 for an expired subscription and 410 for one the user
         # ended (RFC 8030 §7.3, RFC 8292 §4): either way it never comes back.
-        if status == 410 or (status == 404 and target is DeviceKind.WEBPUSH):
-            return Attempt("gone", status=status)
+        if status == 410 or (status == 404 and device.kind is DeviceKind.WEBPUSH):
+            return Attempt(Outcome.GONE, status=status)
         if status >= 500 or status in (408, 429):
             return self._failed(job, status, f"HTTP {status}")
-        return Attempt("dead_lettered", status=status, error=f"HTTP {status} (not retried)")
+        return Attempt(Outcome.DEAD_LETTERED, status=status, error=f"HTTP {status} (not retried)")
 
-    def _webhook_request(
-        self, device: Device, job: PushJob, body: bytes, priority: Priority, kind: str
-    ) -> Outgoing:
+    def _webhook_request(self, device: Device, job: PushJob, body: bytes, kind: str) -> Outgoing:
         return Outgoing(
             body,
             {
@@ -566,7 +447,7 @@ class PushWorker:
                 SIGNATURE_HEADER: sign(device.secret, body, int(time.time())),
                 DELIVERY_HEADER: job.id,
                 "X-Dmcall-Attempt": str(job.attempt),
-                "X-Dmcall-Priority": priority.value,
+                "X-Dmcall-Priority": job.priority.value,
                 "X-Dmcall-Kind": kind,
             },
         )
@@ -577,9 +458,9 @@ class PushWorker:
         """The same JSON a webhook gets, encrypted for the subscriber and VAPID-signed; no
         dmcall headers (the push service does not forward them, and need not see them)."""
         if self.vapid is None:
-            return Attempt("dead_lettered", error="Web Push is disabled in this deployment")
+            return Attempt(Outcome.DEAD_LETTERED, error="Web Push is disabled in this deployment")
         if not device.p256dh or not device.auth:
-            return Attempt("dead_lettered", error="the subscription has no keys")
+            return Attempt(Outcome.DEAD_LETTERED, error="the subscription has no keys")
         try:
             signer = await self.vapid.signer()
         except Exception as exc:  # the shared development key lives in Redis
@@ -590,26 +471,19 @@ class PushWorker:
             )
             authorization = signer.authorization(device.url)
         except (ValueError, VapidException) as exc:
-            return Attempt("dead_lettered", error=f"cannot make the push: {exc}")
+            return Attempt(Outcome.DEAD_LETTERED, error=f"cannot make the push: {exc}")
         headers = {
             "Content-Type": "application/octet-stream",
             "Content-Encoding": webpush.CONTENT_ENCODING,
             "Authorization": authorization,
-            **webpush.delivery_headers(notification, self.webpush_policy),
+            **webpush.delivery_headers(notification, job.priority, self.webpush_policy),
         }
         return Outgoing(encrypted, headers)
 
     def _failed(self, job: PushJob, status: int | None, error: str) -> Attempt:
         if job.attempt >= self.settings.push_max_attempts:
-            return Attempt("dead_lettered", status=status, error=f"{error} (last attempt)")
-        return Attempt("retrying", status=status, error=error)
-
-
-def _is_incoming_call(job: PushJob) -> bool:
-    try:
-        return bool(json.loads(job.notification).get("kind") == NoticeKind.INCOMING_CALL)
-    except (ValueError, AttributeError):
-        return False
+            return Attempt(Outcome.DEAD_LETTERED, status=status, error=f"{error} (last attempt)")
+        return Attempt(Outcome.RETRYING, status=status, error=error)
 
 
 def _deadline_passed(notification: dict[str, Any]) -> bool:

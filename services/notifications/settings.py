@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.notifications.webpush import check_subject, load_private_key
+from services.notifications.vapid import check_subject, load_private_key
 from shared.settings import CommonSettings
 
 DEV_VAPID_SUBJECT = "mailto:webpush@dmcall.invalid"

@@ -17,6 +17,7 @@ mark, or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import secrets
@@ -24,7 +25,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -32,8 +32,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
-from services.notifications.notices import Notice, NoticeKind
+from services.notifications.notices import Notice, NoticeKind, Priority
 from services.notifications.settings import NotificationsSettings
+from shared.clock import iso, utcnow
 from shared.redis import KeySpace
 
 PUSH_GROUP = "push"
@@ -74,11 +75,6 @@ class Keys:
     def once(self, user: str, call_id: str, kind: NoticeKind) -> str:
         # STRING "1", EX once_ttl_s: this (user, call, kind) notification has been made.
         return self._k("once", user, call_id, kind.value)
-
-    def call_media(self, call_id: str) -> str:
-        # STRING the call's media ("audio" | "video") from its call_ringing, EX once_ttl_s,
-        # for the missed_call of a call_ended(busy), which does not carry it.
-        return self._k("call", call_id, "media")
 
     def device(self, device_id: str) -> str:
         # HASH id, user, kind, url, secret, created_at [, p256dh, auth] [, removed_at,
@@ -134,7 +130,7 @@ class Keys:
 
 # KEYS: 1 stream, 2 inbox, 3 notes, 4 unread, 5 devices, 6 push jobs, 7 once, 8 guard
 # ARGV: 1 data, 2 in_inbox, 3 stream_max, 4 inbox_max, 5 once_ttl, 6 stream_ttl, 7 channel,
-#       8 user, 9 use_guard
+#       8 user, 9 use_guard, 10 priority
 # The guard is the once-key of the call's ring_stopped: an incoming_call for a call that
 # already stopped ringing is not made. Returns the new id, or false when nothing was made.
 _ADD_NOTICE = """
@@ -155,7 +151,8 @@ if ARGV[2] == '1' then
 end
 for _, device in ipairs(redis.call('SMEMBERS', KEYS[5])) do
   local job = cjson.encode({id = id .. '.' .. device, device = device, user = ARGV[8],
-                            nid = id, attempt = 1, notification = ARGV[1]})
+                            nid = id, attempt = 1, priority = ARGV[10],
+                            notification = ARGV[1]})
   redis.call('XADD', KEYS[6], '*', 'job', job)
 end
 redis.call('PUBLISH', ARGV[7], id)
@@ -212,10 +209,6 @@ return {#due, tonumber(nxt[2])}
 """
 
 
-def utc_iso(moment: datetime | None = None) -> str:
-    return (moment or datetime.now(UTC)).isoformat().replace("+00:00", "Z")
-
-
 def parse_stream_id(value: str) -> tuple[int, int] | None:
     """``"1732172400000-3"`` -> (1732172400000, 3); None when it is not a stream id."""
     ms, sep, seq = value.partition("-")
@@ -241,7 +234,7 @@ class StreamEntry:
 class Device:
     id: str
     user: str
-    kind: str
+    kind: DeviceKind
     url: str
     secret: str
     created_at: str
@@ -259,7 +252,7 @@ class Device:
         """The device as its owner may see it later: never the secret."""
         return {
             "id": self.id,
-            "kind": self.kind,
+            "kind": self.kind.value,
             "url": self.url,
             "created_at": self.created_at,
             "status": "active" if self.active else "removed",
@@ -277,6 +270,9 @@ class PushJob:
     user: str
     nid: str
     attempt: int
+    priority: Priority
+    """The notification's (:attr:`Notice.priority`), decided when it was made. A job queued
+    by a version that did not record it is pushed at normal priority."""
     notification: str
 
     @classmethod
@@ -288,6 +284,7 @@ class PushJob:
             user=str(data["user"]),
             nid=str(data["nid"]),
             attempt=int(data["attempt"]),
+            priority=Priority(data.get("priority", Priority.NORMAL)),
             notification=str(data["notification"]),
         )
 
@@ -299,15 +296,14 @@ class PushJob:
                 "user": self.user,
                 "nid": self.nid,
                 "attempt": self.attempt,
+                "priority": self.priority.value,
                 "notification": self.notification,
             },
             separators=(",", ":"),
         )
 
     def next_attempt(self) -> PushJob:
-        return PushJob(
-            self.id, self.device, self.user, self.nid, self.attempt + 1, self.notification
-        )
+        return dataclasses.replace(self, attempt=self.attempt + 1)
 
 
 class NotificationStore:
@@ -342,14 +338,8 @@ class NotificationStore:
             k.live_channel(notice.user),
             notice.user,
             "1" if notice.kind is NoticeKind.INCOMING_CALL else "0",
+            notice.priority.value,
         )
-
-    def queue_call_media(self, tx: Pipeline, call_id: str, media: str) -> None:
-        tx.set(self.keys.call_media(call_id), media, ex=self.settings.once_ttl_s)
-
-    async def call_media(self, call_id: str) -> str | None:
-        value = await self.redis.get(self.keys.call_media(call_id))
-        return _s(value) if value is not None else None
 
     # ------------------------------------------------------------------ inbox
 
@@ -457,21 +447,21 @@ class NotificationStore:
 
     # ------------------------------------------------------------------ devices
 
-    async def add_device(self, user: str, kind: str, url: str) -> Device | None:
-        """Registers a push target; None when the user already has the maximum."""
+    async def add_webhook(self, user: str, url: str) -> Device | None:
+        """Registers a webhook; None when the user already has the maximum of devices."""
         k = self.keys
         device = Device(
             id=f"dev_{uuid.uuid4().hex}",
             user=user,
-            kind=kind,
+            kind=DeviceKind.WEBHOOK,
             url=url,
             secret=f"whsec_{secrets.token_urlsafe(32)}",
-            created_at=utc_iso(),
+            created_at=iso(utcnow()),
         )
         fields = {
             "id": device.id,
             "user": user,
-            "kind": kind,
+            "kind": DeviceKind.WEBHOOK.value,
             "url": url,
             "secret": device.secret,
             "created_at": device.created_at,
@@ -501,7 +491,7 @@ class NotificationStore:
             "kind": DeviceKind.WEBPUSH.value,
             "url": endpoint,
             "secret": "",
-            "created_at": utc_iso(),
+            "created_at": iso(utcnow()),
             "p256dh": p256dh,
             "auth": auth,
         }
@@ -531,7 +521,7 @@ class NotificationStore:
         return Device(
             id=fields["id"],
             user=fields["user"],
-            kind=fields["kind"],
+            kind=DeviceKind(fields["kind"]),
             url=fields["url"],
             secret=fields["secret"],
             created_at=fields["created_at"],
@@ -553,11 +543,11 @@ class NotificationStore:
         async with self.redis.pipeline(transaction=True) as tx:
             tx.srem(k.devices(device.user), device.id)
             tx.hset(
-                k.device(device.id), mapping={"removed_at": utc_iso(), "removed_reason": reason}
+                k.device(device.id), mapping={"removed_at": iso(utcnow()), "removed_reason": reason}
             )
             tx.expire(k.device(device.id), keep_s)
             tx.expire(k.deliveries(device.id), keep_s)
-            if device.kind == DeviceKind.WEBPUSH:
+            if device.kind is DeviceKind.WEBPUSH:
                 tx.hdel(k.webpush_endpoints(device.user), _endpoint_field(device.url))
             await tx.execute()
 
@@ -636,7 +626,7 @@ class NotificationStore:
                 job_json, error = dead_letter
                 tx.xadd(
                     k.push_dlq(),
-                    {"job": job_json, "error": error, "at": utc_iso()},
+                    {"job": job_json, "error": error, "at": iso(utcnow())},
                     maxlen=self.settings.dead_letter_max,
                     approximate=True,
                 )

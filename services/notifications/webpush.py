@@ -1,5 +1,6 @@
 """Web Push targets: the browser's subscription, the payload encryption (RFC 8291,
-``aes128gcm``) and the VAPID identity that signs every push (RFC 8292).
+``aes128gcm``), the push headers, and where the VAPID key that signs every push (RFC 8292,
+vapid.py) comes from.
 
 The cryptography is Mozilla's, as pywebpush uses it: ``http-ece`` encrypts, ``py-vapid``
 signs. pywebpush itself is not used: it adds a second HTTP stack (requests and aiohttp)
@@ -27,22 +28,23 @@ import binascii
 import hashlib
 import math
 import re
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import Any
 
 import http_ece
-import py_vapid
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from services.notifications.notices import NoticeKind
-
-if TYPE_CHECKING:
-    from services.notifications.settings import NotificationsSettings
-    from services.notifications.store import NotificationStore
+from services.notifications.notices import NoticeKind, Priority
+from services.notifications.settings import NotificationsSettings
+from services.notifications.store import NotificationStore
+from services.notifications.vapid import (
+    VapidSigner,
+    b64url_encode,
+    generate_private_key,
+    load_private_key,
+    private_key_pem,
+)
 
 CONTENT_ENCODING = "aes128gcm"
 RECORD_SIZE = 4096
@@ -53,18 +55,8 @@ HEADER_BYTES = 16 + 4 + 1 + 65
 MAX_PAYLOAD_BYTES = RECORD_SIZE - HEADER_BYTES - 1 - 16
 P256DH_BYTES = 65
 AUTH_BYTES = 16
-# RFC 8292 §2: a VAPID token lives at most 24 hours; ours are signed per attempt.
-VAPID_TOKEN_LIFETIME_S = 12 * 3600
 TOPIC_LENGTH = 32
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
-_MAILTO = re.compile(r"^mailto:[^@\s]+@[^@\s.]+(\.[^@\s.]+)*$", re.IGNORECASE)
-
-
-class Urgency:
-    """RFC 8030 §5.3 values used here."""
-
-    HIGH = "high"
-    NORMAL = "normal"
 
 
 # --------------------------------------------------------------------------- encodings
@@ -78,10 +70,6 @@ def b64url_decode(value: str) -> bytes:
         return base64.urlsafe_b64decode(value.rstrip("=") + "=" * (-len(value.rstrip("=")) % 4))
     except (binascii.Error, ValueError) as exc:
         raise ValueError("is not valid base64url") from exc
-
-
-def b64url_encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def decode_p256dh(value: str) -> bytes:
@@ -107,99 +95,7 @@ def decode_auth(value: str) -> bytes:
     return raw
 
 
-# --------------------------------------------------------------------------- VAPID keys
-
-
-def load_private_key(text: str) -> ec.EllipticCurvePrivateKey:
-    """A VAPID private key from PEM (PKCS#8 or SEC 1; ``\\n`` escapes allowed, for env
-    files), base64url of the raw 32-byte scalar, or base64url DER. ValueError otherwise."""
-    text = text.strip()
-    try:
-        if "-----BEGIN" in text:
-            pem = text.replace("\\n", "\n").encode()
-            key: Any = serialization.load_pem_private_key(pem, password=None)
-        else:
-            key = py_vapid.Vapid02.from_string(text).private_key
-    except Exception as exc:  # py-vapid raises whatever its decoders raise
-        raise ValueError(
-            "VAPID_PRIVATE_KEY is neither a PEM private key nor base64url of a raw P-256 "
-            "key (python -m tools.vapid makes one)"
-        ) from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise ValueError("VAPID_PRIVATE_KEY must be a P-256 (prime256v1) EC key")
-    return key
-
-
-def generate_private_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def private_key_pem(key: ec.EllipticCurvePrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-
-
-def private_key_raw(key: ec.EllipticCurvePrivateKey) -> str:
-    """base64url of the 32-byte private scalar: the one-line form of VAPID_PRIVATE_KEY."""
-    return b64url_encode(key.private_numbers().private_value.to_bytes(32, "big"))
-
-
-def public_key_b64(key: ec.EllipticCurvePrivateKey) -> str:
-    """The applicationServerKey a browser subscribes with: base64url of the uncompressed
-    public point (65 bytes)."""
-    return b64url_encode(
-        key.public_key().public_bytes(
-            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-        )
-    )
-
-
-def check_subject(subject: str) -> str:
-    """VAPID_SUBJECT must be a ``mailto:`` address or an ``https:`` URL (RFC 8292 §2.1):
-    how a push service's operator reaches you."""
-    if _MAILTO.match(subject):
-        return subject
-    parts = urlsplit(subject)
-    if parts.scheme == "https" and parts.hostname:
-        return subject
-    raise ValueError("VAPID_SUBJECT must be mailto:<address> or an https:// URL")
-
-
-def origin(url: str) -> str:
-    """The origin of a push endpoint, the ``aud`` of its VAPID token (no default port)."""
-    parts = urlsplit(url)
-    default = {"https": 443, "http": 80}.get(parts.scheme)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = parts.port
-    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
-
-
-class VapidSigner:
-    """The service's VAPID identity: one key pair and a contact, signing per push."""
-
-    def __init__(self, key: ec.EllipticCurvePrivateKey, subject: str) -> None:
-        # Our own check_subject is the rule for the subject, not py-vapid's stricter regex.
-        self._vapid = py_vapid.Vapid02(private_key=key, conf={"no-strict": True})
-        self.subject = subject
-        self.public_key = public_key_b64(key)
-
-    def authorization(self, endpoint: str, *, now: float | None = None) -> str:
-        """``vapid t=<ES256 JWT: aud, exp, sub>,k=<public key>`` for a push to ``endpoint``.
-
-        Raises ``py_vapid.VapidException`` when py-vapid refuses the claims (an endpoint
-        whose origin it cannot express, e.g. an IPv6 literal)."""
-        issued = int(time.time() if now is None else now)
-        claims = {
-            "aud": origin(endpoint),
-            "exp": issued + VAPID_TOKEN_LIFETIME_S,
-            "sub": self.subject,
-        }
-        return str(self._vapid.sign(claims)["Authorization"])
+# --------------------------------------------------------------------------- the VAPID key
 
 
 class VapidKeys:
@@ -263,14 +159,21 @@ class DeliveryPolicy:
 
 
 def delivery_headers(
-    notification: dict[str, Any], policy: DeliveryPolicy, *, now: datetime | None = None
+    notification: dict[str, Any],
+    priority: Priority,
+    policy: DeliveryPolicy,
+    *,
+    now: datetime | None = None,
 ) -> dict[str, str]:
     """``TTL``, ``Urgency`` and ``Topic`` (RFC 8030 §5) of one notification's push.
 
-    - ``incoming_call``: urgency high; TTL the seconds left until the ring deadline, so a
-      browser that comes online later is not shown a call that stopped ringing.
-    - ``ring_stopped``: normal; a short TTL.
-    - ``missed_call``: normal; the default TTL.
+    ``Urgency`` is the notification's priority (its values are RFC 8030's ``high`` and
+    ``normal``). ``TTL``, by kind:
+
+    - ``incoming_call``: the seconds left until the ring deadline, so a browser that comes
+      online later is not shown a call that stopped ringing.
+    - ``ring_stopped``: a short TTL.
+    - ``missed_call``: the default TTL.
 
     ``incoming_call`` and ``ring_stopped`` of one call share a Topic: a push service still
     holding the incoming call for an offline browser replaces it with its ring_stopped. A
@@ -279,9 +182,8 @@ def delivery_headers(
     """
     kind = notification.get("kind")
     call_id = str(notification.get("call_id", ""))
-    headers = {"Urgency": Urgency.NORMAL, "TTL": str(policy.default_ttl_s)}
+    headers = {"Urgency": priority.value, "TTL": str(policy.default_ttl_s)}
     if kind == NoticeKind.INCOMING_CALL:
-        headers["Urgency"] = Urgency.HIGH
         headers["TTL"] = str(_seconds_until(notification.get("ring_deadline"), now))
         headers["Topic"] = topic_for(call_id)
     elif kind == NoticeKind.RING_STOPPED:

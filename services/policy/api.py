@@ -9,51 +9,64 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, HTTPException, Path, Query, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from opentelemetry import trace
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool
 
-from services.policy.consumers import FactFromTheFuture, check_not_future
-from services.policy.deps import CurrentUser, EventBus, PlatformPrincipal, Settings, Store
 from services.policy.domain import (
     CallSettings,
+    FactFromTheFuture,
     GroupFacts,
     GroupVerdict,
     NotRung,
     ReportCheck,
     Verdict,
-    check_report,
+    check_not_future,
     decide,
     decide_group,
 )
-from services.policy.fastpath import permission_json
+from services.policy.reports import ReportRefused, Reports, TooManyReports
 from services.policy.settings import PolicySettings
 from services.policy.store import PolicyStore, Relation
+from shared.auth import CurrentUser, PlatformPrincipal
 from shared.bus import BusUnavailable
-from shared.contracts import (
-    CallReported,
-    DenialDetail,
-    MediaKind,
-    RejectReason,
-    ReportReason,
-)
-from shared.ids import USER_ID_PATTERN, CallId, UserId
+from shared.contracts import DenialDetail, MediaKind, RejectReason, ReportReason
+from shared.ids import ID_PATTERN, CallId, UserId
+from shared.service import app_state
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
 
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- dependencies
+
+
+def _state(name: str, kind: type[T]) -> Any:
+    """A dependency on an object the lifespan put on ``app.state`` (``async def``: a plain
+    ``def`` one would cost every request a thread-pool hop)."""
+
+    async def dependency(request: Request) -> T:
+        return app_state(request, name, kind)
+
+    return Depends(dependency)
+
+
+Store = Annotated[PolicyStore, _state("policy_store", PolicyStore)]
+Settings = Annotated[PolicySettings, _state("settings", PolicySettings)]
+ReportDesk = Annotated[Reports, _state("policy_reports", Reports)]
+
 
 # --------------------------------------------------------------------------- parameters
 
 
-UserPath = Annotated[str, Path(pattern=USER_ID_PATTERN, description="A user id")]
-GroupPath = Annotated[
-    str, Path(pattern=USER_ID_PATTERN, description="A group DM conversation's id")
-]
+UserPath = Annotated[str, Path(pattern=ID_PATTERN, description="A user id")]
+GroupPath = Annotated[str, Path(pattern=ID_PATTERN, description="A group DM conversation's id")]
 OccurredAt = Annotated[
     AwareDatetime | None,
     Query(
@@ -294,12 +307,13 @@ def _note(verdict: Verdict, caller: str, callee: str) -> None:
 @router.get("/v1/permissions/{callee}", response_model=Permission, tags=["permissions"])
 async def get_permission(
     callee: UserPath, user: CurrentUser, store: Store, settings: Settings
-) -> Response:
+) -> Permission:
     """May the token user call ``callee`` now? Drives the phone icon in a DM conversation."""
     verdict = decide(await store.facts(user, callee), require_premium=settings.require_premium)
     _note(verdict, user, callee)
-    # The common case is answered by fastpath.py before it gets here; same answer.
-    return Response(permission_json(callee, verdict.reason), media_type="application/json")
+    return Permission(
+        callee=callee, allowed=verdict.allowed, media=list(verdict.media), reason=verdict.reason
+    )
 
 
 def _decide_group(facts: GroupFacts, settings: PolicySettings) -> GroupVerdict:
@@ -400,12 +414,7 @@ REPORT_ANSWERS: dict[int | str, dict[str, Any]] = {
     responses=REPORT_ANSWERS,
 )
 async def report_call(
-    body: ReportBody,
-    user: CurrentUser,
-    store: Store,
-    bus: EventBus,
-    settings: Settings,
-    response: Response,
+    body: ReportBody, user: CurrentUser, reports: ReportDesk, response: Response
 ) -> Report:
     """Report a call: trust and safety get ``call_reported``, and the reported user can no
     longer call the reporter. Only a party of a call policy authorized may report it, and
@@ -413,59 +422,37 @@ async def report_call(
     repeat returns the first (200). New reports are limited per reporter and hour."""
     if body.reported_user == user:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "you cannot report yourself")
-    stored = await store.get_report(user, body.call_id)
-    if stored is not None:
-        response.status_code = status.HTTP_200_OK
-    else:
-        await _check_reportable(body, user, store, settings)
-        event = CallReported(
-            call_id=body.call_id,
-            reporter=user,
-            reported_user=body.reported_user,
-            reason=body.reason,
-        )
-        stored = await store.record_report(event, user, body.call_id)
-        if stored.event_id != event.event_id:  # the same report, concurrently, was first
-            response.status_code = status.HTTP_200_OK
-    assert isinstance(stored, CallReported)
-    await store.block_calls(user, stored.reported_user)
-    if not await store.report_published(user, body.call_id):
-        try:
-            await bus.publish(stored)
-        except BusUnavailable as exc:
-            # Recorded and blocked; a retry of this request publishes the same event.
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE, "broker unavailable; retry the report"
-            ) from exc
-        await store.mark_report_published(stored, user, body.call_id)
-    return Report(
-        call_id=stored.call_id,
-        reporter=stored.reporter,
-        reported_user=stored.reported_user,
-        reason=stored.reason,
-        reported_at=stored.occurred_at,
-    )
-
-
-async def _check_reportable(
-    body: ReportBody, user: str, store: PolicyStore, settings: PolicySettings
-) -> None:
-    """Raises the 429, 404 or 403 a new report gets; every new report counts to the limit."""
-    slot = await store.take_report_slot(user, settings.reports_per_hour)
-    if not slot.allowed:
-        retry_s = max(1, -(-slot.retry_after_ms // 1000))
+    try:
+        filed = await reports.file(user, body.call_id, body.reported_user, body.reason)
+    except TooManyReports as exc:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
-            detail={"message": "too many reports; try again later", "retry_after_s": retry_s},
-            headers={"Retry-After": str(retry_s)},
-        )
-    check = check_report(await store.call_parties(body.call_id), user, body.reported_user)
-    if check is ReportCheck.UNKNOWN_CALL:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "no call of yours with this id")
-    if check is ReportCheck.NOT_THE_OTHER_PARTY:
+            detail={
+                "message": "too many reports; try again later",
+                "retry_after_s": exc.retry_after_s,
+            },
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from exc
+    except ReportRefused as exc:
+        if exc.check is ReportCheck.NOT_THE_OTHER_PARTY:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, "you can report only the other party of this call"
+            ) from exc
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no call of yours with this id") from exc
+    except BusUnavailable as exc:
         raise HTTPException(
-            status.HTTP_403_FORBIDDEN, "you can report only the other party of this call"
-        )
+            status.HTTP_503_SERVICE_UNAVAILABLE, "broker unavailable; retry the report"
+        ) from exc
+    if not filed.new:
+        response.status_code = status.HTTP_200_OK
+    report = filed.report
+    return Report(
+        call_id=report.call_id,
+        reporter=report.reporter,
+        reported_user=report.reported_user,
+        reason=report.reason,
+        reported_at=report.occurred_at,
+    )
 
 
 # --------------------------------------------------------------------------- platform
@@ -475,7 +462,7 @@ def _when(at: datetime | None, settings: PolicySettings) -> datetime:
     if at is None:
         return datetime.now(UTC)
     try:
-        check_not_future(at, settings)
+        check_not_future(at, now=datetime.now(UTC), max_skew_s=settings.max_clock_skew_s)
     except FactFromTheFuture as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
     return at.astimezone(UTC)

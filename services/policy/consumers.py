@@ -30,17 +30,21 @@ adds the joiner, so any of them may report another.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime
 
 from opentelemetry import trace
 from prometheus_client import Counter
 
-from services.policy.domain import GroupVerdict, Verdict, decide, decide_group
+from services.policy.domain import (
+    GroupVerdict,
+    Verdict,
+    check_not_future,
+    decide,
+    decide_group,
+)
 from services.policy.settings import PolicySettings
 from services.policy.store import PolicyStore, Relation
-from shared.bus import Bus, Delivery
+from shared.bus import Bus, Delivery, Handler, Scope
 from shared.contracts import (
     BlockCreated,
     BlockDeleted,
@@ -87,18 +91,6 @@ RELATION_EVENTS: dict[type[RelationEvent], tuple[Relation, bool]] = {
     BlockCreated: (Relation.BLOCKS, True),
     BlockDeleted: (Relation.BLOCKS, False),
 }
-
-
-class FactFromTheFuture(ValueError):
-    """A fact dated beyond the allowed clock skew: refused rather than frozen in place."""
-
-
-def check_not_future(at: datetime, settings: PolicySettings) -> None:
-    limit = datetime.now(UTC) + timedelta(seconds=settings.max_clock_skew_s)
-    if at > limit:
-        raise FactFromTheFuture(
-            f"occurred_at {at.isoformat()} is more than {settings.max_clock_skew_s}s in the future"
-        )
 
 
 def verdict_event(request: CallRequested, verdict: Verdict) -> CallAuthorized | CallRejected:
@@ -148,35 +140,40 @@ def record_on_span(verdict: Verdict) -> None:
         span.set_attribute("dmcall.policy.detail", verdict.detail.value)
 
 
+def register(bus: Bus, store: PolicyStore, settings: PolicySettings) -> None:
+    policy = PolicyConsumers(store, bus, settings)
+    facts: dict[type[Event], Handler] = {
+        UserUpdated: policy.on_user_updated,
+        DmSent: policy.on_dm_sent,
+        GroupMemberAdded: policy.on_group_member,
+        GroupMemberRemoved: policy.on_group_member,
+        GroupMessageSent: policy.on_group_message,
+    }
+    facts.update(dict.fromkeys(RELATION_EVENTS, policy.on_relation))
+    bus.subscribe(FACTS_CONSUMER, facts, scope=Scope.SERVICE)
+    bus.subscribe(
+        VERDICTS_CONSUMER,
+        {
+            CallRequested: policy.on_call_requested,
+            CallParticipantJoined: policy.on_participant_joined,
+        },
+        scope=Scope.SERVICE,
+    )
+
+
 class PolicyConsumers:
     def __init__(self, store: PolicyStore, bus: Bus, settings: PolicySettings) -> None:
         self.store = store
         self.bus = bus
         self.settings = settings
 
-    def register(self) -> None:
-        handlers: dict[type[Event], Callable[[Any, Delivery], Awaitable[None]]] = {
-            UserUpdated: self.on_user_updated,
-            DmSent: self.on_dm_sent,
-        }
-        for model in RELATION_EVENTS:
-            handlers[model] = self.on_relation
-        handlers[GroupMemberAdded] = self.on_group_member
-        handlers[GroupMemberRemoved] = self.on_group_member
-        handlers[GroupMessageSent] = self.on_group_message
-        self.bus.subscribe(FACTS_CONSUMER, handlers)
-        self.bus.subscribe(
-            VERDICTS_CONSUMER,
-            {
-                CallRequested: self.on_call_requested,
-                CallParticipantJoined: self.on_participant_joined,
-            },
-        )
-
     # ---------------------------------------------------------------- facts
 
+    def _not_future(self, at: datetime) -> None:
+        check_not_future(at, now=datetime.now(UTC), max_skew_s=self.settings.max_clock_skew_s)
+
     async def on_user_updated(self, event: UserUpdated, delivery: Delivery) -> None:
-        check_not_future(event.occurred_at, self.settings)
+        self._not_future(event.occurred_at)
         applied = await self.store.update_user(
             event.user_id, premium=event.premium, verified=event.verified, at=event.occurred_at
         )
@@ -185,7 +182,7 @@ class PolicyConsumers:
         log.debug("user.updated %s applied=%s", event.user_id, applied)
 
     async def on_relation(self, event: RelationEvent, delivery: Delivery) -> None:
-        check_not_future(event.occurred_at, self.settings)
+        self._not_future(event.occurred_at)
         relation, present = RELATION_EVENTS[type(event)]
         change = await self.store.set_relation(
             relation, event.user_id, event.other_id, present=present, at=event.occurred_at
@@ -204,7 +201,7 @@ class PolicyConsumers:
         await self.store.record_dm(event.sender, event.recipient)
 
     async def on_group_member(self, event: GroupMemberEvent, delivery: Delivery) -> None:
-        check_not_future(event.occurred_at, self.settings)
+        self._not_future(event.occurred_at)
         change = await self.store.set_group_member(
             event.group_id,
             event.user_id,

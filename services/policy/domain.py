@@ -29,11 +29,16 @@ why someone does not.
 Reports (:func:`check_report`): a call may be reported only by one of its parties, about
 another, and only a call policy authorized (the only calls that reach a callee). A group
 call's parties are its starter, the invitees it rang and anyone who joined it.
+
+Platform facts (:func:`check_not_future`): one dated further in the future than the
+allowed clock skew is refused, from the API and from the bus alike; applied, it would
+freeze its edge against every later change.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from shared.contracts import DenialDetail, MediaKind, RejectReason
@@ -182,6 +187,22 @@ def check_report(
     if reported_user != other:
         return ReportCheck.NOT_THE_OTHER_PARTY
     return ReportCheck.ALLOWED
+
+
+# --------------------------------------------------------------------------- platform facts
+
+
+class FactFromTheFuture(ValueError):
+    """A fact dated beyond the allowed clock skew: refused rather than frozen in place."""
+
+
+def check_not_future(at: datetime, *, now: datetime, max_skew_s: int) -> None:
+    """Raises :class:`FactFromTheFuture` for a fact dated more than ``max_skew_s`` after
+    ``now`` (both aware datetimes)."""
+    if at > now + timedelta(seconds=max_skew_s):
+        raise FactFromTheFuture(
+            f"occurred_at {at.isoformat()} is more than {max_skew_s}s in the future"
+        )
 
 
 # --------------------------------------------------------------------------- group calls

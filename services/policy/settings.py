@@ -45,9 +45,3 @@ class PolicySettings(CommonSettings):
         description="A platform fact whose occurred_at is further in the future than this "
         "is refused: it would otherwise freeze the relation against every later change.",
     )
-    token_cache_size: int = Field(
-        10_000,
-        ge=0,
-        description="Verified bearer tokens remembered (until they expire) so a permission "
-        "query does not verify the same JWT again; 0 turns the cache off.",
-    )

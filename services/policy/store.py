@@ -12,11 +12,10 @@ Group membership is shared/groups.py's :class:`GroupDirectory` (policy writes it
 reads it); who posted in a group is policy's own (``group_posts``).
 
 The permission query reads everything the rule needs in one round trip (one Lua script,
-:data:`_PERMISSION_LUA`), on a lean pipelined connection of its own
-(:mod:`services.policy.redis_pipe`): the queries of one event-loop turn share one write. The
-group query is one script too (:data:`_GROUP_LUA`: every member's facts at once, through
-redis-py). The scripts touch several users' keys, so a Redis Cluster deployment would need
-hash tags; a single primary (with replicas) is what docs/operations.md describes.
+:data:`_PERMISSION_LUA`, run by ``EVALSHA``; redis-py loads it again if Redis lost it). The
+group query is one script too (:data:`_GROUP_LUA`: every member's facts at once). The
+scripts touch several users' keys, so a Redis Cluster deployment would need hash tags; a
+single primary (with replicas) is what docs/operations.md describes.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from services.policy import redis_pipe
 from services.policy.domain import (
     DEFAULT_SETTINGS,
     CallParties,
@@ -41,7 +39,6 @@ from services.policy.domain import (
     GroupFacts,
     MemberFacts,
 )
-from services.policy.redis_pipe import RedisPipe
 from shared.contracts import CallAuthorized, CallRejected, Event, parse_event
 from shared.groups import GroupDirectory
 from shared.redis import KeySpace
@@ -308,15 +305,6 @@ class PolicyStore:
         self._rate = redis.register_script(_RATE_LUA)
         self._group = redis.register_script(_GROUP_LUA)
         self.groups = GroupDirectory(redis, settings)
-        self._pipe = (
-            RedisPipe(settings, _PERMISSION_LUA)
-            if redis_pipe.supports(settings.redis_url)
-            else None
-        )
-
-    def close(self) -> None:
-        if self._pipe is not None:
-            self._pipe.close()
 
     # ---------------------------------------------------------------- facts for the rule
 
@@ -334,10 +322,7 @@ class PolicyStore:
             k.call_blocks(callee),
             k.call_blocks(caller),
         ]
-        if self._pipe is not None:
-            raw = await self._pipe.evalsha(keys, [caller, callee])
-        else:
-            raw = await self._permission(keys=keys, args=[caller, callee])
+        raw = await self._permission(keys=keys, args=[caller, callee])
         return Facts(
             caller=caller,
             callee=callee,

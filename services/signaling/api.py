@@ -21,10 +21,9 @@ from services.signaling.calls import (
 from services.signaling.domain import IllegalTransition
 from shared.auth import CurrentUser
 from shared.contracts import MediaKind
-from shared.ids import CallId, GroupId, UserId
+from shared.ids import CallId, DeviceId, GroupId, UserId
 from shared.service import app_state
 
-DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 router = APIRouter(tags=["calls"])
@@ -46,7 +45,7 @@ class PlaceCall(BaseModel):
         None, description="A group DM conversation: every member but you is invited"
     )
     media: MediaKind
-    device_id: str | None = Field(None, pattern=DEVICE_ID_PATTERN)
+    device_id: DeviceId | None = None
 
     @model_validator(mode="after")
     def _callee_or_group(self) -> PlaceCall:
@@ -57,9 +56,8 @@ class PlaceCall(BaseModel):
 
 class Join(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    device_id: str | None = Field(
+    device_id: DeviceId | None = Field(
         None,
-        pattern=DEVICE_ID_PATTERN,
         description="Your device in the call (call.signal and call.media go to it); "
         "without it, all your devices",
     )
@@ -109,12 +107,7 @@ class MediaHandOff(BaseModel):
 
 class Accept(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
-
-
-class Decline(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    device_id: str | None = Field(None, pattern=DEVICE_ID_PATTERN)
+    device_id: DeviceId
 
 
 def _not_found(call_id: str) -> HTTPException:
@@ -340,9 +333,7 @@ async def media(call_id: CallId, user: CurrentUser, calls: Calls) -> dict[str, A
     summary="Decline on any device: stops all (a group call goes on without you)",
     response_model=CallObject,
 )
-async def decline(
-    call_id: CallId, user: CurrentUser, calls: Calls, body: Decline | None = None
-) -> dict[str, Any]:
+async def decline(call_id: CallId, user: CurrentUser, calls: Calls) -> dict[str, Any]:
     try:
         return (await calls.decline(user, call_id)).public()
     except NotFound:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
 
 from services.signaling import consumers, timers, web
 from services.signaling.api import router
@@ -20,7 +18,6 @@ from shared.media_registry import MediaRegistry
 from shared.service import Runtime, create_service_app
 
 SERVICE = "signaling"
-WEB_DIR = Path(__file__).resolve().parent / "web"
 DESCRIPTION = """Owns every call's state and the devices on WebSockets.
 
 The device WebSocket `GET /v1/ws?token=&device_id=` (docs/signaling.md) closes with:
@@ -88,7 +85,7 @@ def create_app(settings: SignalingSettings | None = None) -> FastAPI:
                 await store.flush_published()
                 await store.instance_gone(settings.instance_id)
 
-    app = create_service_app(
+    return create_service_app(
         service=SERVICE,
         settings=settings,
         routers=[router, ws_router, web.router],
@@ -96,6 +93,3 @@ def create_app(settings: SignalingSettings | None = None) -> FastAPI:
         title="dmcall signaling",
         description=DESCRIPTION,
     )
-    # After every API route, so the web client never shadows one.
-    app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
-    return app

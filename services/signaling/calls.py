@@ -40,7 +40,6 @@ from services.signaling.domain import (
     IllegalTransition,
     ParticipantState,
     VideoState,
-    utcnow,
 )
 from services.signaling.presence import Hub, Push
 from services.signaling.settings import SignalingSettings
@@ -54,6 +53,7 @@ from services.signaling.store import (
 from services.signaling.turn import IceServers
 from shared.auth import MediaGrant, issue_media_token
 from shared.bus import Bus
+from shared.clock import utcnow
 from shared.contracts import (
     CallAuthorized,
     CallMediaConnected,
@@ -106,6 +106,11 @@ MISSED_LATENESS = Histogram(
     "dmcall_signaling_missed_lateness_seconds",
     "How long after its ring deadline a call was marked missed",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5),
+)
+TIME_TO_RING = Histogram(
+    "dmcall_signaling_time_to_ring_seconds",
+    "From a call's placing to its ring pushed to the callee's devices (policy's verdict in)",
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 
 T = TypeVar("T")
@@ -441,7 +446,9 @@ class CallService:
                 ring=event.ring,
             )
 
-        await self._consume(event.call_id, decide, read)
+        ran = await self._consume(event.call_id, decide, read)
+        if ran is not None and ran.step.changes and ran.call.state is CallState.RINGING:
+            TIME_TO_RING.observe(max((utcnow() - ran.call.created_at).total_seconds(), 0.0))
 
     async def rejected(self, event: CallRejected) -> None:
         def decide(call: Call, now: Any, _: None) -> Step[Call]:
@@ -476,14 +483,15 @@ class CallService:
         call_id: str,
         decide: Callable[[Call, Any, Any], Step[Any]],
         read: Callable[[Call], Awaitable[Any]] = _nothing,
-    ) -> None:
+    ) -> Ran | None:
         """Events may come twice or out of order: a step the table refuses is dropped."""
         try:
-            await self._run(call_id, decide, read)
+            return await self._run(call_id, decide, read)
         except NotFound:
             log.warning("event for unknown call %s dropped", call_id)
         except IllegalTransition as exc:
             log.info("event dropped: %s", exc)
+        return None
 
     async def media_peer(self, event: CallMediaPeer) -> None:
         """A participant's media stopped or flows again: every other joined one hears."""

@@ -10,8 +10,11 @@ step the table refuses, and is dropped (see ``CallService._consume``).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 from services.signaling.calls import CallService
-from shared.bus import Bus, Delivery, Scope
+from shared.bus import Bus, Delivery, Handler, Scope
 from shared.contracts import (
     CallAuthorized,
     CallMediaConnected,
@@ -25,33 +28,25 @@ CONSUMER = "calls"
 
 
 def register(bus: Bus, service: CallService) -> None:
-    async def on_authorized(event: CallAuthorized, delivery: Delivery) -> None:
-        await service.authorized(event)
-
-    async def on_rejected(event: CallRejected, delivery: Delivery) -> None:
-        await service.rejected(event)
-
-    async def on_media_connected(event: CallMediaConnected, delivery: Delivery) -> None:
-        await service.media_connected(event)
-
-    async def on_media_failed(event: CallMediaFailed, delivery: Delivery) -> None:
-        await service.media_failed(event)
-
-    async def on_media_peer(event: CallMediaPeer, delivery: Delivery) -> None:
-        await service.media_peer(event)
-
-    async def on_node_draining(event: MediaNodeDraining, delivery: Delivery) -> None:
-        await service.node_draining(event)
-
     bus.subscribe(
         CONSUMER,
         {
-            CallAuthorized: on_authorized,
-            CallRejected: on_rejected,
-            CallMediaConnected: on_media_connected,
-            CallMediaFailed: on_media_failed,
-            CallMediaPeer: on_media_peer,
-            MediaNodeDraining: on_node_draining,
+            CallAuthorized: _step(service.authorized),
+            CallRejected: _step(service.rejected),
+            CallMediaConnected: _step(service.media_connected),
+            CallMediaFailed: _step(service.media_failed),
+            CallMediaPeer: _step(service.media_peer),
+            MediaNodeDraining: _step(service.node_draining),
         },
         scope=Scope.SERVICE,
     )
+
+
+def _step(step: Callable[[Any], Awaitable[None]]) -> Handler:
+    """A handler that hands the event to one of the service's steps (the delivery is not
+    needed: the step's commit is idempotent through the transition table)."""
+
+    async def handle(event: Any, delivery: Delivery) -> None:
+        await step(event)
+
+    return handle

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from shared.clock import iso, utcnow
 from shared.contracts import CallState, EndReason, EventType, MediaKind, RejectReason
 
 
@@ -228,14 +229,6 @@ def call_rule(
     if rule is None or not (rule.by & actors):
         raise IllegalTransition(state, action, call_id)
     return rule
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
 
 
 class Role(StrEnum):
@@ -503,10 +496,6 @@ class Call:
             object.__setattr__(self, "participants", one_to_one_participants(self))
 
     @property
-    def is_group(self) -> bool:
-        return self.group is not None
-
-    @property
     def peer(self) -> str:
         """A 1:1 call's callee (never asked of a group call)."""
         assert self.callee is not None, "a group call has no callee"
@@ -523,12 +512,6 @@ class Call:
 
     def ringing(self) -> list[str]:
         return sorted(u for u, p in self.participants.items() if p.state is P.RINGING)
-
-    def ever_answered(self) -> bool:
-        """Someone besides the caller joined at some point."""
-        return any(
-            p.joined_at is not None for u, p in self.participants.items() if u != self.caller
-        )
 
     def device_of(self, user: str) -> str | None:
         if self.group is None:
@@ -583,10 +566,6 @@ class Call:
         if self.group is None:
             return [self.other(user)]
         return [u for u in self.joined() if u != user]
-
-    @property
-    def is_final(self) -> bool:
-        return self.state in FINAL_STATES
 
     def duration_s(self, now: datetime | None = None) -> float:
         if self.answered_at is None:

@@ -79,8 +79,6 @@ class Push:
     message: dict[str, Any]
     devices: frozenset[str] | None = None
     except_devices: frozenset[str] = frozenset()
-    per_device: Mapping[str, dict[str, Any]] = field(default_factory=dict)
-    """Extra fields for a given device (e.g. the answering device's media token)."""
     newest: int | None = None
     """At most this many of the devices, the most recently connected."""
 
@@ -179,10 +177,6 @@ class Hub:
                 log.debug("closing %s/%s failed", user, device_id, exc_info=True)
         self._local.clear()
 
-    @property
-    def local_count(self) -> int:
-        return len(self._local)
-
     # ------------------------------------------------------------------ delivery
 
     async def deliver(self, pushes: Sequence[Push]) -> None:
@@ -203,8 +197,7 @@ class Hub:
                     continue
                 if device_id in push.except_devices:
                     continue
-                message = {**push.message, **push.per_device.get(device_id, {})}
-                by_instance[instance_id].append([push.user, device_id, message])
+                by_instance[instance_id].append([push.user, device_id, push.message])
                 sent += 1
         await asyncio.gather(*(self._send(i, items) for i, items in by_instance.items()))
 

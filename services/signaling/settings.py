@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.signaling.turn import ICE_URL, needs_credentials
+from services.signaling.ice_urls import check_ice_url, needs_credentials
 from shared.settings import CommonSettings, Environment
 
 TURN_SECRET_MIN_LENGTH = 16
@@ -151,21 +151,7 @@ class SignalingSettings(CommonSettings):
     @field_validator("turn_urls")
     @classmethod
     def _ice_urls(cls, urls: list[str]) -> list[str]:
-        out = []
-        for raw in urls:
-            url = raw.strip()
-            match = ICE_URL.fullmatch(url)
-            if match is None:
-                raise ValueError(
-                    f"TURN_URLS: {raw!r} is not a stun:, turn: or turns: URL "
-                    "(host[:port], turn ones with an optional ?transport=udp|tcp)"
-                )
-            if match["scheme"] == "stun" and match["query"]:
-                raise ValueError(f"TURN_URLS: {raw!r}: a stun: URL takes no ?transport")
-            if match["port"] is not None and not 0 < int(match["port"]) < 65536:
-                raise ValueError(f"TURN_URLS: {raw!r}: port out of range")
-            out.append(url)
-        return out
+        return [check_ice_url(raw) for raw in urls]
 
     @model_validator(mode="after")
     def _turn_secret_when_relaying(self) -> SignalingSettings:

@@ -744,12 +744,9 @@ class CallStore:
 
     # ------------------------------------------------------------------ ring timers
 
-    async def due_rings(self, now_ms: int, limit: int = 100) -> list[str]:
-        ids = await self.redis.zrangebyscore(self.ring_key, "-inf", now_ms, start=0, num=limit)
-        return [_text(i) for i in ids]
-
     async def ring_poll(self, now_ms: int, limit: int = 100) -> tuple[list[str], int | None]:
-        """:meth:`due_rings` and the earliest deadline still waiting, in one round trip."""
+        """The calls whose ring deadline is past (at most ``limit``) and the earliest deadline
+        still waiting, in one round trip."""
         due, first = await self._ring_poll(keys=[self.ring_key], args=[now_ms, limit])
         return [_text(i) for i in due], int(first) if first else None
 

@@ -16,27 +16,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from services.signaling.settings import SignalingSettings
-
-# RFC 7064 / RFC 7065 URIs as RTCIceServer.urls takes them: scheme, host (name, IPv4 or
-# [IPv6]), optional port; TURN ones optionally ?transport=udp|tcp.
-ICE_URL = re.compile(
-    r"^(?P<scheme>stun|turns?):"
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])"
-    r"(?::(?P<port>[0-9]{1,5}))?"
-    r"(?P<query>\?transport=(?:udp|tcp))?$"
-)
-
-
-def needs_credentials(url: str) -> bool:
-    """A ``turn:``/``turns:`` URL: the browser needs a username and credential for it."""
-    return url.startswith(("turn:", "turns:"))
+from services.signaling.ice_urls import needs_credentials
+from services.signaling.settings import SignalingSettings
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,15 +12,15 @@ exists only outside production (a real deployment's apps carry the platform's to
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from services.signaling.settings import SignalingSettings
 from shared.auth import issue_token
-from shared.ids import USER_ID_PATTERN
+from shared.ids import UserId
 from shared.service import app_state
 
 WEB_ROOT = Path(__file__).resolve().parent / "web"
@@ -88,7 +88,7 @@ async def config(request: Request) -> JSONResponse:
 
 
 class DevTokenRequest(BaseModel):
-    user: Annotated[str, Field(pattern=USER_ID_PATTERN)]
+    user: UserId
 
 
 class DevToken(BaseModel):

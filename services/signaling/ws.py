@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,13 +19,11 @@ from services.signaling.domain import AudioState, IllegalTransition, VideoState
 from services.signaling.presence import CloseCode, Hub
 from services.signaling.settings import SignalingSettings
 from shared.auth import AuthError, TokenVerifier, authenticate_websocket
-from shared.ids import is_user_id
+from shared.ids import is_id
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
-
-_DEVICE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def _error(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -76,7 +73,7 @@ async def device_socket(websocket: WebSocket) -> None:
         await websocket.close(CloseCode.UNAUTHORIZED, "unauthorized")
         return
     device_id = websocket.query_params.get("device_id", "")
-    if not _DEVICE_RE.fullmatch(device_id):
+    if not is_id(device_id):
         await websocket.send_json(
             _error("bad_request", "device_id must be 1-64 of A-Z a-z 0-9 _ -")
         )
@@ -171,12 +168,12 @@ async def _handle_frame(
         return await _media_state(message, session, calls, settings)
     call_id = message.get("call_id")
     payload = message.get("payload")
-    if not isinstance(call_id, str) or not is_user_id(call_id):
+    if not is_id(call_id):
         return _error("bad_request", "call.signal needs a call_id string")
     if not isinstance(payload, dict):
         return _error("bad_request", "call.signal needs a payload object", call_id=call_id)
     to = message.get("to")
-    if to is not None and (not isinstance(to, str) or not is_user_id(to)):
+    if to is not None and not is_id(to):
         return _error("bad_request", "call.signal's to must be a user id", call_id=call_id)
     try:
         await calls.relay_signal(session.user, session.device_id, call_id, payload, to=to)
@@ -201,7 +198,7 @@ async def _media_state(
 ) -> dict[str, Any] | None:
     """``call.media_state``: this party's microphone and camera, for the other party."""
     call_id = message.get("call_id")
-    if not isinstance(call_id, str) or not is_user_id(call_id):
+    if not is_id(call_id):
         return _error("bad_request", "call.media_state needs a call_id string")
     raw_audio, raw_video = message.get("audio"), message.get("video")
     try:

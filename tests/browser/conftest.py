@@ -28,10 +28,11 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
+import tools.stack
 from shared.auth import issue_token
 from shared.settings import CommonSettings
 from tools import seed
-from tools.procs import ROOT, ServiceProcess
+from tools.stack import ROOT, ServiceProcess
 
 CHROMIUM = os.environ.get("DMCALL_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -109,7 +110,7 @@ def _text(payload: str | bytes) -> str:
 
 
 @pytest.fixture
-def make_stack(spawn: Callable[..., ServiceProcess]) -> Iterator[Callable[..., Stack]]:
+def make_stack(service_stack: tools.stack.Stack) -> Iterator[Callable[..., Stack]]:
     stacks: list[Stack] = []
 
     def build(
@@ -119,24 +120,18 @@ def make_stack(spawn: Callable[..., ServiceProcess]) -> Iterator[Callable[..., S
         media_env: dict[str, str] | None = None,
         **signaling_env: str,
     ) -> Stack:
-        policy = spawn("policy", wait=False)
-        notifications = spawn("notifications", wait=False)
-        nodes = [
-            spawn("media", wait=False, MEDIA_NODE_ID=f"media-{n}", **(media_env or {}))
-            for n in range(1, (media_nodes if media else 0) + 1)
-        ]
-        node = nodes[0] if nodes else None
-        signaling = spawn(
-            "signaling",
-            wait=False,
-            SIGNALING_POLICY_URL=policy.url,
-            SIGNALING_NOTIFICATIONS_URL=notifications.url,
-            **signaling_env,
+        services = service_stack.start_all(
+            media_nodes=media_nodes if media else 0, media_env=media_env, **signaling_env
         )
-        for proc in (policy, notifications, *nodes, signaling):
-            proc.wait_ready(timeout=60)
+        policy, nodes = services.of("policy")[0], services.of("media")
         seed.seed(policy.url)
-        stack = Stack(signaling, policy, notifications, node, nodes)
+        stack = Stack(
+            services.of("signaling")[0],
+            policy,
+            services.of("notifications")[0],
+            nodes[0] if nodes else None,
+            nodes,
+        )
         stacks.append(stack)
         return stack
 

@@ -27,7 +27,7 @@ from tests.browser.conftest import (
     video_frames_decoded,
     wait_until,
 )
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 

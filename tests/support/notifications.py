@@ -13,7 +13,7 @@ import httpx
 
 from shared.contracts import CallRinging, Event, MediaKind
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 Publish = Callable[[Event], Awaitable[None]]
 

@@ -30,7 +30,7 @@ from shared.groups import GroupDirectory
 from shared.media_registry import MediaNode, MediaRegistry
 from shared.settings import CommonSettings
 from tests.support.waiting import eventually
-from tools.procs import ServiceProcess
+from tools.stack import ServiceProcess
 
 NODE = MediaNode(node_id="media-test-1", url="http://127.0.0.1:9/", capacity=50, load=0)
 """The media node the registry hands out where no media service runs (nothing answers at

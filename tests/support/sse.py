@@ -29,6 +29,8 @@ class SseStream:
     def __init__(self, response: httpx.Response) -> None:
         self.response = response
         self.messages: asyncio.Queue[SseMessage] = asyncio.Queue()
+        self.started = asyncio.Event()
+        """Set once the first message arrived: the server has read where the stream starts."""
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -37,9 +39,11 @@ class SseStream:
             if line == "":
                 if fields:
                     await self.messages.put(SseMessage(**fields))
+                    self.started.set()
                     fields = {}
             elif line.startswith(":"):
                 await self.messages.put(SseMessage(comment=line[1:].strip()))
+                self.started.set()
             else:
                 name, _, value = line.partition(":")
                 fields[name] = value[1:] if value.startswith(" ") else value
@@ -84,6 +88,10 @@ async def open_stream(
         assert resp.headers["content-type"].startswith("text/event-stream")
         stream = SseStream(resp)
         try:
+            # The headers come before the server reads where a new stream starts (its first
+            # line, the retry advice, comes after): what is published before that is not in
+            # the stream. Waiting for the first line, nothing published from here on is lost.
+            await asyncio.wait_for(stream.started.wait(), 10.0)
             yield stream
         finally:
             await stream.close()

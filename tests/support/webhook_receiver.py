@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from tools.procs import free_port
+from tools.stack import free_port
 
 HANG = -1
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import uvloop
 from rich.console import Console
 
-from shared import telemetry
+from shared import gc_tuning
 from shared.settings import DEV_JWT_SECRET
 from tools import infra
 from tools.loadtest.config import DEFAULT_MIX, LoadConfig, format_mix, parse_mix
-from tools.loadtest.deployment import Deployment, raise_fd_limit, start_local
+from tools.loadtest.deployment import LOAD_ENV, Deployment, raise_fd_limit, start_local
 from tools.loadtest.tokens import TokenSource, TokenSourceError
 
 
@@ -101,20 +101,18 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--scenario",
-        choices=["calls", "idle", "storm", "media"],
+        choices=["calls", "idle", "storm"],
         default="calls",
         help="calls: the call mix at --rate (default); idle: --idle-devices idle WebSockets "
         "on one signaling process, memory per device; storm: --storm-calls calls left "
-        "ringing at once, each must go missed once (lateness after ring_deadline); media: "
-        "--media-calls answered calls sending VP8+Opus through the SFU for --duration "
-        "(loss, SFU CPU per stream)",
+        "ringing at once, each must go missed once (lateness after ring_deadline); the "
+        "SFU's figures are make bench-media's",
     )
     scale = p.add_argument_group("scale runs")
     scale.add_argument("--idle-devices", type=int, default=10_000)
     scale.add_argument("--idle-hold", type=float, default=10.0, help="seconds to hold them")
     scale.add_argument("--storm-calls", type=int, default=50_000)
     scale.add_argument("--storm-pairs", type=int, default=1_000, help="caller/callee pairs")
-    scale.add_argument("--media-calls", type=int, default=5)
     load = p.add_argument_group("load")
     load.add_argument(
         "--rate",
@@ -218,13 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()
     deployment: Deployment
     if start:
-        env = dict(args.service_env)
-        env.setdefault("SIGNALING_RING_TIMEOUT_S", f"{ring_timeout:g}")
+        env = {**LOAD_ENV, "SIGNALING_RING_TIMEOUT_S": f"{ring_timeout:g}"}
         console.print("starting the services on free ports...")
         deployment = start_local(
             args.output / f"logs-{stamp}",
-            env=env,
-            media=not args.no_media,
+            ("policy", "notifications", "signaling", *([] if args.no_media else ["media"])),
+            env={**env, **dict(args.service_env)},
             rabbitmq_url=args.rabbitmq_url,
             redis_url=args.redis_url,
         )
@@ -243,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     floor_urls = None if args.no_floor else (args.rabbitmq_url, args.redis_url)
     # The generator holds thousands of sockets and calls too: its own collection pauses
     # would show up as latency (a pause of 100 ms or more is logged).
-    telemetry.tune_gc()
+    gc_tuning.tune()
     try:
         if args.scenario == "calls":
             report = uvloop.run(
@@ -265,7 +262,6 @@ def main(argv: list[str] | None = None) -> int:
                     idle_hold_s=args.idle_hold,
                     storm_calls=args.storm_calls,
                     storm_pairs=args.storm_pairs,
-                    media_calls=args.media_calls,
                 )
             )
     finally:

@@ -1,9 +1,11 @@
-"""The deployment under load: given URLs, or services the harness starts itself on free
-ports against the local RabbitMQ and Redis, in a namespace of their own.
+"""The deployment under load: given URLs, or services the harness (or a benchmark) starts
+itself on free ports against the local RabbitMQ and Redis, in a namespace of their own.
 
-Started services get the settings a load run needs (a short ring timeout so missed calls
-finish within the run, placing-rate limits out of the way); ``--service-env`` adds or
-overrides any. Their logs go to the run's output directory; their keys are removed and
+:func:`start_local` is the one place the harness and the benchmarks start services (a
+tools/stack.py Stack of their own). The
+load run gives them the settings it needs (``LOAD_ENV``: a short ring timeout so missed
+calls finish within the run, placing-rate limits out of the way); ``--service-env`` adds
+or overrides any. Their logs go to the run's output directory; their keys are removed and
 their queues expire when the run ends.
 """
 
@@ -11,25 +13,20 @@ from __future__ import annotations
 
 import os
 import resource
-import uuid
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import redis as sync_redis
+from shared.settings import CommonSettings
+from tools.stack import ServiceProcess, Stack
 
-from tools import infra
-from tools.procs import ServiceProcess, free_port
-
-SERVICES = ("policy", "signaling", "notifications", "media")
-
-# Settings for services the harness starts. Unknown variables are ignored by the
-# services' settings classes, so naming one a service does not (yet) read is harmless.
+# Every started service, on top of Stack.isolated's test environment: queues expire once
+# the deployment is gone.
+BASE_ENV = {"LOG_LEVEL": "WARNING", "BUS_QUEUE_EXPIRES_MS": "120000"}
+# What a load run adds. Unknown variables are ignored by the services' settings classes,
+# so naming one a service does not (yet) read is harmless.
 LOAD_ENV = {
-    "DMCALL_ENV": "test",
-    "LOG_LEVEL": "WARNING",
-    "BUS_QUEUE_EXPIRES_MS": "120000",
     "BUS_PREFETCH": "256",
-    "SIGNALING_RING_TIMEOUT_S": "3",
     "SIGNALING_CALLS_PER_MINUTE": "100000",
 }
 
@@ -80,14 +77,20 @@ class Deployment:
     signaling_url: str
     policy_url: str
     notifications_url: str | None
-    media_urls: list[str] = field(default_factory=list)
-    namespace: str | None = None
-    processes: list[ServiceProcess] = field(default_factory=list)
-    redis_url: str = infra.DEFAULT_REDIS_URL
+    stack: Stack | None = None
+    """The services the harness started (none when it was given URLs)."""
 
     @property
     def ws_base(self) -> str:
         return "ws" + self.signaling_url.removeprefix("http")
+
+    @property
+    def processes(self) -> list[ServiceProcess]:
+        return self.stack.processes if self.stack else []
+
+    @property
+    def namespace(self) -> str | None:
+        return self.stack.namespace if self.stack else None
 
     @property
     def local(self) -> bool:
@@ -100,6 +103,14 @@ class Deployment:
             if p.proc is not None
         }
 
+    def urls(self, service: str) -> list[str]:
+        return [p.url for p in self.processes if p.service == service]
+
+    def settings(self) -> CommonSettings:
+        """Settings for a client of the started services (namespace, broker, Redis)."""
+        assert self.stack is not None
+        return self.stack.settings()
+
     def pid(self, service: str) -> int | None:
         for p in self.processes:
             if p.service == service and p.proc is not None:
@@ -107,76 +118,36 @@ class Deployment:
         return None
 
     def stop(self) -> None:
-        for proc in reversed(self.processes):
-            proc.stop()
-        if self.namespace:
-            client = sync_redis.Redis.from_url(self.redis_url)
-            try:
-                batch = list(client.scan_iter(match=f"dmcall:{self.namespace}:*", count=1000))
-                for start in range(0, len(batch), 500):
-                    client.delete(*batch[start : start + 500])
-            finally:
-                client.close()
+        if self.stack:
+            self.stack.stop()
 
 
 def start_local(
     log_dir: Path,
+    services: Sequence[str] = ("policy", "notifications", "signaling", "media"),
     *,
     env: dict[str, str] | None = None,
-    media: bool = True,
-    signaling_instances: int = 1,
     rabbitmq_url: str | None = None,
     redis_url: str | None = None,
 ) -> Deployment:
-    """Start the services on free ports in a fresh namespace; waits until they are ready."""
-    if not infra.ensure(quiet=True):
-        raise RuntimeError("RabbitMQ and Redis must answer to start the services locally")
+    """Start ``services`` (a name twice: two instances) with ``env`` over ``BASE_ENV``, in a
+    stack of their own (tools/stack.py: free ports, a fresh namespace); waits until they
+    are ready."""
+    servers = {"RABBITMQ_URL": rabbitmq_url, "REDIS_URL": redis_url}
+    given = {name: url for name, url in servers.items() if url}
+    stack = Stack.isolated("lt", log_dir, **{**given, **BASE_ENV, **(env or {})})
     raise_fd_limit()
-    namespace = f"lt{uuid.uuid4().hex[:10]}"
-    base = {
-        "RABBITMQ_URL": rabbitmq_url or os.environ.get("RABBITMQ_URL", infra.DEFAULT_RABBITMQ_URL),
-        "REDIS_URL": redis_url or os.environ.get("REDIS_URL", infra.DEFAULT_REDIS_URL),
-        **LOAD_ENV,
-        "DMCALL_NAMESPACE": namespace,
-        **(env or {}),
-    }
-    log_dir.mkdir(parents=True, exist_ok=True)
-    wanted = ["policy", "notifications", *(["signaling"] * signaling_instances)]
-    if media:
-        wanted.append("media")
-    procs: list[ServiceProcess] = []
-    counts: dict[str, int] = {}
-    for service in wanted:
-        index = counts.get(service, 0)
-        counts[service] = index + 1
-        port = free_port()
-        extra = {"DMCALL_INSTANCE_ID": f"{namespace}-{service}-{index}"}
-        if service == "media":
-            extra["MEDIA_NODE_ID"] = f"{namespace}-media-{index}"
-            extra["MEDIA_PUBLIC_URL"] = f"http://127.0.0.1:{port}"
-        procs.append(
-            ServiceProcess(
-                service,
-                port,
-                env={**base, **extra},
-                log_path=log_dir / f"{service}-{index}.log",
-            )
-        )
-    deployment = Deployment(
-        signaling_url=next(p.url for p in procs if p.service == "signaling"),
-        policy_url=next(p.url for p in procs if p.service == "policy"),
-        notifications_url=next(p.url for p in procs if p.service == "notifications"),
-        media_urls=[p.url for p in procs if p.service == "media"],
-        namespace=namespace,
-        processes=procs,
-        redis_url=base["REDIS_URL"],
-    )
     try:
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.wait_ready(timeout=60)
+        for service in services:
+            stack.start(service)
+        stack.wait_ready()
     except BaseException:
-        deployment.stop()
+        stack.stop()
         raise
-    return deployment
+
+    def first(service: str) -> str | None:
+        return next((p.url for p in stack.of(service)), None)
+
+    return Deployment(
+        first("signaling") or "", first("policy") or "", first("notifications"), stack
+    )

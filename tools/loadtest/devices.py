@@ -116,7 +116,6 @@ class Router:
         """``tap`` sees every message first; when it returns True the message is its alone."""
         self._tap = tap
         self.tracks: dict[str, CallTrack] = {}
-        self.unrouted = 0
         self.late = 0
         self._finished: set[str] = set()
         self.messages = 0
@@ -140,7 +139,6 @@ class Router:
             return
         call_id = item.message.get("call_id")
         if not isinstance(call_id, str):
-            self.unrouted += 1
             return
         if call_id in self._finished:
             self.late += 1
@@ -159,7 +157,6 @@ class Device:
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self.closed_unexpectedly = False
-        self.close_reason = ""
         self._closing = False
         self.retries = 0
         """Connects that failed and were tried again."""
@@ -205,8 +202,8 @@ class Device:
                     continue
                 if isinstance(message, dict):
                     router.deliver(Received(at, wall, self.user, self.device_id, message))
-        except websockets.ConnectionClosed as exc:
-            self.close_reason = str(exc)
+        except websockets.ConnectionClosed:
+            pass
         finally:
             if not self._closing:
                 self.closed_unexpectedly = True

@@ -53,6 +53,18 @@ def summarize(values: list[float]) -> dict[str, float | int]:
     }
 
 
+def latency_line(name: str, values_ms: list[float], quantiles: tuple[float, ...]) -> str:
+    """One line of a benchmark's printed figures: count, the percentiles, max and mean."""
+    ordered = sorted(values_ms)
+    if not ordered:
+        return f"{name:<34} no samples"
+    cells = "".join(f" p{q:g}={percentile(ordered, q):7.1f} ms" for q in quantiles)
+    return (
+        f"{name:<34} n={len(ordered):<5}{cells} max={ordered[-1]:7.1f} ms "
+        f"mean={sum(ordered) / len(ordered):7.1f} ms"
+    )
+
+
 @dataclass
 class Recorder:
     """Collects everything in memory (a run is minutes, so a list of floats is fine)."""

@@ -15,29 +15,19 @@ import asyncio
 import contextlib
 import random
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rich.console import Console
 
 from tools.loadtest.deployment import Deployment, process_stats
-from tools.loadtest.devices import Device, Received, Router, incoming_for, state_for
+from tools.loadtest.devices import Device, Received, Router
 from tools.loadtest.http import HttpClient, HttpError
 from tools.loadtest.metrics import Metric, Recorder, summarize
-from tools.loadtest.population import Group, Population, User, set_up_facts
+from tools.loadtest.population import bounded, connected_pairs
 from tools.loadtest.scenarios import parse_time
 from tools.loadtest.tokens import TokenSource
-
-
-async def _bounded(jobs: list[Callable[[], Awaitable[None]]], concurrency: int) -> None:
-    queue = deque(jobs)
-
-    async def worker() -> None:
-        while queue:
-            await queue.popleft()()
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
 async def run_idle(
@@ -85,12 +75,12 @@ async def run_idle(
 
     # A first hundred devices warm the process up (imports, pools, caches), so the
     # baseline and the per-device figure are about sockets, not start-up.
-    await _bounded([job(d) for d in made[:warm]], 32)
+    await bounded([job(d) for d in made[:warm]], 32)
     await asyncio.sleep(2)
     base = process_stats(pid) if pid else None
     console.print(f"connecting {devices} idle devices...")
     started = time.monotonic()
-    await _bounded([job(d) for d in made[warm:]], 64)
+    await bounded([job(d) for d in made[warm:]], 64)
     connect_s = time.monotonic() - started
     connected = process_stats(pid) if pid else None
     console.print(f"  connected in {connect_s:.1f}s; holding {hold_s:g}s")
@@ -111,7 +101,7 @@ async def run_idle(
         except Exception:
             errors["ping_unanswered"] += 1
     still_open = sum(1 for d in made if not d.closed_unexpectedly)
-    await _bounded([d.close for d in made], 256)
+    await bounded([d.close for d in made], 256)
     report: dict[str, Any] = {
         "devices": devices,
         "connected_and_still_open": still_open,
@@ -180,21 +170,12 @@ async def run_storm(
     router = Router(tap=on_message)
     signaling = HttpClient(deployment.signaling_url, size=256)
     policy = HttpClient(deployment.policy_url, size=32)
-    groups = [
-        Group(
-            i, [User(uid, tokens.user(uid)) for uid in (f"ls{run_id}-{i}-a", f"ls{run_id}-{i}-b")]
-        )
-        for i in range(pairs)
-    ]
-    population = Population(run_id, groups, [])
-    console.print(f"storm: {pairs} pairs, facts...")
-    await set_up_facts(population, policy, tokens, concurrency=32)
-    for group in groups:
-        for user in group.users:
-            user.devices.append(
-                Device(deployment.ws_base, user.id, f"{user.id}-d0", user.token, router)
-            )
-    await _bounded([d.connect for d in population.devices], 64)
+    console.print(f"storm: {pairs} pairs, facts and devices...")
+    ws = (deployment.ws_base, deployment.ws_base)
+    population = await connected_pairs(
+        f"ls{run_id}", pairs, policy, tokens, router, ws, concurrency=32
+    )
+    groups = population.groups
     placed: list[str] = []
     errors: Counter[str] = Counter()
     console.print(f"storm: placing {calls} calls at {rate:g}/s...")
@@ -254,7 +235,7 @@ async def run_storm(
         recorder.samples.setdefault(Metric.MISSED_LATENESS, []).append(
             (got.at - recorder.started, (got.wall - deadline) * 1000)
         )
-    await _bounded([d.close for d in population.devices], 256)
+    await bounded([d.close for d in population.devices], 256)
     await signaling.close()
     await policy.close()
     return (
@@ -287,223 +268,3 @@ def _peak_ringing(rang_at: dict[str, float], missed_at: dict[str, Received]) -> 
         ringing += step
         peak = max(peak, ringing)
     return peak
-
-
-async def run_media(
-    deployment: Deployment,
-    tokens: TokenSource,
-    *,
-    calls: int,
-    duration_s: float,
-    event_timeout_s: float,
-    console: Console,
-    run_id: str,
-) -> dict[str, Any]:
-    """N answered calls through the public API, each party then sending VP8 + Opus through
-    the SFU with the media token signaling gave it (the media benchmark's aiortc client,
-    tools/media_client.py, and its pre-encoded media): packet loss per kind, the share of
-    video frames delivered, and the SFU's CPU per stream (when the harness started it).
-
-    The clients run in this process, on the same two cores as the SFU.
-    """
-    import httpx
-
-    from tools.media_client import MediaClient
-
-    video, audio = _encoded_media()
-    router = Router()
-    signaling = HttpClient(deployment.signaling_url, size=32)
-    policy = HttpClient(deployment.policy_url, size=16)
-    groups = [
-        Group(
-            i, [User(uid, tokens.user(uid)) for uid in (f"lm{run_id}-{i}-a", f"lm{run_id}-{i}-b")]
-        )
-        for i in range(calls)
-    ]
-    population = Population(run_id, groups, [])
-    await set_up_facts(population, policy, tokens, concurrency=16)
-    for user in population.users:
-        user.devices.append(
-            Device(deployment.ws_base, user.id, f"{user.id}-d0", user.token, router)
-        )
-    await _bounded([d.connect for d in population.devices], 32)
-    errors: Counter[str] = Counter()
-    legs: list[tuple[str, User, str, str, MediaClient]] = []
-    console.print(f"media: placing and answering {calls} calls...")
-    for group in groups:
-        caller, callee = group.users
-        response = await signaling.request(
-            "POST",
-            "/v1/calls",
-            token=caller.token,
-            json_body={"callee": callee.id, "media": "video"},
-        )
-        if response.status != 202:
-            errors[f"place_{response.status}"] += 1
-            continue
-        call_id = response.json()["call_id"]
-        track = router.track(call_id)
-        if await track.wait(incoming_for(callee.id), event_timeout_s) is None:
-            errors["never_rang"] += 1
-            continue
-        accepted = await signaling.request(
-            "POST",
-            f"/v1/calls/{call_id}/accept",
-            token=callee.token,
-            json_body={"device_id": callee.devices[0].device_id},
-        )
-        if accepted.status != 200:
-            errors[f"accept_{accepted.status}"] += 1
-            continue
-        offer = accepted.json()
-        state = await track.wait(state_for(caller.id, "accepted"), event_timeout_s)
-        if state is None or not state.message.get("media_token"):
-            errors["caller_got_no_media_token"] += 1
-            continue
-        legs.append(
-            (
-                call_id,
-                caller,
-                state.message["media_url"],
-                state.message["media_token"],
-                MediaClient(video, audio, record=False, light=True),
-            )
-        )
-        legs.append(
-            (
-                call_id,
-                callee,
-                offer["media_url"],
-                offer["media_token"],
-                MediaClient(video, audio, record=False, light=True),
-            )
-        )
-    media_pid = deployment.pid("media")
-    async with httpx.AsyncClient(timeout=60) as http:
-        started = time.monotonic()
-        for _call_id, _user, url, token, client in legs:
-            answer = await client.connect(url, token, http)
-            if answer.status_code != 201:
-                errors[f"session_{answer.status_code}"] += 1
-        for _ in range(300):
-            if all(c.received["video"].packets > 0 for *_, c in legs):
-                break
-            await asyncio.sleep(0.2)
-        media_up_s = time.monotonic() - started
-        # A call moved to another node (a drain, a crash) is followed, as the web client does.
-        urls = {id(client): url for _c, _u, url, _t, client in legs}
-        rejoins: Counter[str] = Counter()
-        followers = [
-            asyncio.create_task(
-                _follow_moves(router.track(call_id), user.id, client, http, urls, rejoins)
-            )
-            for call_id, user, _url, _token, client in legs
-        ]
-        console.print(f"  {len(legs)} legs sending; measuring {duration_s:g}s")
-        before = process_stats(media_pid)["cpu_s"] if media_pid else None
-        for *_, client in legs:
-            client.measuring = True
-        window_started = time.monotonic()
-        await asyncio.sleep(duration_s)
-        for *_, client in legs:
-            client.measuring = False
-        window_s = time.monotonic() - window_started
-        after = process_stats(media_pid)["cpu_s"] if media_pid else None
-        for follower in followers:
-            follower.cancel()
-        await asyncio.gather(*followers, return_exceptions=True)
-        for _call_id, _user, _url, token, client in legs:
-            if client.location is not None:
-                with contextlib.suppress(Exception):
-                    await client.leave(http, url_base(client.location, urls[id(client)]), token)
-        await asyncio.gather(*(c.close() for *_, c in legs), return_exceptions=True)
-    by_call: dict[str, list[MediaClient]] = {}
-    for call_id, _user, _url, _token, client in legs:
-        by_call.setdefault(call_id, []).append(client)
-    loss: dict[str, float | None] = {}
-    frames_sent = frames_got = 0
-    for kind in ("video", "audio"):
-        expected = received = 0
-        for pair in by_call.values():
-            if len(pair) != 2:
-                continue
-            for receiver in pair:
-                seqs = receiver.received[kind].window_seqs
-                expected += (max(seqs) - min(seqs) + 1) if seqs else 0
-                received += len(seqs)
-        loss[kind] = round(1 - received / expected, 5) if expected else None
-    for pair in by_call.values():
-        if len(pair) == 2:
-            for sender, receiver in ((pair[0], pair[1]), (pair[1], pair[0])):
-                frames_sent += sender.sent["video"].window_frames
-                frames_got += receiver.received["video"].window_frames
-    for group in groups:
-        caller = group.users[0]
-        for call_id in [c for c, u, *_ in legs if u is caller]:
-            with contextlib.suppress(Exception):
-                await signaling.request(
-                    "POST", f"/v1/calls/{call_id}/hangup", token=caller.token, json_body={}
-                )
-    await _bounded([d.close for d in population.devices], 64)
-    await signaling.close()
-    await policy.close()
-    streams = len(legs)
-    report: dict[str, Any] = {
-        "calls": calls,
-        "streams": streams,
-        "media_up_seconds": round(media_up_s, 1),
-        "window_s": round(window_s, 1),
-        "loss": loss,
-        "video_frames_delivered": round(frames_got / frames_sent, 4) if frames_sent else None,
-        "rejoins": dict(rejoins),
-        "errors": dict(errors),
-        "lost": {},
-    }
-    if before is not None and after is not None and streams:
-        report["sfu_cpu_s_per_stream_per_30s"] = round(
-            (after - before) / streams * 30 / window_s, 3
-        )
-        report["sfu_cpu_percent"] = round((after - before) / window_s * 100, 1)
-    return report
-
-
-async def _follow_moves(
-    track: Any,
-    user_id: str,
-    client: Any,
-    http: Any,
-    urls: dict[int, str],
-    outcomes: Counter[str],
-) -> None:
-    """Rejoin wherever ``call.media`` sends this party (its call moved to another node)."""
-    seen = 0
-    while True:
-        moves = [r for r in track.received if r.user == user_id and r.type == "call.media"]
-        for item in moves[seen:]:
-            url, media_token = item.message["media_url"], item.message["media_token"]
-            answer = await client.rejoin(url, media_token, http)
-            if answer.status_code == 201:
-                urls[id(client)] = url
-                outcomes["rejoined"] += 1
-            else:
-                outcomes[f"rejoin_{answer.status_code}"] += 1
-        seen = len(moves)
-        await asyncio.sleep(0.1)
-
-
-def url_base(location: str, media_url: str) -> str:
-    """The node's base URL for a session ``Location`` (relative to the node)."""
-    if location.startswith("http"):
-        return ""
-    return media_url.split("/v1/rooms/", 1)[0]
-
-
-def _encoded_media() -> tuple[Any, Any]:
-    """The media benchmark's pre-encoded VP8 640x480 ~1 Mbps and Opus (cached on disk)."""
-    import pickle
-
-    from tools.bench_media import _media
-
-    with open(_media(3.0), "rb") as fh:
-        video, audio = pickle.load(fh)
-    return video, audio

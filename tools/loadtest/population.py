@@ -57,10 +57,6 @@ class Population:
     def devices(self) -> list[Device]:
         return [d for u in self.users for d in u.devices]
 
-    @property
-    def free_groups(self) -> int:
-        return len(self._free)
-
     def acquire(self) -> Group | None:
         return self._free.popleft() if self._free else None
 
@@ -97,7 +93,7 @@ def plan(
     return Population(run_id, made, strangers)
 
 
-async def _bounded(jobs: Iterable[Callable[[], Awaitable[None]]], concurrency: int) -> None:
+async def bounded(jobs: Iterable[Callable[[], Awaitable[None]]], concurrency: int) -> None:
     queue: deque[Callable[[], Awaitable[None]]] = deque(jobs)
 
     async def worker() -> None:
@@ -107,20 +103,45 @@ async def _bounded(jobs: Iterable[Callable[[], Awaitable[None]]], concurrency: i
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def set_up_facts(
-    population: Population,
+async def connected_pairs(
+    prefix: str,
+    count: int,
     policy: HttpClient,
     tokens: TokenSource,
+    router: Router,
+    ws_bases: tuple[str, str],
     *,
     concurrency: int,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> int:
-    """Tell policy the facts (through the platform API); returns how many were sent."""
-    platform = tokens.platform_token()
-    requests: list[tuple[str, str, dict[str, object] | None]] = []
+) -> Population:
+    """``count`` caller/callee pairs (``{prefix}-{i}-a`` calls ``{prefix}-{i}-b``) with the
+    facts that allow it, one device each, connected: the caller's to ``ws_bases[0]``, the
+    callee's to ``ws_bases[1]`` (two signaling instances, or the same one twice)."""
+    population = Population(
+        prefix,
+        [
+            Group(i, [User(u, tokens.user(u)) for u in (f"{prefix}-{i}-a", f"{prefix}-{i}-b")])
+            for i in range(count)
+        ],
+        [],
+    )
+    await set_up_facts(group_facts(population), policy, tokens, concurrency=concurrency)
+    for group in population.groups:
+        for user, ws_base in zip(group.users, ws_bases, strict=True):
+            user.devices.append(Device(ws_base, user.id, f"{user.id}-d0", user.token, router))
+    await bounded([d.connect for d in population.devices], 2 * concurrency)
+    return population
+
+
+Fact = tuple[str, str, dict[str, object] | None]
+"""One platform API request (method, path, JSON body) that tells policy a fact."""
+
+
+def group_facts(population: Population) -> list[Fact]:
+    """Within each group: everyone premium, following and DMed by everyone else."""
+    facts: list[Fact] = []
     for group in population.groups:
         for user in group.users:
-            requests.append(
+            facts.append(
                 ("PUT", f"/v1/platform/users/{user.id}", {"premium": True, "verified": False})
             )
         for caller in group.users:
@@ -128,18 +149,24 @@ async def set_up_facts(
                 if caller is callee:
                     continue
                 follow = f"/v1/platform/users/{callee.id}/following/{caller.id}"
-                requests.append(("PUT", follow, None))
-                requests.append(
+                facts.append(("PUT", follow, None))
+                facts.append(
                     ("POST", "/v1/platform/dms", {"sender": callee.id, "recipient": caller.id})
                 )
-    done = 0
+    return facts
+
+
+async def set_up_facts(
+    facts: list[Fact], policy: HttpClient, tokens: TokenSource, *, concurrency: int
+) -> int:
+    """Tell policy the facts (through the platform API); returns how many were sent."""
+    platform = tokens.platform_token()
     failures: list[str] = []
 
     def job(
         method: str, path: str, body: dict[str, object] | None
     ) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
-            nonlocal done
             for attempt in range(3):
                 try:
                     response = await policy.request(method, path, token=platform, json_body=body)
@@ -154,19 +181,16 @@ async def set_up_facts(
                     failures.append(f"{method} {path}: {response.status} {response.body[:200]!r}")
                     break
                 await asyncio.sleep(0.2 * (attempt + 1))
-            done += 1
-            if on_progress is not None and done % 200 == 0:
-                on_progress(done, len(requests))
 
         return run
 
-    await _bounded((job(*r) for r in requests), concurrency)
+    await bounded((job(*f) for f in facts), concurrency)
     if failures:
         raise SetupError(
             f"{len(failures)} platform facts were refused, e.g. {failures[0]} "
             "(is the token's scope 'platform', and the policy URL right?)"
         )
-    return len(requests)
+    return len(facts)
 
 
 async def check_facts(population: Population, policy: HttpClient, *, within: float = 15.0) -> None:
@@ -205,18 +229,14 @@ async def connect_devices(
     min_devices: int,
     max_devices: int,
     concurrency: int = 64,
-    on_progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Give every user one to three devices (uniformly) and open their WebSockets."""
     for user in population.users:
         for k in range(rng.randint(min_devices, max_devices)):
             user.devices.append(Device(ws_base, user.id, f"{user.id}-d{k}", user.token, router))
-    devices = population.devices
-    opened = 0
 
     def job(device: Device) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
-            nonlocal opened
             for attempt in range(3):
                 try:
                     await device.connect()
@@ -228,10 +248,7 @@ async def connect_devices(
                             f"device {device.device_id} cannot connect: {exc!r}"
                         ) from exc
                     await asyncio.sleep(0.5)
-            opened += 1
-            if on_progress is not None and opened % 200 == 0:
-                on_progress(opened, len(devices))
 
         return run
 
-    await _bounded((job(d) for d in devices), concurrency)
+    await bounded((job(d) for d in population.devices), concurrency)

@@ -24,8 +24,12 @@ def _py_spy() -> str | None:
 
 
 class Profiler:
-    def __init__(self, deployment: Deployment, out_dir: Path, stamp: str) -> None:
+    def __init__(
+        self, deployment: Deployment, out_dir: Path, stamp: str, skip: tuple[str, ...] = ("media",)
+    ) -> None:
+        """Records the deployment's processes but those of the services in ``skip``."""
         self._deployment = deployment
+        self._skip = skip
         self._out_dir = out_dir
         self._stamp = stamp
         self._procs: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
@@ -36,7 +40,7 @@ class Profiler:
             raise RuntimeError("py-spy is not installed (it is in the dev dependencies)")
         self._out_dir.mkdir(parents=True, exist_ok=True)
         for proc in self._deployment.processes:
-            if proc.proc is None or proc.service == "media":
+            if proc.proc is None or proc.service in self._skip:
                 continue
             out = self._out_dir / f"profile-{self._stamp}-{proc.service}-{proc.port}.txt"
             spy = subprocess.Popen(
@@ -124,3 +128,19 @@ def summarize_raw(text: str, top: int = 15) -> dict[str, object]:
         "by_package": share(by_package, 20),
         "our_code_inclusive": share(ours, 25),
     }
+
+
+def summary_lines(profiles: dict[str, dict[str, object]], top: int = 10) -> list[str]:
+    """The printed summary of :meth:`Profiler.finish`: per process, the leading packages and
+    the leading functions of our own code (inclusive)."""
+    lines = []
+    for name, prof in profiles.items():
+        lines.append(f"py-spy {name}: {prof['samples']} samples (GIL held)")
+        for title, key in (
+            ("by package", "by_package"),
+            ("our code, inclusive", "our_code_inclusive"),
+        ):
+            lines.append(f"  {title}:")
+            for row in prof[key][:top]:  # type: ignore[index]
+                lines.append(f"    {row['share'] * 100:5.1f}%  {row['function']}")
+    return lines

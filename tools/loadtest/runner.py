@@ -28,6 +28,7 @@ from tools.loadtest.devices import Router
 from tools.loadtest.floor import measure_floor
 from tools.loadtest.http import HttpClient
 from tools.loadtest.metrics import Metric, Recorder
+from tools.loadtest.profiling import Profiler, summary_lines
 from tools.loadtest.report import build_report, print_summary, write_json, write_png
 from tools.loadtest.scenarios import Context, run_one
 from tools.loadtest.sse import NotificationFeed
@@ -50,6 +51,16 @@ def environment() -> dict[str, Any]:
 def _self_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_used(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, float]:
+    """CPU seconds each started process used between two ``Deployment.stats()``."""
+    return {
+        name: round(after[name]["cpu_s"] - before.get(name, {"cpu_s": 0.0})["cpu_s"], 2)
+        for name in after
+    }
 
 
 def _choose(rng: random.Random, mix: dict[Outcome, float]) -> Outcome:
@@ -131,7 +142,9 @@ async def run_calls(
     groups_made = len(population.groups)
     console.print(f"setting up {users} users in {groups_made} groups (platform facts)...")
     setup_started = time.monotonic()
-    facts = await pop.set_up_facts(population, policy, tokens, concurrency=config.setup_concurrency)
+    facts = await pop.set_up_facts(
+        pop.group_facts(population), policy, tokens, concurrency=config.setup_concurrency
+    )
     await pop.check_facts(population, policy)
     took = time.monotonic() - setup_started
     console.print(f"  {facts} facts in {took:.1f}s; connecting devices...")
@@ -160,8 +173,6 @@ async def run_calls(
     machine_before = machine_cpu_seconds()
     profiler = None
     if config.profile and deployment.local:
-        from tools.loadtest.profiling import Profiler
-
         profiler = Profiler(deployment, config.output_dir, stamp)
         profiler.start(config.duration_s * len(config.schedule()))
     recorder.started = time.monotonic()
@@ -206,10 +217,7 @@ async def run_calls(
     if dropped:
         recorder.error("ws_closed_by_server", f"{dropped} devices")
     profile = profiler.finish() if profiler is not None else None
-    cpu = {
-        name: round(after[name]["cpu_s"] - before.get(name, {"cpu_s": 0.0})["cpu_s"], 2)
-        for name in after
-    }
+    cpu = _cpu_used(before, after)
     cpu["loadtest"] = round(self_cpu, 2)
     ours = sum(cpu.values())
     # The machine is shared: what everything else used (RabbitMQ, Redis, other work).
@@ -258,15 +266,8 @@ async def run_calls(
     write_json(report, out / f"report-{stamp}.json")
     write_png(recorder, report, out / f"report-{stamp}.png")
     print_summary(report, console)
-    for name, prof in (profile or {}).items():
-        console.print(f"[bold]py-spy {name}[/bold]: {prof['samples']} samples (GIL held)")
-        for title, key in (
-            ("by package", "by_package"),
-            ("our code, inclusive", "our_code_inclusive"),
-        ):
-            console.print(f"  {title}:")
-            for row in prof[key][:10]:  # type: ignore[index]
-                console.print(f"    {row['share'] * 100:5.1f}%  {row['function']}")
+    for line in summary_lines(profile or {}):
+        console.print(line, markup=False, highlight=False)
     console.print(f"report: {out / f'report-{stamp}.json'}  picture: {out / f'report-{stamp}.png'}")
     return report
 
@@ -284,9 +285,8 @@ async def run_scale(
     idle_hold_s: float,
     storm_calls: int,
     storm_pairs: int,
-    media_calls: int = 5,
 ) -> dict[str, Any]:
-    """The idle-devices, missed-storm and media runs (see tools/loadtest/modes.py)."""
+    """The idle-devices and missed-storm runs (see tools/loadtest/modes.py)."""
     from tools.loadtest import modes
 
     env = environment()
@@ -304,16 +304,6 @@ async def run_scale(
             console=console,
             run_id=run_id,
         )
-    elif scenario == "media":
-        result = await modes.run_media(
-            deployment,
-            tokens,
-            calls=media_calls,
-            duration_s=config.duration_s,
-            event_timeout_s=config.event_timeout_s,
-            console=console,
-            run_id=run_id,
-        )
     else:
         result, recorder = await modes.run_storm(
             deployment,
@@ -327,10 +317,7 @@ async def run_scale(
         )
     after = deployment.stats()
     env["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    cpu = {
-        name: round(after[name]["cpu_s"] - before.get(name, {"cpu_s": 0.0})["cpu_s"], 2)
-        for name in after
-    }
+    cpu = _cpu_used(before, after)
     cpu["machine_total"] = round(machine_cpu_seconds() - machine_before, 2)
     report = {
         "version": 1,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jwt
 
-from shared.ids import is_user_id
+from shared.ids import is_id
 
 
 class TokenSourceError(ValueError):
@@ -50,7 +50,7 @@ class TokenSource:
             raise TokenSourceError(
                 f"{path}: expected {{'platform': token, 'users': {{user_id: token}}}}"
             )
-        bad = [u for u, t in users.items() if not is_user_id(u) or not isinstance(t, str)]
+        bad = [u for u, t in users.items() if not is_id(u) or not isinstance(t, str)]
         if bad:
             raise TokenSourceError(f"{path}: invalid user ids or tokens: {bad[:5]}")
         return cls(fixed=dict(users), platform=platform)

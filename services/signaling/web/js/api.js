@@ -106,9 +106,7 @@ export class Api {
   accept(callId, deviceId) {
     return this.signaling(`/v1/calls/${callId}/accept`, { method: "POST", json: { device_id: deviceId } });
   }
-  decline(callId, deviceId) {
-    return this.signaling(`/v1/calls/${callId}/decline`, { method: "POST", json: { device_id: deviceId } });
-  }
+  decline(callId) { return this.signaling(`/v1/calls/${callId}/decline`, { method: "POST", json: {} }); }
   // A fresh media grant for an answered call, on a live node (the call moved if its node is gone).
   media(callId) { return this.signaling(`/v1/calls/${callId}/media`, { method: "POST", json: {} }); }
   hangup(callId) { return this.signaling(`/v1/calls/${callId}/hangup`, { method: "POST", json: {} }); }

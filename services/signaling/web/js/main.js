@@ -790,7 +790,7 @@ $("incoming-decline").addEventListener("click", async () => {
   const call = state.shownIncoming;
   if (!call) return;
   stopRinging(call.call_id);
-  try { await state.api.decline(call.call_id, state.deviceId); } catch { /* already over */ }
+  try { await state.api.decline(call.call_id); } catch { /* already over */ }
 });
 
 $("incoming-accept").addEventListener("click", async () => {

@@ -7,7 +7,7 @@ Opus (a "stream"), so the clients spend no CPU encoding. The same calls go throu
 - the forwarding SFU (``python -m services.media``, a real node with broker and Redis),
 - the same node with one group call of ``--group-size`` participants (6), each
   publishing a stream that goes to every other one: size x (size - 1) forwarded streams,
-- the transcoding path: aiortc's ``MediaRelay`` (tools/bench_media_transcoder.py),
+- the transcoding path: aiortc's ``MediaRelay`` (tools/loadtest/transcoder.py),
 
 one after the other in the same run. A *forwarded stream* is one published stream
 delivered to one subscriber (in a 1:1 call each stream is forwarded once), so the CPU
@@ -19,7 +19,8 @@ and the delay inside the server: for the SFU, from a packet's arrival to the sen
 forwarded copy, every packet (its own ``node_forward_delay_ms``); for the transcoder,
 from a video frame's last packet in to the re-encoded frame out.
 
-    python -m tools.bench_media --calls 5 --duration 20 [--group-size 6] [--transcode-calls 2]
+    python -m tools.loadtest.bench_media --calls 5 --duration 20 [--group-size 6]
+        [--transcode-calls 2]
 
 Clients run in worker processes (``--workers``) apart from the server measured.
 """
@@ -31,26 +32,54 @@ import asyncio
 import json
 import os
 import pickle
-import pstats
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tools import infra
-from tools.procs import ROOT, free_port
+from tools.loadtest.deployment import process_stats, start_local
+from tools.loadtest.profiling import Profiler, summary_lines
+from tools.stack import ROOT, free_port
 
 CACHE = ROOT / ".run" / "bench-media"
 NODE = "bench"
 
 
 # --------------------------------------------------------------------------- worker side
+
+
+def received(flow: Any) -> dict[str, int]:
+    """What one receiving flow got in the measured window (gaps in the sequence: loss)."""
+    seqs = flow.window_seqs
+    return {
+        "received_packets": len(seqs),
+        "expected_packets": (max(seqs) - min(seqs) + 1) if seqs else 0,
+        "received_frames": flow.window_frames,
+    }
+
+
+async def _measure_when_told(clients: list[Any], results: Callable[[], list[Any]]) -> None:
+    """Say READY; then, on stdin, MARK opens the measured window and STOP closes it, prints
+    ``RESULT <json>`` and ends the clients."""
+    print("READY", flush=True)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while (line := (await reader.readline()).decode().strip()) not in ("STOP", ""):
+        if line == "MARK":
+            for client in clients:
+                client.measuring = True
+    for client in clients:
+        client.measuring = False
+    print("RESULT " + json.dumps(results()), flush=True)
+    await asyncio.gather(*(c.close() for c in clients))
 
 
 async def _group_worker(args: argparse.Namespace, video: Any, audio: Any) -> None:
@@ -87,50 +116,37 @@ async def _group_worker(args: argparse.Namespace, video: Any, audio: Any) -> Non
             if all(receiving_all(c) for c in clients.values()):
                 break
             await asyncio.sleep(0.2)
-        print("READY", flush=True)
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        while True:
-            line = (await reader.readline()).decode().strip()
-            if line == "MARK":
-                for c in clients.values():
-                    c.measuring = True
-            elif line in ("STOP", ""):
-                for c in clients.values():
-                    c.measuring = False
-                results: list[dict[str, Any]] = []
-                for user, c in clients.items():
-                    kinds = {t.mid: t.kind for t in c.pc.getTransceivers()}
-                    users = c.slot_users()
-                    for kind in ("video", "audio"):
-                        sent = c.sent[kind]
-                        results.append(
-                            {
-                                "role": "sent",
-                                "user": user,
-                                "kind": kind,
-                                "sent_packets": sent.window_packets,
-                                "sent_frames": sent.window_frames,
-                            }
-                        )
-                    for mid, got in c.by_mid.items():
-                        seqs = got.window_seqs
-                        results.append(
-                            {
-                                "role": "received",
-                                "call_id": call_id,
-                                "from": users.get(mid),
-                                "to": user,
-                                "kind": kinds.get(mid),
-                                "received_packets": len(seqs),
-                                "expected_packets": (max(seqs) - min(seqs) + 1) if seqs else 0,
-                                "received_frames": got.window_frames,
-                            }
-                        )
-                print("RESULT " + json.dumps(results), flush=True)
-                break
-        await asyncio.gather(*(c.close() for c in clients.values()))
+
+        def results() -> list[dict[str, Any]]:
+            records: list[dict[str, Any]] = []
+            for user, c in clients.items():
+                kinds = {t.mid: t.kind for t in c.pc.getTransceivers()}
+                users = c.slot_users()
+                for kind in ("video", "audio"):
+                    sent = c.sent[kind]
+                    records.append(
+                        {
+                            "role": "sent",
+                            "user": user,
+                            "kind": kind,
+                            "sent_packets": sent.window_packets,
+                            "sent_frames": sent.window_frames,
+                        }
+                    )
+                for mid, got in c.by_mid.items():
+                    records.append(
+                        {
+                            "role": "received",
+                            "call_id": call_id,
+                            "from": users.get(mid),
+                            "to": user,
+                            "kind": kinds.get(mid),
+                            **received(got),
+                        }
+                    )
+            return records
+
+        await _measure_when_told(list(clients.values()), results)
 
 
 def _group_flows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -183,59 +199,29 @@ async def _worker(args: argparse.Namespace, video: Any, audio: Any) -> None:
             if all(c.received["video"].packets > 0 for _, a, b in calls for c in (a, b)):
                 break
             await asyncio.sleep(0.2)
-        print("READY", flush=True)
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        results: list[dict[str, Any]] = []
-        while True:
-            line = (await reader.readline()).decode().strip()
-            if line == "MARK":
-                for _, a, b in calls:
-                    a.measuring = b.measuring = True
-            elif line in ("STOP", ""):
-                for _, a, b in calls:
-                    a.measuring = b.measuring = False
-                for call_id, a, b in calls:
-                    for sender, receiver in ((a, b), (b, a)):
-                        for kind in ("video", "audio"):
-                            sent, got = sender.sent[kind], receiver.received[kind]
-                            seqs = got.window_seqs
-                            results.append(
-                                {
-                                    "call_id": call_id,
-                                    "kind": kind,
-                                    "sent_packets": sent.window_packets,
-                                    "sent_frames": sent.window_frames,
-                                    "received_packets": len(seqs),
-                                    "expected_packets": (max(seqs) - min(seqs) + 1) if seqs else 0,
-                                    "received_frames": got.window_frames,
-                                }
-                            )
-                print("RESULT " + json.dumps(results), flush=True)
-                break
-        await asyncio.gather(*(c.close() for _, a, b in calls for c in (a, b)))
+
+        def results() -> list[dict[str, Any]]:
+            return [
+                {
+                    "call_id": call_id,
+                    "kind": kind,
+                    "sent_packets": sender.sent[kind].window_packets,
+                    "sent_frames": sender.sent[kind].window_frames,
+                    **received(receiver.received[kind]),
+                }
+                for call_id, a, b in calls
+                for sender, receiver in ((a, b), (b, a))
+                for kind in ("video", "audio")
+            ]
+
+        await _measure_when_told([c for _, a, b in calls for c in (a, b)], results)
 
 
 # --------------------------------------------------------------------------- orchestrator
 
 
-# The node under cProfile, timed by CPU (not wall-clock) time, so that waiting for the
-# CPU on a busy machine is not counted as the node's own cost.
-_PROFILED_NODE = """
-import cProfile, sys, time
-from services.media.__main__ import main
-profiler = cProfile.Profile(time.process_time)
-try:
-    profiler.runcall(main)
-finally:
-    profiler.dump_stats(sys.argv[1])
-"""
-
-
 def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return process_stats(pid)["cpu_s"]
 
 
 def _media(seconds: float) -> Path:
@@ -327,7 +313,7 @@ def _start_workers(
                 [
                     sys.executable,
                     "-m",
-                    "tools.bench_media",
+                    "tools.loadtest.bench_media",
                     "worker",
                     "--url",
                     url,
@@ -437,32 +423,27 @@ def _server_side(outcome: Outcome, url: str, call_id: str, args: argparse.Namesp
 
 
 def _run_forwarding(args: argparse.Namespace, media: Path) -> list[Outcome]:
-    port = free_port()
-    namespace = f"bench{uuid.uuid4().hex[:8]}"
-    env = {
-        **os.environ,
-        "MEDIA_PORT": str(port),
-        "MEDIA_NODE_ID": NODE,
-        "MEDIA_CAPACITY": str(max(args.calls, 1) + 5),
-        "MEDIA_TIMEOUT_S": "60",
-        "MEDIA_ICE_TIMEOUT_S": "60",  # a loaded machine: no call failed before it starts
-        "DMCALL_NAMESPACE": namespace,
-        "LOG_LEVEL": os.environ.get("MEDIA_BENCH_LOG_LEVEL", "WARNING"),
-        "PYTHONUNBUFFERED": "1",
-    }
-    profile = CACHE / "media.prof"
-    command = [sys.executable, "-m", "services.media"]
+    deployment = start_local(
+        CACHE / "logs",
+        ("media",),
+        env={
+            "MEDIA_NODE_ID": NODE,
+            "MEDIA_CAPACITY": str(max(args.calls, 1) + 5),
+            "MEDIA_TIMEOUT_S": "60",
+            "MEDIA_ICE_TIMEOUT_S": "60",  # a loaded machine: no call failed before it starts
+        },
+    )
+    (url,) = deployment.urls("media")
+    pid = deployment.pid("media") or 0
+    profiler = None
     if args.profile:
-        command = [sys.executable, "-c", _PROFILED_NODE, str(profile)]
-    log = open(CACHE / "media.log", "wb")
-    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+        profiler = Profiler(deployment, CACHE, uuid.uuid4().hex[:8], skip=())
+        profiler.start(2 * (args.warmup + args.duration) + 120)  # until the node stops
     try:
-        _wait_http(f"{url}/readyz", server)
         outcomes: list[Outcome] = []
         if args.calls > 0:
             outcome, call_id = _measure(
-                "forwarding (services/media)", url, server.pid, args.calls, args, media
+                "forwarding (services/media)", url, pid, args.calls, args, media
             )
             _server_side(outcome, url, call_id, args)
             outcomes.append(outcome)
@@ -470,7 +451,7 @@ def _run_forwarding(args: argparse.Namespace, media: Path) -> list[Outcome]:
             outcome, call_id = _measure(
                 f"forwarding, a group of {args.group_size}",
                 url,
-                server.pid,
+                pid,
                 1,
                 args,
                 media,
@@ -479,19 +460,11 @@ def _run_forwarding(args: argparse.Namespace, media: Path) -> list[Outcome]:
             _server_side(outcome, url, call_id, args)
             outcomes.append(outcome)
     finally:
-        # uvicorn re-raises the signal after its graceful stop: SIGINT becomes a
-        # KeyboardInterrupt, so cProfile still writes its file; SIGTERM would not let it.
-        server.send_signal(signal.SIGINT if args.profile else signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            print(f"the node did not stop within 60 s (log: {CACHE / 'media.log'}); killed")
-            server.kill()
-            server.wait(10)
-        log.close()
-    if args.profile:
-        print(f"\nthe SFU's CPU time by function (cProfile's own overhead included): {profile}")
-        pstats.Stats(str(profile)).sort_stats("tottime").print_stats(18)
+        deployment.stop()
+    if profiler is not None:
+        print("\nwhere the SFU's time went (py-spy, whole run)")
+        for line in summary_lines(profiler.finish(), top=18):
+            print(line)
     return outcomes
 
 
@@ -499,7 +472,7 @@ def _run_transcoding(args: argparse.Namespace, media: Path) -> Outcome:
     port = free_port()
     log = open(CACHE / "transcoder.log", "wb")
     server = subprocess.Popen(
-        [sys.executable, "-m", "tools.bench_media_transcoder", str(port)],
+        [sys.executable, "-m", "tools.loadtest.transcoder", str(port)],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -625,7 +598,9 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=None, help="client processes (default: 1 per 6 calls)"
     )
-    parser.add_argument("--profile", action="store_true", help="run the SFU under cProfile")
+    parser.add_argument(
+        "--profile", action="store_true", help="sample the SFU with py-spy (GIL held)"
+    )
     parser.add_argument(
         "--client-nice", type=int, default=5, help="niceness of the client processes"
     )
@@ -645,11 +620,7 @@ def main() -> None:
         args.transcode_calls = min(args.calls, 2)
     if args.workers is None:
         args.workers = max(1, (args.calls + 5) // 6)
-    if not infra.ensure(quiet=True):
-        sys.exit("RabbitMQ and Redis are needed (see make run)")
-    os.environ.setdefault("RABBITMQ_URL", infra.DEFAULT_RABBITMQ_URL)
-    os.environ.setdefault("REDIS_URL", infra.DEFAULT_REDIS_URL)
-    # the services default to production; a bench on this machine is a test deployment
+    # the services default to production; the clients' media tokens are a test deployment's
     os.environ.setdefault("DMCALL_ENV", "test")
     media = _media(3.0)
     outcomes = _run_forwarding(args, media)

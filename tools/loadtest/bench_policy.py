@@ -2,9 +2,9 @@
 
 1. Spawns one policy process (its own namespace on the local RabbitMQ and Redis) and
    loads it with facts for ``--users`` callers and callees over the platform API.
-2. Runs a separate load process: a minimal HTTP/1.1 client on uvloop with ``--connections``
-   keep-alive connections, each sending ``GET /v1/permissions/{callee}`` back to back
-   (a mix of allowed and denied pairs, one token per caller) for ``--seconds``, after a
+2. Runs a separate load process: the harness's HTTP/1.1 client on uvloop with
+   ``--connections`` keep-alive connections, each sending ``GET /v1/permissions/{callee}``
+   back to back (a mix of allowed and denied pairs, one token per caller) for ``--seconds``, after a
    warm-up. Prints requests/s and p50/p90/p99/max latency, for each connection count.
 3. In this process: decisions per second of the pure rule, and of the rule with its one
    Redis round trip (``PolicyStore.facts``) at a few concurrencies.
@@ -20,100 +20,74 @@ import json
 import os
 import random
 import resource
-import shutil
 import subprocess
 import sys
+import tempfile
 import time
-import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-import redis as sync_redis
 import uvloop
 
-from shared.auth import issue_token
-from shared.settings import CommonSettings
-from tools import infra
-from tools.procs import ROOT, ServiceProcess, free_port
+from shared.settings import DEV_JWT_SECRET, CommonSettings
+from tools.loadtest.deployment import Deployment, process_stats, start_local
+from tools.loadtest.http import HttpClient
+from tools.loadtest.metrics import percentile
+from tools.loadtest.population import Fact, set_up_facts
+from tools.loadtest.profiling import Profiler, summary_lines
+from tools.loadtest.tokens import TokenSource
+from tools.stack import ROOT
 
 # --------------------------------------------------------------------------- load process
 
 
 async def _one_connection(
-    host: str,
-    port: int,
-    requests: list[bytes],
+    url: str,
+    pairs: list[list[str]],
     stop_at: float,
     record_after: float,
     latencies: list[float],
     errors: list[str],
 ) -> None:
-    reader, writer = await asyncio.open_connection(host, port)
-    index = random.randrange(len(requests))
+    client = HttpClient(url, size=1)
+    index = random.randrange(len(pairs))
     clock = time.perf_counter
     try:
         while True:
             started = clock()
             if started >= stop_at:
                 break
-            writer.write(requests[index])
-            index = (index + 1) % len(requests)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-                    break
-            await reader.readexactly(length)
+            token, callee = pairs[index]
+            index = (index + 1) % len(pairs)
+            response = await client.request("GET", f"/v1/permissions/{callee}", token=token)
             ended = clock()
-            if not head.startswith(b"HTTP/1.1 200"):
-                errors.append(head.split(b"\r\n", 1)[0].decode())
+            if response.status != 200:
+                errors.append(f"HTTP {response.status} {response.error_code}")
             elif started >= record_after:
                 latencies.append(ended - started)
     finally:
-        writer.close()
+        await client.close()
 
 
 async def _load(args: argparse.Namespace) -> dict[str, Any]:
     pairs: list[list[str]] = json.loads(args.pairs)
-    requests = [
-        (
-            f"GET /v1/permissions/{callee} HTTP/1.1\r\nHost: {args.host}\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n"
-        ).encode()
-        for token, callee in pairs
-    ]
     latencies: list[float] = []
     errors: list[str] = []
-    start = time.perf_counter()
-    record_after = start + args.warmup
+    record_after = time.perf_counter() + args.warmup
     stop_at = record_after + args.seconds
     await asyncio.gather(
         *(
-            _one_connection(
-                args.host, args.port, requests, stop_at, record_after, latencies, errors
-            )
+            _one_connection(args.url, pairs, stop_at, record_after, latencies, errors)
             for _ in range(args.connections)
         )
     )
-    return _summary(latencies, args.seconds, errors)
-
-
-def _summary(latencies: list[float], seconds: float, errors: list[str]) -> dict[str, Any]:
-    latencies.sort()
-    n = len(latencies)
-
-    def pct(p: float) -> float:
-        return latencies[min(n - 1, int(p * n))] * 1000 if n else float("nan")
-
+    ms = sorted(latency * 1000 for latency in latencies)
     return {
-        "requests": n,
-        "rps": n / seconds,
-        "p50_ms": pct(0.50),
-        "p90_ms": pct(0.90),
-        "p99_ms": pct(0.99),
-        "max_ms": latencies[-1] * 1000 if n else float("nan"),
+        "requests": len(ms),
+        "rps": len(ms) / args.seconds,
+        **{f"p{q}_ms": percentile(ms, q) for q in (50, 90, 99)},
+        "max_ms": ms[-1] if ms else float("nan"),
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
     }
@@ -121,8 +95,7 @@ def _summary(latencies: list[float], seconds: float, errors: list[str]) -> dict[
 
 def load_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--url", required=True)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
@@ -134,37 +107,37 @@ def load_main(argv: list[str]) -> None:
 # --------------------------------------------------------------------------- set-up
 
 
-def _facts(url: str, platform_token: str, users: int) -> list[tuple[str, str]]:
+async def _facts(url: str, tokens: TokenSource, users: int) -> list[tuple[str, str]]:
     """Callers u0..uN-1 and callees c0..cN-1: about half the pairs allowed, the rest
     denied by one rule or another. Returns the (caller, callee) pairs to query."""
-    headers = {"Authorization": f"Bearer {platform_token}"}
+    facts: list[Fact] = []
     pairs: list[tuple[str, str]] = []
-    with httpx.Client(base_url=url, headers=headers, timeout=10) as http:
-        for i in range(users):
-            caller, callee = f"u{i}", f"c{i}"
-            http.put(
-                f"/v1/platform/users/{caller}", json={"premium": i % 8 != 0, "verified": False}
-            )
-            if i % 4 != 1:
-                http.post("/v1/platform/dms", json={"sender": callee, "recipient": caller})
-            if i % 2 == 0:
-                http.put(f"/v1/platform/users/{callee}/following/{caller}")
-            pairs.append((caller, callee))
-            pairs.append((caller, f"c{(i + 1) % users}"))
+    for i in range(users):
+        caller, callee = f"u{i}", f"c{i}"
+        facts.append(
+            ("PUT", f"/v1/platform/users/{caller}", {"premium": i % 8 != 0, "verified": False})
+        )
+        if i % 4 != 1:
+            facts.append(("POST", "/v1/platform/dms", {"sender": callee, "recipient": caller}))
+        if i % 2 == 0:
+            facts.append(("PUT", f"/v1/platform/users/{callee}/following/{caller}", None))
+        pairs.append((caller, callee))
+        pairs.append((caller, f"c{(i + 1) % users}"))
+    policy = HttpClient(url)
+    await set_up_facts(facts, policy, tokens, concurrency=16)
+    await policy.close()
     return pairs
 
 
-def _run_load(
-    port: int, pairs: list[list[str]], connections: int, seconds: float
-) -> dict[str, Any]:
+def _run_load(url: str, pairs: list[list[str]], connections: int, seconds: float) -> dict[str, Any]:
     out = subprocess.run(
         [
             sys.executable,
             "-m",
-            "tools.bench_policy",
+            "tools.loadtest.bench_policy",
             "load",
-            "--port",
-            str(port),
+            "--url",
+            url,
             "--connections",
             str(connections),
             "--seconds",
@@ -227,17 +200,8 @@ async def _store_decisions(
             i += 1
 
     await asyncio.gather(*(worker(k * 7) for k in range(concurrency)))
-    store.close()
     await redis.aclose()
     return count / seconds
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc), so the cost per request can be
-    told apart from the time it waited for a core on a busy machine."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _children_cpu_seconds() -> float:
@@ -245,44 +209,15 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-# --------------------------------------------------------------------------- profile
-
-
-def _profile(proc: ServiceProcess, pairs: list[list[str]], seconds: float, path: str) -> None:
-    """py-spy the server under load; print the share of samples under each frame of note."""
-    assert proc.proc is not None
-    venv_spy = Path(sys.executable).parent / "py-spy"
-    py_spy = str(venv_spy) if venv_spy.exists() else shutil.which("py-spy")
-    if py_spy is None:
-        print("\n--profile needs py-spy: .venv/bin/pip install py-spy==0.4.3")
-        return
-    spy = subprocess.Popen(
-        [py_spy, "record", "-p", str(proc.proc.pid), "-d", str(int(seconds) + 1),
-         "-r", "250", "-f", "raw", "-o", path, "--nonblocking"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+def _profile(deployment: Deployment, pairs: list[list[str]], seconds: float, out: Path) -> None:
+    """py-spy the server during one extra 8-connection run; print where its time went."""
+    profiler = Profiler(deployment, out, datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
+    profiler.start(seconds + 1)
     time.sleep(0.5)
-    _run_load(proc.port, pairs, 8, seconds)
-    spy.wait(30)
-    totals: dict[str, int] = {}
-    all_samples = 0
-    with open(path) as stacks:
-        for line in stacks:
-            frames, _, count = line.rstrip().rpartition(" ")
-            n = int(count)
-            all_samples += n
-            seen: set[str] = set()
-            for frame in frames.split(";"):
-                name = frame.split(" (")[0]
-                where = frame.split(" (")[-1].split(":")[0].rstrip(")")
-                key = f"{name} ({where.rsplit('/', 2)[-2] if '/' in where else where})"
-                if key not in seen:
-                    seen.add(key)
-                    totals[key] = totals.get(key, 0) + n
-    print(f"\npy-spy: {all_samples} samples of the policy process; inclusive share per frame")
-    for key, n in sorted(totals.items(), key=lambda kv: -kv[1])[:45]:
-        print(f"  {100 * n / all_samples:5.1f}%  {key}")
+    _run_load(deployment.policy_url, pairs, 8, seconds)
+    print()
+    for line in summary_lines(profiler.finish(), top=20):
+        print(line)
 
 
 # --------------------------------------------------------------------------- main
@@ -295,32 +230,19 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--connections", default="1,4,8,16,32", help="comma-separated")
     parser.add_argument(
         "--profile",
-        metavar="PATH",
-        help="also sample the policy process with py-spy (pip install py-spy) during one "
-        "extra 8-connection run; collapsed stacks to PATH, a summary printed",
+        metavar="DIR",
+        help="also sample the policy process with py-spy during one extra 8-connection run; "
+        "collapsed stacks into DIR, a summary printed",
     )
     args = parser.parse_args(argv)
 
-    if not infra.ensure(quiet=True):
-        sys.exit(1)
-    namespace = f"bench{uuid.uuid4().hex[:8]}"
-    env = {
-        "DMCALL_ENV": "test",
-        "DMCALL_NAMESPACE": namespace,
-        "BUS_QUEUE_EXPIRES_MS": "60000",
-        "LOG_LEVEL": "WARNING",
-    }
-    os.environ.update({k: v for k, v in env.items() if k != "LOG_LEVEL"})
-    settings = CommonSettings()
-    log_path = ROOT / ".run" / "bench-policy.log"
-    log_path.parent.mkdir(exist_ok=True)
-    proc = ServiceProcess("policy", free_port(), env=env, log_path=log_path).start()
+    deployment = start_local(Path(tempfile.mkdtemp(prefix="bench-policy-")), ("policy",))
+    settings = deployment.settings()
+    pid = deployment.pid("policy") or 0
+    tokens = TokenSource.from_secret(DEV_JWT_SECRET)
     try:
-        proc.wait_ready()
-        platform_token = issue_token(settings, "bench", scope="platform")
-        pairs = _facts(proc.url, platform_token, args.users)
-        tokens = {caller: issue_token(settings, caller) for caller, _ in pairs}
-        wire_pairs = [[tokens[caller], callee] for caller, callee in pairs]
+        pairs = uvloop.run(_facts(deployment.policy_url, tokens, args.users))
+        wire_pairs = [[tokens.user(caller), callee] for caller, callee in pairs]
 
         print(f"policy permission query, one process ({os.cpu_count()} CPUs, shared machine)")
         print(f"{len(pairs)} distinct (caller, callee) pairs, {args.seconds:.0f}s per run\n")
@@ -329,12 +251,11 @@ def main(argv: list[str]) -> None:
             f"{'conns':>6} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}"
             f" {'server CPU/req':>15} {'load CPU/req':>13}"
         )
-        assert proc.proc is not None
         for connections in (int(c) for c in args.connections.split(",")):
-            cpu_before = _cpu_seconds(proc.proc.pid)
+            cpu_before = process_stats(pid)["cpu_s"]
             load_before = _children_cpu_seconds()
-            r = _run_load(proc.port, wire_pairs, connections, args.seconds)
-            cpu = _cpu_seconds(proc.proc.pid) - cpu_before
+            r = _run_load(deployment.policy_url, wire_pairs, connections, args.seconds)
+            cpu = process_stats(pid)["cpu_s"] - cpu_before
             load_cpu = _children_cpu_seconds() - load_before
             # warm-up requests are not in r["requests"]; count them at the measured rate
             served = max(r["rps"] * (args.seconds + 1.0), 1)
@@ -346,7 +267,7 @@ def main(argv: list[str]) -> None:
             )
 
         if args.profile:
-            _profile(proc, wire_pairs, args.seconds, args.profile)
+            _profile(deployment, wire_pairs, args.seconds, Path(args.profile))
 
         print(
             "  server CPU/req: the policy process's CPU time (user + system) per request; "
@@ -358,12 +279,7 @@ def main(argv: list[str]) -> None:
             rate = uvloop.run(_store_decisions(settings, pairs, concurrency, 3.0))
             print(f"  Redis facts + rule, {concurrency:>2} concurrent:   {rate:>12,.0f}")
     finally:
-        proc.stop()
-        client = sync_redis.Redis.from_url(settings.redis_url)
-        keys = list(client.scan_iter(match=f"dmcall:{namespace}:*", count=1000))
-        for start in range(0, len(keys), 500):
-            client.delete(*keys[start : start + 500])
-        client.close()
+        deployment.stop()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Each party's tracks are decoded by aiortc's receivers, handed to the other party
 packet forwarding of services/media. Same HTTP shape as the media service
 (``POST /v1/rooms/{call_id}/sessions`` with an SDP offer), no auth: a benchmark only.
 
-``python -m tools.bench_media_transcoder PORT``. ``GET /delays`` gives the video frame
+``python -m tools.loadtest.transcoder PORT``. ``GET /delays`` gives the video frame
 delay inside it (a frame's last packet in -> the re-encoded frame out) in milliseconds.
 """
 
@@ -130,11 +130,6 @@ def create_app() -> FastAPI:
             "p99_ms": None if p99 is None else p99 * 1000,
             "count": delays.count,
         }
-
-    @app.post("/delays/reset")
-    async def reset_delays() -> dict[str, str]:
-        delays.reset_window()
-        return {"status": "ok"}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
