@@ -17,7 +17,7 @@ EVERY_NETWORK: tuple[IPNetwork, ...] = (
 
 
 class MediaSettings(CommonSettings):
-    model_config = SettingsConfigDict(env_prefix="MEDIA_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="MEDIA_")
 
     port: int = Field(8004, ge=1, le=65535)
     node_id: str = Field(
@@ -65,7 +65,6 @@ class MediaSettings(CommonSettings):
         30.0,
         gt=0,
         le=600,
-        validation_alias="MEDIA_REJOIN_GRACE_S",
         description="call_media_failed(media_timeout) only when a party stayed "
         "reconnecting this long (signaling reads the same variable).",
     )

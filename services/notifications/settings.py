@@ -16,9 +16,7 @@ DEV_VAPID_SUBJECT = "mailto:webpush@dmcall.invalid"
 
 
 class NotificationsSettings(CommonSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="NOTIFICATIONS_", extra="ignore", populate_by_name=True
-    )
+    model_config = SettingsConfigDict(env_prefix="NOTIFICATIONS_")
 
     port: int = Field(8003, ge=1, le=65535)
 
@@ -52,7 +50,6 @@ class NotificationsSettings(CommonSettings):
         10,
         ge=1,
         le=1000,
-        validation_alias="NOTIFICATIONS_SSE_MAX_STREAMS_PER_USER",
         description="Open live streams per user, counted over every instance (tabs and "
         "devices); one more is refused with 429.",
     )
@@ -70,7 +67,6 @@ class NotificationsSettings(CommonSettings):
         2.0,
         gt=0,
         le=120,
-        validation_alias="NOTIFICATIONS_PUSH_INCOMING_CALL_TIMEOUT_S",
         description="Per-attempt timeout of an incoming_call push: a ring is only worth "
         "something for seconds, and a slow target must not hold a slot for long.",
     )
@@ -88,28 +84,24 @@ class NotificationsSettings(CommonSettings):
         8,
         ge=1,
         le=1000,
-        validation_alias="NOTIFICATIONS_PUSH_PER_USER_CONCURRENCY",
         description="Push requests in flight per instance to one user's targets together.",
     )
     push_per_target_concurrency: int = Field(
         2,
         ge=1,
         le=1000,
-        validation_alias="NOTIFICATIONS_PUSH_PER_TARGET_CONCURRENCY",
         description="Push requests in flight per instance to one target.",
     )
     push_breaker_timeouts: int = Field(
         3,
         ge=1,
         le=1000,
-        validation_alias="NOTIFICATIONS_PUSH_BREAKER_TIMEOUTS",
         description="Timeouts in a row after which a target is not tried for the cool-off.",
     )
     push_breaker_cooloff_s: float = Field(
         30.0,
         gt=0,
         le=3600,
-        validation_alias="NOTIFICATIONS_PUSH_BREAKER_COOLOFF_S",
         description="How long a target whose breaker opened is not tried; then one trial.",
     )
     push_claim_idle_ms: int = Field(

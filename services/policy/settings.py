@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import CommonSettings
 
 
 class PolicySettings(CommonSettings):
-    model_config = SettingsConfigDict(env_prefix="POLICY_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="POLICY_")
 
     port: int = Field(8002, ge=1, le=65535)
     require_premium: bool = Field(
@@ -26,7 +26,6 @@ class PolicySettings(CommonSettings):
     call_retention_s: int = Field(
         0,
         ge=0,
-        validation_alias=AliasChoices("POLICY_CALL_RETENTION_S"),
         description="How long the two parties of a call policy authorized are kept, so "
         "either can report the other. 0 keeps them for ever, as long as signaling keeps its "
         "call history (no expiry); set it when history gets a retention.",
@@ -35,7 +34,6 @@ class PolicySettings(CommonSettings):
         20,
         ge=1,
         le=100_000,
-        validation_alias=AliasChoices("POLICY_REPORTS_PER_HOUR"),
         description="New reports one user may file in any sliding hour (429 beyond); a "
         "repeat of a report already filed does not count.",
     )

@@ -17,9 +17,7 @@ TURN_SECRET_MIN_LENGTH = 16
 
 
 class SignalingSettings(CommonSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="SIGNALING_", extra="ignore", populate_by_name=True
-    )
+    model_config = SettingsConfigDict(env_prefix="SIGNALING_")
 
     port: int = Field(8001, ge=1, le=65535)
     ring_timeout_s: float = Field(
@@ -68,7 +66,6 @@ class SignalingSettings(CommonSettings):
         10,
         ge=1,
         le=1000,
-        validation_alias=AliasChoices("SIGNALING_MAX_DEVICES_PER_USER"),
         description="Device sockets one user may have open, across all instances; one more "
         "closes the oldest (close code 4429).",
     )
@@ -76,7 +73,6 @@ class SignalingSettings(CommonSettings):
         10,
         ge=1,
         le=10_000,
-        validation_alias=AliasChoices("SIGNALING_SIGNALS_PER_CALL_PER_S"),
         description="call.signal frames one user may send per second for one call, from all "
         "their sockets together (twice that in a burst); beyond, each gets an error and is "
         "dropped.",
@@ -85,7 +81,6 @@ class SignalingSettings(CommonSettings):
         5,
         ge=1,
         le=1000,
-        validation_alias=AliasChoices("SIGNALING_RING_SIGNAL_DEVICES"),
         description="While a call rings, the caller's call.signal goes to this many of the "
         "callee's devices, the most recently connected (after the answer: the answering one).",
     )
@@ -102,7 +97,6 @@ class SignalingSettings(CommonSettings):
         1000,
         ge=50,
         le=60_000,
-        validation_alias=AliasChoices("SIGNALING_NODE_WATCH_MS"),
         description="How often every instance looks for calls on media nodes that are gone "
         "or draining, and moves them.",
     )
