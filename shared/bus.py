@@ -483,38 +483,42 @@ class Bus:
     async def _retry(
         self, sub: Subscription, message: AbstractIncomingMessage, attempt: int, error: str
     ) -> None:
-        headers = dict(message.headers or {})
-        headers[ATTEMPT_HEADER] = attempt
-        headers[ERROR_HEADER] = error[:1000]
-        retry = aio_pika.Message(
-            message.body,
-            content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            type=message.type,
-            headers=headers,
+        await self._move(
+            message,
+            f"{sub.queue_name}.retry",
+            {ATTEMPT_HEADER: attempt, ERROR_HEADER: error[:1000]},
             expiration=self.settings.bus_retry_delay_ms / 1000,
         )
-        await self._publish_default(f"{sub.queue_name}.retry", retry)
-        await message.ack()
 
     async def _park(
         self, sub: Subscription, message: AbstractIncomingMessage, error: str, attempt: int
     ) -> None:
-        headers = dict(message.headers or {})
-        headers[ATTEMPT_HEADER] = attempt
-        headers[ERROR_HEADER] = error[:4000]
-        headers[ORIGIN_HEADER] = sub.queue_name
-        parked = aio_pika.Message(
+        base = self.settings.prefixed(f"{self.service}.{sub.name}")
+        await self._move(
+            message,
+            f"{base}.dlq",
+            {ATTEMPT_HEADER: attempt, ERROR_HEADER: error[:4000], ORIGIN_HEADER: sub.queue_name},
+        )
+
+    async def _move(
+        self,
+        message: AbstractIncomingMessage,
+        queue: str,
+        headers: dict[str, int | str],
+        expiration: float | None = None,
+    ) -> None:
+        """Publish a persistent copy of ``message`` to ``queue``, its headers updated with
+        ``headers``, then ack the original."""
+        copy = aio_pika.Message(
             message.body,
             content_type=message.content_type,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message.message_id,
             type=message.type,
-            headers=headers,
+            headers={**(message.headers or {}), **headers},
+            expiration=expiration,
         )
-        base = self.settings.prefixed(f"{self.service}.{sub.name}")
-        await self._publish_default(f"{base}.dlq", parked)
+        await self._publish_default(queue, copy)
         await message.ack()
 
 

@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +56,12 @@ class Worker:
         self.proc.wait(10)
 
 
+Workers = Callable[..., Worker]
+BusFactory = Callable[..., Any]
+
+
 @pytest.fixture
-def workers(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+def workers(service_env: dict[str, str], tmp_path: Path) -> Iterator[Workers]:
     started: list[Worker] = []
 
     def start(*args: str, **env: str) -> Worker:
@@ -70,55 +74,72 @@ def workers(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..
         worker.kill()
 
 
-def effects_key(namespace: str) -> str:
-    return f"dmcall:{namespace}:test:effects"
+class Effects:
+    """What the bus_worker's handlers leave in Redis: the ``dmcall:<ns>:test:effects`` list,
+    and ``dmcall:<ns>:test:started`` (set by ``slow``)."""
+
+    def __init__(self, redis: Redis, namespace: str) -> None:
+        self.redis, self.prefix = redis, f"dmcall:{namespace}:test"
+
+    async def recorded(self) -> list[bytes]:
+        return list(await self.redis.lrange(f"{self.prefix}:effects", 0, -1))
+
+    async def started(self) -> bool:
+        return bool(await self.redis.get(f"{self.prefix}:started"))
+
+
+@pytest.fixture
+def effects(redis_client: Redis, namespace: str) -> Effects:
+    return Effects(redis_client, namespace)
+
+
+def call_ids() -> tuple[list[str], Callable[[CallRequested, Delivery], Awaitable[None]]]:
+    """A handler that notes the call id of each event it is given, and its notes."""
+    seen: list[str] = []
+
+    async def on_requested(event: CallRequested, delivery: Delivery) -> None:
+        seen.append(event.call_id)
+
+    return seen, on_requested
 
 
 async def test_event_published_by_one_process_is_handled_by_another_in_the_same_trace(
-    workers: Callable[..., Worker], redis_client: Redis, namespace: str
+    workers: Workers, effects: Effects
 ) -> None:
     consumer = workers("consume", "record")
     assert consumer.wait_line() == "ready"
     publisher = workers("publish", "call-x")
     trace_id, _event_id = publisher.wait_line().split()
-    effects = await eventually(lambda: redis_client.lrange(effects_key(namespace), 0, -1))
-    assert effects == [f"call-x:{trace_id}".encode()]
+    assert await eventually(effects.recorded) == [f"call-x:{trace_id}".encode()]
 
 
 async def test_sigkill_mid_handler_redelivers_and_the_effect_happens_once(
-    workers: Callable[..., Worker],
-    bus_factory: Callable[..., Any],
-    redis_client: Redis,
-    namespace: str,
+    workers: Workers, bus_factory: BusFactory, effects: Effects
 ) -> None:
     slow = workers("consume", "slow", BUS_CLAIM_TTL_MS="1500")
     assert slow.wait_line() == "ready"
     publisher = await bus_factory("publisher")
     await publisher.publish(requested("call-k"))
-    await eventually(lambda: redis_client.get(f"dmcall:{namespace}:test:started"))
+    await eventually(effects.started)
     slow.kill()  # SIGKILL in the middle of the handler: nothing committed, nothing acked
 
     survivor = workers("consume", "record", BUS_CLAIM_TTL_MS="1500")
     assert survivor.wait_line() == "ready"
-    effects = await eventually(lambda: redis_client.lrange(effects_key(namespace), 0, -1))
-    assert [e.split(b":")[0] for e in effects] == [b"call-k"]
+    recorded = await eventually(effects.recorded)
+    assert [e.split(b":")[0] for e in recorded] == [b"call-k"]
     await asyncio.sleep(2.0)  # nothing more arrives later
-    assert await redis_client.llen(effects_key(namespace)) == 1
+    assert len(await effects.recorded()) == 1
 
 
 async def test_sigkill_after_commit_before_ack_does_not_repeat_the_effect(
-    workers: Callable[..., Worker],
-    bus_factory: Callable[..., Any],
-    redis_client: Redis,
-    namespace: str,
-    infra: Infra,
+    workers: Workers, bus_factory: BusFactory, effects: Effects, namespace: str, infra: Infra
 ) -> None:
     dying = workers("consume", "die-after")
     assert dying.wait_line() == "ready"
     publisher = await bus_factory("publisher")
     await publisher.publish(requested("call-d"))
     await asyncio.to_thread(dying.proc.wait, 15)
-    assert await redis_client.llen(effects_key(namespace)) == 1
+    assert len(await effects.recorded()) == 1
 
     survivor = workers("consume", "record")
     assert survivor.wait_line() == "ready"
@@ -129,7 +150,7 @@ async def test_sigkill_after_commit_before_ack_does_not_repeat_the_effect(
         return any(line.split() == [queue, "0"] for line in out.splitlines())
 
     await eventually(drained)  # the redelivered message was acked as a duplicate
-    assert await redis_client.llen(effects_key(namespace)) == 1
+    assert len(await effects.recorded()) == 1
 
 
 async def _dlq_messages(infra: Infra, queue: str, expected: int) -> list[aio_pika.IncomingMessage]:
@@ -153,7 +174,7 @@ async def _dlq_messages(infra: Infra, queue: str, expected: int) -> list[aio_pik
 
 
 async def test_a_handler_that_always_raises_ends_in_the_dead_letter_queue(
-    bus_factory: Callable[..., Any], make_settings: Callable[..., CommonSettings], infra: Infra
+    bus_factory: BusFactory, make_settings: Callable[..., CommonSettings], infra: Infra
 ) -> None:
     settings = make_settings(bus_max_attempts=3, bus_retry_delay_ms=50)
     calls: list[str] = []
@@ -179,13 +200,9 @@ async def test_a_handler_that_always_raises_ends_in_the_dead_letter_queue(
 
 
 async def test_an_undecodable_message_is_parked_at_once(
-    bus_factory: Callable[..., Any], settings: CommonSettings, infra: Infra
+    bus_factory: BusFactory, settings: CommonSettings, infra: Infra
 ) -> None:
-    seen: list[str] = []
-
-    async def on_requested(event: CallRequested, delivery: Delivery) -> None:
-        seen.append(event.call_id)
-
+    seen, on_requested = call_ids()
     await bus_factory("svc", strict={CallRequested: on_requested})
     connection = await aio_pika.connect(infra.rabbitmq_url)
     channel = await connection.channel()
@@ -201,9 +218,7 @@ async def test_an_undecodable_message_is_parked_at_once(
     assert seen == []
 
 
-async def test_the_same_event_delivered_twice_is_handled_once(
-    bus_factory: Callable[..., Any],
-) -> None:
+async def test_the_same_event_delivered_twice_is_handled_once(bus_factory: BusFactory) -> None:
     seen: list[str] = []
 
     async def on_declined(event: CallDeclined, delivery: Delivery) -> None:
@@ -228,13 +243,9 @@ def _connection_names(infra: Infra, needle: str) -> list[str]:
 
 
 async def test_publishing_and_consuming_resume_after_the_connection_drops(
-    bus_factory: Callable[..., Any], settings: CommonSettings, infra: Infra
+    bus_factory: BusFactory, settings: CommonSettings, infra: Infra
 ) -> None:
-    seen: list[str] = []
-
-    async def on_requested(event: CallRequested, delivery: Delivery) -> None:
-        seen.append(event.call_id)
-
+    seen, on_requested = call_ids()
     bus = await bus_factory("svc", flow={CallRequested: on_requested})
     await bus.publish(requested("before"))
     await eventually(lambda: "before" in seen)
@@ -251,16 +262,10 @@ async def test_publishing_and_consuming_resume_after_the_connection_drops(
 
 
 async def test_consuming_carries_on_after_redis_restarts(
-    bus_factory: Callable[..., Any],
-    make_settings: Callable[..., CommonSettings],
-    private_redis: Any,
+    bus_factory: BusFactory, make_settings: Callable[..., CommonSettings], private_redis: Any
 ) -> None:
     settings = make_settings(redis_url=private_redis.url)
-    seen: list[str] = []
-
-    async def on_requested(event: CallRequested, delivery: Delivery) -> None:
-        seen.append(event.call_id)
-
+    seen, on_requested = call_ids()
     bus = await bus_factory("svc", settings, flow={CallRequested: on_requested})
     await bus.publish(requested("before"))
     await eventually(lambda: "before" in seen)

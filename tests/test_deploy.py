@@ -62,6 +62,22 @@ def broken(objs: list[Obj], kind: str, name: str, change: Callable[[Obj], None])
     return copied
 
 
+def container(workload: Obj) -> Obj:
+    """A workload's (first) container."""
+    first: Obj = workload["spec"]["template"]["spec"]["containers"][0]
+    return first
+
+
+def without_env(prefix: str) -> Callable[[Obj], None]:
+    """A change that drops the container's env vars whose names start with ``prefix``."""
+
+    def change(workload: Obj) -> None:
+        env = container(workload)["env"]
+        env[:] = [e for e in env if not e["name"].startswith(prefix)]
+
+    return change
+
+
 # --------------------------------------------------------------------------- rendering
 
 
@@ -119,8 +135,7 @@ def test_generated_config_names_change_with_content(k8s_tree: Path) -> None:
 
     def config_name(objs: list[Obj]) -> str:
         deployment = find(objs, "Deployment", "signaling")
-        container = deployment["spec"]["template"]["spec"]["containers"][0]
-        name: str = container["envFrom"][0]["configMapRef"]["name"]
+        name: str = container(deployment)["envFrom"][0]["configMapRef"]["name"]
         assert any(o["metadata"]["name"] == name for o in objs)
         return name
 
@@ -203,7 +218,7 @@ def test_media_announces_a_public_url_per_node(rendered: dict[str, list[Obj]]) -
     spec = media["spec"]["template"]["spec"]
     assert spec["hostNetwork"] is True
     configs = deploy_check._config_objects(rendered["prod"])
-    env, problems = deploy_check.container_env(spec["containers"][0], configs)
+    env, problems = deploy_check.container_env(container(media), configs)
     assert problems == []
     assert env["MEDIA_PUBLIC_URL"] == "https://pod-0-spec.nodeName.media.calls.example.com"
     assert env["MEDIA_NODE_ID"] == "pod-0-spec.nodeName"
@@ -214,14 +229,12 @@ def test_signaling_mints_turn_credentials_with_coturns_secret(
 ) -> None:
     configs = deploy_check._config_objects(rendered["prod"])
     signaling = find(rendered["prod"], "Deployment", "signaling")
-    env, problems = deploy_check.container_env(
-        signaling["spec"]["template"]["spec"]["containers"][0], configs
-    )
+    env, problems = deploy_check.container_env(container(signaling), configs)
     assert problems == []
     urls = json.loads(env["TURN_URLS"])
     assert urls and all(url.startswith("turn:") for url in urls)
-    turn = find(rendered["prod"], "DaemonSet", "turn")["spec"]["template"]["spec"]
-    coturn_env, _ = deploy_check.container_env(turn["containers"][0], configs)
+    turn = find(rendered["prod"], "DaemonSet", "turn")
+    coturn_env, _ = deploy_check.container_env(container(turn), configs)
     assert env["TURN_SECRET"] == coturn_env["TURN_SECRET"]
     # The URLs name coturn's realm and its listening port.
     conf = next(o for o in rendered["prod"] if o["metadata"]["name"].startswith("turn-config"))
@@ -256,7 +269,7 @@ def test_only_the_services_reach_redis_and_rabbitmq(rendered: dict[str, list[Obj
 
 def test_an_unknown_field_fails(rendered: dict[str, list[Obj]]) -> None:
     def typo(obj: Obj) -> None:
-        obj["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+        container(obj)["readinesProbe"] = {}
 
     problems = deploy_check.check(broken(rendered["dev"], "Deployment", "policy", typo))
     assert any("readinesProbe" in p and "Deployment/policy" in p for p in problems)
@@ -335,85 +348,61 @@ def test_a_broken_manifest_file_fails_the_rendered_checks(k8s_tree: Path) -> Non
         (
             "Deployment",
             "notifications",
-            lambda o: o["spec"]["template"]["spec"]["containers"][0]["readinessProbe"][
-                "httpGet"
-            ].update({"path": "/ready"}),
+            lambda o: container(o)["readinessProbe"]["httpGet"].update({"path": "/ready"}),
             "readinessProbe path /ready is not a route of notifications",
         ),
         (
             "Deployment",
             "policy",
-            lambda o: o["spec"]["template"]["spec"]["containers"][0].update(
-                {"image": "registry.example.com/dmcall/policy:latest"}
-            ),
+            lambda o: container(o).update({"image": "registry.example.com/dmcall/policy:latest"}),
             "Deployment/policy/policy: image registry.example.com/dmcall/policy:latest is not pinned",
         ),
         (
             "Deployment",
             "policy",
-            lambda o: o["spec"]["template"]["spec"]["containers"][0].update(
-                {"image": "registry.example.com/dmcall/policy"}
-            ),
+            lambda o: container(o).update({"image": "registry.example.com/dmcall/policy"}),
             "is not pinned by tag",
         ),
         (
             "Deployment",
             "signaling",
-            lambda o: o["spec"]["template"]["spec"]["containers"][0]["securityContext"].pop(
-                "readOnlyRootFilesystem"
-            ),
+            lambda o: container(o)["securityContext"].pop("readOnlyRootFilesystem"),
             "Deployment/signaling/signaling: root filesystem is writable",
         ),
         (
             "Deployment",
             "signaling",
-            lambda o: o["spec"]["template"]["spec"]["containers"][0]["ports"][0].update(
-                {"containerPort": 8080}
-            ),
+            lambda o: container(o)["ports"][0].update({"containerPort": 8080}),
             "signaling: listens on 8001, not its http port",
         ),
         (
             "DaemonSet",
             "media",
-            lambda o: o["spec"]["template"]["spec"]["containers"][0]["env"].reverse(),
+            lambda o: container(o)["env"].reverse(),
             "uses $(NODE_NAME) before it is defined",
         ),
         (
             "DaemonSet",
             "media",
-            lambda o: o["spec"]["template"]["spec"]["containers"][0]["livenessProbe"][
-                "httpGet"
-            ].pop("scheme"),
+            lambda o: container(o)["livenessProbe"]["httpGet"].pop("scheme"),
             "media: livenessProbe speaks HTTP, the service HTTPS",
         ),
         (
             "DaemonSet",
             "media",
-            lambda o: o["spec"]["template"]["spec"]["containers"][0].update(
-                env=[
-                    e
-                    for e in o["spec"]["template"]["spec"]["containers"][0]["env"]
-                    if not e["name"].startswith("DMCALL_TLS_")
-                ]
-            ),
+            without_env("DMCALL_TLS_"),
             "media: MEDIA_PUBLIC_URL is https but it serves plain HTTP",
         ),
         (
             "Deployment",
             "signaling",
-            lambda o: o["spec"]["template"]["spec"]["containers"][0].update(
-                env=[
-                    e
-                    for e in o["spec"]["template"]["spec"]["containers"][0]["env"]
-                    if e["name"] != "TURN_SECRET"
-                ]
-            ),
+            without_env("TURN_SECRET"),
             "TURN_SECRET (coturn's static-auth-secret) is required",
         ),
         (
             "Deployment",
             "signaling",
-            lambda o: o["spec"]["template"]["spec"]["containers"][0]["env"].append(
+            lambda o: container(o)["env"].append(
                 {"name": "TURN_SECRET", "value": "not-the-secret-coturn-has"}
             ),
             "Deployment/signaling/signaling: TURN_SECRET is not the static-auth-secret of "

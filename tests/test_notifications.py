@@ -11,7 +11,7 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,11 +50,26 @@ from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 
+Spawn = Callable[..., ServiceProcess]
+ParkedPushes = Callable[[], Awaitable[list[dict[str, Any]]]]
+
+
+@pytest.fixture
+def parked_pushes(redis_client: Redis, namespace: str) -> ParkedPushes:
+    """Reads the jobs in the push dead-letter stream, oldest first."""
+
+    async def read() -> list[dict[str, Any]]:
+        dlq = await redis_client.xrange(f"dmcall:{namespace}:notifications:push:dlq")
+        return [json.loads(fields[b"job"]) for _id, fields in dlq]
+
+    return read
+
+
 # --------------------------------------------------------------------------- events
 
 
 async def test_every_event_makes_exactly_its_notifications_once_with_two_instances(
-    spawn: Callable[..., ServiceProcess], publish: Publish, token: Callable[..., str]
+    spawn: Spawn, publish: Publish, token: Callable[..., str]
 ) -> None:
     first, second = spawn("notifications", **FAST), spawn("notifications", **FAST)
     bob = token("bob")
@@ -136,7 +151,7 @@ async def test_every_event_makes_exactly_its_notifications_once_with_two_instanc
 
 
 async def test_an_incoming_call_arriving_after_its_call_stopped_ringing_is_not_shown(
-    spawn: Callable[..., ServiceProcess], publish: Publish, token: Callable[..., str]
+    spawn: Spawn, publish: Publish, token: Callable[..., str]
 ) -> None:
     proc = spawn("notifications", **FAST)
     bob = token("bob")
@@ -153,7 +168,7 @@ async def test_an_incoming_call_arriving_after_its_call_stopped_ringing_is_not_s
 
 
 async def test_read_flags_and_unread_count(
-    spawn: Callable[..., ServiceProcess], publish: Publish, token: Callable[..., str]
+    spawn: Spawn, publish: Publish, token: Callable[..., str]
 ) -> None:
     proc = spawn("notifications", **FAST)
     bob = token("bob")
@@ -180,7 +195,7 @@ async def test_read_flags_and_unread_count(
 
 
 async def test_the_inbox_keeps_the_newest_up_to_its_cap(
-    spawn: Callable[..., ServiceProcess], publish: Publish, token: Callable[..., str]
+    spawn: Spawn, publish: Publish, token: Callable[..., str]
 ) -> None:
     proc = spawn("notifications", NOTIFICATIONS_INBOX_MAX="3", **FAST)
     bob = token("bob")
@@ -204,7 +219,7 @@ async def inbox_count_is(proc: ServiceProcess, token: str, newest_call: str) -> 
 
 
 async def test_stream_delivers_live_and_resumes_after_a_disconnect_without_loss_or_doubles(
-    spawn: Callable[..., ServiceProcess], publish: Publish, token: Callable[..., str]
+    spawn: Spawn, publish: Publish, token: Callable[..., str]
 ) -> None:
     first, second = spawn("notifications", **FAST), spawn("notifications", **FAST)
     bob = token("bob")
@@ -273,7 +288,7 @@ async def test_stream_delivers_live_and_resumes_after_a_disconnect_without_loss_
 
 
 async def test_resume_past_trimmed_history_says_resync(
-    spawn: Callable[..., ServiceProcess], publish: Publish, token: Callable[..., str]
+    spawn: Spawn, publish: Publish, token: Callable[..., str]
 ) -> None:
     proc = spawn("notifications", NOTIFICATIONS_STREAM_MAX="10", **FAST)
     bob = token("bob")
@@ -296,10 +311,7 @@ async def test_resume_past_trimmed_history_says_resync(
 
 
 async def test_a_user_cannot_read_stream_or_mark_anothers_notifications(
-    spawn: Callable[..., ServiceProcess],
-    publish: Publish,
-    token: Callable[..., str],
-    receiver: WebhookReceiver,
+    spawn: Spawn, publish: Publish, token: Callable[..., str], receiver: WebhookReceiver
 ) -> None:
     proc = spawn("notifications", **FAST)
     alice, bob = token("alice"), token("bob")
@@ -365,12 +377,11 @@ async def register(client: httpx.AsyncClient, token: str, url: str) -> dict[str,
 
 
 async def test_webhooks_are_signed_retried_dead_lettered_and_removed_on_410(
-    spawn: Callable[..., ServiceProcess],
+    spawn: Spawn,
     publish: Publish,
     token: Callable[..., str],
     receiver: WebhookReceiver,
-    redis_client: Redis,
-    namespace: str,
+    parked_pushes: ParkedPushes,
 ) -> None:
     proc = spawn("notifications", **FAST)
     bob = token("bob")
@@ -435,8 +446,7 @@ async def test_webhooks_are_signed_retried_dead_lettered_and_removed_on_410(
         assert [e["outcome"] for e in log] == ["dead_lettered", "retrying", "retrying"]
         assert "timed out" in log[0]["error"]
         assert len(receiver.received("/hang")) == 3
-        dlq = await redis_client.xrange(f"dmcall:{namespace}:notifications:push:dlq")
-        parked = [json.loads(fields[b"job"]) for _id, fields in dlq]
+        parked = await parked_pushes()
         assert [(j["device"], j["attempt"]) for j in parked] == [(hang["id"], 3)]
 
         # Later pushes skip the removed target; the ring_stopped push is normal priority.
@@ -454,10 +464,7 @@ async def test_webhooks_are_signed_retried_dead_lettered_and_removed_on_410(
 
 
 async def test_private_addresses_are_refused_at_registration_and_at_delivery(
-    spawn: Callable[..., ServiceProcess],
-    publish: Publish,
-    token: Callable[..., str],
-    receiver: WebhookReceiver,
+    spawn: Spawn, publish: Publish, token: Callable[..., str], receiver: WebhookReceiver
 ) -> None:
     bob = token("bob")
     permissive = spawn("notifications", **FAST)
@@ -507,10 +514,7 @@ async def test_private_addresses_are_refused_at_registration_and_at_delivery(
 
 
 async def test_a_push_held_by_an_instance_that_dies_is_delivered_by_another(
-    spawn: Callable[..., ServiceProcess],
-    publish: Publish,
-    token: Callable[..., str],
-    receiver: WebhookReceiver,
+    spawn: Spawn, publish: Publish, token: Callable[..., str], receiver: WebhookReceiver
 ) -> None:
     bob = token("bob")
     receiver.script("/hook", HANG, 500, 200)
@@ -547,9 +551,7 @@ IPV4_WRAPPED_IN_IPV6 = (
 
 
 async def test_f3_ipv6_forms_of_private_ipv4_are_refused_at_registration_and_delivery(
-    spawn: Callable[..., ServiceProcess],
-    publish: Publish,
-    token: Callable[..., str],
+    spawn: Spawn, publish: Publish, token: Callable[..., str]
 ) -> None:
     """F3: an IPv6 literal that wraps a private IPv4 address is a private address."""
     bob = token("bob")
@@ -577,7 +579,7 @@ async def test_f3_ipv6_forms_of_private_ipv4_are_refused_at_registration_and_del
 
 
 async def test_f8_concurrent_registrations_never_exceed_the_device_cap(
-    spawn: Callable[..., ServiceProcess], token: Callable[..., str], receiver: WebhookReceiver
+    spawn: Spawn, token: Callable[..., str], receiver: WebhookReceiver
 ) -> None:
     """F8: the cap is counted and the device added in one step, however many race."""
     proc = spawn("notifications", NOTIFICATIONS_MAX_DEVICES_PER_USER="20", **FAST)
@@ -600,7 +602,7 @@ async def test_f8_concurrent_registrations_never_exceed_the_device_cap(
 
 
 async def test_f10_a_stream_ends_with_token_expired_when_its_token_expires(
-    spawn: Callable[..., ServiceProcess], publish: Publish, token: Callable[..., str]
+    spawn: Spawn, publish: Publish, token: Callable[..., str]
 ) -> None:
     """F10: a stream lives no longer than the token it was opened with; its last event
     says so, and a call after the expiry is not delivered on it."""
@@ -629,7 +631,7 @@ async def test_f10_a_stream_ends_with_token_expired_when_its_token_expires(
 
 
 async def test_f17_streams_per_user_are_capped_across_instances_with_429(
-    spawn: Callable[..., ServiceProcess], token: Callable[..., str]
+    spawn: Spawn, token: Callable[..., str]
 ) -> None:
     """F17: at most NOTIFICATIONS_SSE_MAX_STREAMS_PER_USER streams per user, counted over
     every instance; one more is refused with 429 (the open ones are kept)."""
@@ -672,10 +674,7 @@ async def test_f17_streams_per_user_are_capped_across_instances_with_429(
 
 
 async def test_f6_one_users_stuck_webhooks_do_not_hold_up_another_users_push(
-    spawn: Callable[..., ServiceProcess],
-    publish: Publish,
-    token: Callable[..., str],
-    receiver: WebhookReceiver,
+    spawn: Spawn, publish: Publish, token: Callable[..., str], receiver: WebhookReceiver
 ) -> None:
     """F6: 20 targets of alice that never answer, rung 10 times (200 pushes, far more than
     the instance's 32 slots), do not delay bob's push: it arrives while alice's are stuck."""
@@ -712,12 +711,11 @@ async def test_f6_one_users_stuck_webhooks_do_not_hold_up_another_users_push(
 
 
 async def test_f6_incoming_calls_time_out_sooner_and_a_breaker_spares_a_stuck_target(
-    spawn: Callable[..., ServiceProcess],
+    spawn: Spawn,
     publish: Publish,
     token: Callable[..., str],
     receiver: WebhookReceiver,
-    redis_client: Redis,
-    namespace: str,
+    parked_pushes: ParkedPushes,
 ) -> None:
     """F6: an incoming_call attempt gives up after NOTIFICATIONS_PUSH_INCOMING_CALL_TIMEOUT_S,
     not the general timeout; after NOTIFICATIONS_PUSH_BREAKER_TIMEOUTS timeouts in a row a
@@ -754,5 +752,4 @@ async def test_f6_incoming_calls_time_out_sooner_and_a_breaker_spares_a_stuck_ta
     assert "circuit open" in outcomes[2][2]  # not tried: the target timed out twice
     assert "timed out" in outcomes[3][2]  # the trial after the cool-off
     assert [r.headers["x-dmcall-attempt"] for r in receiver.received("/hang")] == ["1", "2", "4"]
-    dlq = await redis_client.xrange(f"dmcall:{namespace}:notifications:push:dlq")
-    assert [json.loads(f[b"job"])["attempt"] for _id, f in dlq] == [4]
+    assert [j["attempt"] for j in await parked_pushes()] == [4]

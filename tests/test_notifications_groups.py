@@ -21,9 +21,11 @@ from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 
+Spawn = Callable[..., ServiceProcess]
+
 
 async def test_each_invitee_is_told_of_the_group_call_and_of_missing_it(
-    spawn: Callable[..., ServiceProcess],
+    spawn: Spawn,
     bus_factory: Callable[..., Any],
     token: Callable[..., str],
     receiver: WebhookReceiver,

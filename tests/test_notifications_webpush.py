@@ -29,6 +29,8 @@ from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 
+Spawn = Callable[..., ServiceProcess]
+
 SUBJECT = "mailto:oncall@dmcall.example"
 TOPIC = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
@@ -59,10 +61,7 @@ def opened(browser: Subscriber, request: Any) -> dict[str, Any]:
 
 
 async def test_a_subscription_gets_encrypted_vapid_signed_pushes_with_ttl_urgency_and_topic(
-    spawn: Callable[..., ServiceProcess],
-    publish: Publish,
-    token: Callable[..., str],
-    push_service: PushService,
+    spawn: Spawn, publish: Publish, token: Callable[..., str], push_service: PushService
 ) -> None:
     proc = spawn("notifications", **FAST, VAPID_SUBJECT=SUBJECT)
     bob = token("bob")
@@ -142,10 +141,7 @@ async def _all_in(log: Awaitable[list[Any]], count: int) -> list[Any] | None:
 
 
 async def test_404_and_410_remove_a_subscription_and_a_500_is_retried(
-    spawn: Callable[..., ServiceProcess],
-    publish: Publish,
-    token: Callable[..., str],
-    push_service: PushService,
+    spawn: Spawn, publish: Publish, token: Callable[..., str], push_service: PushService
 ) -> None:
     proc = spawn("notifications", **FAST)
     bob = token("bob")
@@ -222,7 +218,7 @@ def _not_on_curve() -> str:
 
 
 async def test_bad_subscriptions_are_refused_with_422(
-    spawn: Callable[..., ServiceProcess], token: Callable[..., str]
+    spawn: Spawn, token: Callable[..., str]
 ) -> None:
     strict = spawn("notifications")  # the production guard: https, public addresses
     good = Subscriber.new()
@@ -292,10 +288,7 @@ async def test_bad_subscriptions_are_refused_with_422(
 
 
 async def test_the_vapid_key_is_shared_in_development_configured_or_off(
-    spawn: Callable[..., ServiceProcess],
-    token: Callable[..., str],
-    redis_client: Redis,
-    namespace: str,
+    spawn: Spawn, token: Callable[..., str], redis_client: Redis, namespace: str
 ) -> None:
     configured = ec.generate_private_key(ec.SECP256R1())
     pem = configured.private_bytes(

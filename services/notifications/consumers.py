@@ -14,18 +14,10 @@ from __future__ import annotations
 
 import logging
 
-from services.notifications.notices import notices_for
+from services.notifications.notices import NOTIFYING_EVENTS, notices_for
 from services.notifications.store import NotificationStore
 from shared.bus import Bus, Delivery, Scope
-from shared.contracts import (
-    CallAccepted,
-    CallCancelled,
-    CallDeclined,
-    CallEnded,
-    CallMissed,
-    CallRinging,
-    Event,
-)
+from shared.contracts import Event
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +39,6 @@ def register(bus: Bus, store: NotificationStore) -> None:
 
     bus.subscribe(
         CONSUMER,
-        {
-            CallRinging: on_call_event,
-            CallAccepted: on_call_event,
-            CallDeclined: on_call_event,
-            CallCancelled: on_call_event,
-            CallMissed: on_call_event,
-            CallEnded: on_call_event,
-        },
+        dict.fromkeys(NOTIFYING_EVENTS, on_call_event),
         scope=Scope.SERVICE,
     )

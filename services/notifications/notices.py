@@ -122,6 +122,17 @@ def _name_the_group(fields: dict[str, Any], event: Event) -> None:
         fields["group"] = group
 
 
+NOTIFYING_EVENTS: tuple[type[Event], ...] = (
+    CallRinging,
+    CallAccepted,
+    CallDeclined,
+    CallCancelled,
+    CallMissed,
+    CallEnded,
+)
+"""The events :func:`notices_for` makes notifications of: what the consumer subscribes to."""
+
+
 def notices_for(event: Event) -> list[Notice]:
     """The notifications one event makes, in the order they are to be delivered."""
     if isinstance(event, CallRinging):

@@ -11,6 +11,12 @@ from pathlib import Path
 from tools.stack import free_port
 
 
+def _redis_server() -> str:
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is needed for the Redis restart and failover tests"
+    return binary
+
+
 class PrivateRedis:
     """A redis-server of the test's own on a spare port, so restarting it harms no one.
 
@@ -29,9 +35,7 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def _argv(self) -> list[str]:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is needed for the Redis restart test"
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv = [_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         argv += ["--appendonly", "no", "--dir", str(self.workdir)]
         if self.replica_of is not None:
             argv += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
@@ -94,9 +98,6 @@ class PrivateSentinel(PrivateRedis):
         return f"127.0.0.1:{self.port}"
 
     def _argv(self) -> list[str]:
-        # redis-sentinel is redis-server under another name (Debian ships it apart)
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is needed for the Redis failover test"
         # Sentinel rewrites its config file as it learns, so each has a file of its own.
         conf = self.workdir / "sentinel.conf"
         m = self.master
@@ -109,7 +110,8 @@ class PrivateSentinel(PrivateRedis):
             f"sentinel failover-timeout {m} {self.failover_timeout_ms}\n"
             f"sentinel parallel-syncs {m} 1\n"
         )
-        return [binary, str(conf), "--sentinel"]
+        # redis-sentinel is redis-server under another name (Debian ships it apart)
+        return [_redis_server(), str(conf), "--sentinel"]
 
     def primary_port(self) -> int | None:
         """The port of the node this Sentinel calls primary now (None if it does not answer)."""
