@@ -455,10 +455,7 @@ async def report_call(
         response.status_code = status.HTTP_200_OK
     report = filed.report
     return Report(
-        call_id=report.call_id,
-        reporter=report.reporter,
-        reported_user=report.reported_user,
-        reason=report.reason,
+        **report.model_dump(include={"call_id", "reporter", "reported_user", "reason"}),
         reported_at=report.occurred_at,
     )
 
@@ -488,6 +485,16 @@ async def put_user(
     applied = await store.update_user(
         user_id, premium=body.premium, verified=body.verified, at=_when(body.occurred_at, settings)
     )
+    return await _user_facts(store, user_id, applied=applied)
+
+
+@router.get("/v1/platform/users/{user_id}", response_model=UserFactsOut, tags=["platform"])
+async def get_user(user_id: UserPath, platform: PlatformPrincipal, store: Store) -> UserFactsOut:
+    """What policy knows of the user's subscription and verification."""
+    return await _user_facts(store, user_id)
+
+
+async def _user_facts(store: PolicyStore, user_id: str, *, applied: bool = True) -> UserFactsOut:
     facts = await store.get_user(user_id)
     return UserFactsOut(
         user_id=user_id,
@@ -495,19 +502,6 @@ async def put_user(
         verified=facts.verified,
         updated_at=facts.updated_at,
         applied=applied,
-    )
-
-
-@router.get("/v1/platform/users/{user_id}", response_model=UserFactsOut, tags=["platform"])
-async def get_user(user_id: UserPath, platform: PlatformPrincipal, store: Store) -> UserFactsOut:
-    """What policy knows of the user's subscription and verification."""
-    facts = await store.get_user(user_id)
-    return UserFactsOut(
-        user_id=user_id,
-        premium=facts.premium,
-        verified=facts.verified,
-        updated_at=facts.updated_at,
-        applied=True,
     )
 
 

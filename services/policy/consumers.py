@@ -97,24 +97,12 @@ def verdict_event(
     request: CallRequested, verdict: Verdict | GroupVerdict
 ) -> CallAuthorized | CallRejected:
     """The call's one verdict, naming the callee (1:1) or the group as the request did."""
+    call = request.model_dump(include={"call_id", "caller", "callee", "group"})
     if verdict.allowed:
-        return CallAuthorized(
-            call_id=request.call_id,
-            caller=request.caller,
-            callee=request.callee,
-            group=request.group,
-            media=request.media,
-            ring=list(verdict.ring) if isinstance(verdict, GroupVerdict) else [],
-        )
+        ring = list(verdict.ring) if isinstance(verdict, GroupVerdict) else []
+        return CallAuthorized(**call, media=request.media, ring=ring)
     assert verdict.reason is not None
-    return CallRejected(
-        call_id=request.call_id,
-        caller=request.caller,
-        callee=request.callee,
-        group=request.group,
-        reason=verdict.reason,
-        detail=verdict.detail,
-    )
+    return CallRejected(**call, reason=verdict.reason, detail=verdict.detail)
 
 
 def record_on_span(verdict: Verdict) -> None:
