@@ -30,8 +30,7 @@ from shared.contracts import (
     parse_event,
 )
 from tests.conftest import auth
-from tests.support import policy as support
-from tests.support.policy import PolicyRig, Token
+from tests.support.policy import PolicyRig, Token, policy_rig, seeded_policy
 from tests.support.policy_calls import verdicts_in
 from tests.support.redis_server import PrivateRedis
 from tests.support.signaling import EventTap
@@ -40,8 +39,8 @@ from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 
-rig = pytest.fixture(support.policy_rig, name="rig")
-seeded_policy = pytest.fixture(support.seeded_policy)
+rig = pytest.fixture(policy_rig, name="rig")
+seeded_policy = pytest.fixture(seeded_policy)
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 

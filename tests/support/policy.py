@@ -1,7 +1,7 @@
 """What the policy tests over the bus share: :class:`PolicyRig` (spawn policy, make buses,
 mint tokens, wait until policy handled an event) and a policy the demo seed ran against.
 
-A test module makes them fixtures: ``policy_rig = pytest.fixture(support.policy_rig)``.
+A test module makes them fixtures: ``rig = pytest.fixture(policy_rig, name="rig")``.
 """
 
 from __future__ import annotations
