@@ -10,21 +10,20 @@ from typing import Any
 
 import httpx
 import pytest
-from redis.asyncio import Redis
 
-from shared import redis as shared_redis
-from shared.bus import Bus, Delivery
+from shared.bus import Delivery
 from shared.contracts import CallReported
 from shared.settings import CommonSettings
 from tests.conftest import auth
-from tests.support.policy_calls import judged_call
+from tests.support.policy import PolicyRig, Token, policy_rig, seeded_policy
 from tests.support.redis_server import PrivateRedis
 from tests.support.waiting import eventually
 from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 
-Token = Callable[..., str]
+rig = pytest.fixture(policy_rig, name="rig")
+seeded_policy = pytest.fixture(seeded_policy)
 
 
 class Policy:
@@ -322,72 +321,58 @@ def test_the_premium_switch_off_opens_calling_to_everyone(
 
 
 async def test_a_report_publishes_call_reported_once_and_blocks_the_reported_user(
-    policy: Policy, settings: CommonSettings, redis_client: Redis, namespace: str
+    policy: Policy, rig: PolicyRig
 ) -> None:
     received: list[CallReported] = []
 
     async def on_reported(event: CallReported, delivery: Delivery) -> None:
         received.append(event)
 
-    redis = shared_redis.connect(settings, name="test-tns")
-    bus = Bus(settings, redis, "trust-and-safety")
-    bus.subscribe("reports", {CallReported: on_reported})
-    await asyncio.wait_for(bus.start(), 15)
-    try:
-        await asyncio.to_thread(policy.callable_pair, "bob", "alice")
-        assert (await asyncio.to_thread(policy.permission, "bob", "alice"))["allowed"] is True
-        # two calls bob -> alice that policy judged (F7: only real calls can be reported)
-        call_1 = await judged_call(bus, redis_client, namespace, "bob", "alice")
-        call_2 = await judged_call(bus, redis_client, namespace, "bob", "alice")
-        alice = policy.as_user("alice")
-        body = {"call_id": call_1, "reported_user": "bob", "reason": "harassment"}
-        first = await asyncio.to_thread(policy.post, "/v1/reports", alice, json=body)
-        assert first.status_code == 201, first.text
-        assert first.json()["reporter"] == "alice" and first.json()["blocked"] is True
-        again = await asyncio.to_thread(policy.post, "/v1/reports", alice, json=body)
-        assert again.status_code == 200
-        assert again.json() == first.json()
+    bus = await rig.bus("trust-and-safety", reports={CallReported: on_reported})
+    await asyncio.to_thread(policy.callable_pair, "bob", "alice")
+    assert (await asyncio.to_thread(policy.permission, "bob", "alice"))["allowed"] is True
+    # two calls bob -> alice that policy judged (F7: only real calls can be reported)
+    call_1 = await rig.judged_call(bus, "bob", "alice")
+    call_2 = await rig.judged_call(bus, "bob", "alice")
+    alice = policy.as_user("alice")
+    body = {"call_id": call_1, "reported_user": "bob", "reason": "harassment"}
+    first = await asyncio.to_thread(policy.post, "/v1/reports", alice, json=body)
+    assert first.status_code == 201, first.text
+    assert first.json()["reporter"] == "alice" and first.json()["blocked"] is True
+    again = await asyncio.to_thread(policy.post, "/v1/reports", alice, json=body)
+    assert again.status_code == 200
+    assert again.json() == first.json()
 
-        await eventually(lambda: received)
-        # a report of another call is a second event; it makes the count below meaningful
-        other = {**body, "call_id": call_2, "reason": "spam"}
-        assert (
-            await asyncio.to_thread(policy.post, "/v1/reports", alice, json=other)
-        ).status_code == 201
-        await eventually(lambda: len(received) >= 2)
-        assert [(e.call_id, e.reporter, e.reported_user, e.reason.value) for e in received] == [
-            (call_1, "alice", "bob", "harassment"),
-            (call_2, "alice", "bob", "spam"),
-        ]
-        assert (await asyncio.to_thread(policy.permission, "bob", "alice")) == unavailable("alice")
-        assert policy.get("/v1/blocks", alice).json() == {"blocked": ["bob"]}
+    await eventually(lambda: received)
+    # a report of another call is a second event; it makes the count below meaningful
+    other = {**body, "call_id": call_2, "reason": "spam"}
+    assert (
+        await asyncio.to_thread(policy.post, "/v1/reports", alice, json=other)
+    ).status_code == 201
+    await eventually(lambda: len(received) >= 2)
+    assert [(e.call_id, e.reporter, e.reported_user, e.reason.value) for e in received] == [
+        (call_1, "alice", "bob", "harassment"),
+        (call_2, "alice", "bob", "spam"),
+    ]
+    assert (await asyncio.to_thread(policy.permission, "bob", "alice")) == unavailable("alice")
+    assert policy.get("/v1/blocks", alice).json() == {"blocked": ["bob"]}
 
-        for bad in (
-            {**body, "reported_user": "alice"},
-            {**body, "reason": "rude"},
-            {**body, "call_id": "x" * 65},
-            {"call_id": call_2, "reported_user": "bob"},
-        ):
-            response = await asyncio.to_thread(policy.post, "/v1/reports", alice, json=bad)
-            assert response.status_code == 422, (bad, response.text)
-    finally:
-        await bus.close()
-        await redis.aclose()
+    for bad in (
+        {**body, "reported_user": "alice"},
+        {**body, "reason": "rude"},
+        {**body, "call_id": "x" * 65},
+        {"call_id": call_2, "reported_user": "bob"},
+    ):
+        response = await asyncio.to_thread(policy.post, "/v1/reports", alice, json=bad)
+        assert response.status_code == 422, (bad, response.text)
 
 
 def test_the_demo_seed_shows_every_rule_and_can_run_twice(
-    spawn: Callable[..., ServiceProcess],
-    token: Token,
-    service_env: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
+    seeded_policy: ServiceProcess, token: Token
 ) -> None:
     from tools import seed
 
-    policy = Policy(spawn("policy"), token)
-    for name, value in service_env.items():
-        monkeypatch.setenv(name, value)
-    seed.seed(policy.url)
-    seed.seed(policy.url)
+    policy = Policy(seeded_policy, token)
     for caller, callee, allowed, reason, why in seed.EXPECTED:
         got = policy.permission(caller, callee)
         assert (got["allowed"], got["reason"]) == (allowed, reason), (caller, callee, why)

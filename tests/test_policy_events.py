@@ -4,13 +4,10 @@ as events (reordered and duplicated), and exactly one verdict per call_requested
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import httpx
 import pytest
-from redis.asyncio import Redis
 
 from shared import telemetry
 from shared.bus import Delivery
@@ -31,12 +28,14 @@ from shared.contracts import (
     parse_event,
 )
 from tests.conftest import auth
-from tests.support.policy_calls import handled, verdicts_in
+from tests.support.policy import PolicyRig, policy_rig
+from tests.support.policy_calls import verdicts_in
 from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
-from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
+
+rig = pytest.fixture(policy_rig, name="rig")
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -46,14 +45,10 @@ def at(seconds: float) -> datetime:
 
 
 async def test_platform_events_reordered_and_duplicated_end_in_the_newest_state(
-    spawn: Callable[..., ServiceProcess],
-    bus_factory: Callable[..., Any],
-    redis_client: Redis,
-    namespace: str,
-    token: Callable[..., str],
+    rig: PolicyRig,
 ) -> None:
-    policy = spawn("policy")
-    platform = await bus_factory("platform")
+    policy = rig.spawn("policy")
+    platform = await rig.bus("platform")
     follow_created = FollowCreated(user_id="bob", other_id="alice", occurred_at=at(1))
     events: list[Event] = [
         # follow.deleted before its follow.created; the created is delivered twice
@@ -82,9 +77,9 @@ async def test_platform_events_reordered_and_duplicated_end_in_the_newest_state(
     # Each arrives after the one before was handled: the arrival order is the list's.
     for event in events:
         await platform.publish(event)
-        await eventually(handled(redis_client, namespace, "facts", event))
+        await rig.handled("facts", event)
 
-    headers = auth(token("platform-svc", scope="platform"))
+    headers = auth(rig.token("platform-svc", scope="platform"))
 
     http = httpx.AsyncClient(base_url=policy.url)
 
@@ -123,14 +118,14 @@ async def test_platform_events_reordered_and_duplicated_end_in_the_newest_state(
     random.Random(7).shuffle(burst)
     for event in burst:
         await platform.publish(event)
-    await eventually(handled(redis_client, namespace, "facts", *burst))
+    await rig.handled("facts", *burst)
     assert await relation("frank", "following", "alice") is False
 
     # a newer follow.created now takes, and the permission follows it
     newer = FollowCreated(user_id="bob", other_id="alice", occurred_at=at(20))
     await platform.publish(newer)
-    await eventually(handled(redis_client, namespace, "facts", newer))
-    permission = await http.get("/v1/permissions/bob", headers=auth(token("alice")))
+    await rig.handled("facts", newer)
+    permission = await http.get("/v1/permissions/bob", headers=auth(rig.token("alice")))
     await http.aclose()
     assert permission.json() == {
         "callee": "bob",
@@ -141,15 +136,10 @@ async def test_platform_events_reordered_and_duplicated_end_in_the_newest_state(
 
 
 async def test_call_requested_delivered_twice_yields_exactly_one_verdict_in_the_same_trace(
-    spawn: Callable[..., ServiceProcess],
-    bus_factory: Callable[..., Any],
-    redis_client: Redis,
-    namespace: str,
-    token: Callable[..., str],
-    tap: EventTap,
+    rig: PolicyRig, tap: EventTap
 ) -> None:
-    policy = spawn("policy")
-    headers = auth(token("platform-svc", scope="platform"))
+    policy = rig.spawn("policy")
+    headers = auth(rig.token("platform-svc", scope="platform"))
     http = httpx.AsyncClient(base_url=policy.url)
     for method, path, body in (
         ("PUT", "/v1/platform/users/alice", {"premium": True, "verified": False}),
@@ -160,7 +150,7 @@ async def test_call_requested_delivered_twice_yields_exactly_one_verdict_in_the_
     ):
         response = await http.request(method, path, headers=headers, json=body)
         assert response.is_success
-    dave = auth(token("dave"))
+    dave = auth(rig.token("dave"))
     response = await http.put("/v1/settings", headers=dave, json={"enabled": False})
     assert response.is_success
     await http.aclose()
@@ -170,12 +160,10 @@ async def test_call_requested_delivered_twice_yields_exactly_one_verdict_in_the_
     async def on_verdict(event: CallAuthorized | CallRejected, delivery: Delivery) -> None:
         verdicts.append((event, telemetry.current_trace_id()))
 
-    await bus_factory(
-        "signaling-test", verdicts={CallAuthorized: on_verdict, CallRejected: on_verdict}
-    )
+    await rig.bus("signaling-test", verdicts={CallAuthorized: on_verdict, CallRejected: on_verdict})
     # The bus deduplicates by event id, which would hide the same verdict published twice:
     # the tap (a plain queue on the exchange) sees every message policy publishes.
-    signaling = await bus_factory("signaling-publisher")
+    signaling = await rig.bus("signaling-publisher")
     telemetry.setup_tracing("test-signaling", None)
     tracer = telemetry.tracer("test")
 
@@ -194,10 +182,10 @@ async def test_call_requested_delivered_twice_yields_exactly_one_verdict_in_the_
     to_dave, dave_trace = await request("call-dave", "dave")
     # and call_requested for call-bob again under a new event id (signaling retried, after
     # the first was decided: a retry sent concurrently could win the verdict, in its trace)
-    await eventually(handled(redis_client, namespace, "verdicts", to_bob))
+    await rig.handled("verdicts", to_bob)
     retry = CallRequested(call_id="call-bob", caller="alice", callee="bob", media=MediaKind.VIDEO)
     await signaling.publish(retry)
-    await eventually(handled(redis_client, namespace, "verdicts", to_bob, to_dave, retry))
+    await rig.handled("verdicts", to_bob, to_dave, retry)
     # a sentinel call after them; verdicts are handled concurrently, so they may arrive in
     # any order: wait for all three, then give a duplicate the time to show up.
     await request("call-sentinel", "carol")
@@ -233,13 +221,13 @@ async def test_call_requested_delivered_twice_yields_exactly_one_verdict_in_the_
     # else it is a call that does not exist (F7)
     async with httpx.AsyncClient(base_url=policy.url) as http:
         report = {"call_id": "call-bob", "reported_user": "alice", "reason": "spam"}
-        outsider = await http.post("/v1/reports", headers=auth(token("carol")), json=report)
+        outsider = await http.post("/v1/reports", headers=auth(rig.token("carol")), json=report)
         assert outsider.status_code == 404, outsider.text
         third = await http.post(
-            "/v1/reports", headers=auth(token("bob")), json={**report, "reported_user": "carol"}
+            "/v1/reports", headers=auth(rig.token("bob")), json={**report, "reported_user": "carol"}
         )
         assert third.status_code == 403
-        party = await http.post("/v1/reports", headers=auth(token("bob")), json=report)
+        party = await http.post("/v1/reports", headers=auth(rig.token("bob")), json=report)
         assert party.status_code == 201, party.text
 
     async with httpx.AsyncClient(base_url=policy.url) as http:

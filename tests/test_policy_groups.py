@@ -30,7 +30,8 @@ from shared.contracts import (
     parse_event,
 )
 from tests.conftest import auth
-from tests.support.policy_calls import handled, verdicts_in
+from tests.support.policy import PolicyRig, Token, policy_rig, seeded_policy
+from tests.support.policy_calls import verdicts_in
 from tests.support.redis_server import PrivateRedis
 from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
@@ -38,7 +39,8 @@ from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 
-Token = Callable[..., str]
+rig = pytest.fixture(policy_rig, name="rig")
+seeded_policy = pytest.fixture(seeded_policy)
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 
@@ -200,14 +202,10 @@ def test_group_facts_over_http_are_order_safe_and_drive_the_group_permission(
 
 
 async def test_group_facts_as_events_reordered_and_duplicated_end_in_the_newest_state(
-    spawn: Callable[..., ServiceProcess],
-    bus_factory: Callable[..., Any],
-    redis_client: Redis,
-    namespace: str,
-    token: Token,
+    rig: PolicyRig,
 ) -> None:
-    proc = spawn("policy")
-    platform = await bus_factory("platform")
+    proc = rig.spawn("policy")
+    platform = await rig.bus("platform")
     added = GroupMemberAdded(group_id="g", user_id="bob", occurred_at=T0 + timedelta(seconds=1))
     events: list[Event] = [
         GroupMemberRemoved(group_id="g", user_id="bob", occurred_at=T0 + timedelta(seconds=2)),
@@ -223,9 +221,9 @@ async def test_group_facts_as_events_reordered_and_duplicated_end_in_the_newest_
     ]
     for event in events:
         await platform.publish(event)
-        await eventually(handled(redis_client, namespace, "facts", event))
+        await rig.handled("facts", event)
     async with httpx.AsyncClient(base_url=proc.url) as http:
-        platform_headers = auth(token("platform-svc", scope="platform"))
+        platform_headers = auth(rig.token("platform-svc", scope="platform"))
         group = (await http.get("/v1/platform/groups/g", headers=platform_headers)).json()
         assert group == {"group_id": "g", "members": ["alice", "erin"], "posted": ["bob", "erin"]}
         metrics = (await http.get("/metrics")).text
@@ -233,19 +231,14 @@ async def test_group_facts_as_events_reordered_and_duplicated_end_in_the_newest_
             line = f'dmcall_policy_stale_facts_total{{event_type="{event_type}"}} {count}.0'
             assert line in metrics
         # signaling reads the same directory
-        assert await redis_client.smembers(f"dmcall:{namespace}:groups:of:erin") == {b"g"}
+        assert await rig.redis.smembers(rig.key("groups", "of", "erin")) == {b"g"}
 
 
 async def test_a_group_call_requested_gets_exactly_one_verdict_naming_whom_to_ring(
-    spawn: Callable[..., ServiceProcess],
-    bus_factory: Callable[..., Any],
-    redis_client: Redis,
-    namespace: str,
-    token: Token,
-    tap: EventTap,
+    rig: PolicyRig, tap: EventTap
 ) -> None:
-    proc = spawn("policy", GROUP_CALL_MAX_PARTICIPANTS="3")
-    policy = Policy(proc, token)
+    proc = rig.spawn("policy", GROUP_CALL_MAX_PARTICIPANTS="3")
+    policy = Policy(proc, rig.token)
     for user in ("alice", "bob", "carol", "dave", "erin", "frank"):
         policy.ok("PUT", f"/v1/platform/groups/six/members/{user}")
     for user in ("alice", "bob", "carol", "dave", "erin"):  # frank never posted
@@ -258,10 +251,8 @@ async def test_a_group_call_requested_gets_exactly_one_verdict_naming_whom_to_ri
     async def on_verdict(event: CallAuthorized | CallRejected, delivery: Delivery) -> None:
         verdicts.append(event)
 
-    await bus_factory(
-        "signaling-test", verdicts={CallAuthorized: on_verdict, CallRejected: on_verdict}
-    )
-    signaling = await bus_factory("signaling-publisher")
+    await rig.bus("signaling-test", verdicts={CallAuthorized: on_verdict, CallRejected: on_verdict})
+    signaling = await rig.bus("signaling-publisher")
 
     def placed(caller: str, call_id: str, invitees: list[str]) -> CallRequested:
         return CallRequested(
@@ -272,14 +263,14 @@ async def test_a_group_call_requested_gets_exactly_one_verdict_naming_whom_to_ri
     call = placed("alice", "gc-1", others)
     await signaling.publish(call)
     await signaling.publish(call)  # delivered twice
-    await eventually(handled(redis_client, namespace, "verdicts", call))
+    await rig.handled("verdicts", call)
     retry = placed("alice", "gc-1", others)  # signaling retried under a new event id
     await signaling.publish(retry)
     free = placed("bob", "gc-2", ["alice", "carol", "dave", "erin", "frank"])  # not premium
     outsider = placed("zed", "gc-3", others)  # not a member (removed since placement)
     for event in (free, outsider):
         await signaling.publish(event)
-    await eventually(handled(redis_client, namespace, "verdicts", retry, free, outsider))
+    await rig.handled("verdicts", retry, free, outsider)
     await eventually(lambda: len(verdicts_in(tap)) >= 3)
     await tap.settle(signaling.publish)  # a duplicate verdict would be on the tap by now
 
@@ -314,7 +305,7 @@ async def test_a_group_call_requested_gets_exactly_one_verdict_naming_whom_to_ri
         assert await report("bob", "erin") == 403  # erin is no party (yet)
         joined = CallParticipantJoined(call_id="gc-1", user="erin", group="six")
         await signaling.publish(joined)
-        await eventually(handled(redis_client, namespace, "verdicts", joined))
+        await rig.handled("verdicts", joined)
         assert await report("erin", "alice") == 201
         assert await report("dave", "bob") == 201
         assert (await http.get("/v1/blocks", headers=policy.user("erin"))).json() == {
@@ -391,19 +382,11 @@ async def test_the_group_query_reads_a_group_of_16_in_one_round_trip(
 
 
 def test_the_demo_seed_makes_a_group_to_try_group_calls_in(
-    spawn: Callable[..., ServiceProcess],
-    token: Token,
-    service_env: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
+    seeded_policy: ServiceProcess, token: Token
 ) -> None:
     from tools import seed
 
-    proc = spawn("policy")
-    policy = Policy(proc, token)
-    for name, value in service_env.items():
-        monkeypatch.setenv(name, value)
-    seed.seed(proc.url)
-    seed.seed(proc.url)
+    policy = Policy(seeded_policy, token)
     group = policy.ok("GET", f"/v1/platform/groups/{seed.GROUP}")
     assert group["members"] == sorted(seed.GROUP_MEMBERS)
     assert group["posted"] == sorted(seed.GROUP_POSTERS)

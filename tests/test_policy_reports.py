@@ -10,19 +10,17 @@ from typing import Any
 
 import httpx
 import pytest
-from redis.asyncio import Redis
 
 from shared.bus import Delivery
 from shared.contracts import CallAuthorized, CallReported, EventType
 from tests.conftest import auth
-from tests.support.policy_calls import judged_call
+from tests.support.policy import PolicyRig, Token, policy_rig
 from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
-from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 
-Token = Callable[..., str]
+rig = pytest.fixture(policy_rig, name="rig")
 
 NOT_FOUND = {"error": "not_found", "message": "no call of yours with this id"}
 
@@ -48,25 +46,20 @@ def reporting(http: httpx.AsyncClient, token: Token) -> Callable[..., Any]:
 
 
 async def test_f7_only_a_party_of_a_judged_call_may_report_it_and_only_the_other_party(
-    spawn: Callable[..., ServiceProcess],
-    bus_factory: Callable[..., Any],
-    redis_client: Redis,
-    namespace: str,
-    token: Token,
-    tap: EventTap,
+    rig: PolicyRig, tap: EventTap
 ) -> None:
-    policy = spawn("policy")
+    policy = rig.spawn("policy")
     received: list[CallReported] = []
 
     async def on_reported(event: CallReported, delivery: Delivery) -> None:
         received.append(event)
 
-    bus = await bus_factory("trust-and-safety", reports={CallReported: on_reported})
+    bus = await rig.bus("trust-and-safety", reports={CallReported: on_reported})
     async with httpx.AsyncClient(base_url=policy.url) as http:
-        report = reporting(http, token)
-        await callable_pair(http, token, "alice", "bob")
-        answered = await judged_call(bus, redis_client, namespace, "alice", "bob")
-        rejected = await judged_call(bus, redis_client, namespace, "alice", "carol")  # no DM
+        report = reporting(http, rig.token)
+        await callable_pair(http, rig.token, "alice", "bob")
+        answered = await rig.judged_call(bus, "alice", "bob")
+        rejected = await rig.judged_call(bus, "alice", "carol")  # no DM
 
         # Made-up calls: 404, and nothing stored, blocked or published.
         for n in range(5):
@@ -88,28 +81,28 @@ async def test_f7_only_a_party_of_a_judged_call_may_report_it_and_only_the_other
         }
         assert (await report("bob", answered, "bob")).status_code == 422
         for user in ("alice", "bob", "carol"):
-            blocks = await http.get("/v1/blocks", headers=auth(token(user)))
+            blocks = await http.get("/v1/blocks", headers=auth(rig.token(user)))
             assert blocks.json() == {"blocked": []}, user
 
         # Both parties may report each other.
         by_callee = await report("bob", answered, "alice")
         assert by_callee.status_code == 201, by_callee.text
         assert (await report("alice", answered, "bob")).status_code == 201
-        assert (await http.get("/v1/blocks", headers=auth(token("bob")))).json() == {
+        assert (await http.get("/v1/blocks", headers=auth(rig.token("bob")))).json() == {
             "blocked": ["alice"]
         }
 
         # However old: the verdict is forgotten after POLICY_VERDICT_TTL_S, the parties are
         # kept (no expiry by default, like signaling's call history).
-        await callable_pair(http, token, "erin", "dave")
-        old = await judged_call(bus, redis_client, namespace, "erin", "dave")
-        await redis_client.delete(f"dmcall:{namespace}:policy:verdict:{old}")
-        assert await redis_client.ttl(f"dmcall:{namespace}:policy:call:{old}") == -1
+        await callable_pair(http, rig.token, "erin", "dave")
+        old = await rig.judged_call(bus, "erin", "dave")
+        await rig.redis.delete(rig.key("policy", "verdict", old))
+        assert await rig.redis.ttl(rig.key("policy", "call", old)) == -1
         assert (await report("dave", old, "erin")).status_code == 201
         # A call judged before the parties were recorded (its verdict still remembered).
-        await callable_pair(http, token, "frank", "dave")
-        legacy = await judged_call(bus, redis_client, namespace, "frank", "dave")
-        await redis_client.delete(f"dmcall:{namespace}:policy:call:{legacy}")
+        await callable_pair(http, rig.token, "frank", "dave")
+        legacy = await rig.judged_call(bus, "frank", "dave")
+        await rig.redis.delete(rig.key("policy", "call", legacy))
         assert (await report("dave", legacy, "frank")).status_code == 201
         assert (await report("erin", legacy, "frank")).status_code == 404
 
@@ -132,47 +125,35 @@ async def test_f7_only_a_party_of_a_judged_call_may_report_it_and_only_the_other
     )
 
 
-async def test_f7_a_report_right_after_the_call_rang_is_accepted(
-    spawn: Callable[..., ServiceProcess],
-    bus_factory: Callable[..., Any],
-    redis_client: Redis,
-    namespace: str,
-    token: Token,
-) -> None:
+async def test_f7_a_report_right_after_the_call_rang_is_accepted(rig: PolicyRig) -> None:
     """The callee reports as soon as the call rings: the parties are recorded before
     call_authorized is published, and signaling rings only on call_authorized."""
-    policy = spawn("policy")
+    policy = rig.spawn("policy")
     answers: list[int] = []
 
     async with httpx.AsyncClient(base_url=policy.url) as http:
-        report = reporting(http, token)
+        report = reporting(http, rig.token)
 
         async def on_authorized(event: CallAuthorized, delivery: Delivery) -> None:
             answers.append((await report(event.callee, event.call_id, event.caller)).status_code)
 
-        bus = await bus_factory("signaling-test", verdicts={CallAuthorized: on_authorized})
-        await callable_pair(http, token, "alice", "bob")
+        bus = await rig.bus("signaling-test", verdicts={CallAuthorized: on_authorized})
+        await callable_pair(http, rig.token, "alice", "bob")
         for _ in range(3):
-            await judged_call(bus, redis_client, namespace, "alice", "bob")
+            await rig.judged_call(bus, "alice", "bob")
             # each report blocks alice for bob; bob unblocks her for the next call
             await eventually(lambda: answers)
             assert answers.pop() == 201
-            await http.delete("/v1/blocks/alice", headers=auth(token("bob")))
+            await http.delete("/v1/blocks/alice", headers=auth(rig.token("bob")))
 
 
-async def test_f7_reports_are_rate_limited_per_reporter(
-    spawn: Callable[..., ServiceProcess],
-    bus_factory: Callable[..., Any],
-    redis_client: Redis,
-    namespace: str,
-    token: Token,
-) -> None:
-    policy = spawn("policy", POLICY_REPORTS_PER_HOUR="2")
-    bus = await bus_factory("signaling-test")
+async def test_f7_reports_are_rate_limited_per_reporter(rig: PolicyRig) -> None:
+    policy = rig.spawn("policy", POLICY_REPORTS_PER_HOUR="2")
+    bus = await rig.bus("signaling-test")
     async with httpx.AsyncClient(base_url=policy.url) as http:
-        report = reporting(http, token)
-        await callable_pair(http, token, "alice", "bob")
-        calls = [await judged_call(bus, redis_client, namespace, "alice", "bob") for _ in range(3)]
+        report = reporting(http, rig.token)
+        await callable_pair(http, rig.token, "alice", "bob")
+        calls = [await rig.judged_call(bus, "alice", "bob") for _ in range(3)]
 
         assert (await report("alice", calls[0], "bob")).status_code == 201
         assert (await report("alice", calls[1], "bob")).status_code == 201

@@ -76,6 +76,14 @@ OccurredAt = Annotated[
 ]
 
 
+async def _recorded(request: Request) -> bool:
+    """A platform fact's route: PUT records the fact, DELETE its end (one handler for both)."""
+    return request.method == "PUT"
+
+
+Recorded = Annotated[bool, Depends(_recorded)]
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -447,10 +455,7 @@ async def report_call(
         response.status_code = status.HTTP_200_OK
     report = filed.report
     return Report(
-        call_id=report.call_id,
-        reporter=report.reporter,
-        reported_user=report.reported_user,
-        reason=report.reason,
+        **report.model_dump(include={"call_id", "reporter", "reported_user", "reason"}),
         reported_at=report.occurred_at,
     )
 
@@ -480,6 +485,16 @@ async def put_user(
     applied = await store.update_user(
         user_id, premium=body.premium, verified=body.verified, at=_when(body.occurred_at, settings)
     )
+    return await _user_facts(store, user_id, applied=applied)
+
+
+@router.get("/v1/platform/users/{user_id}", response_model=UserFactsOut, tags=["platform"])
+async def get_user(user_id: UserPath, platform: PlatformPrincipal, store: Store) -> UserFactsOut:
+    """What policy knows of the user's subscription and verification."""
+    return await _user_facts(store, user_id)
+
+
+async def _user_facts(store: PolicyStore, user_id: str, *, applied: bool = True) -> UserFactsOut:
     facts = await store.get_user(user_id)
     return UserFactsOut(
         user_id=user_id,
@@ -490,29 +505,17 @@ async def put_user(
     )
 
 
-@router.get("/v1/platform/users/{user_id}", response_model=UserFactsOut, tags=["platform"])
-async def get_user(user_id: UserPath, platform: PlatformPrincipal, store: Store) -> UserFactsOut:
-    """What policy knows of the user's subscription and verification."""
-    facts = await store.get_user(user_id)
-    return UserFactsOut(
-        user_id=user_id,
-        premium=facts.premium,
-        verified=facts.verified,
-        updated_at=facts.updated_at,
-        applied=True,
-    )
-
-
 def _relation_routes(relation: Relation, meaning: str) -> None:
     path = f"/v1/platform/users/{{user_id}}/{relation.value}/{{other_id}}"
 
     async def change_relation(
-        present: bool,
-        user_id: str,
-        other_id: str,
-        store: PolicyStore,
-        settings: PolicySettings,
-        occurred_at: datetime | None,
+        present: Recorded,
+        user_id: UserPath,
+        other_id: UserPath,
+        platform: PlatformPrincipal,
+        store: Store,
+        settings: Settings,
+        occurred_at: OccurredAt = None,
     ) -> RelationOut:
         change = await store.set_relation(
             relation, user_id, other_id, present=present, at=_when(occurred_at, settings)
@@ -525,26 +528,6 @@ def _relation_routes(relation: Relation, meaning: str) -> None:
             applied=change.applied,
         )
 
-    async def put_relation(
-        user_id: UserPath,
-        other_id: UserPath,
-        platform: PlatformPrincipal,
-        store: Store,
-        settings: Settings,
-        occurred_at: OccurredAt = None,
-    ) -> RelationOut:
-        return await change_relation(True, user_id, other_id, store, settings, occurred_at)
-
-    async def delete_relation(
-        user_id: UserPath,
-        other_id: UserPath,
-        platform: PlatformPrincipal,
-        store: Store,
-        settings: Settings,
-        occurred_at: OccurredAt = None,
-    ) -> RelationOut:
-        return await change_relation(False, user_id, other_id, store, settings, occurred_at)
-
     async def get_relation(
         user_id: UserPath, other_id: UserPath, platform: PlatformPrincipal, store: Store
     ) -> RelationOut:
@@ -554,8 +537,8 @@ def _relation_routes(relation: Relation, meaning: str) -> None:
         )
 
     for endpoint, method, summary in (
-        (put_relation, "PUT", f"Record: {meaning}"),
-        (delete_relation, "DELETE", f"Record: no longer {meaning}"),
+        (change_relation, "PUT", f"Record: {meaning}"),
+        (change_relation, "DELETE", f"Record: no longer {meaning}"),
         (get_relation, "GET", f"Is {meaning}?"),
     ):
         router.add_api_route(
@@ -581,54 +564,30 @@ async def post_dm(body: DmBody, platform: PlatformPrincipal, store: Store) -> Dm
     return DmOut(sender=body.sender, recipient=body.recipient, first=first)
 
 
-async def _membership(
-    present: bool,
-    group_id: str,
-    user_id: str,
-    store: PolicyStore,
-    settings: PolicySettings,
-    occurred_at: datetime | None,
+_MEMBER = "/v1/platform/groups/{group_id}/members/{user_id}"
+
+
+@router.put(_MEMBER, response_model=GroupMemberOut, tags=["platform"], name="put_group_member")
+@router.delete(
+    _MEMBER, response_model=GroupMemberOut, tags=["platform"], name="delete_group_member"
+)
+async def change_group_member(
+    present: Recorded,
+    group_id: GroupPath,
+    user_id: UserPath,
+    platform: PlatformPrincipal,
+    store: Store,
+    settings: Settings,
+    occurred_at: OccurredAt = None,
 ) -> GroupMemberOut:
+    """Record: user_id is a member of the group conversation (PUT), or no longer (DELETE),
+    as of ``occurred_at``."""
     change = await store.set_group_member(
         group_id, user_id, present=present, at=_when(occurred_at, settings)
     )
     return GroupMemberOut(
         group_id=group_id, user_id=user_id, member=change.present, applied=change.applied
     )
-
-
-@router.put(
-    "/v1/platform/groups/{group_id}/members/{user_id}",
-    response_model=GroupMemberOut,
-    tags=["platform"],
-)
-async def put_group_member(
-    group_id: GroupPath,
-    user_id: UserPath,
-    platform: PlatformPrincipal,
-    store: Store,
-    settings: Settings,
-    occurred_at: OccurredAt = None,
-) -> GroupMemberOut:
-    """Record: user_id is a member of the group conversation (as of ``occurred_at``)."""
-    return await _membership(True, group_id, user_id, store, settings, occurred_at)
-
-
-@router.delete(
-    "/v1/platform/groups/{group_id}/members/{user_id}",
-    response_model=GroupMemberOut,
-    tags=["platform"],
-)
-async def delete_group_member(
-    group_id: GroupPath,
-    user_id: UserPath,
-    platform: PlatformPrincipal,
-    store: Store,
-    settings: Settings,
-    occurred_at: OccurredAt = None,
-) -> GroupMemberOut:
-    """Record: user_id is no longer a member of the group (as of ``occurred_at``)."""
-    return await _membership(False, group_id, user_id, store, settings, occurred_at)
 
 
 @router.post(

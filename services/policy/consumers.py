@@ -93,43 +93,16 @@ RELATION_EVENTS: dict[type[RelationEvent], tuple[Relation, bool]] = {
 }
 
 
-def verdict_event(request: CallRequested, verdict: Verdict) -> CallAuthorized | CallRejected:
-    if verdict.allowed:
-        return CallAuthorized(
-            call_id=request.call_id,
-            caller=request.caller,
-            callee=request.callee,
-            media=request.media,
-        )
-    assert verdict.reason is not None
-    return CallRejected(
-        call_id=request.call_id,
-        caller=request.caller,
-        callee=request.callee,
-        reason=verdict.reason,
-        detail=verdict.detail,
-    )
-
-
-def group_verdict_event(
-    request: CallRequested, verdict: GroupVerdict
+def verdict_event(
+    request: CallRequested, verdict: Verdict | GroupVerdict
 ) -> CallAuthorized | CallRejected:
+    """The call's one verdict, naming the callee (1:1) or the group as the request did."""
+    call = request.model_dump(include={"call_id", "caller", "callee", "group"})
     if verdict.allowed:
-        return CallAuthorized(
-            call_id=request.call_id,
-            caller=request.caller,
-            group=request.group,
-            media=request.media,
-            ring=list(verdict.ring),
-        )
+        ring = list(verdict.ring) if isinstance(verdict, GroupVerdict) else []
+        return CallAuthorized(**call, media=request.media, ring=ring)
     assert verdict.reason is not None
-    return CallRejected(
-        call_id=request.call_id,
-        caller=request.caller,
-        group=request.group,
-        reason=verdict.reason,
-        detail=verdict.detail,
-    )
+    return CallRejected(**call, reason=verdict.reason, detail=verdict.detail)
 
 
 def record_on_span(verdict: Verdict) -> None:
@@ -138,6 +111,17 @@ def record_on_span(verdict: Verdict) -> None:
     if verdict.detail is not None:
         span.set_attribute("dmcall.policy.reason", verdict.reason or "")
         span.set_attribute("dmcall.policy.detail", verdict.detail.value)
+
+
+def ignored_as_stale(event: RelationEvent | GroupMemberEvent, what: str, whose: str) -> None:
+    STALE_FACTS.labels(event.type.value).inc()
+    log.info(
+        "%s %s at %s is older than %s last change; ignored",
+        event.type.value,
+        what,
+        event.occurred_at.isoformat(),
+        whose,
+    )
 
 
 def register(bus: Bus, store: PolicyStore, settings: PolicySettings) -> None:
@@ -188,14 +172,7 @@ class PolicyConsumers:
             relation, event.user_id, event.other_id, present=present, at=event.occurred_at
         )
         if not change.applied:
-            STALE_FACTS.labels(event.type.value).inc()
-            log.info(
-                "%s %s->%s at %s is older than the edge's last change; ignored",
-                event.type.value,
-                event.user_id,
-                event.other_id,
-                event.occurred_at.isoformat(),
-            )
+            ignored_as_stale(event, f"{event.user_id}->{event.other_id}", "the edge's")
 
     async def on_dm_sent(self, event: DmSent, delivery: Delivery) -> None:
         await self.store.record_dm(event.sender, event.recipient)
@@ -209,14 +186,7 @@ class PolicyConsumers:
             at=event.occurred_at,
         )
         if not change.applied:
-            STALE_FACTS.labels(event.type.value).inc()
-            log.info(
-                "%s %s in %s at %s is older than the member's last change; ignored",
-                event.type.value,
-                event.user_id,
-                event.group_id,
-                event.occurred_at.isoformat(),
-            )
+            ignored_as_stale(event, f"{event.user_id} in {event.group_id}", "the member's")
 
     async def on_group_message(self, event: GroupMessageSent, delivery: Delivery) -> None:
         await self.store.record_group_post(event.group_id, event.sender)
@@ -258,7 +228,7 @@ class PolicyConsumers:
                 event.caller,
                 ", ".join(f"{u} ({why.value})" for u, why in verdict.not_rung),
             )
-        return group_verdict_event(event, verdict)
+        return verdict_event(event, verdict)
 
     async def on_call_requested(self, event: CallRequested, delivery: Delivery) -> None:
         stored = await self.store.claim_verdict(
