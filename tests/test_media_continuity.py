@@ -34,10 +34,10 @@ from shared.auth import MediaGrant, issue_media_token
 from shared.contracts import EventType
 from shared.media_registry import MediaNode, MediaRegistry
 from tests.support.media import clients as open_clients
-from tests.support.media import media_token, sessions_url
+from tests.support.media import encoded_audio, encoded_video, media_token, sessions_url
 from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
-from tools.media_client import EncodedMedia, MediaClient, encode_opus, encode_vp8
+from tools.media_client import EncodedMedia, MediaClient
 from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
@@ -49,15 +49,12 @@ NODE = "node-live"
 def videos() -> tuple[EncodedMedia, EncodedMedia]:
     """Two encodings of the same size: a rejoined session's packets are told apart by
     their payloads (the noise differs)."""
-    return (
-        encode_vp8(160, 120, seconds=2.0, bitrate=150_000),
-        encode_vp8(160, 120, seconds=2.0, bitrate=150_000),
-    )
+    return encoded_video(), encoded_video()
 
 
 @pytest.fixture(scope="module")
 def audios() -> tuple[EncodedMedia, EncodedMedia]:
-    return encode_opus(1.0), encode_opus(1.0)
+    return encoded_audio(), encoded_audio()
 
 
 @dataclass
@@ -101,6 +98,12 @@ class Live:
         )
         await eventually(lambda: self.tap.of(EventType.CALL_MEDIA_CONNECTED, call_id), timeout=15)
         return call_id, alice, bob
+
+    async def goes_offline(self, client: MediaClient, call_id: str) -> None:
+        """``client``'s network goes away (nothing closes, nothing arrives) until the
+        node says it is reconnecting."""
+        client.go_offline()
+        await eventually(lambda: self.peer_events(call_id), timeout=15)
 
     def peer_events(self, call_id: str) -> list[tuple[str, str]]:
         events = self.tap.of(EventType.CALL_MEDIA_PEER, call_id)
@@ -226,8 +229,7 @@ async def test_a_party_whose_packets_stop_is_reconnecting_then_connected_after_i
 ) -> None:
     media = live.node(MEDIA_STALL_S="1", MEDIA_REJOIN_GRACE_S="30")
     call_id, alice, bob = await live.start_call(media)
-    alice.go_offline()  # her network goes away: nothing closes, nothing arrives
-    await eventually(lambda: live.peer_events(call_id), timeout=15)
+    await live.goes_offline(alice, call_id)
     await asyncio.sleep(2)  # silent on: still reconnecting, said once
     assert live.peer_events(call_id) == [("alice", "reconnecting")]
     event = live.tap.of(EventType.CALL_MEDIA_PEER, call_id)[0]
@@ -247,8 +249,7 @@ async def test_a_party_gone_longer_than_the_rejoin_grace_fails_the_call_with_med
 ) -> None:
     media = live.node(MEDIA_STALL_S="1", MEDIA_REJOIN_GRACE_S="3")
     call_id, alice, _ = await live.start_call(media)
-    alice.go_offline()
-    await eventually(lambda: live.peer_events(call_id), timeout=15)
+    await live.goes_offline(alice, call_id)
     # Reconnecting is not the end: within the grace the call has not failed.
     assert live.failed(call_id) == []
     failed = await eventually(lambda: live.failed(call_id), timeout=20)

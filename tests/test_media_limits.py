@@ -26,10 +26,10 @@ from redis.asyncio import Redis
 from services.media.settings import MediaSettings
 from shared.bus import Bus
 from shared.contracts import CallCancelled
-from tests.support.media import call_ended, media_token, sessions_url
+from tests.support.media import call_ended, encoded_audio, media_token, sessions_url
 from tests.support.media import clients as open_clients
 from tests.support.waiting import eventually
-from tools.media_client import EncodedMedia, MediaClient, encode_opus
+from tools.media_client import EncodedMedia, MediaClient
 from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
@@ -37,12 +37,16 @@ pytestmark = pytest.mark.e2e
 NODE = "node-limits"
 
 
-@pytest.fixture(scope="module")
-def audio() -> EncodedMedia:
-    return encode_opus(1.0)
+audio = pytest.fixture(encoded_audio, scope="module")
 
 
 clients = pytest.fixture(open_clients)
+
+
+@pytest.fixture
+def party(clients: Callable[..., MediaClient], audio: EncodedMedia) -> Callable[[], MediaClient]:
+    """``party()``: a client sending audio only, closed after the test."""
+    return lambda: clients(None, audio)
 
 
 def metric_values(text: str, name: str, **labels: str) -> list[float]:
@@ -101,8 +105,7 @@ async def test_f18_an_offer_the_sfu_cannot_connect_is_refused_as_bad_offer(
     spawn: Callable[..., ServiceProcess],
     media_settings: MediaSettings,
     http: httpx.AsyncClient,
-    clients: Callable[..., MediaClient],
-    audio: EncodedMedia,
+    party: Callable[..., MediaClient],
 ) -> None:
     """F18: no ``a=fingerprint`` (or no ``a=setup``, no ICE credentials): 400 bad_offer."""
     media = spawn("media", MEDIA_NODE_ID=NODE)
@@ -115,7 +118,7 @@ async def test_f18_an_offer_the_sfu_cannot_connect_is_refused_as_bad_offer(
         lambda sdp: re.sub(r"^a=fingerprint:\S+", "a=fingerprint:md5", sdp, flags=re.M),
     ):
         call_id = uuid.uuid4().hex
-        response = await clients(None, audio).connect(
+        response = await party().connect(
             sessions_url(media, call_id),
             media_token(media_settings, call_id, "alice"),
             http,
@@ -141,8 +144,7 @@ async def test_f13_the_sfu_checks_only_allowed_candidates_and_at_most_the_cap(
     spawn: Callable[..., ServiceProcess],
     media_settings: MediaSettings,
     http: httpx.AsyncClient,
-    clients: Callable[..., MediaClient],
-    audio: EncodedMedia,
+    party: Callable[..., MediaClient],
 ) -> None:
     """F13: loopback outside the allowed networks, link-local, mDNS and candidates past
     ``MEDIA_ICE_MAX_CANDIDATES`` get no connectivity check; the party still connects."""
@@ -166,8 +168,8 @@ async def test_f13_the_sfu_checks_only_allowed_candidates_and_at_most_the_cap(
         f"a=candidate:5 1 udp 2130705000 127.0.0.2 {kept_2_port} typ host",
         f"a=candidate:6 1 udp 2130706428 127.0.0.2 {over_cap_port} typ host",
     ]
-    silent = clients(None, audio)
-    client = clients(None, audio)
+    silent = party()
+    client = party()
     try:
         # A session that never answers a check: the SFU goes through every pair it has.
         call_id = uuid.uuid4().hex
@@ -205,8 +207,7 @@ async def test_f1_a_node_remembers_only_its_own_ended_calls_and_forgets_them(
     media_settings: MediaSettings,
     http: httpx.AsyncClient,
     redis_client: Redis,
-    clients: Callable[..., MediaClient],
-    audio: EncodedMedia,
+    party: Callable[..., MediaClient],
 ) -> None:
     """F1: the ones it hosted or was granted are refused for MEDIA_ENDED_CALL_MEMORY_S,
     ended calls this node never saw only for MEDIA_UNSEEN_ENDED_CALL_MEMORY_S (while a
@@ -220,7 +221,7 @@ async def test_f1_a_node_remembers_only_its_own_ended_calls_and_forgets_them(
     bus = Bus(media_settings, redis_client, "limits")
     await bus.start()
     hosted, granted = uuid.uuid4().hex, uuid.uuid4().hex
-    client = clients(None, audio)
+    client = party()
     others = 300
     try:
         response = await client.connect(
@@ -258,7 +259,7 @@ async def test_f1_a_node_remembers_only_its_own_ended_calls_and_forgets_them(
         unseen = metric_values(text, "dmcall_media_remembered_calls", kind="unseen_ended")
         assert unseen == [float(others)], text  # only for as long as a token may come
         for call_id in (hosted, granted):
-            late = await clients(None, audio).connect(
+            late = await party().connect(
                 sessions_url(media, call_id),
                 media_token(media_settings, call_id, "alice"),
                 http,

@@ -26,10 +26,10 @@ from shared.contracts import (
     MediaFailure,
 )
 from shared.media_registry import MediaRegistry
-from tests.support.media import call_ended, media_token, sessions_url
+from tests.support.media import call_ended, encoded_audio, encoded_video, media_token, sessions_url
 from tests.support.media import clients as open_clients
 from tests.support.waiting import eventually
-from tools.media_client import EncodedMedia, MediaClient, encode_opus, encode_vp8
+from tools.media_client import EncodedMedia, MediaClient, encode_vp8
 from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
@@ -37,9 +37,7 @@ pytestmark = pytest.mark.e2e
 NODE = "node-a"
 
 
-@pytest.fixture(scope="module")
-def video() -> EncodedMedia:
-    return encode_vp8(160, 120, seconds=2.0, bitrate=150_000)
+video = pytest.fixture(encoded_video, scope="module")
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +46,7 @@ def video_320() -> EncodedMedia:
     return encode_vp8(320, 240, seconds=2.0, bitrate=550_000)
 
 
-@pytest.fixture(scope="module")
-def audio() -> EncodedMedia:
-    return encode_opus(1.0)
+audio = pytest.fixture(encoded_audio, scope="module")
 
 
 clients = pytest.fixture(open_clients)

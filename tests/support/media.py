@@ -1,5 +1,5 @@
 """What the media tests share: the URL and grant a client joins a room with, the end of a
-call, and fixtures (a module makes one of its own with ``name = pytest.fixture(media.name)``)
+call, the media a client sends, and fixtures (a module makes one of its own with ``name = pytest.fixture(media.name)``)
 for the clients, tasks and peer connections a test opens, closed after it."""
 
 from __future__ import annotations
@@ -13,8 +13,18 @@ from aiortc import RTCPeerConnection
 from services.media.settings import MediaSettings
 from shared.auth import MediaGrant, issue_media_token
 from shared.contracts import CallEnded, EndReason
-from tools.media_client import MediaClient
+from tools.media_client import EncodedMedia, MediaClient, encode_opus, encode_vp8
 from tools.stack import ServiceProcess
+
+
+def encoded_video() -> EncodedMedia:
+    """160x120 VP8 at 150 kbps, two seconds (a client loops it): it costs little CPU."""
+    return encode_vp8(160, 120, seconds=2.0, bitrate=150_000)
+
+
+def encoded_audio() -> EncodedMedia:
+    """A second of Opus (a client loops it)."""
+    return encode_opus(1.0)
 
 
 def sessions_url(proc: ServiceProcess, call_id: str) -> str:
