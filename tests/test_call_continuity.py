@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import signal
 import subprocess
@@ -25,10 +26,11 @@ import httpx
 import pytest
 
 from tests.conftest import auth
+from tests.support.media import encoded_audio, encoded_video
 from tests.support.netns import NetnsHost, netns_host
 from tests.support.signaling import Device, allow_call, place_and_accept
 from tests.support.waiting import eventually
-from tools.media_client import EncodedMedia, Flow, MediaClient, encode_opus, encode_vp8
+from tools.media_client import EncodedMedia, Flow, MediaClient
 from tools.stack import ROOT, ServiceProcess
 
 pytestmark = pytest.mark.e2e
@@ -45,14 +47,10 @@ CONTINUITY = {
 }
 
 
-@pytest.fixture(scope="module")
-def video() -> EncodedMedia:
-    return encode_vp8(160, 120, seconds=2.0, bitrate=150_000)
+video = pytest.fixture(encoded_video, scope="module")
 
 
-@pytest.fixture(scope="module")
-def audio() -> EncodedMedia:
-    return encode_opus(1.0)
+audio = pytest.fixture(encoded_audio, scope="module")
 
 
 @dataclass
@@ -63,6 +61,13 @@ class Stack:
     http: httpx.AsyncClient
     token: Callable[..., str]
     env: dict[str, str]
+    video: EncodedMedia
+    audio: EncodedMedia
+
+    def pair(self, video: bool = True) -> tuple[MediaClient, MediaClient]:
+        """Two parties' clients: sending video and audio, or audio only."""
+        media = (self.video if video else None, self.audio)
+        return MediaClient(*media), MediaClient(*media)
 
     async def allow(self, caller: str, callee: str) -> None:
         async with httpx.AsyncClient(base_url=self.policy.url, timeout=15) as policy:
@@ -76,9 +81,11 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def stack(
+async def start_stack(
     spawn: Callable[..., ServiceProcess],
     token: Callable[..., str],
+    video: EncodedMedia,
+    audio: EncodedMedia,
     nodes: tuple[str, ...] = ("m1", "m2"),
     *,
     media_env: dict[str, str] | None = None,
@@ -94,7 +101,22 @@ async def stack(
     for proc in (policy, signaling, *media.values()):
         proc.wait_ready()
     async with httpx.AsyncClient(base_url=signaling.url, timeout=20) as http:
-        yield Stack(policy, signaling, media, http, token, settings)
+        yield Stack(policy, signaling, media, http, token, settings, video, audio)
+
+
+Stacks = Callable[..., contextlib.AbstractAsyncContextManager[Stack]]
+
+
+@pytest.fixture
+def stack(
+    spawn: Callable[..., ServiceProcess],
+    token: Callable[..., str],
+    video: EncodedMedia,
+    audio: EncodedMedia,
+) -> Stacks:
+    """``async with stack(nodes, **env) as s``: policy, signaling and media nodes (``m1``,
+    ``m2``) with the ``CONTINUITY`` settings, ``env`` over them."""
+    return functools.partial(start_stack, spawn, token, video, audio)
 
 
 @dataclass
@@ -197,13 +219,10 @@ async def close_all(parties: list[Party]) -> None:
 
 
 async def test_sigterm_of_the_calls_node_moves_the_call_and_media_flows_again(
-    spawn: Callable[..., ServiceProcess],
-    token: Callable[..., str],
-    video: EncodedMedia,
-    audio: EncodedMedia,
+    stack: Stacks,
 ) -> None:
-    async with stack(spawn, token) as s:
-        clients = (MediaClient(video, audio), MediaClient(video, audio))
+    async with stack() as s:
+        clients = s.pair()
         call_id, alice, bob = await connected_call(s, "alice", "bob", clients)
         before = await s.call(call_id, "alice")
         node = bob.grant["node_id"]
@@ -233,13 +252,10 @@ async def test_sigterm_of_the_calls_node_moves_the_call_and_media_flows_again(
 
 
 async def test_sigkill_of_the_calls_node_moves_the_call_and_media_flows_again(
-    spawn: Callable[..., ServiceProcess],
-    token: Callable[..., str],
-    video: EncodedMedia,
-    audio: EncodedMedia,
+    stack: Stacks,
 ) -> None:
-    async with stack(spawn, token) as s:
-        clients = (MediaClient(video, audio), MediaClient(video, audio))
+    async with stack() as s:
+        clients = s.pair()
         call_id, alice, bob = await connected_call(s, "alice", "bob", clients)
         node = bob.grant["node_id"]
         other = next(n for n in s.media if n != node)
@@ -261,13 +277,10 @@ async def test_sigkill_of_the_calls_node_moves_the_call_and_media_flows_again(
 
 
 async def test_a_party_gone_longer_than_the_grace_ends_the_call_media_timeout(
-    spawn: Callable[..., ServiceProcess],
-    token: Callable[..., str],
-    video: EncodedMedia,
-    audio: EncodedMedia,
+    stack: Stacks,
 ) -> None:
-    async with stack(spawn, token, ("m1",), MEDIA_REJOIN_GRACE_S="3") as s:
-        clients = (MediaClient(video, audio), MediaClient(video, audio))
+    async with stack(("m1",), MEDIA_REJOIN_GRACE_S="3") as s:
+        clients = s.pair()
         call_id, alice, bob = await connected_call(s, "alice", "bob", clients)
         clients[0].go_offline()  # Alice's transport goes silent, and she never comes back
         reconnecting = await bob.device.expect(type="call.peer", call_id=call_id, timeout=15)
@@ -277,14 +290,14 @@ async def test_a_party_gone_longer_than_the_grace_ends_the_call_media_timeout(
                 type="call.state", call_id=call_id, state="ended", timeout=20
             )
             assert ended["end_reason"] == "media_timeout"
-        history = await s.http.get("/v1/calls", headers=auth(token("bob")))
+        history = await s.http.get("/v1/calls", headers=auth(s.token("bob")))
         (entry,) = [c for c in history.json()["calls"] if c["call_id"] == call_id]
         assert entry["end_reason"] == "media_timeout"
         # neither is busy: a new call rings
         again = await s.http.post(
             "/v1/calls",
             json={"callee": "bob", "media": "audio", "device_id": "alice-d"},
-            headers=auth(token("alice")),
+            headers=auth(s.token("alice")),
         )
         assert again.status_code == 202, again.text
         await bob.device.expect(type="call.incoming", call_id=again.json()["call_id"])
@@ -292,13 +305,10 @@ async def test_a_party_gone_longer_than_the_grace_ends_the_call_media_timeout(
 
 
 async def test_a_killed_node_whose_parties_never_return_ends_within_ttl_plus_grace(
-    spawn: Callable[..., ServiceProcess],
-    token: Callable[..., str],
-    video: EncodedMedia,
-    audio: EncodedMedia,
+    stack: Stacks,
 ) -> None:
-    async with stack(spawn, token, MEDIA_REJOIN_GRACE_S="3") as s:
-        clients = (MediaClient(video, audio), MediaClient(video, audio))
+    async with stack(MEDIA_REJOIN_GRACE_S="3") as s:
+        clients = s.pair()
         call_id, alice, bob = await connected_call(s, "alice", "bob", clients)
         killed = time.monotonic()
         s.media[bob.grant["node_id"]].kill()
@@ -319,14 +329,11 @@ async def test_a_killed_node_whose_parties_never_return_ends_within_ttl_plus_gra
 
 
 async def test_a_lost_node_with_no_other_node_ends_its_call_media_timeout(
-    spawn: Callable[..., ServiceProcess],
-    token: Callable[..., str],
-    video: EncodedMedia,
-    audio: EncodedMedia,
+    stack: Stacks,
 ) -> None:
     """No zombie even when no node can take the call: the deadline runs all the same."""
-    async with stack(spawn, token, ("m1",), MEDIA_REJOIN_GRACE_S="3") as s:
-        clients = (MediaClient(video, audio), MediaClient(video, audio))
+    async with stack(("m1",), MEDIA_REJOIN_GRACE_S="3") as s:
+        clients = s.pair()
         call_id, alice, bob = await connected_call(s, "alice", "bob", clients)
         killed = time.monotonic()
         s.media["m1"].kill()
@@ -342,15 +349,12 @@ async def test_a_lost_node_with_no_other_node_ends_its_call_media_timeout(
 
 
 async def test_a_rolling_restart_of_every_media_node_keeps_all_ten_calls(
-    spawn: Callable[..., ServiceProcess],
-    token: Callable[..., str],
-    audio: EncodedMedia,
+    stack: Stacks,
 ) -> None:
-    async with stack(spawn, token) as s:
+    async with stack() as s:
         calls: list[tuple[str, Party, Party]] = []
         for i in range(10):  # audio calls: twenty parties on two cores
-            pair = (MediaClient(None, audio), MediaClient(None, audio))
-            calls.append(await connected_call(s, f"ra{i}", f"rb{i}", pair))
+            calls.append(await connected_call(s, f"ra{i}", f"rb{i}", s.pair(video=False)))
         parties = [p for _, a, b in calls for p in (a, b)]
         started = time.monotonic()
         async with following(parties, s.http):
@@ -433,11 +437,9 @@ def test_host() -> Iterator[NetnsHost]:
         yield host
 
 
-async def _netns_call(
-    s: Stack, host: NetnsHost, audio: EncodedMedia, video: EncodedMedia
-) -> tuple[str, Party, Party, NetnsParty]:
+async def _netns_call(s: Stack, host: NetnsHost) -> tuple[str, Party, Party, NetnsParty]:
     remote = NetnsParty(host)
-    bob_client = MediaClient(video, audio)
+    bob_client = MediaClient(s.video, s.audio)
 
     async def connect(party: Party) -> None:
         answer = await remote.ask(
@@ -462,15 +464,10 @@ async def _peer_states(bob: Party, call_id: str, user: str) -> list[str]:
 
 @pytest.mark.parametrize("change", ["link_down_10s", "new_address"])
 async def test_a_party_whose_network_goes_away_or_changes_rejoins_and_the_call_goes_on(
-    spawn: Callable[..., ServiceProcess],
-    token: Callable[..., str],
-    test_host: NetnsHost,
-    video: EncodedMedia,
-    audio: EncodedMedia,
-    change: str,
+    stack: Stacks, test_host: NetnsHost, change: str
 ) -> None:
-    async with media_reachable_from(spawn, token, test_host) as s:
-        call_id, alice, bob, remote = await _netns_call(s, test_host, audio, video)
+    async with media_reachable_from(stack, test_host) as s:
+        call_id, alice, bob, remote = await _netns_call(s, test_host)
         try:
             before = await s.call(call_id, "bob")
             changed = time.monotonic()
@@ -523,12 +520,8 @@ async def test_a_party_whose_network_goes_away_or_changes_rejoins_and_the_call_g
 
 
 @contextlib.asynccontextmanager
-async def media_reachable_from(
-    spawn: Callable[..., ServiceProcess], token: Callable[..., str], host: NetnsHost
-) -> AsyncIterator[Stack]:
+async def media_reachable_from(stack: Stacks, host: NetnsHost) -> AsyncIterator[Stack]:
     async with stack(
-        spawn,
-        token,
         ("m1",),
         media_env={"DMCALL_HOST": "0.0.0.0"},
         MEDIA_REJOIN_GRACE_S="30",

@@ -6,7 +6,7 @@ grant age, and the active speaker."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import pytest
@@ -15,22 +15,10 @@ from aiortc import RTCBundlePolicy, RTCConfiguration, RTCPeerConnection
 from services.media.delays import DelayRecorder
 from services.media.room import NegotiationError, Participant, Room
 from services.media.settings import MediaSettings
+from tests.support import media
 
-
-@pytest.fixture
-async def tasks() -> AsyncIterator[list[asyncio.Future[Any]]]:
-    started: list[asyncio.Future[Any]] = []
-    yield started
-    for task in started:
-        task.cancel()
-    await asyncio.gather(*started, return_exceptions=True)
-
-
-@pytest.fixture
-async def peers() -> AsyncIterator[list[RTCPeerConnection]]:
-    made: list[RTCPeerConnection] = []
-    yield made
-    await asyncio.gather(*(pc.close() for pc in made))
+tasks = pytest.fixture(media.tasks)
+peers = pytest.fixture(media.peers)
 
 
 async def offer(peers: list[RTCPeerConnection], slots: int, *, sending_slot: bool = False) -> str:

@@ -21,13 +21,13 @@ from aioice.ice import get_host_addresses
 from redis.asyncio import Redis
 
 from services.media.settings import MediaSettings
-from shared.auth import MediaGrant, issue_media_token
 from shared.bus import Bus, Delivery, Scope
 from shared.contracts import CallMediaFailed, EventType, MediaFailure, parse_event
 from shared.media_registry import MediaRegistry
-from shared.settings import CommonSettings
-from tests.conftest import Infra, auth
-from tests.support.signaling import Device, allow_call, event_tap, place_and_accept
+from tests.conftest import auth
+from tests.support.media import clients as open_clients
+from tests.support.media import media_token, sessions_url
+from tests.support.signaling import World, place_and_accept
 from tests.support.waiting import eventually
 from tools.media_client import MediaClient, encode_opus
 from tools.stack import ServiceProcess
@@ -35,6 +35,8 @@ from tools.stack import ServiceProcess
 pytestmark = pytest.mark.e2e
 
 NODE = "node-ice"
+
+clients = pytest.fixture(open_clients)
 
 
 class Blackhole(asyncio.DatagramProtocol):
@@ -93,11 +95,8 @@ def metric(text: str, line_start: str) -> float | None:
 
 async def test_a_party_whose_ice_never_connects_ends_the_call_with_ice_failed(
     spawn: Callable[..., ServiceProcess],
-    token: Callable[..., str],
-    settings: CommonSettings,
-    infra: Infra,
-    namespace: str,
-    redis_client: Redis,
+    worlds: Callable[..., Any],
+    clients: Callable[..., MediaClient],
     blackhole: tuple[Blackhole, str, int],
 ) -> None:
     hole, host, port = blackhole
@@ -106,80 +105,63 @@ async def test_a_party_whose_ice_never_connects_ends_the_call_with_ice_failed(
     media = spawn(
         "media", wait=False, MEDIA_NODE_ID=NODE, MEDIA_ICE_TIMEOUT_S="3", MEDIA_TIMEOUT_S="1"
     )
-    policy, signaling = spawn("policy", wait=False), spawn("signaling", wait=False)
-    for proc in (media, policy, signaling):  # started side by side
-        proc.wait_ready()
-    registry = MediaRegistry(redis_client, settings)
-    await eventually(lambda: _has_node(registry, NODE))  # the node's first heartbeat
-    async with (
-        httpx.AsyncClient(base_url=signaling.url, timeout=15) as http,
-        httpx.AsyncClient(base_url=policy.url, timeout=15) as policy_http,
-        event_tap(infra.rabbitmq_url, namespace) as tap,
-    ):
-        await allow_call(policy_http, token("platform-svc", scope="platform"), "alice", "bob")
-        a1 = await Device.connect(signaling.url, token("alice"), "alice", "a1")
-        b1 = await Device.connect(signaling.url, token("bob"), "bob", "b1")
-        bob = MediaClient(None, None)  # his offer leads nowhere, and he never starts ICE
-        alice = MediaClient(None, encode_opus(1.0))  # her connection works
-        try:
-            call_id, accepted = await place_and_accept(http, token, a1, b1)
-            offer = accepted.json()
-            assert offer["node_id"] == NODE
-            to_alice = await a1.expect(type="call.state", call_id=call_id, state="accepted")
+    world: World = await worlds(policy=True, node=None)  # started side by side with the node
+    media.wait_ready()
+    await eventually(lambda: _has_node(world.registry, NODE))  # the node's first heartbeat
+    http = world.http()
+    await world.allow("alice", "bob")
+    a1, b1 = await world.device("alice", "a1"), await world.device("bob", "b1")
+    bob = clients(None, None)  # his offer leads nowhere, and he never starts ICE
+    alice = clients(None, encode_opus(1.0))  # her connection works
+    call_id, accepted = await place_and_accept(http, world.token, a1, b1)
+    offer = accepted.json()
+    assert offer["node_id"] == NODE
+    to_alice = await a1.expect(type="call.state", call_id=call_id, state="accepted")
 
-            joined = await bob.connect(
-                offer["media_url"],
-                offer["media_token"],
-                http,
-                rewrite_offer=candidates_into(host, port),
-                apply_answer=False,
-            )
-            assert joined.status_code == 201, joined.text
-            joined = await alice.connect(to_alice["media_url"], to_alice["media_token"], http)
-            assert joined.status_code == 201, joined.text
+    joined = await bob.connect(
+        offer["media_url"],
+        offer["media_token"],
+        http,
+        rewrite_offer=candidates_into(host, port),
+        apply_answer=False,
+    )
+    assert joined.status_code == 201, joined.text
+    joined = await alice.connect(to_alice["media_url"], to_alice["media_token"], http)
+    assert joined.status_code == 201, joined.text
 
-            for device in (a1, b1):
-                ended = await device.expect(
-                    timeout=20, type="call.state", call_id=call_id, state="ended"
-                )
-                assert ended["end_reason"] == "ice_failed", ended
-            for user in ("alice", "bob"):
-                call = (await http.get(f"/v1/calls/{call_id}", headers=auth(token(user)))).json()
-                assert (call["state"], call["end_reason"]) == ("ended", "ice_failed"), call
-            assert hole.datagrams > 0  # the SFU did send its checks; nobody answered
+    for device in (a1, b1):
+        ended = await device.expect(timeout=20, type="call.state", call_id=call_id, state="ended")
+        assert ended["end_reason"] == "ice_failed", ended
+    for user in ("alice", "bob"):
+        call = (await http.get(f"/v1/calls/{call_id}", headers=world.h(user))).json()
+        assert (call["state"], call["end_reason"]) == ("ended", "ice_failed"), call
+    assert hole.datagrams > 0  # the SFU did send its checks; nobody answered
 
-            # The media node gave up once, and closed the room: it can publish no more.
-            async with httpx.AsyncClient(base_url=media.url, timeout=15) as media_http:
-                stats = await media_http.get(
-                    f"/v1/rooms/{call_id}/stats", headers=auth(to_alice["media_token"])
-                )
-                assert stats.status_code == 404
-                metrics = (await media_http.get("/metrics")).text
-            assert metric(metrics, 'dmcall_media_failures_total{reason="ice_failed"}') == 1.0
-            assert metric(metrics, 'dmcall_media_failures_total{reason="media_timeout"}') == 0.0
-            assert (
-                metric(
-                    metrics, 'dmcall_media_events_published_total{event_type="call_media_failed"}'
-                )
-                == 1.0
-            )
-            assert metric(
-                metrics, 'dmcall_media_events_published_total{event_type="call_media_connected"}'
-            ) in (None, 0.0)
-            ended_events = await eventually(lambda: tap.of(EventType.CALL_ENDED, call_id))
-            assert len(ended_events) == 1, ended_events
-            event = parse_event(ended_events[0])
-            assert event.type is EventType.CALL_ENDED and ended_events[0]["reason"] == "ice_failed"
+    # The media node gave up once, and closed the room: it can publish no more.
+    async with httpx.AsyncClient(base_url=media.url, timeout=15) as media_http:
+        stats = await media_http.get(
+            f"/v1/rooms/{call_id}/stats", headers=auth(to_alice["media_token"])
+        )
+        assert stats.status_code == 404
+        metrics = (await media_http.get("/metrics")).text
+    assert metric(metrics, 'dmcall_media_failures_total{reason="ice_failed"}') == 1.0
+    assert metric(metrics, 'dmcall_media_failures_total{reason="media_timeout"}') == 0.0
+    assert (
+        metric(metrics, 'dmcall_media_events_published_total{event_type="call_media_failed"}')
+        == 1.0
+    )
+    assert metric(
+        metrics, 'dmcall_media_events_published_total{event_type="call_media_connected"}'
+    ) in (None, 0.0)
+    ended_events = await eventually(lambda: world.tap.of(EventType.CALL_ENDED, call_id))
+    assert len(ended_events) == 1, ended_events
+    event = parse_event(ended_events[0])
+    assert event.type is EventType.CALL_ENDED and ended_events[0]["reason"] == "ice_failed"
 
-            # Coming back on a new session does not reopen a call that ended.
-            retry = MediaClient(None, encode_opus(0.2))
-            try:
-                again = await retry.connect(to_alice["media_url"], to_alice["media_token"], http)
-            finally:
-                await retry.close()
-            assert again.status_code == 409 and again.json()["reason"] == "call_ended"
-        finally:
-            await asyncio.gather(alice.close(), bob.close(), a1.close(), b1.close())
+    # Coming back on a new session does not reopen a call that ended.
+    retry = clients(None, encode_opus(0.2))
+    again = await retry.connect(to_alice["media_url"], to_alice["media_token"], http)
+    assert again.status_code == 409 and again.json()["reason"] == "call_ended"
 
 
 async def _has_node(registry: MediaRegistry, node_id: str) -> bool:
@@ -188,12 +170,13 @@ async def _has_node(registry: MediaRegistry, node_id: str) -> bool:
 
 async def test_a_connection_that_fails_is_ice_failed_at_once(
     spawn: Callable[..., ServiceProcess],
-    make_settings: Callable[..., Any],
+    media_settings: MediaSettings,
     redis_client: Redis,
+    http: httpx.AsyncClient,
+    clients: Callable[..., MediaClient],
 ) -> None:
     # Deadlines far away: only the connection's own failed state can end this call soon.
     media = spawn("media", MEDIA_NODE_ID=NODE, MEDIA_ICE_TIMEOUT_S="120", MEDIA_TIMEOUT_S="120")
-    media_settings: MediaSettings = make_settings(MediaSettings, node_id=NODE)
     failures: list[CallMediaFailed] = []
 
     async def record(event: Any, delivery: Delivery) -> None:
@@ -204,31 +187,23 @@ async def test_a_connection_that_fails_is_ice_failed_at_once(
     bus.subscribe("failures", {CallMediaFailed: record}, scope=Scope.INSTANCE)
     await bus.start()
     call_id = "dtls-mismatch"
-    media_token = issue_media_token(media_settings, MediaGrant(call_id, "alice", NODE))
-    alice = MediaClient(None, encode_opus(1.0))
+    token = media_token(media_settings, call_id, "alice")
     try:
-        async with httpx.AsyncClient(timeout=15) as http:
-            joined = await alice.connect(
-                f"{media.url}/v1/rooms/{call_id}/sessions",
-                media_token,
-                http,
-                rewrite_offer=wrong_fingerprint,
-            )
-            assert joined.status_code == 201, joined.text
-            await eventually(lambda: failures, timeout=15)
-            assert (failures[0].call_id, failures[0].node_id) == (call_id, NODE)
-            assert failures[0].reason is MediaFailure.ICE_FAILED
+        joined = await clients(None, encode_opus(1.0)).connect(
+            sessions_url(media, call_id), token, http, rewrite_offer=wrong_fingerprint
+        )
+        assert joined.status_code == 201, joined.text
+        await eventually(lambda: failures, timeout=15)
+        assert (failures[0].call_id, failures[0].node_id) == (call_id, NODE)
+        assert failures[0].reason is MediaFailure.ICE_FAILED
 
-            async def room_closed() -> bool:
-                response = await http.get(
-                    f"{media.url}/v1/rooms/{call_id}/stats", headers=auth(media_token)
-                )
-                return response.status_code == 404
+        async def room_closed() -> bool:
+            response = await http.get(f"{media.url}/v1/rooms/{call_id}/stats", headers=auth(token))
+            return response.status_code == 404
 
-            await eventually(room_closed)
-            metrics = (await http.get(f"{media.url}/metrics")).text
+        await eventually(room_closed)
+        metrics = (await http.get(f"{media.url}/metrics")).text
         assert metric(metrics, 'dmcall_media_failures_total{reason="ice_failed"}') == 1.0
         assert len(failures) == 1
     finally:
-        await alice.close()
         await bus.close()

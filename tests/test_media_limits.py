@@ -24,11 +24,12 @@ import pytest
 from redis.asyncio import Redis
 
 from services.media.settings import MediaSettings
-from shared.auth import MediaGrant, issue_media_token
 from shared.bus import Bus
-from shared.contracts import CallCancelled, CallEnded, EndReason
+from shared.contracts import CallCancelled
+from tests.support.media import call_ended, encoded_audio, media_token, sessions_url
+from tests.support.media import clients as open_clients
 from tests.support.waiting import eventually
-from tools.media_client import EncodedMedia, MediaClient, encode_opus
+from tools.media_client import EncodedMedia, MediaClient
 from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
@@ -36,17 +37,16 @@ pytestmark = pytest.mark.e2e
 NODE = "node-limits"
 
 
-@pytest.fixture(scope="module")
-def audio() -> EncodedMedia:
-    return encode_opus(1.0)
+audio = pytest.fixture(encoded_audio, scope="module")
 
 
-def media_token(settings: MediaSettings, call_id: str, user: str) -> str:
-    return issue_media_token(settings, MediaGrant(call_id, user, NODE))
+clients = pytest.fixture(open_clients)
 
 
-def sessions_url(proc: ServiceProcess, call_id: str) -> str:
-    return f"{proc.url}/v1/rooms/{call_id}/sessions"
+@pytest.fixture
+def party(clients: Callable[..., MediaClient], audio: EncodedMedia) -> Callable[[], MediaClient]:
+    """``party()``: a client sending audio only, closed after the test."""
+    return lambda: clients(None, audio)
 
 
 def metric_values(text: str, name: str, **labels: str) -> list[float]:
@@ -105,52 +105,46 @@ async def test_f18_an_offer_the_sfu_cannot_connect_is_refused_as_bad_offer(
     spawn: Callable[..., ServiceProcess],
     media_settings: MediaSettings,
     http: httpx.AsyncClient,
-    audio: EncodedMedia,
+    party: Callable[..., MediaClient],
 ) -> None:
     """F18: no ``a=fingerprint`` (or no ``a=setup``, no ICE credentials): 400 bad_offer."""
     media = spawn("media", MEDIA_NODE_ID=NODE)
-    clients: list[MediaClient] = []
-    try:
-        for broken in (
-            without("a=fingerprint:"),
-            without("a=setup:"),
-            without("a=ice-ufrag:"),
-            without("a=ice-pwd:"),
-            # Only an algorithm aiortc cannot check: no fingerprint it can verify.
-            lambda sdp: re.sub(r"^a=fingerprint:\S+", "a=fingerprint:md5", sdp, flags=re.M),
-        ):
-            call_id = uuid.uuid4().hex
-            client = MediaClient(None, audio)
-            clients.append(client)
-            response = await client.connect(
-                sessions_url(media, call_id),
-                media_token(media_settings, call_id, "alice"),
-                http,
-                rewrite_offer=broken,
-                apply_answer=False,
-            )
-            assert response.status_code == 400, response.text
-            body = response.json()
-            assert body["error"] == "bad_request" and body["reason"] == "bad_offer", body
-            assert body["message"], body
-            stats = await http.get(
-                f"{media.url}/v1/rooms/{call_id}/stats",
-                headers={"Authorization": f"Bearer {media_token(media_settings, call_id, 'a')}"},
-            )
-            assert stats.status_code == 404, stats.text  # no room was left behind
-        refused = metric_values(
-            await scrape(http, media), "dmcall_media_sessions_refused_total", reason="bad_offer"
+    for broken in (
+        without("a=fingerprint:"),
+        without("a=setup:"),
+        without("a=ice-ufrag:"),
+        without("a=ice-pwd:"),
+        # Only an algorithm aiortc cannot check: no fingerprint it can verify.
+        lambda sdp: re.sub(r"^a=fingerprint:\S+", "a=fingerprint:md5", sdp, flags=re.M),
+    ):
+        call_id = uuid.uuid4().hex
+        response = await party().connect(
+            sessions_url(media, call_id),
+            media_token(media_settings, call_id, "alice"),
+            http,
+            rewrite_offer=broken,
+            apply_answer=False,
         )
-        assert refused == [5.0], refused
-    finally:
-        await asyncio.gather(*(c.close() for c in clients))
+        assert response.status_code == 400, response.text
+        body = response.json()
+        assert body["error"] == "bad_request" and body["reason"] == "bad_offer", body
+        assert body["message"], body
+        stats = await http.get(
+            f"{media.url}/v1/rooms/{call_id}/stats",
+            headers={"Authorization": f"Bearer {media_token(media_settings, call_id, 'a')}"},
+        )
+        assert stats.status_code == 404, stats.text  # no room was left behind
+    refused = metric_values(
+        await scrape(http, media), "dmcall_media_sessions_refused_total", reason="bad_offer"
+    )
+    assert refused == [5.0], refused
 
 
 async def test_f13_the_sfu_checks_only_allowed_candidates_and_at_most_the_cap(
     spawn: Callable[..., ServiceProcess],
     media_settings: MediaSettings,
     http: httpx.AsyncClient,
-    audio: EncodedMedia,
+    party: Callable[..., MediaClient],
 ) -> None:
     """F13: loopback outside the allowed networks, link-local, mDNS and candidates past
     ``MEDIA_ICE_MAX_CANDIDATES`` get no connectivity check; the party still connects."""
@@ -174,8 +168,8 @@ async def test_f13_the_sfu_checks_only_allowed_candidates_and_at_most_the_cap(
         f"a=candidate:5 1 udp 2130705000 127.0.0.2 {kept_2_port} typ host",
         f"a=candidate:6 1 udp 2130706428 127.0.0.2 {over_cap_port} typ host",
     ]
-    silent = MediaClient(None, audio)
-    client = MediaClient(None, audio)
+    silent = party()
+    client = party()
     try:
         # A session that never answers a check: the SFU goes through every pair it has.
         call_id = uuid.uuid4().hex
@@ -204,7 +198,6 @@ async def test_f13_the_sfu_checks_only_allowed_candidates_and_at_most_the_cap(
         assert response.status_code == 201, response.text
         await eventually(lambda: client.pc.connectionState == "connected", timeout=20)
     finally:
-        await asyncio.gather(silent.close(), client.close())
         for transport in (t1, t2, t3, t4):
             transport.close()
 
@@ -214,7 +207,7 @@ async def test_f1_a_node_remembers_only_its_own_ended_calls_and_forgets_them(
     media_settings: MediaSettings,
     http: httpx.AsyncClient,
     redis_client: Redis,
-    audio: EncodedMedia,
+    party: Callable[..., MediaClient],
 ) -> None:
     """F1: the ones it hosted or was granted are refused for MEDIA_ENDED_CALL_MEMORY_S,
     ended calls this node never saw only for MEDIA_UNSEEN_ENDED_CALL_MEMORY_S (while a
@@ -228,8 +221,7 @@ async def test_f1_a_node_remembers_only_its_own_ended_calls_and_forgets_them(
     bus = Bus(media_settings, redis_client, "limits")
     await bus.start()
     hosted, granted = uuid.uuid4().hex, uuid.uuid4().hex
-    client = MediaClient(None, audio)
-    late_clients: list[MediaClient] = []
+    client = party()
     others = 300
     try:
         response = await client.connect(
@@ -253,15 +245,7 @@ async def test_f1_a_node_remembers_only_its_own_ended_calls_and_forgets_them(
         for _ in range(others):
             await bus.publish(CallCancelled(call_id=uuid.uuid4().hex, caller="a", callee="b"))
         for call_id in (hosted, granted):
-            await bus.publish(
-                CallEnded(
-                    call_id=call_id,
-                    caller="alice",
-                    callee="bob",
-                    reason=EndReason.USER_HANGUP,
-                    duration_s=1.0,
-                )
-            )
+            await bus.publish(call_ended(call_id))
 
         async def all_handled() -> bool:
             handled = metric_values(
@@ -275,8 +259,7 @@ async def test_f1_a_node_remembers_only_its_own_ended_calls_and_forgets_them(
         unseen = metric_values(text, "dmcall_media_remembered_calls", kind="unseen_ended")
         assert unseen == [float(others)], text  # only for as long as a token may come
         for call_id in (hosted, granted):
-            late_clients.append(MediaClient(None, audio))
-            late = await late_clients[-1].connect(
+            late = await party().connect(
                 sessions_url(media, call_id),
                 media_token(media_settings, call_id, "alice"),
                 http,
@@ -294,5 +277,4 @@ async def test_f1_a_node_remembers_only_its_own_ended_calls_and_forgets_them(
         # Forgotten by time alone: nothing looks these calls up again.
         await eventually(forgotten, timeout=20)
     finally:
-        await asyncio.gather(client.close(), *(c.close() for c in late_clients))
         await bus.close()

@@ -196,6 +196,14 @@ def test_f1_an_expiring_set_forgets_by_time_oldest_first() -> None:
     assert len(memory) == 0
 
 
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The rooms' monotonic clock, at ``clock[0]`` (1000.0 to begin with)."""
+    now = [1000.0]
+    monkeypatch.setattr("services.media.rooms.time.monotonic", lambda: now[0])
+    return now
+
+
 def rooms(**overrides: Any) -> Rooms:
     async def publish(event: Event) -> None:
         raise AssertionError("nothing is published")
@@ -207,10 +215,8 @@ def rooms(**overrides: Any) -> Rooms:
 
 
 async def test_f1_ended_calls_this_node_never_saw_are_kept_only_while_a_token_may_come(
-    monkeypatch: pytest.MonkeyPatch,
+    clock: list[float],
 ) -> None:
-    clock = [1000.0]
-    monkeypatch.setattr("services.media.rooms.time.monotonic", lambda: clock[0])
     node = rooms(unseen_ended_call_memory_s=150.0)
     for index in range(10_000):
         await node.close_room(f"call-{index}", CloseReason.CALL_ENDED)
@@ -226,11 +232,7 @@ async def test_f1_ended_calls_this_node_never_saw_are_kept_only_while_a_token_ma
     node.admit(MediaGrant("call-1", "alice", "node-a"), "call-1")
 
 
-async def test_f1_a_granted_call_that_ends_is_refused_then_forgotten(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    clock = [1000.0]
-    monkeypatch.setattr("services.media.rooms.time.monotonic", lambda: clock[0])
+async def test_f1_a_granted_call_that_ends_is_refused_then_forgotten(clock: list[float]) -> None:
     node = rooms(ended_call_memory_s=60.0)
     grant = MediaGrant("call-1", "alice", "node-a")
     node.admit(grant, "call-1")
@@ -246,11 +248,7 @@ async def test_f1_a_granted_call_that_ends_is_refused_then_forgotten(
     assert (len(node.ended), len(node.granted)) == (0, 0)
 
 
-def test_f1_a_grant_is_forgotten_after_the_memory_window(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    clock = [1000.0]
-    monkeypatch.setattr("services.media.rooms.time.monotonic", lambda: clock[0])
+def test_f1_a_grant_is_forgotten_after_the_memory_window(clock: list[float]) -> None:
     node = rooms(ended_call_memory_s=60.0)
     node.admit(MediaGrant("call-1", "alice", "node-a"), "call-1")
     node.check(clock[0] + 61.0)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from redis.asyncio import Redis
 
 from shared.media_registry import MediaNode, MediaRegistry
 from shared.settings import CommonSettings
 
 
-async def test_pick_prefers_the_least_utilised_live_node(
-    settings: CommonSettings, redis_client: Redis
-) -> None:
-    registry = MediaRegistry(redis_client, settings)
+@pytest.fixture
+def registry(settings: CommonSettings, redis_client: Redis) -> MediaRegistry:
+    return MediaRegistry(redis_client, settings)
+
+
+async def test_pick_prefers_the_least_utilised_live_node(registry: MediaRegistry) -> None:
     assert await registry.pick() is None
     await registry.heartbeat(MediaNode("m1", "http://m1:8004", capacity=10, load=5), ttl_s=30)
     await registry.heartbeat(MediaNode("m2", "http://m2:8004", capacity=40, load=10), ttl_s=30)
@@ -23,10 +26,7 @@ async def test_pick_prefers_the_least_utilised_live_node(
     assert picked.session_url("c1") == "http://m2:8004/v1/rooms/c1/sessions"
 
 
-async def test_a_node_without_heartbeat_disappears(
-    settings: CommonSettings, redis_client: Redis
-) -> None:
-    registry = MediaRegistry(redis_client, settings)
+async def test_a_node_without_heartbeat_disappears(registry: MediaRegistry) -> None:
     await registry.heartbeat(MediaNode("short", "http://s:1", capacity=10, load=0), ttl_s=1)
     await registry.heartbeat(MediaNode("long", "http://l:1", capacity=10, load=9), ttl_s=30)
     assert {n.node_id for n in await registry.live_nodes()} == {"short", "long"}
@@ -36,10 +36,7 @@ async def test_a_node_without_heartbeat_disappears(
     assert await registry.pick() is None
 
 
-async def test_a_draining_node_is_live_but_never_picked(
-    redis_client: Redis, settings: CommonSettings
-) -> None:
-    registry = MediaRegistry(redis_client, settings)
+async def test_a_draining_node_is_live_but_never_picked(registry: MediaRegistry) -> None:
     await registry.heartbeat(MediaNode("d1", "http://d1:8004", capacity=10, load=0), ttl_s=30)
     await registry.heartbeat(MediaNode("d2", "http://d2:8004", capacity=10, load=9), ttl_s=30)
     picked = await registry.pick()
@@ -55,11 +52,10 @@ async def test_a_draining_node_is_live_but_never_picked(
 
 
 async def test_a_burst_of_picks_spreads_over_the_nodes_and_stops_at_their_capacity(
-    redis_client: Redis, settings: CommonSettings
+    registry: MediaRegistry,
 ) -> None:
     """A drained node's calls all move at once: the picks reserve rooms, so they do not
     all land on the node that looked emptiest and overfill it."""
-    registry = MediaRegistry(redis_client, settings)
     await registry.heartbeat(MediaNode("b1", "http://b1:8004", capacity=20, load=15), ttl_s=30)
     await registry.heartbeat(MediaNode("b2", "http://b2:8004", capacity=20, load=16), ttl_s=30)
     picks = await asyncio.gather(*(registry.pick() for _ in range(12)))

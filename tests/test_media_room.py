@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import pytest
@@ -18,22 +18,10 @@ from services.media.delays import DelayRecorder
 from services.media.room import NegotiationError, Participant, Room, RoomState, payload_type_map
 from services.media.settings import MediaSettings
 from shared.contracts import PeerConnection
+from tests.support import media
 
-
-@pytest.fixture
-async def tasks() -> AsyncIterator[list[asyncio.Future[Any]]]:
-    started: list[asyncio.Future[Any]] = []
-    yield started
-    for task in started:
-        task.cancel()
-    await asyncio.gather(*started, return_exceptions=True)
-
-
-@pytest.fixture
-async def peers() -> AsyncIterator[list[RTCPeerConnection]]:
-    made: list[RTCPeerConnection] = []
-    yield made
-    await asyncio.gather(*(pc.close() for pc in made))
+tasks = pytest.fixture(media.tasks)
+peers = pytest.fixture(media.peers)
 
 
 async def offer(peers: list[RTCPeerConnection], *video: str) -> str:
@@ -57,7 +45,10 @@ def video_codecs(sdp: str) -> list[str]:
 
 
 def make_room(call_id: str) -> Room:
-    return Room(call_id, MediaSettings(environment="test"), DelayRecorder(window=16))
+    """A room opened at 100.0: the tests give the watchdog's checks their own ``now``."""
+    room = Room(call_id, MediaSettings(environment="test"), DelayRecorder(window=16))
+    room.created_at = 100.0
+    return room
 
 
 async def join(room: Room, user: str, sdp: str, tasks: list[asyncio.Future[Any]]) -> str:
@@ -124,7 +115,6 @@ async def test_a_session_not_connected_within_the_ice_deadline_is_overdue(
     peers: list[RTCPeerConnection],
 ) -> None:
     room = make_room("c4")
-    room.created_at = 100.0
     alice = at(room, peers, "alice", 100.0)
     assert room.ice_overdue(109.9, ICE_S) is None
     assert not room.stalled(109.9, MEDIA_S, ICE_S)
@@ -141,7 +131,6 @@ async def test_a_session_still_connecting_holds_the_media_timeout_off_for_a_whil
     peers: list[RTCPeerConnection],
 ) -> None:
     room = make_room("c5")
-    room.created_at = 100.0
     at(room, peers, "alice", 100.0).connected_at = 100.5
     bob = at(room, peers, "bob", 112.0)  # joins late; his ICE never gets through
     assert not room.stalled(116.0, MEDIA_S, ICE_S)  # past 15 s, but bob's ICE decides
@@ -157,7 +146,6 @@ async def test_a_silent_party_is_reconnecting_then_connected_and_fails_only_past
     peers: list[RTCPeerConnection],
 ) -> None:
     room = make_room("c6")
-    room.created_at = 100.0
     alice = at(room, peers, "alice", 100.0)
     alice.connected_at, alice.last_packet_at = 100.5, 101.0
     bob = at(room, peers, "bob", 101.0)

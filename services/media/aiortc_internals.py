@@ -201,14 +201,19 @@ def tap_receiver_rtp(
     receiver._handle_rtp_packet = handle  # type: ignore[method-assign]
 
 
-def tap_receiver_rtcp(receiver: RTCRtpReceiver, before: Callable[[AnyRtcpPacket], None]) -> None:
-    original: RtcpHandler = receiver._handle_rtcp_packet
+def tap_rtcp(
+    endpoint: RTCRtpReceiver | RTCRtpSender, before: Callable[[AnyRtcpPacket], None]
+) -> None:
+    """Call ``before(packet)`` for RTCP the receiver (a publisher's sender reports) or the
+    sender (a subscriber's PLI, FIR, REMB) gets, then aiortc's own handling (it still
+    answers NACKs)."""
+    original: RtcpHandler = endpoint._handle_rtcp_packet
 
     async def handle(packet: AnyRtcpPacket) -> None:
         before(packet)
         await original(packet)
 
-    receiver._handle_rtcp_packet = handle  # type: ignore[method-assign]
+    endpoint._handle_rtcp_packet = handle  # type: ignore[method-assign]
 
 
 def tap_receiver_outgoing_rtcp(
@@ -254,17 +259,6 @@ async def send_pli(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
 
 
 # --------------------------------------------------------------------------- sender side
-
-
-def tap_sender_rtcp(sender: RTCRtpSender, before: Callable[[AnyRtcpPacket], None]) -> None:
-    """Call ``before(packet)`` for RTCP about this sender; aiortc still answers NACKs."""
-    original: RtcpHandler = sender._handle_rtcp_packet
-
-    async def handle(packet: AnyRtcpPacket) -> None:
-        before(packet)
-        await original(packet)
-
-    sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
 
 
 def abs_send_time() -> int:

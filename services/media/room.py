@@ -660,7 +660,7 @@ class Room:
                     request_keyframe=_nothing,
                     delays=self.delays,
                 )
-                internals.tap_sender_rtcp(transceiver.sender, self._subscriber_rtcp(forwarder))
+                internals.tap_rtcp(transceiver.sender, self._subscriber_rtcp(forwarder))
                 slot.forwarders[kind] = forwarder
                 slot.transceivers[kind] = transceiver
             slots.append(slot)
@@ -762,7 +762,7 @@ class Room:
             return packet
 
         internals.tap_receiver_rtp(receiver, on_rtp)
-        internals.tap_receiver_rtcp(receiver, on_rtcp)
+        internals.tap_rtcp(receiver, on_rtcp)
         internals.tap_receiver_outgoing_rtcp(receiver, cap_remb)
 
     @staticmethod
