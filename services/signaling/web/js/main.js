@@ -798,18 +798,24 @@ $("incoming-accept").addEventListener("click", async () => {
   if (!call || state.session) return;
   stopRinging(call.call_id);
   const session = call.group ? openGroupSession(call) : openSession(call, "callee");
+  await startSession(session, () => state.api.accept(call.call_id, state.deviceId), (error) => (
+    error instanceof ApiError && error.status === 409
+      ? END_TEXT[error.body.end_reason] || END_TEXT[error.body.state] || "The call is over"
+      : `Could not answer: ${error.message}`
+  ));
+});
+
+// Answering or joining: the keys first, then the server's grant starts the media; what
+// went wrong, as ``failure`` words it, ends the session.
+async function startSession(session, grantOf, failure) {
   session.started = true;
   try {
     await session.prepareKeys();
-    const grant = await state.api.accept(call.call_id, state.deviceId);
-    session.start(grant);
+    session.start(await grantOf());
   } catch (error) {
-    const text = error instanceof ApiError && error.status === 409
-      ? END_TEXT[error.body.end_reason] || END_TEXT[error.body.state] || "The call is over"
-      : `Could not answer: ${error.message}`;
-    session.finish(text);
+    session.finish(failure(error));
   }
-});
+}
 
 // ------------------------------------------------------------------ placing a call
 
@@ -819,15 +825,23 @@ async function placeCall(user, media) {
   try {
     call = await state.api.placeCall(user, media, state.deviceId);
   } catch (error) {
-    const text = error instanceof ApiError && error.status === 429
-      ? `Too many calls; try again in ${error.body.retry_after_s || "a few"} s`
-      : `Could not call: ${error.message}`;
-    return toast(text);
+    return toast(couldNotCall(error));
   }
-  const session = openSession(call, "caller");
+  whileRinging(openSession(call, "caller"));
+}
+
+function couldNotCall(error) {
+  return error instanceof ApiError && error.status === 429
+    ? `Too many calls; try again in ${error.body.retry_after_s || "a few"} s`
+    : `Could not call: ${error.message}`;
+}
+
+// A call just placed: keys and camera get ready while it rings (and a state that came
+// before the answer to the request is applied).
+function whileRinging(session) {
   session.prepareKeys().catch(() => {});
   session.startLocalMedia().catch((error) => session.fail(`Camera or microphone: ${error.message}`));
-  const early = state.recentStates.get(call.call_id);
+  const early = state.recentStates.get(session.callId);
   if (early) sessionState(session, early);
 }
 
@@ -841,19 +855,12 @@ async function placeGroupCall(group, media) {
       // A call is going in this group already: join that one.
       return joinGroupCall(group, { call_id: error.body.call_id });
     }
-    const text = error instanceof ApiError && error.status === 429
-      ? `Too many calls; try again in ${error.body.retry_after_s || "a few"} s`
-      : `Could not call: ${error.message}`;
-    return toast(text);
+    return toast(couldNotCall(error));
   }
-  const session = openGroupSession({
+  whileRinging(openGroupSession({
     call_id: call.call_id, state: call.state, group, media, caller: state.me, callee: null,
     participants: [{ user: state.me, state: "joined" }],
-  });
-  session.prepareKeys().catch(() => {});
-  session.startLocalMedia().catch((error) => session.fail(`Camera or microphone: ${error.message}`));
-  const early = state.recentStates.get(call.call_id);
-  if (early) sessionState(session, early);
+  }));
 }
 
 // "Join" on a group conversation with a call going (any current member, while it lasts).
@@ -866,17 +873,11 @@ async function joinGroupCall(group, known) {
     return toast("That call is over");
   }
   const session = openGroupSession({ ...call, group });
-  session.started = true;
-  try {
-    await session.prepareKeys();
-    const grant = await state.api.join(call.call_id, state.deviceId);
-    session.start(grant);
-  } catch (error) {
-    const text = error instanceof ApiError && (error.status === 409 || error.status === 404)
+  await startSession(session, () => state.api.join(call.call_id, state.deviceId), (error) => (
+    error instanceof ApiError && (error.status === 409 || error.status === 404)
       ? END_TEXT[error.body.end_reason] || (error.body.error === "call_full" ? "The call is full" : "The call is over")
-      : `Could not join: ${error.message}`;
-    session.finish(text);
-  }
+      : `Could not join: ${error.message}`
+  ));
   refreshGroups();
 }
 
