@@ -883,43 +883,39 @@ async function joinGroupCall(group, known) {
 
 function openGroupSession(call) {
   const session = new GroupCallSession({ api: state.api, socket: state.socket, call, me: state.me, deviceId: state.deviceId });
-  state.session = session;
-  for (const message of state.pendingSignals.get(call.call_id) || []) session.onSignal(message);
-  state.pendingSignals.delete(call.call_id);
-  session.addEventListener("change", () => renderGroupCall(session));
-  session.addEventListener("over", (event) => sessionState(session, event.detail));
-  session.addEventListener("end", () => {
-    if (state.session === session) state.session = null;
-    $("group-call").hidden = true;
+  return adopt(session, "group-call", renderGroupCall, () => {
     $("group-grid").replaceChildren();
-    toast(session.endReason);
-    loadHistorySoon();
     refreshGroups();
   });
-  $("group-call").hidden = false;
-  renderGroupCall(session);
-  return session;
 }
 
 function openSession(call, role) {
   const session = new CallSession({ api: state.api, socket: state.socket, call, role, deviceId: state.deviceId });
+  return adopt(session, "call", renderCall, () => {
+    $("remote-video").srcObject = null;
+    $("remote-audio").srcObject = null;
+    $("local-video").srcObject = null;
+  });
+}
+
+// The new current session: the signals that came before it, its screen shown and rendered
+// on every change, and when it ends, hidden and emptied (``clear``).
+function adopt(session, screen, render, clear) {
   state.session = session;
-  for (const message of state.pendingSignals.get(call.call_id) || []) session.onSignal(message);
-  state.pendingSignals.delete(call.call_id);
-  session.addEventListener("change", () => renderCall(session));
+  for (const message of state.pendingSignals.get(session.callId) || []) session.onSignal(message);
+  state.pendingSignals.delete(session.callId);
+  session.addEventListener("change", () => render(session));
   // A rejoin found the call over (its call.state may never have reached this socket).
   session.addEventListener("over", (event) => sessionState(session, event.detail));
   session.addEventListener("end", () => {
     if (state.session === session) state.session = null;
-    $("call").hidden = true;
-    $("remote-video").srcObject = null;
-    $("remote-audio").srcObject = null;
-    $("local-video").srcObject = null;
+    $(screen).hidden = true;
+    clear();
     toast(session.endReason);
     loadHistorySoon();
   });
-  $("call").hidden = false;
-  renderCall(session);
+  $(screen).hidden = false;
+  render(session);
   return session;
 }
 
