@@ -943,16 +943,22 @@ function renderCall(session) {
   $("peer-status").textContent = peer.connection === "reconnecting" ? `${session.peer} is reconnecting…` : "";
   $("peer-muted").hidden = peer.audio !== "muted";
   $("peer-camera-off").hidden = !peerCameraOff;
-  $("call-quality").textContent = session.quality ? `${session.quality[0].toUpperCase()}${session.quality.slice(1)} connection` : "";
-  $("call-quality").className = `quality ${session.quality || ""}`;
   $("e2ee").hidden = !session.safetyCode;
   $("safety-code").textContent = session.safetyCode || "";
-  $("btn-mute").classList.toggle("off", session.muted);
-  $("btn-mute").querySelector("use").setAttribute("href", session.muted ? "#i-mic-off" : "#i-mic");
-  $("btn-mute").title = session.muted ? "Unmute" : "Mute";
-  $("btn-camera").classList.toggle("off", session.cameraOff);
-  $("btn-camera").querySelector("use").setAttribute("href", session.cameraOff ? "#i-video-off" : "#i-video");
-  $("btn-camera").title = session.cameraOff ? "Camera on" : "Camera off";
+  renderControls(session, "call-quality", "btn-mute", "btn-camera");
+}
+
+// What both call screens show alike: the connection's quality, the mute and camera
+// buttons, the clock.
+function renderControls(session, quality, mute, camera) {
+  $(quality).textContent = session.quality ? `${session.quality[0].toUpperCase()}${session.quality.slice(1)} connection` : "";
+  $(quality).className = `quality ${session.quality || ""}`;
+  $(mute).classList.toggle("off", session.muted);
+  $(mute).querySelector("use").setAttribute("href", session.muted ? "#i-mic-off" : "#i-mic");
+  $(mute).title = session.muted ? "Unmute" : "Mute";
+  $(camera).classList.toggle("off", session.cameraOff);
+  $(camera).querySelector("use").setAttribute("href", session.cameraOff ? "#i-video-off" : "#i-video");
+  $(camera).title = session.cameraOff ? "Camera on" : "Camera off";
   renderCallClock();
 }
 
@@ -962,13 +968,15 @@ function renderCallClock() {
   $(session && session.group ? "group-call-timer" : "call-timer").textContent = text;
 }
 
-$("btn-hangup").addEventListener("click", () => state.session && state.session.hangup());
-$("btn-mute").addEventListener("click", () => state.session && state.session.setMuted(!state.session.muted));
-$("btn-camera").addEventListener("click", () => {
-  const session = state.session;
-  if (!session) return;
-  session.setCameraOff(!session.cameraOff).catch((error) => toast(`Camera: ${error.message}`));
-});
+for (const [hangup, mute, camera] of [["btn-hangup", "btn-mute", "btn-camera"], ["group-leave", "group-mute", "group-camera"]]) {
+  $(hangup).addEventListener("click", () => state.session && state.session.hangup());
+  $(mute).addEventListener("click", () => state.session && state.session.setMuted(!state.session.muted));
+  $(camera).addEventListener("click", () => {
+    const session = state.session;
+    if (!session) return;
+    session.setCameraOff(!session.cameraOff).catch((error) => toast(`Camera: ${error.message}`));
+  });
+}
 $("btn-report").addEventListener("click", () => state.session && report(state.session.callId, state.session.peer));
 $("btn-block").addEventListener("click", () => state.session && block(state.session.peer));
 
@@ -980,8 +988,6 @@ function renderGroupCall(session) {
   $("group-call-name").textContent = session.group;
   $("group-call-status").textContent = session.status;
   $("group-call").classList.toggle("reconnecting", session.reconnecting);
-  $("group-call-quality").textContent = session.quality ? `${session.quality[0].toUpperCase()}${session.quality.slice(1)} connection` : "";
-  $("group-call-quality").className = `quality ${session.quality || ""}`;
   $("group-e2ee").hidden = !session.fingerprint;
   const grid = $("group-grid");
   const video = session.media === "video";
@@ -997,13 +1003,7 @@ function renderGroupCall(session) {
     const tile = groupTile(grid, t, video);
     if (grid.children[i] !== tile) grid.insertBefore(tile, grid.children[i] || null);
   });
-  $("group-mute").classList.toggle("off", session.muted);
-  $("group-mute").querySelector("use").setAttribute("href", session.muted ? "#i-mic-off" : "#i-mic");
-  $("group-mute").title = session.muted ? "Unmute" : "Mute";
-  $("group-camera").classList.toggle("off", session.cameraOff);
-  $("group-camera").querySelector("use").setAttribute("href", session.cameraOff ? "#i-video-off" : "#i-video");
-  $("group-camera").title = session.cameraOff ? "Camera on" : "Camera off";
-  renderCallClock();
+  renderControls(session, "group-call-quality", "group-mute", "group-camera");
 }
 
 function groupTile(grid, t, video) {
@@ -1038,14 +1038,6 @@ function groupTile(grid, t, video) {
   tile.querySelector(".tile-fingerprint").textContent = t.fingerprint || "";
   return tile;
 }
-
-$("group-leave").addEventListener("click", () => state.session && state.session.hangup());
-$("group-mute").addEventListener("click", () => state.session && state.session.setMuted(!state.session.muted));
-$("group-camera").addEventListener("click", () => {
-  const session = state.session;
-  if (!session) return;
-  session.setCameraOff(!session.cameraOff).catch((error) => toast(`Camera: ${error.message}`));
-});
 
 // ------------------------------------------------------------------ boot
 
