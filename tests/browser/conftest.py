@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +172,48 @@ def screenshot(page: Page, name: str) -> Path:
 def token_of(page: Page) -> str:
     """The bearer token the page signed in with."""
     return str(page.evaluate("localStorage.getItem('dmcall.token')"))
+
+
+def api_get(url: str, page: Page, **params: Any) -> Any:
+    """GET a JSON API as the person signed in on ``page``."""
+    response = httpx.get(
+        url, params=params, headers={"Authorization": f"Bearer {token_of(page)}"}, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def get_call(stack: Stack, page: Page, call_id: str) -> dict[str, Any]:
+    """``GET /v1/calls/{call_id}`` on signaling, as the person signed in on ``page``."""
+    call: dict[str, Any] = api_get(f"{stack.url}/v1/calls/{call_id}", page)
+    return call
+
+
+def posted(stack: Stack, users: Iterable[str], path: str) -> list[str]:
+    """The bodies of the POST requests ``users``' pages sent to a URL with ``path`` in it."""
+    return [
+        body
+        for user in users
+        for method, url, body in stack.traffic[user].requests
+        if method == "POST" and path in url
+    ]
+
+
+def first_key_frame(page: Page, probe: str, name: str, *, overhead: int) -> dict[str, Any]:
+    """What ``probe`` (a page function) reports once the page's worker has decrypted a video
+    key frame, checked to have gone over the wire encrypted: the clear VP8 header (10 bytes)
+    the same, ``overhead`` bytes more (tag, IV, ...), the rest not the picture's bytes."""
+    report: dict[str, Any] = wait_until(
+        lambda: (p := page.evaluate(probe))["wire"] and p, what=f"{name}'s first key frame"
+    )
+    stats = report["stats"]
+    assert stats["encrypted"] > 0 and stats["decrypted"] > 0, stats
+    assert stats["decryptFailed"] == 0, stats
+    wire, plain = report["wire"], report["plain"]
+    assert wire[:10] == plain[:10]
+    assert len(wire) == len(plain) + overhead
+    assert wire[10 : len(plain)] != plain[10:]
+    return report
 
 
 def history_item(page: Page, call_id: str) -> Locator:

@@ -7,7 +7,6 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
 from playwright.sync_api import Browser, expect
 
@@ -16,7 +15,10 @@ from tests.browser.conftest import (
     Stack,
     Traffic,
     another_tab,
+    api_get,
+    first_key_frame,
     open_as,
+    posted,
     screenshot,
     video_frames_decoded,
     wait_until,
@@ -90,20 +92,10 @@ def test_video_call_end_to_end_encrypted(
     # The SFU never had the keys.
     probes = {}
     for name, page in (("alice", alice), ("bob", bob)):
-        probe = wait_until(
-            lambda page=page: (p := page.evaluate(E2EE_PROBE))["wire"] and p,
-            what=f"{name}'s first key frame",
-        )
-        probes[name] = probe
-        stats = probe["stats"]
-        assert stats["encrypted"] > 0 and stats["decrypted"] > 0, stats
-        assert stats["decryptFailed"] == 0, stats
         # What came through the SFU is not VP8 a decoder can read: the picture is ciphertext
         # (only the 10-byte VP8 header the receiver's depacketizer needs is in the clear) ...
-        wire, plain = probe["wire"], probe["plain"]
-        assert wire[:10] == plain[:10]
-        assert len(wire) == len(plain) + 16 + 12 + 1  # GCM tag, IV, header length
-        assert wire[10 : len(plain)] != plain[10:]
+        probe = first_key_frame(page, E2EE_PROBE, name, overhead=16 + 12 + 1)  # tag, IV, length
+        probes[name] = probe
         assert probe["wire_decodes"]["ok"] is False, probe["wire_decodes"]
         # ... while the same frame decrypted in the browser is a 640x480 picture.
         assert probe["plain_decodes"] == {"ok": True, "width": 640}
@@ -123,28 +115,17 @@ def test_video_call_end_to_end_encrypted(
         for _method, url, body in stack.traffic[name].requests:
             for key in (probes["alice"]["public_key"], probes["bob"]["public_key"]):
                 assert key not in body and key not in url, url
-    media_posts = [
-        (url, body)
-        for name in ("alice", "bob")
-        for method, url, body in stack.traffic[name].requests
-        if method == "POST" and f"/v1/rooms/{call_id}/sessions" in url
-    ]
-    assert len(media_posts) == 2 and all(body.startswith("v=0") for _, body in media_posts)
+    offers = posted(stack, ("alice", "bob"), f"/v1/rooms/{call_id}/sessions")
+    assert len(offers) == 2 and all(body.startswith("v=0") for body in offers)
 
     # No TURN configured: no ICE servers, exactly as the client always had.
     for page in (alice, bob):
         assert page.evaluate("window.dmcall.session.pc.getConfiguration().iceServers") == []
 
     # The media went through the SFU (host candidates only, no peer-to-peer path).
-    alice_token = alice.evaluate("localStorage.getItem('dmcall.token')")
     assert stack.media is not None
-    room = httpx.get(
-        f"{stack.media.url}/v1/rooms/{call_id}/stats",
-        headers={"Authorization": f"Bearer {alice_token}"},
-        timeout=5,
-    )
-    assert room.status_code == 200, room.text
-    forwarded = {p["user_id"]: p for p in room.json()["participants"]}
+    room = api_get(f"{stack.media.url}/v1/rooms/{call_id}/stats", alice)
+    forwarded = {p["user_id"]: p for p in room["participants"]}
     assert set(forwarded) == {"alice", "bob"}
     for party in forwarded.values():
         assert party["packets_in"] > 0 and party["packets_out"] > 0, party
