@@ -49,6 +49,24 @@ CHROMIUM_FLAGS = [
 ]
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
 SAFETY_CODE = re.compile(r"^\d{4} \d{4} \d{4}$")
+# A page function: what a VP8 decoder (WebCodecs) makes of one key frame's bytes: an error,
+# or a picture (its size, and a digest of its pixels: a decoder may well turn noise into
+# some picture, just not into this one).
+DECODE_KEY_FRAME = """(buffer) => new Promise((resolve) => {
+    const decoder = new VideoDecoder({
+        output: async (frame) => {
+            const pixels = new Uint8Array(frame.allocationSize());
+            await frame.copyTo(pixels);
+            const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", pixels));
+            resolve({ok: true, width: frame.codedWidth, pixels: Array.from(digest).join(",")});
+            frame.close();
+        },
+        error: (e) => resolve({ok: false, error: String(e)}),
+    });
+    decoder.configure({codec: "vp8"});
+    decoder.decode(new EncodedVideoChunk({type: "key", timestamp: 0, data: buffer}));
+    decoder.flush().catch((e) => resolve({ok: false, error: String(e)}));
+})"""
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 

@@ -11,6 +11,7 @@ import pytest
 from playwright.sync_api import Browser, expect
 
 from tests.browser.conftest import (
+    DECODE_KEY_FRAME,
     SAFETY_CODE,
     Stack,
     Traffic,
@@ -30,18 +31,13 @@ pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 # What the receiving browser got for the first video key frame: the bytes as they came
 # through the SFU ("wire"), the same frame after decryption ("plain"), and what a VP8
 # decoder (WebCodecs) makes of each.
-E2EE_PROBE = """async () => {
+E2EE_PROBE = (
+    """async () => {
     const session = window.dmcall.session;
     const report = await session.e2eeStats();
-    const decode = (buffer) => new Promise((resolve) => {
-        const decoder = new VideoDecoder({
-            output: (frame) => { resolve({ok: true, width: frame.codedWidth}); frame.close(); },
-            error: (e) => resolve({ok: false, error: String(e)}),
-        });
-        decoder.configure({codec: "vp8"});
-        decoder.decode(new EncodedVideoChunk({type: "key", timestamp: 0, data: buffer}));
-        decoder.flush().catch((e) => resolve({ok: false, error: String(e)}));
-    });
+    const decode = """
+    + DECODE_KEY_FRAME
+    + """;
     const probe = report.probe;
     const bytes = (b) => Array.from(new Uint8Array(b));
     return {
@@ -55,6 +51,7 @@ E2EE_PROBE = """async () => {
         plain_decodes: probe && await decode(probe.plain),
     };
 }"""
+)
 
 
 def key_messages(traffic: Traffic) -> list[dict[str, Any]]:
@@ -98,7 +95,8 @@ def test_video_call_end_to_end_encrypted(
         probes[name] = probe
         assert probe["wire_decodes"]["ok"] is False, probe["wire_decodes"]
         # ... while the same frame decrypted in the browser is a 640x480 picture.
-        assert probe["plain_decodes"] == {"ok": True, "width": 640}
+        picture = probe["plain_decodes"]
+        assert picture["ok"] is True and picture["width"] == 640, picture
         # The frame keys and the ECDH private key cannot leave the page at all.
         assert probe["keys_extractable"] == [False, False, False]
 

@@ -17,6 +17,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from tests.browser.conftest import (
+    DECODE_KEY_FRAME,
     SAFETY_CODE,
     Stack,
     Traffic,
@@ -35,26 +36,13 @@ GROUP = "trio"
 
 # What one page's worker saw, with the first video key frame as it came through the SFU
 # ("wire") and decrypted ("plain"), and what a VP8 decoder (WebCodecs) makes of each.
-E2EE_PROBE = """async () => {
+E2EE_PROBE = (
+    """async () => {
     const session = window.dmcall.session;
     const report = await session.e2eeStats();
-    // What a decoder makes of a frame: an error, or a picture (its size, and a digest of its
-    // pixels: a decoder may well turn noise into some picture, just not into this one).
-    const decode = (buffer) => new Promise((resolve) => {
-        const decoder = new VideoDecoder({
-            output: async (frame) => {
-                const pixels = new Uint8Array(frame.allocationSize());
-                await frame.copyTo(pixels);
-                const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", pixels));
-                resolve({ok: true, width: frame.codedWidth, pixels: Array.from(digest).join(",")});
-                frame.close();
-            },
-            error: (e) => resolve({ok: false, error: String(e)}),
-        });
-        decoder.configure({codec: "vp8"});
-        decoder.decode(new EncodedVideoChunk({type: "key", timestamp: 0, data: buffer}));
-        decoder.flush().catch((e) => resolve({ok: false, error: String(e)}));
-    });
+    const decode = """
+    + DECODE_KEY_FRAME
+    + """;
     const probe = report.probe;
     const bytes = (b) => Array.from(new Uint8Array(b));
     return {
@@ -72,6 +60,7 @@ E2EE_PROBE = """async () => {
         plain_decodes: probe && await decode(probe.plain),
     };
 }"""
+)
 
 
 def frames(page: Page) -> dict[str, int]:
