@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,24 @@ CHROMIUM_FLAGS = [
 ]
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
 SAFETY_CODE = re.compile(r"^\d{4} \d{4} \d{4}$")
+# A page function: what a VP8 decoder (WebCodecs) makes of one key frame's bytes: an error,
+# or a picture (its size, and a digest of its pixels: a decoder may well turn noise into
+# some picture, just not into this one).
+DECODE_KEY_FRAME = """(buffer) => new Promise((resolve) => {
+    const decoder = new VideoDecoder({
+        output: async (frame) => {
+            const pixels = new Uint8Array(frame.allocationSize());
+            await frame.copyTo(pixels);
+            const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", pixels));
+            resolve({ok: true, width: frame.codedWidth, pixels: Array.from(digest).join(",")});
+            frame.close();
+        },
+        error: (e) => resolve({ok: false, error: String(e)}),
+    });
+    decoder.configure({codec: "vp8"});
+    decoder.decode(new EncodedVideoChunk({type: "key", timestamp: 0, data: buffer}));
+    decoder.flush().catch((e) => resolve({ok: false, error: String(e)}));
+})"""
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
@@ -172,6 +190,48 @@ def screenshot(page: Page, name: str) -> Path:
 def token_of(page: Page) -> str:
     """The bearer token the page signed in with."""
     return str(page.evaluate("localStorage.getItem('dmcall.token')"))
+
+
+def api_get(url: str, page: Page, **params: Any) -> Any:
+    """GET a JSON API as the person signed in on ``page``."""
+    response = httpx.get(
+        url, params=params, headers={"Authorization": f"Bearer {token_of(page)}"}, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def get_call(stack: Stack, page: Page, call_id: str) -> dict[str, Any]:
+    """``GET /v1/calls/{call_id}`` on signaling, as the person signed in on ``page``."""
+    call: dict[str, Any] = api_get(f"{stack.url}/v1/calls/{call_id}", page)
+    return call
+
+
+def posted(stack: Stack, users: Iterable[str], path: str) -> list[str]:
+    """The bodies of the POST requests ``users``' pages sent to a URL with ``path`` in it."""
+    return [
+        body
+        for user in users
+        for method, url, body in stack.traffic[user].requests
+        if method == "POST" and path in url
+    ]
+
+
+def first_key_frame(page: Page, probe: str, name: str, *, overhead: int) -> dict[str, Any]:
+    """What ``probe`` (a page function) reports once the page's worker has decrypted a video
+    key frame, checked to have gone over the wire encrypted: the clear VP8 header (10 bytes)
+    the same, ``overhead`` bytes more (tag, IV, ...), the rest not the picture's bytes."""
+    report: dict[str, Any] = wait_until(
+        lambda: (p := page.evaluate(probe))["wire"] and p, what=f"{name}'s first key frame"
+    )
+    stats = report["stats"]
+    assert stats["encrypted"] > 0 and stats["decrypted"] > 0, stats
+    assert stats["decryptFailed"] == 0, stats
+    wire, plain = report["wire"], report["plain"]
+    assert wire[:10] == plain[:10]
+    assert len(wire) == len(plain) + overhead
+    assert wire[10 : len(plain)] != plain[10:]
+    return report
 
 
 def history_item(page: Page, call_id: str) -> Locator:

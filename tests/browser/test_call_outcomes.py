@@ -17,6 +17,8 @@ from tests.browser.conftest import (
     SAFETY_CODE,
     Stack,
     another_tab,
+    api_get,
+    get_call,
     history_item,
     open_as,
     open_history,
@@ -35,15 +37,6 @@ LOCAL_TRACKS = """(() => {
     return local && local.getTracks().map((t) => [t.kind, t.enabled]);
 })()"""
 AUDIO_DECRYPTED = "window.dmcall.session.e2eeStats().then((r) => (r ? r.stats.decrypted : 0))"
-
-
-def api_get(url: str, page: Page, **params: Any) -> Any:
-    """GET a JSON API as the person signed in on ``page``."""
-    response = httpx.get(
-        url, params=params, headers={"Authorization": f"Bearer {token_of(page)}"}, timeout=10
-    )
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def call_history(stack: Stack, page: Page) -> list[dict[str, Any]]:
@@ -218,10 +211,10 @@ def test_glare_both_calling_each_other_end_up_in_one_call(
     assert survivor_id == min(placed.values()) and placed["alice"] != placed["bob"]
     loser_by = "alice" if placed["bob"] == survivor_id else "bob"
     loser_page = alice if loser_by == "alice" else bob
-    loser = api_get(f"{stack.url}/v1/calls/{placed[loser_by]}", loser_page)
+    loser = get_call(stack, loser_page, placed[loser_by])
     assert (loser["state"], loser["end_reason"]) == ("cancelled", "cancelled"), loser
     assert loser["replaced_by"] == survivor_id
-    survivor = api_get(f"{stack.url}/v1/calls/{survivor_id}", alice)
+    survivor = get_call(stack, alice, survivor_id)
     assert survivor["state"] in ("accepted", "active"), survivor
     if when == "while_ringing":
         assert survivor_id == placed["alice"]  # the older call, the one that rang

@@ -7,16 +7,19 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
 from playwright.sync_api import Browser, expect
 
 from tests.browser.conftest import (
+    DECODE_KEY_FRAME,
     SAFETY_CODE,
     Stack,
     Traffic,
     another_tab,
+    api_get,
+    first_key_frame,
     open_as,
+    posted,
     screenshot,
     video_frames_decoded,
     wait_until,
@@ -28,18 +31,13 @@ pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 # What the receiving browser got for the first video key frame: the bytes as they came
 # through the SFU ("wire"), the same frame after decryption ("plain"), and what a VP8
 # decoder (WebCodecs) makes of each.
-E2EE_PROBE = """async () => {
+E2EE_PROBE = (
+    """async () => {
     const session = window.dmcall.session;
     const report = await session.e2eeStats();
-    const decode = (buffer) => new Promise((resolve) => {
-        const decoder = new VideoDecoder({
-            output: (frame) => { resolve({ok: true, width: frame.codedWidth}); frame.close(); },
-            error: (e) => resolve({ok: false, error: String(e)}),
-        });
-        decoder.configure({codec: "vp8"});
-        decoder.decode(new EncodedVideoChunk({type: "key", timestamp: 0, data: buffer}));
-        decoder.flush().catch((e) => resolve({ok: false, error: String(e)}));
-    });
+    const decode = """
+    + DECODE_KEY_FRAME
+    + """;
     const probe = report.probe;
     const bytes = (b) => Array.from(new Uint8Array(b));
     return {
@@ -53,6 +51,7 @@ E2EE_PROBE = """async () => {
         plain_decodes: probe && await decode(probe.plain),
     };
 }"""
+)
 
 
 def key_messages(traffic: Traffic) -> list[dict[str, Any]]:
@@ -90,23 +89,14 @@ def test_video_call_end_to_end_encrypted(
     # The SFU never had the keys.
     probes = {}
     for name, page in (("alice", alice), ("bob", bob)):
-        probe = wait_until(
-            lambda page=page: (p := page.evaluate(E2EE_PROBE))["wire"] and p,
-            what=f"{name}'s first key frame",
-        )
-        probes[name] = probe
-        stats = probe["stats"]
-        assert stats["encrypted"] > 0 and stats["decrypted"] > 0, stats
-        assert stats["decryptFailed"] == 0, stats
         # What came through the SFU is not VP8 a decoder can read: the picture is ciphertext
         # (only the 10-byte VP8 header the receiver's depacketizer needs is in the clear) ...
-        wire, plain = probe["wire"], probe["plain"]
-        assert wire[:10] == plain[:10]
-        assert len(wire) == len(plain) + 16 + 12 + 1  # GCM tag, IV, header length
-        assert wire[10 : len(plain)] != plain[10:]
+        probe = first_key_frame(page, E2EE_PROBE, name, overhead=16 + 12 + 1)  # tag, IV, length
+        probes[name] = probe
         assert probe["wire_decodes"]["ok"] is False, probe["wire_decodes"]
         # ... while the same frame decrypted in the browser is a 640x480 picture.
-        assert probe["plain_decodes"] == {"ok": True, "width": 640}
+        picture = probe["plain_decodes"]
+        assert picture["ok"] is True and picture["width"] == 640, picture
         # The frame keys and the ECDH private key cannot leave the page at all.
         assert probe["keys_extractable"] == [False, False, False]
 
@@ -123,28 +113,17 @@ def test_video_call_end_to_end_encrypted(
         for _method, url, body in stack.traffic[name].requests:
             for key in (probes["alice"]["public_key"], probes["bob"]["public_key"]):
                 assert key not in body and key not in url, url
-    media_posts = [
-        (url, body)
-        for name in ("alice", "bob")
-        for method, url, body in stack.traffic[name].requests
-        if method == "POST" and f"/v1/rooms/{call_id}/sessions" in url
-    ]
-    assert len(media_posts) == 2 and all(body.startswith("v=0") for _, body in media_posts)
+    offers = posted(stack, ("alice", "bob"), f"/v1/rooms/{call_id}/sessions")
+    assert len(offers) == 2 and all(body.startswith("v=0") for body in offers)
 
     # No TURN configured: no ICE servers, exactly as the client always had.
     for page in (alice, bob):
         assert page.evaluate("window.dmcall.session.pc.getConfiguration().iceServers") == []
 
     # The media went through the SFU (host candidates only, no peer-to-peer path).
-    alice_token = alice.evaluate("localStorage.getItem('dmcall.token')")
     assert stack.media is not None
-    room = httpx.get(
-        f"{stack.media.url}/v1/rooms/{call_id}/stats",
-        headers={"Authorization": f"Bearer {alice_token}"},
-        timeout=5,
-    )
-    assert room.status_code == 200, room.text
-    forwarded = {p["user_id"]: p for p in room.json()["participants"]}
+    room = api_get(f"{stack.media.url}/v1/rooms/{call_id}/stats", alice)
+    forwarded = {p["user_id"]: p for p in room["participants"]}
     assert set(forwarded) == {"alice", "bob"}
     for party in forwarded.values():
         assert party["packets_in"] > 0 and party["packets_out"] > 0, party

@@ -13,18 +13,20 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from tests.browser.conftest import (
+    DECODE_KEY_FRAME,
     SAFETY_CODE,
     Stack,
     Traffic,
+    first_key_frame,
+    get_call,
     open_as,
+    posted,
     screenshot,
     seed_group,
-    token_of,
     wait_until,
 )
 
@@ -34,26 +36,13 @@ GROUP = "trio"
 
 # What one page's worker saw, with the first video key frame as it came through the SFU
 # ("wire") and decrypted ("plain"), and what a VP8 decoder (WebCodecs) makes of each.
-E2EE_PROBE = """async () => {
+E2EE_PROBE = (
+    """async () => {
     const session = window.dmcall.session;
     const report = await session.e2eeStats();
-    // What a decoder makes of a frame: an error, or a picture (its size, and a digest of its
-    // pixels: a decoder may well turn noise into some picture, just not into this one).
-    const decode = (buffer) => new Promise((resolve) => {
-        const decoder = new VideoDecoder({
-            output: async (frame) => {
-                const pixels = new Uint8Array(frame.allocationSize());
-                await frame.copyTo(pixels);
-                const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", pixels));
-                resolve({ok: true, width: frame.codedWidth, pixels: Array.from(digest).join(",")});
-                frame.close();
-            },
-            error: (e) => resolve({ok: false, error: String(e)}),
-        });
-        decoder.configure({codec: "vp8"});
-        decoder.decode(new EncodedVideoChunk({type: "key", timestamp: 0, data: buffer}));
-        decoder.flush().catch((e) => resolve({ok: false, error: String(e)}));
-    });
+    const decode = """
+    + DECODE_KEY_FRAME
+    + """;
     const probe = report.probe;
     const bytes = (b) => Array.from(new Uint8Array(b));
     return {
@@ -71,6 +60,7 @@ E2EE_PROBE = """async () => {
         plain_decodes: probe && await decode(probe.plain),
     };
 }"""
+)
 
 
 def frames(page: Page) -> dict[str, int]:
@@ -154,18 +144,10 @@ def test_group_video_call_three_browsers(
     # E2EE: what came through the SFU does not decode; decrypted it is the 640x480 picture.
     probes = {}
     for name, page in pages.items():
-        probe = wait_until(
-            lambda page=page: (p := page.evaluate(E2EE_PROBE))["wire"] and p,
-            what=f"{name}'s first key frame",
-        )
+        # (tag, IV, key id, header length)
+        probe = first_key_frame(page, E2EE_PROBE, name, overhead=16 + 12 + 4 + 1)
         probes[name] = probe
-        stats = probe["stats"]
-        assert stats["encrypted"] > 0 and stats["decrypted"] > 0, stats
-        assert stats["decryptFailed"] == 0, stats
-        wire, plain = probe["wire"], probe["plain"]
-        assert wire[:10] == plain[:10]
-        assert len(wire) == len(plain) + 16 + 12 + 4 + 1  # GCM tag, IV, key id, header length
-        assert wire[10 : len(plain)] != plain[10:]
+        plain = probe["plain"]
         # (the camera's 640x480, or less: the sender's encoder scales down when the CPU is busy)
         picture = probe["plain_decodes"]
         header_width = (plain[6] | plain[7] << 8) & 0x3FFF  # the VP8 key frame header's
@@ -203,13 +185,8 @@ def test_group_video_call_three_browsers(
         for _method, url, body in traffic.requests:
             for secret in secrets + public_keys:
                 assert secret not in body and secret not in url, url
-    media_posts = [
-        body
-        for name in pages
-        for method, url, body in stack.traffic[name].requests
-        if method == "POST" and f"/v1/rooms/{call_id}/sessions" in url
-    ]
-    assert len(media_posts) == 3 and all(body.startswith("v=0") for body in media_posts)
+    offers = posted(stack, pages, f"/v1/rooms/{call_id}/sessions")
+    assert len(offers) == 3 and all(body.startswith("v=0") for body in offers)
 
     # bob leaves; alice and erin stay, lose his tile, and go on decoding each other with
     # new keys that never reached bob.
@@ -238,11 +215,7 @@ def test_group_video_call_three_browsers(
             what=f"{name}'s key after bob left",
         )
         assert key_now not in bob_got
-    room = httpx.get(
-        f"{stack.signaling.url}/v1/calls/{call_id}",
-        headers={"Authorization": f"Bearer {token_of(alice)}"},
-        timeout=5,
-    ).json()
+    room = get_call(stack, alice, call_id)
     assert room["group"] == GROUP
     states = {p["user"]: p["state"] for p in room["participants"]}
     assert states == {"alice": "joined", "bob": "left", "erin": "joined"}, states
@@ -253,14 +226,4 @@ def test_group_video_call_three_browsers(
     expect(erin.get_by_test_id("group-call-screen")).to_be_visible()
     erin.get_by_test_id("group-leave").click()
     expect(erin.get_by_test_id("group-call-screen")).to_be_hidden()
-    wait_until(
-        lambda: (
-            httpx.get(
-                f"{stack.signaling.url}/v1/calls/{call_id}",
-                headers={"Authorization": f"Bearer {token_of(alice)}"},
-                timeout=5,
-            ).json()["state"]
-            == "ended"
-        ),
-        what="the call ended",
-    )
+    wait_until(lambda: get_call(stack, alice, call_id)["state"] == "ended", what="the call ended")

@@ -279,14 +279,9 @@ export class CallSession extends EventTarget {
       this.changed();
       await this.prepareKeys();
       await this.startLocalMedia();
-      this.sendKey();
-      await this.waitPeerKey();
-      if (this.ended) return;
-      this.keys = await this.agreement.derive(this.peerKey, this.callId, this.role);
-      this.safetyCode = this.keys.safetyCode;
+      if (!(await this.secure())) return;
       this.status = "Connecting…";
       this.changed();
-      this.startWorker();
       this.statsTimer = setInterval(() => this.pollStats(), 1000);
       // The grant of the hand-off (or a newer one from call.media) first.
       this.pendingGrant = true;
@@ -294,6 +289,18 @@ export class CallSession extends EventTarget {
     } catch (error) {
       if (!this.ended) this.fail(error.message || String(error));
     }
+  }
+
+  // The call's keys, agreed with the other party, and its encryption worker started with
+  // them; false if the call ended meanwhile.
+  async secure() {
+    this.sendKey();
+    await this.waitPeerKey();
+    if (this.ended) return false;
+    this.keys = await this.agreement.derive(this.peerKey, this.callId, this.role);
+    this.safetyCode = this.keys.safetyCode;
+    this.startWorker();
+    return true;
   }
 
   // The hand-off carries this party's ICE servers (TURN credentials minted at accept); a

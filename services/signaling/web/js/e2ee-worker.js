@@ -58,15 +58,7 @@ async function encryptFrame(kind, frame, controller) {
   if (data.length === 0) { controller.enqueue(frame); return; }
   if (!sendKey) { stats.droppedNoKey++; return; }
   const clear = Math.min(clearBytes(kind, frame, data), data.length);
-  const iv = nextIv();
-  const sealed = new Uint8Array(await crypto.subtle.encrypt(
-    { name: "AES-GCM", iv, additionalData: data.subarray(0, clear) }, sendKey, data.subarray(clear),
-  ));
-  const out = new Uint8Array(clear + sealed.length + TRAILER);
-  out.set(data.subarray(0, clear), 0);
-  out.set(sealed, clear);
-  out.set(iv, clear + sealed.length);
-  out[out.length - 1] = clear;
+  const out = await sealFrame(data, clear, sendKey, data.subarray(0, clear), nextIv());
   frame.data = out.buffer;
   stats.encrypted++;
   controller.enqueue(frame);
@@ -80,19 +72,8 @@ async function decryptFrame(kind, frame, controller, slot) {
   const clear = data[data.length - 1];
   if (data.length < clear + TAG + TRAILER) { stats.decryptFailed++; return; }
   const iv = data.subarray(data.length - TRAILER, data.length - 1);
-  let plain;
-  try {
-    plain = new Uint8Array(await crypto.subtle.decrypt(
-      { name: "AES-GCM", iv, additionalData: data.subarray(0, clear) },
-      receiveKey, data.subarray(clear, data.length - TRAILER),
-    ));
-  } catch {
-    stats.decryptFailed++;
-    return;
-  }
-  const out = new Uint8Array(clear + plain.length);
-  out.set(data.subarray(0, clear), 0);
-  out.set(plain, clear);
+  const out = await openFrame(data, clear, receiveKey, data.subarray(0, clear), iv, data.length - TRAILER);
+  if (!out) { stats.decryptFailed++; return; }
   if (kind === "video" && frame.type === "key" && probe === null) {
     probe = { wire: data.slice().buffer, plain: out.slice().buffer };
   }
@@ -105,21 +86,11 @@ async function encryptGroupFrame(kind, frame, controller) {
   const data = new Uint8Array(frame.data);
   if (data.length === 0) { controller.enqueue(frame); return; }
   if (!sendKey) { stats.droppedNoKey++; return; }
-  const key = sendKey;
-  const keyId = sendKeyId;
   const clear = Math.min(clearBytes(kind, frame, data), data.length);
-  const iv = nextIv();
   const idBytes = new Uint8Array(4);
-  new DataView(idBytes.buffer).setUint32(0, keyId);
-  const sealed = new Uint8Array(await crypto.subtle.encrypt(
-    { name: "AES-GCM", iv, additionalData: concat(data.subarray(0, clear), idBytes) }, key, data.subarray(clear),
-  ));
-  const out = new Uint8Array(clear + sealed.length + GROUP_TRAILER);
-  out.set(data.subarray(0, clear), 0);
-  out.set(sealed, clear);
-  out.set(iv, clear + sealed.length);
-  out.set(idBytes, clear + sealed.length + 12);
-  out[out.length - 1] = clear;
+  new DataView(idBytes.buffer).setUint32(0, sendKeyId);
+  const additionalData = concat(data.subarray(0, clear), idBytes);
+  const out = await sealFrame(data, clear, sendKey, additionalData, nextIv(), idBytes);
   frame.data = out.buffer;
   stats.encrypted++;
   controller.enqueue(frame);
@@ -134,19 +105,9 @@ async function decryptGroupFrame(kind, frame, controller, slot) {
   const entry = receiveKeys.get(new DataView(idBytes.buffer, idBytes.byteOffset, 4).getUint32(0));
   if (!entry) { stats.droppedNoKey++; return; }
   const iv = data.subarray(data.length - GROUP_TRAILER, data.length - 5);
-  let plain;
-  try {
-    plain = new Uint8Array(await crypto.subtle.decrypt(
-      { name: "AES-GCM", iv, additionalData: concat(data.subarray(0, clear), idBytes) },
-      entry.key, data.subarray(clear, data.length - GROUP_TRAILER),
-    ));
-  } catch {
-    stats.decryptFailed++;
-    return;
-  }
-  const out = new Uint8Array(clear + plain.length);
-  out.set(data.subarray(0, clear), 0);
-  out.set(plain, clear);
+  const additionalData = concat(data.subarray(0, clear), idBytes);
+  const out = await openFrame(data, clear, entry.key, additionalData, iv, data.length - GROUP_TRAILER);
+  if (!out) { stats.decryptFailed++; return; }
   if (kind === "video" && frame.type === "key" && probe === null) {
     probe = { wire: data.slice().buffer, plain: out.slice().buffer, user: entry.user };
   }
@@ -161,10 +122,33 @@ async function decryptGroupFrame(kind, frame, controller, slot) {
   controller.enqueue(frame);
 }
 
-function concat(a, b) {
-  const out = new Uint8Array(a.length + b.length);
-  out.set(a, 0);
-  out.set(b, a.length);
+// The frame as sent: its clear header, the rest sealed with ``key`` (the header, and in a
+// group call the key id, authenticated as ``additionalData``), the IV, the key id, if any,
+// and the header's length.
+async function sealFrame(data, clear, key, additionalData, iv, keyId = new Uint8Array(0)) {
+  const sealed = await crypto.subtle.encrypt({ name: "AES-GCM", iv, additionalData }, key, data.subarray(clear));
+  return concat(data.subarray(0, clear), new Uint8Array(sealed), iv, keyId, Uint8Array.of(clear));
+}
+
+// The frame as received, opened: its clear header, then what lies sealed up to ``sealedEnd``
+// decrypted; null if it does not authenticate (a wrong key, a frame altered on the way).
+async function openFrame(data, clear, key, additionalData, iv, sealedEnd) {
+  let plain;
+  try {
+    plain = await crypto.subtle.decrypt({ name: "AES-GCM", iv, additionalData }, key, data.subarray(clear, sealedEnd));
+  } catch {
+    return null;
+  }
+  return concat(data.subarray(0, clear), new Uint8Array(plain));
+}
+
+function concat(...parts) {
+  const out = new Uint8Array(parts.reduce((length, part) => length + part.length, 0));
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.length;
+  }
   return out;
 }
 
@@ -209,13 +193,8 @@ self.onmessage = (event) => {
     sendKey = message.sendKey;
     receiveKey = message.receiveKey;
     // Frames before the keys were dropped: ask for fresh key frames both ways.
-    for (const { transformer, operation, kind } of transformers) {
-      if (kind !== "video") continue;
-      try {
-        if (operation === "encrypt" && transformer.generateKeyFrame) transformer.generateKeyFrame().catch(() => {});
-        if (operation === "decrypt" && transformer.sendKeyFrameRequest) transformer.sendKeyFrameRequest().catch(() => {});
-      } catch { /* not supported: the decoder asks by itself */ }
-    }
+    generateKeyFrames();
+    requestKeyFrames();
   } else if (message.type === "streams") {
     // createEncodedStreams (older Chromium): the page transfers the streams to us.
     pipe(message.operation, message.kind, message.readable, message.writable, message.slot ?? null);

@@ -36,9 +36,9 @@ export class KeyAgreement {
 
   get publicKey() { return toBase64(this.publicRaw); }
 
-  // -> {sendKey, receiveKey, safetyCode}; role is "caller" or "callee".
-  async derive(peerPublicBase64, callId, role) {
-    const peerRaw = fromBase64(peerPublicBase64);
+  // The ECDH secret shared with the holder of ``peerRaw`` (an uncompressed P-256 point; any
+  // other bytes are refused), as an HKDF key to derive the call's keys from.
+  async sharedSecret(peerRaw) {
     if (peerRaw.length !== 65 || peerRaw[0] !== 4) throw new Error("bad peer public key");
     const peerKey = await crypto.subtle.importKey(
       "raw", peerRaw, { name: "ECDH", namedCurve: "P-256" }, false, [],
@@ -46,7 +46,13 @@ export class KeyAgreement {
     const secret = await crypto.subtle.deriveBits(
       { name: "ECDH", public: peerKey }, this.keyPair.privateKey, 256,
     );
-    const hkdf = await crypto.subtle.importKey("raw", secret, "HKDF", false, ["deriveKey"]);
+    return crypto.subtle.importKey("raw", secret, "HKDF", false, ["deriveKey"]);
+  }
+
+  // -> {sendKey, receiveKey, safetyCode}; role is "caller" or "callee".
+  async derive(peerPublicBase64, callId, role) {
+    const peerRaw = fromBase64(peerPublicBase64);
+    const hkdf = await this.sharedSecret(peerRaw);
     const direction = async (label, usage) => crypto.subtle.deriveKey(
       { name: "HKDF", hash: "SHA-256", salt: enc.encode(callId), info: enc.encode(`dmcall e2ee v1 ${label}`) },
       hkdf, { name: "AES-GCM", length: 256 }, false, [usage],
@@ -68,9 +74,13 @@ export async function safetyCode(callId, callerRaw, calleeRaw) {
   const input = new Uint8Array([
     ...enc.encode(`dmcall-safety-code-v1|${callId}|`), ...callerRaw, ...calleeRaw,
   ]);
+  return twelveDigits(input);
+}
+
+// SHA-256 of ``input`` as 12 digits in three groups of four.
+async function twelveDigits(input) {
   const digest = new DataView(await crypto.subtle.digest("SHA-256", input));
-  const groups = [0, 4, 8].map((offset) => String(digest.getUint32(offset) % 10000).padStart(4, "0"));
-  return groups.join(" ");
+  return [0, 4, 8].map((offset) => String(digest.getUint32(offset) % 10000).padStart(4, "0")).join(" ");
 }
 
 // ------------------------------------------------------------------ group calls
@@ -87,15 +97,7 @@ export const GROUP_WRAP_INFO = "dmcall e2ee group v1 wrap";
 // key both ways (each wrap has its own random IV, and the additional data names who sent it
 // to whom), not extractable.
 export async function pairWrapKey(agreement, peerPublicBase64, callId) {
-  const peerRaw = fromBase64(peerPublicBase64);
-  if (peerRaw.length !== 65 || peerRaw[0] !== 4) throw new Error("bad peer public key");
-  const peerKey = await crypto.subtle.importKey(
-    "raw", peerRaw, { name: "ECDH", namedCurve: "P-256" }, false, [],
-  );
-  const secret = await crypto.subtle.deriveBits(
-    { name: "ECDH", public: peerKey }, agreement.keyPair.privateKey, 256,
-  );
-  const hkdf = await crypto.subtle.importKey("raw", secret, "HKDF", false, ["deriveKey"]);
+  const hkdf = await agreement.sharedSecret(fromBase64(peerPublicBase64));
   return crypto.subtle.deriveKey(
     { name: "HKDF", hash: "SHA-256", salt: enc.encode(callId), info: enc.encode(GROUP_WRAP_INFO) },
     hkdf, { name: "AES-GCM", length: 256 }, false, ["encrypt", "decrypt"],
@@ -150,6 +152,5 @@ export async function unwrapSenderKey(wrapKey, callId, from, to, message) {
 // same participant unless someone in between swapped that participant's key.
 export async function fingerprint(callId, user, publicRaw) {
   const input = new Uint8Array([...enc.encode(`dmcall-fingerprint-v1|${callId}|${user}|`), ...publicRaw]);
-  const digest = new DataView(await crypto.subtle.digest("SHA-256", input));
-  return [0, 4, 8].map((offset) => String(digest.getUint32(offset) % 10000).padStart(4, "0")).join(" ");
+  return twelveDigits(input);
 }

@@ -85,33 +85,21 @@ export class GroupCallSession extends CallSession {
 
   // ------------------------------------------------------------------ start
 
-  async start(grant) {
+  // start() (CallSession's): our sender key, and our public key to everyone in the call.
+  async secure() {
+    if (this.ended) return false;
+    this.fingerprint = await fingerprint(this.callId, this.me, this.agreement.publicRaw);
+    this.keys = { group: true }; // in the call (sendMediaState, rejoin check this)
+    this.startWorker();
     try {
-      this.grant = grant;
-      this.status = "Securing…";
-      this.changed();
-      await this.prepareKeys();
-      await this.startLocalMedia();
-      if (this.ended) return;
-      this.fingerprint = await fingerprint(this.callId, this.me, this.agreement.publicRaw);
-      this.keys = { group: true }; // in the call (sendMediaState, rejoin check this)
-      this.startWorker();
-      try {
-        const call = await this.api.getCall(this.callId);
-        this.updateParticipants(call.participants);
-      } catch { /* call.participant and call.state keep us up to date anyway */ }
-      await this.rotate("start");
-      // Our public key to everyone in the call; each answers with theirs and its sender key.
-      for (const user of this.joined) this.sendPublicKey(user, false);
-      this.markReady();
-      this.status = "Connecting…";
-      this.changed();
-      this.statsTimer = setInterval(() => this.pollStats(), 1000);
-      this.pendingGrant = true;
-      await this.joinLoop("start");
-    } catch (error) {
-      if (!this.ended) this.fail(error.message || String(error));
-    }
+      const call = await this.api.getCall(this.callId);
+      this.updateParticipants(call.participants);
+    } catch { /* call.participant and call.state keep us up to date anyway */ }
+    await this.rotate("start");
+    // Each answers with theirs and its sender key.
+    for (const user of this.joined) this.sendPublicKey(user, false);
+    this.markReady();
+    return true;
   }
 
   installKeys(worker) {

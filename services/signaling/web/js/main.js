@@ -798,18 +798,24 @@ $("incoming-accept").addEventListener("click", async () => {
   if (!call || state.session) return;
   stopRinging(call.call_id);
   const session = call.group ? openGroupSession(call) : openSession(call, "callee");
+  await startSession(session, () => state.api.accept(call.call_id, state.deviceId), (error) => (
+    error instanceof ApiError && error.status === 409
+      ? END_TEXT[error.body.end_reason] || END_TEXT[error.body.state] || "The call is over"
+      : `Could not answer: ${error.message}`
+  ));
+});
+
+// Answering or joining: the keys first, then the server's grant starts the media; what
+// went wrong, as ``failure`` words it, ends the session.
+async function startSession(session, grantOf, failure) {
   session.started = true;
   try {
     await session.prepareKeys();
-    const grant = await state.api.accept(call.call_id, state.deviceId);
-    session.start(grant);
+    session.start(await grantOf());
   } catch (error) {
-    const text = error instanceof ApiError && error.status === 409
-      ? END_TEXT[error.body.end_reason] || END_TEXT[error.body.state] || "The call is over"
-      : `Could not answer: ${error.message}`;
-    session.finish(text);
+    session.finish(failure(error));
   }
-});
+}
 
 // ------------------------------------------------------------------ placing a call
 
@@ -819,15 +825,23 @@ async function placeCall(user, media) {
   try {
     call = await state.api.placeCall(user, media, state.deviceId);
   } catch (error) {
-    const text = error instanceof ApiError && error.status === 429
-      ? `Too many calls; try again in ${error.body.retry_after_s || "a few"} s`
-      : `Could not call: ${error.message}`;
-    return toast(text);
+    return toast(couldNotCall(error));
   }
-  const session = openSession(call, "caller");
+  whileRinging(openSession(call, "caller"));
+}
+
+function couldNotCall(error) {
+  return error instanceof ApiError && error.status === 429
+    ? `Too many calls; try again in ${error.body.retry_after_s || "a few"} s`
+    : `Could not call: ${error.message}`;
+}
+
+// A call just placed: keys and camera get ready while it rings (and a state that came
+// before the answer to the request is applied).
+function whileRinging(session) {
   session.prepareKeys().catch(() => {});
   session.startLocalMedia().catch((error) => session.fail(`Camera or microphone: ${error.message}`));
-  const early = state.recentStates.get(call.call_id);
+  const early = state.recentStates.get(session.callId);
   if (early) sessionState(session, early);
 }
 
@@ -841,19 +855,12 @@ async function placeGroupCall(group, media) {
       // A call is going in this group already: join that one.
       return joinGroupCall(group, { call_id: error.body.call_id });
     }
-    const text = error instanceof ApiError && error.status === 429
-      ? `Too many calls; try again in ${error.body.retry_after_s || "a few"} s`
-      : `Could not call: ${error.message}`;
-    return toast(text);
+    return toast(couldNotCall(error));
   }
-  const session = openGroupSession({
+  whileRinging(openGroupSession({
     call_id: call.call_id, state: call.state, group, media, caller: state.me, callee: null,
     participants: [{ user: state.me, state: "joined" }],
-  });
-  session.prepareKeys().catch(() => {});
-  session.startLocalMedia().catch((error) => session.fail(`Camera or microphone: ${error.message}`));
-  const early = state.recentStates.get(call.call_id);
-  if (early) sessionState(session, early);
+  }));
 }
 
 // "Join" on a group conversation with a call going (any current member, while it lasts).
@@ -866,59 +873,49 @@ async function joinGroupCall(group, known) {
     return toast("That call is over");
   }
   const session = openGroupSession({ ...call, group });
-  session.started = true;
-  try {
-    await session.prepareKeys();
-    const grant = await state.api.join(call.call_id, state.deviceId);
-    session.start(grant);
-  } catch (error) {
-    const text = error instanceof ApiError && (error.status === 409 || error.status === 404)
+  await startSession(session, () => state.api.join(call.call_id, state.deviceId), (error) => (
+    error instanceof ApiError && (error.status === 409 || error.status === 404)
       ? END_TEXT[error.body.end_reason] || (error.body.error === "call_full" ? "The call is full" : "The call is over")
-      : `Could not join: ${error.message}`;
-    session.finish(text);
-  }
+      : `Could not join: ${error.message}`
+  ));
   refreshGroups();
 }
 
 function openGroupSession(call) {
   const session = new GroupCallSession({ api: state.api, socket: state.socket, call, me: state.me, deviceId: state.deviceId });
-  state.session = session;
-  for (const message of state.pendingSignals.get(call.call_id) || []) session.onSignal(message);
-  state.pendingSignals.delete(call.call_id);
-  session.addEventListener("change", () => renderGroupCall(session));
-  session.addEventListener("over", (event) => sessionState(session, event.detail));
-  session.addEventListener("end", () => {
-    if (state.session === session) state.session = null;
-    $("group-call").hidden = true;
+  return adopt(session, "group-call", renderGroupCall, () => {
     $("group-grid").replaceChildren();
-    toast(session.endReason);
-    loadHistorySoon();
     refreshGroups();
   });
-  $("group-call").hidden = false;
-  renderGroupCall(session);
-  return session;
 }
 
 function openSession(call, role) {
   const session = new CallSession({ api: state.api, socket: state.socket, call, role, deviceId: state.deviceId });
+  return adopt(session, "call", renderCall, () => {
+    $("remote-video").srcObject = null;
+    $("remote-audio").srcObject = null;
+    $("local-video").srcObject = null;
+  });
+}
+
+// The new current session: the signals that came before it, its screen shown and rendered
+// on every change, and when it ends, hidden and emptied (``clear``).
+function adopt(session, screen, render, clear) {
   state.session = session;
-  for (const message of state.pendingSignals.get(call.call_id) || []) session.onSignal(message);
-  state.pendingSignals.delete(call.call_id);
-  session.addEventListener("change", () => renderCall(session));
+  for (const message of state.pendingSignals.get(session.callId) || []) session.onSignal(message);
+  state.pendingSignals.delete(session.callId);
+  session.addEventListener("change", () => render(session));
   // A rejoin found the call over (its call.state may never have reached this socket).
   session.addEventListener("over", (event) => sessionState(session, event.detail));
   session.addEventListener("end", () => {
     if (state.session === session) state.session = null;
-    $("call").hidden = true;
-    $("remote-video").srcObject = null;
-    $("remote-audio").srcObject = null;
-    $("local-video").srcObject = null;
+    $(screen).hidden = true;
+    clear();
     toast(session.endReason);
     loadHistorySoon();
   });
-  $("call").hidden = false;
-  renderCall(session);
+  $(screen).hidden = false;
+  render(session);
   return session;
 }
 
@@ -946,16 +943,22 @@ function renderCall(session) {
   $("peer-status").textContent = peer.connection === "reconnecting" ? `${session.peer} is reconnecting…` : "";
   $("peer-muted").hidden = peer.audio !== "muted";
   $("peer-camera-off").hidden = !peerCameraOff;
-  $("call-quality").textContent = session.quality ? `${session.quality[0].toUpperCase()}${session.quality.slice(1)} connection` : "";
-  $("call-quality").className = `quality ${session.quality || ""}`;
   $("e2ee").hidden = !session.safetyCode;
   $("safety-code").textContent = session.safetyCode || "";
-  $("btn-mute").classList.toggle("off", session.muted);
-  $("btn-mute").querySelector("use").setAttribute("href", session.muted ? "#i-mic-off" : "#i-mic");
-  $("btn-mute").title = session.muted ? "Unmute" : "Mute";
-  $("btn-camera").classList.toggle("off", session.cameraOff);
-  $("btn-camera").querySelector("use").setAttribute("href", session.cameraOff ? "#i-video-off" : "#i-video");
-  $("btn-camera").title = session.cameraOff ? "Camera on" : "Camera off";
+  renderControls(session, "call-quality", "btn-mute", "btn-camera");
+}
+
+// What both call screens show alike: the connection's quality, the mute and camera
+// buttons, the clock.
+function renderControls(session, quality, mute, camera) {
+  $(quality).textContent = session.quality ? `${session.quality[0].toUpperCase()}${session.quality.slice(1)} connection` : "";
+  $(quality).className = `quality ${session.quality || ""}`;
+  $(mute).classList.toggle("off", session.muted);
+  $(mute).querySelector("use").setAttribute("href", session.muted ? "#i-mic-off" : "#i-mic");
+  $(mute).title = session.muted ? "Unmute" : "Mute";
+  $(camera).classList.toggle("off", session.cameraOff);
+  $(camera).querySelector("use").setAttribute("href", session.cameraOff ? "#i-video-off" : "#i-video");
+  $(camera).title = session.cameraOff ? "Camera on" : "Camera off";
   renderCallClock();
 }
 
@@ -965,13 +968,15 @@ function renderCallClock() {
   $(session && session.group ? "group-call-timer" : "call-timer").textContent = text;
 }
 
-$("btn-hangup").addEventListener("click", () => state.session && state.session.hangup());
-$("btn-mute").addEventListener("click", () => state.session && state.session.setMuted(!state.session.muted));
-$("btn-camera").addEventListener("click", () => {
-  const session = state.session;
-  if (!session) return;
-  session.setCameraOff(!session.cameraOff).catch((error) => toast(`Camera: ${error.message}`));
-});
+for (const [hangup, mute, camera] of [["btn-hangup", "btn-mute", "btn-camera"], ["group-leave", "group-mute", "group-camera"]]) {
+  $(hangup).addEventListener("click", () => state.session && state.session.hangup());
+  $(mute).addEventListener("click", () => state.session && state.session.setMuted(!state.session.muted));
+  $(camera).addEventListener("click", () => {
+    const session = state.session;
+    if (!session) return;
+    session.setCameraOff(!session.cameraOff).catch((error) => toast(`Camera: ${error.message}`));
+  });
+}
 $("btn-report").addEventListener("click", () => state.session && report(state.session.callId, state.session.peer));
 $("btn-block").addEventListener("click", () => state.session && block(state.session.peer));
 
@@ -983,8 +988,6 @@ function renderGroupCall(session) {
   $("group-call-name").textContent = session.group;
   $("group-call-status").textContent = session.status;
   $("group-call").classList.toggle("reconnecting", session.reconnecting);
-  $("group-call-quality").textContent = session.quality ? `${session.quality[0].toUpperCase()}${session.quality.slice(1)} connection` : "";
-  $("group-call-quality").className = `quality ${session.quality || ""}`;
   $("group-e2ee").hidden = !session.fingerprint;
   const grid = $("group-grid");
   const video = session.media === "video";
@@ -1000,13 +1003,7 @@ function renderGroupCall(session) {
     const tile = groupTile(grid, t, video);
     if (grid.children[i] !== tile) grid.insertBefore(tile, grid.children[i] || null);
   });
-  $("group-mute").classList.toggle("off", session.muted);
-  $("group-mute").querySelector("use").setAttribute("href", session.muted ? "#i-mic-off" : "#i-mic");
-  $("group-mute").title = session.muted ? "Unmute" : "Mute";
-  $("group-camera").classList.toggle("off", session.cameraOff);
-  $("group-camera").querySelector("use").setAttribute("href", session.cameraOff ? "#i-video-off" : "#i-video");
-  $("group-camera").title = session.cameraOff ? "Camera on" : "Camera off";
-  renderCallClock();
+  renderControls(session, "group-call-quality", "group-mute", "group-camera");
 }
 
 function groupTile(grid, t, video) {
@@ -1041,14 +1038,6 @@ function groupTile(grid, t, video) {
   tile.querySelector(".tile-fingerprint").textContent = t.fingerprint || "";
   return tile;
 }
-
-$("group-leave").addEventListener("click", () => state.session && state.session.hangup());
-$("group-mute").addEventListener("click", () => state.session && state.session.setMuted(!state.session.muted));
-$("group-camera").addEventListener("click", () => {
-  const session = state.session;
-  if (!session) return;
-  session.setCameraOff(!session.cameraOff).catch((error) => toast(`Camera: ${error.message}`));
-});
 
 // ------------------------------------------------------------------ boot
 
