@@ -271,20 +271,27 @@ def _end_1to1(call: Call, action: CallAction, now: datetime, **changes: Any) -> 
 # ---------------------------------------------------------------------------- placing
 
 
-def new_one_to_one(
-    call_id: str, caller: str, callee: str, media: MediaKind, device: str | None, now: datetime
-) -> Step[Call]:
-    call = Call(
-        call_id=call_id,
-        caller=caller,
-        callee=callee,
-        media=media,
+def _placed(event: CallRequested, device: str | None, now: datetime, **call: Any) -> Step[Call]:
+    """The call ``event`` asks policy about, new in REQUESTED, written with the event."""
+    placed = Call(
+        call_id=event.call_id,
+        caller=event.caller,
+        callee=event.callee,
+        group=event.group,
+        media=event.media,
         state=S.REQUESTED,
         created_at=now,
         caller_device=device,
+        **call,
     )
+    return Step(placed, writes=[Write(None, placed)], events=[event])
+
+
+def new_one_to_one(
+    call_id: str, caller: str, callee: str, media: MediaKind, device: str | None, now: datetime
+) -> Step[Call]:
     event = CallRequested(call_id=call_id, caller=caller, callee=callee, media=media)
-    return Step(call, writes=[Write(None, call)], events=[event])
+    return _placed(event, device, now)
 
 
 def new_group_call(
@@ -306,21 +313,10 @@ def new_group_call(
         starter: Participant(P.JOINED, Role.CALLER, joined_at=now, device=device, since=now),
         **{user: Participant(P.INVITED, Role.CALLEE) for user in invitees},
     }
-    call = Call(
-        call_id=call_id,
-        caller=starter,
-        callee=None,
-        media=media,
-        state=S.REQUESTED,
-        created_at=now,
-        caller_device=device,
-        group=group,
-        participants=parts,
-    )
     event = CallRequested(
         call_id=call_id, caller=starter, group=group, media=media, invitees=invitees
     )
-    return Step(call, writes=[Write(None, call)], events=[event])
+    return _placed(event, device, now, participants=parts)
 
 
 # ---------------------------------------------------------------------------- policy
