@@ -585,8 +585,8 @@ class Call:
             updates["end_reason"] = reason
         return replace(self, **updates)
 
-    def public(self, now: datetime | None = None) -> dict[str, Any]:
-        """The call object of the API and the WebSocket (see docs/signaling.md)."""
+    def text_fields(self) -> dict[str, str | None]:
+        """Its ids, media and states as text: the call object's and the stored hash's."""
         return {
             "call_id": self.call_id,
             "caller": self.caller,
@@ -596,6 +596,12 @@ class Call:
             "state": self.state.value,
             "end_reason": self.end_reason.value if self.end_reason else None,
             "reject_reason": self.reject_reason.value if self.reject_reason else None,
+        }
+
+    def public(self, now: datetime | None = None) -> dict[str, Any]:
+        """The call object of the API and the WebSocket (see docs/signaling.md)."""
+        return {
+            **self.text_fields(),
             "created_at": iso(self.created_at),
             "ring_deadline": iso(self.ring_deadline),
             "answered_at": iso(self.answered_at),

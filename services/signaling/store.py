@@ -365,15 +365,8 @@ _OPTIONAL_TEXT = ("answered_device", "caller_device", "media_node", "media_url",
 
 def encode_call(call: Call) -> tuple[dict[str, str], list[str]]:
     """Hash fields to set and field names to delete (None values)."""
-    values: dict[str, str | None] = {
-        "call_id": call.call_id,
-        "caller": call.caller,
-        "callee": call.callee,
-        "group": call.group,
-        "media": call.media.value,
-        "state": call.state.value,
-        "end_reason": call.end_reason.value if call.end_reason else None,
-        "reject_reason": call.reject_reason.value if call.reject_reason else None,
+    values = {
+        **call.text_fields(),
         "participants": json.dumps(
             {user: part.encode() for user, part in sorted(call.participants.items())},
             separators=(",", ":"),
