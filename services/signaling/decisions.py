@@ -247,6 +247,21 @@ def _with(call: Call, changes: Mapping[str, Participant]) -> Call:
     return replace(call, participants={**call.participants, **changes})
 
 
+def _answered_1to1(
+    call: Call, action: CallAction, now: datetime, device: str | None, node: MediaNode
+) -> Call:
+    """The 1:1 call answered (accept, glare) by the callee on ``device`` (None: not known),
+    its media on ``node``."""
+    after = call.step(
+        action,
+        at=now,
+        answered_device=device,
+        media_node=node.node_id,
+        media_url=node.session_url(call.call_id),
+    )
+    return _with(after, {call.peer: call.participant(call.peer).joined(now, device)})
+
+
 def _settle(call: Call, now: datetime, *, ringing_to: ParticipantState) -> dict[str, Participant]:
     """At the call's end: the joined leave, those it rings for end ``ringing_to``."""
     changes: dict[str, Participant] = {}
@@ -423,14 +438,7 @@ def decide_glare(
     else:
         winner, loser = call, other
     device = loser.caller_device
-    won = winner.step(
-        A.GLARE_WIN,
-        at=now,
-        answered_device=device,
-        media_node=node.node_id,
-        media_url=node.session_url(winner.call_id),
-    )
-    won = _with(won, {won.peer: won.participant(won.peer).joined(now, device)})
+    won = _answered_1to1(winner, A.GLARE_WIN, now, device, node)
     lost = _end_1to1(loser, A.GLARE_LOSE, now, replaced_by=winner.call_id)
     step.writes += [Write(loser, lost), Write(winner, won)]
     step.events.append(CallCancelled(**_ids(lost, lost.peer)))
@@ -498,14 +506,7 @@ def decide_accept(
     call_rule(call.state, A.ACCEPT, call.actors(user), call.call_id)
     if node is None:
         raise NoMediaNode()
-    after = call.step(
-        A.ACCEPT,
-        at=now,
-        answered_device=device,
-        media_node=node.node_id,
-        media_url=node.session_url(call.call_id),
-    )
-    after = _with(after, {user: call.participant(user).joined(now, device)})
+    after = _answered_1to1(call, A.ACCEPT, now, device, node)
     step: Step[Granted | Again] = Step(Granted(user), writes=[Write(call, after)])
     step.events.append(CallAccepted(**_ids(call, user), device_id=device))
     step.notices = _accepted_1to1(after, now)
