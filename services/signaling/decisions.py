@@ -200,17 +200,15 @@ def _group_fanout(call: Call, now: datetime, ringing: Iterable[str] = ()) -> lis
 # ---------------------------------------------------------------------------- events
 
 
-def _ids(call: Call, invitee: str) -> dict[str, Any]:
-    return {"call_id": call.call_id, "caller": call.caller, "callee": invitee, "group": call.group}
+def _ids(call: Call, callee: str | None) -> dict[str, Any]:
+    """An event's call fields; ``callee``: the 1:1 callee, or the group invitee it is about."""
+    return {"call_id": call.call_id, "caller": call.caller, "callee": callee, "group": call.group}
 
 
 def ended_event(call: Call, now: datetime) -> CallEnded:
     assert call.end_reason is not None
     return CallEnded(
-        call_id=call.call_id,
-        caller=call.caller,
-        callee=call.callee,
-        group=call.group,
+        **_ids(call, call.callee),
         reason=call.end_reason,
         duration_s=call.duration_s(now),
         media=call.media,
