@@ -59,9 +59,9 @@ class World(signaling.World):
 
 @pytest.fixture
 def world(worlds: Callable[..., Any]) -> Callable[..., Any]:
-    """``await world(2)``: signaling processes and the real policy; the test registers the
-    media nodes."""
-    return functools.partial(worlds, cls=World, policy=True, node=None)
+    """``await world(2)``: signaling processes and the real policy, media node A registered
+    (for ten minutes; ``node=None``: none); the test registers any other."""
+    return functools.partial(worlds, cls=World, policy=True, node=NODE_A)
 
 
 def media_pushes(device: Device, call_id: str) -> list[dict[str, Any]]:
@@ -88,7 +88,6 @@ async def test_a_draining_nodes_calls_move_once_with_two_instances_and_both_raci
     world: Callable[..., Any], settings: CommonSettings
 ) -> None:
     w: World = await world(instances=2)
-    await w.registry.heartbeat(NODE_A, ttl_s=600)
     call_id, alice, bob = await w.call("alice", "bob")
     before = await w.get(call_id, "alice")
     await w.registry.heartbeat(NODE_B, ttl_s=600)
@@ -128,7 +127,6 @@ async def test_a_late_media_node_draining_for_a_node_back_under_its_id_moves_not
     world: Callable[..., Any],
 ) -> None:
     w: World = await world()
-    await w.registry.heartbeat(NODE_A, ttl_s=600)
     call_id, alice, bob = await w.call("alice", "bob")
     await w.registry.heartbeat(NODE_B, ttl_s=600)
     # node A drained and came back (a new process, the same id): the old event arrives late
@@ -141,7 +139,7 @@ async def test_a_late_media_node_draining_for_a_node_back_under_its_id_moves_not
 async def test_a_node_that_stops_heartbeating_has_its_calls_moved_node_lost(
     world: Callable[..., Any], settings: CommonSettings
 ) -> None:
-    w: World = await world(instances=2)
+    w: World = await world(instances=2, node=None)
     await w.registry.heartbeat(NODE_A, ttl_s=2)  # its last heartbeat: it crashes now
     call_id, alice, bob = await w.call("alice", "bob")
     await w.registry.heartbeat(NODE_B, ttl_s=600)
@@ -161,7 +159,6 @@ async def test_post_media_never_hands_out_a_gone_or_draining_node(
 ) -> None:
     # No watcher in the way: POST /media moves the call itself.
     w: World = await world(SIGNALING_NODE_WATCH_MS="60000")
-    await w.registry.heartbeat(NODE_A, ttl_s=600)
     call_id, alice, bob = await w.call("alice", "bob")
     http = w.http()
     url = f"/v1/calls/{call_id}/media"
@@ -199,7 +196,6 @@ async def test_a_moved_call_nobody_rejoins_ends_media_timeout_and_both_are_calla
     world: Callable[..., Any],
 ) -> None:
     w: World = await world(instances=2, MEDIA_REJOIN_GRACE_S="1", RING_TIMEOUT_S="30")
-    await w.registry.heartbeat(NODE_A, ttl_s=600)
     lost, alice, bob = await w.call("alice", "bob")
     rejoined, carol, dave = await w.call("carol", "dave")
     await w.registry.heartbeat(NODE_B, ttl_s=600)
@@ -244,7 +240,6 @@ async def test_call_media_state_reaches_the_other_party_and_bad_frames_get_error
     world: Callable[..., Any],
 ) -> None:
     w: World = await world()
-    await w.registry.heartbeat(NODE_A, ttl_s=600)
     call_id, alice, bob = await w.call("alice", "bob", media="video")
     others, _carol, _dave = await w.call("carol", "dave")
 
@@ -289,7 +284,6 @@ async def test_the_camera_on_in_an_audio_call_upgrades_it_to_video(
     world: Callable[..., Any],
 ) -> None:
     w: World = await world()
-    await w.registry.heartbeat(NODE_A, ttl_s=600)
     call_id, alice, bob = await w.call("alice", "bob", media="audio")
     assert (await w.get(call_id, "bob"))["media"] == "audio"
 
@@ -313,7 +307,6 @@ async def test_call_media_peer_reaches_the_other_party_only_from_the_calls_node(
     world: Callable[..., Any],
 ) -> None:
     w: World = await world()
-    await w.registry.heartbeat(NODE_A, ttl_s=600)
     call_id, alice, bob = await w.call("alice", "bob")
 
     stranger = CallMediaPeer(

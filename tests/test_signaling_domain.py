@@ -181,13 +181,23 @@ def _on_node(state: CallState, node: str = "node-1") -> Call:
     )
 
 
+def _to_node_2(call: Call, at: datetime = T0, deadline: datetime | None = None) -> Call | None:
+    """``call`` moved off node-1 to node-2, its rejoin deadline ``deadline`` (else ``at``)."""
+    return move_media(
+        call,
+        leaving="node-1",
+        node_id="node-2",
+        media_url="u2",
+        at=at,
+        rejoin_deadline=deadline or at,
+    )
+
+
 @pytest.mark.parametrize("state", [S.ACCEPTED, S.ACTIVE], ids=str)
 def test_moving_media_keeps_the_call_and_starts_a_rejoin_deadline(state: CallState) -> None:
     call = _on_node(state)
     deadline = T0 + timedelta(seconds=33)
-    moved = move_media(
-        call, leaving="node-1", node_id="node-2", media_url="u2", at=T0, rejoin_deadline=deadline
-    )
+    moved = _to_node_2(call, deadline=deadline)
     assert moved is not None
     assert (moved.state, moved.media_node, moved.media_url) == (state, "node-2", "u2")
     assert (moved.call_id, moved.answered_at, moved.rejoin_deadline) == (
@@ -200,22 +210,19 @@ def test_moving_media_keeps_the_call_and_starts_a_rejoin_deadline(state: CallSta
 
 def test_a_move_away_from_a_node_the_call_already_left_is_nothing() -> None:
     moved_before = _on_node(S.ACTIVE, node="node-2")
-    args = {"leaving": "node-1", "node_id": "node-3", "media_url": "u3", "at": T0}
-    assert move_media(moved_before, rejoin_deadline=T0, **args) is None  # type: ignore[arg-type]
+    moved_again = move_media(
+        moved_before, leaving="node-1", node_id="node-3", media_url="u3", at=T0, rejoin_deadline=T0
+    )
+    assert moved_again is None
 
 
 @pytest.mark.parametrize("state", [s for s in CallState if s not in (S.ACCEPTED, S.ACTIVE)])
 def test_a_call_not_in_progress_is_never_moved(state: CallState) -> None:
-    call = _on_node(state)
-    args = {"leaving": "node-1", "node_id": "node-2", "media_url": "u2", "at": T0}
-    assert move_media(call, rejoin_deadline=T0, **args) is None  # type: ignore[arg-type]
+    assert _to_node_2(_on_node(state)) is None
 
 
 def test_media_on_the_new_node_ends_the_rejoin_deadline() -> None:
-    call = _on_node(S.ACTIVE)
-    moved = move_media(
-        call, leaving="node-1", node_id="node-2", media_url="u2", at=T0, rejoin_deadline=T0
-    )
+    moved = _to_node_2(_on_node(S.ACTIVE))
     assert moved is not None
     assert media_connected_action(moved) is A.MEDIA_RESUMED
     resumed = moved.step(A.MEDIA_RESUMED, at=T0)
@@ -224,28 +231,14 @@ def test_media_on_the_new_node_ends_the_rejoin_deadline() -> None:
     with pytest.raises(IllegalTransition):
         resumed.step(media_connected_action(resumed), at=T0)
     # Moved before its first media: connecting makes it active and ends the deadline too.
-    accepted = move_media(
-        _on_node(S.ACCEPTED),
-        leaving="node-1",
-        node_id="node-2",
-        media_url="u2",
-        at=T0,
-        rejoin_deadline=T0,
-    )
+    accepted = _to_node_2(_on_node(S.ACCEPTED))
     assert accepted is not None and media_connected_action(accepted) is A.MEDIA_CONNECTED
     active = accepted.step(A.MEDIA_CONNECTED, at=T0)
     assert (active.state, active.rejoin_deadline) == (S.ACTIVE, None)
 
 
 def test_a_moved_call_that_times_out_ends_media_timeout() -> None:
-    moved = move_media(
-        _on_node(S.ACTIVE),
-        leaving="node-1",
-        node_id="node-2",
-        media_url="u2",
-        at=T0,
-        rejoin_deadline=T0,
-    )
+    moved = _to_node_2(_on_node(S.ACTIVE))
     assert moved is not None
     ended = moved.step(
         A.MEDIA_FAILED, at=T0 + timedelta(seconds=40), media_failure=EndReason.MEDIA_TIMEOUT
@@ -281,9 +274,7 @@ def test_a_move_or_an_upgrade_later_keeps_when_the_call_was_answered(state: Call
     # is not a new answer: the duration and history count from the one answer.
     call = _on_node(state)
     later = T0 + timedelta(seconds=5)
-    moved = move_media(
-        call, leaving="node-1", node_id="node-2", media_url="u2", at=later, rejoin_deadline=later
-    )
+    moved = _to_node_2(call, at=later)
     upgraded = upgrade_to_video(call, at=later)
     assert moved is not None and upgraded is not None
     assert (moved.answered_at, upgraded.answered_at) == (T0, T0)
@@ -307,9 +298,7 @@ def test_a_lost_node_with_no_other_starts_the_deadline_once_and_keeps_the_call(
     later = deadline + timedelta(seconds=5)
     assert media_lost(waiting, node_id="node-1", at=later, rejoin_deadline=later) is None
     # a node that appears in time takes the call: a move, with its own deadline
-    moved = move_media(
-        waiting, leaving="node-1", node_id="node-2", media_url="u2", at=later, rejoin_deadline=later
-    )
+    moved = _to_node_2(waiting, at=later)
     assert moved is not None and moved.media_node == "node-2" and moved.rejoin_deadline == later
 
 
@@ -438,16 +427,10 @@ def test_nobody_joins_a_one_to_one_call() -> None:
 def _ringing_1to1(
     caller: str, callee: str, device: str | None, at: datetime = T0, call_id: str = ""
 ) -> Call:
-    call = Call(
-        call_id=call_id or new_call_id(),
-        caller=caller,
-        callee=callee,
-        media=MediaKind.AUDIO,
-        state=S.REQUESTED,
-        created_at=at,
-        caller_device=device,
+    placed = dec.new_one_to_one(
+        call_id or new_call_id(), caller, callee, MediaKind.AUDIO, device, at
     )
-    step = dec.decide_authorized(call, at, live={}, node=None, ring_timeout_s=30)
+    step = dec.decide_authorized(placed.result, at, live={}, node=None, ring_timeout_s=30)
     return step.writes[0].after
 
 

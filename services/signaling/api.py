@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, status
@@ -110,35 +112,35 @@ class Accept(BaseModel):
     device_id: DeviceId
 
 
-def _not_found(call_id: str) -> HTTPException:
-    return HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no call {call_id}")
-
-
-def _conflict(exc: IllegalTransition) -> HTTPException:
-    detail = {"message": str(exc), "state": exc.state.value, "call_id": exc.call_id}
-    if exc.participant is not None:
-        detail["participant_state"] = exc.participant.value
-    return HTTPException(status.HTTP_409_CONFLICT, detail=detail)
-
-
-def _full(exc: CallFull) -> HTTPException:
-    return HTTPException(
-        status.HTTP_409_CONFLICT,
-        detail={
-            "error": "call_full",
-            "message": str(exc),
-            "call_id": exc.call_id,
-            "max_participants": exc.limit,
-        },
-    )
-
-
-def _no_node(message: str) -> HTTPException:
-    return HTTPException(
-        status.HTTP_503_SERVICE_UNAVAILABLE,
-        detail={"message": message},
-        headers={"Retry-After": "1"},
-    )
+@contextmanager
+def _call_errors(call_id: CallId, no_node: str = "no media node is available") -> Iterator[None]:
+    """The HTTP answers to what the call service refuses about one call (``no_node``: the
+    503's message, which says what became of the call)."""
+    try:
+        yield
+    except NotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no call {call_id}") from None
+    except IllegalTransition as exc:
+        detail = {"message": str(exc), "state": exc.state.value, "call_id": exc.call_id}
+        if exc.participant is not None:
+            detail["participant_state"] = exc.participant.value
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=detail) from None
+    except CallFull as exc:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail={
+                "error": "call_full",
+                "message": str(exc),
+                "call_id": exc.call_id,
+                "max_participants": exc.limit,
+            },
+        ) from None
+    except NoMediaNode:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail={"message": no_node},
+            headers={"Retry-After": "1"},
+        ) from None
 
 
 @router.post(
@@ -230,10 +232,8 @@ async def history(
     response_model=CallObject,
 )
 async def get_call(call_id: CallId, user: CurrentUser, calls: Calls) -> dict[str, Any]:
-    try:
+    with _call_errors(call_id):
         return (await calls.visible(user, call_id)).public()
-    except NotFound:
-        raise _not_found(call_id) from None
 
 
 @router.post(
@@ -250,17 +250,8 @@ async def get_call(call_id: CallId, user: CurrentUser, calls: Calls) -> dict[str
     },
 )
 async def accept(call_id: CallId, body: Accept, user: CurrentUser, calls: Calls) -> dict[str, Any]:
-    try:
-        offer = await calls.accept(user, call_id, body.device_id)
-    except NotFound:
-        raise _not_found(call_id) from None
-    except IllegalTransition as exc:
-        raise _conflict(exc) from None
-    except CallFull as exc:
-        raise _full(exc) from None
-    except NoMediaNode:
-        raise _no_node("no media node is available; the call is still ringing") from None
-    return offer.public()
+    with _call_errors(call_id, "no media node is available; the call is still ringing"):
+        return (await calls.accept(user, call_id, body.device_id)).public()
 
 
 @router.post(
@@ -280,17 +271,8 @@ async def accept(call_id: CallId, body: Accept, user: CurrentUser, calls: Calls)
 async def join(
     call_id: CallId, user: CurrentUser, calls: Calls, body: Join | None = None
 ) -> dict[str, Any]:
-    try:
-        offer = await calls.join(user, call_id, body.device_id if body else None)
-    except NotFound:
-        raise _not_found(call_id) from None
-    except IllegalTransition as exc:
-        raise _conflict(exc) from None
-    except CallFull as exc:
-        raise _full(exc) from None
-    except NoMediaNode:
-        raise _no_node("no media node is available; try again") from None
-    return offer.public()
+    with _call_errors(call_id, "no media node is available; try again"):
+        return (await calls.join(user, call_id, body.device_id if body else None)).public()
 
 
 @router.get(
@@ -318,14 +300,8 @@ async def group_call(group_id: GroupId, user: CurrentUser, calls: Calls) -> dict
     },
 )
 async def media(call_id: CallId, user: CurrentUser, calls: Calls) -> dict[str, Any]:
-    try:
+    with _call_errors(call_id, "no media node is available for this call now; retry"):
         return (await calls.media_for(user, call_id)).public()
-    except NotFound:
-        raise _not_found(call_id) from None
-    except IllegalTransition as exc:
-        raise _conflict(exc) from None
-    except NoMediaNode:
-        raise _no_node("no media node is available for this call now; retry") from None
 
 
 @router.post(
@@ -334,12 +310,8 @@ async def media(call_id: CallId, user: CurrentUser, calls: Calls) -> dict[str, A
     response_model=CallObject,
 )
 async def decline(call_id: CallId, user: CurrentUser, calls: Calls) -> dict[str, Any]:
-    try:
+    with _call_errors(call_id):
         return (await calls.decline(user, call_id)).public()
-    except NotFound:
-        raise _not_found(call_id) from None
-    except IllegalTransition as exc:
-        raise _conflict(exc) from None
 
 
 @router.post(
@@ -349,12 +321,8 @@ async def decline(call_id: CallId, user: CurrentUser, calls: Calls) -> dict[str,
     response_model=CallObject,
 )
 async def hangup(call_id: CallId, user: CurrentUser, calls: Calls) -> dict[str, Any]:
-    try:
+    with _call_errors(call_id):
         return (await calls.hangup(user, call_id)).public()
-    except NotFound:
-        raise _not_found(call_id) from None
-    except IllegalTransition as exc:
-        raise _conflict(exc) from None
 
 
 @router.get("/v1/ring-state", summary="The calls ringing for this user now")

@@ -624,38 +624,33 @@ class CallService:
         return call.group is not None and await self.groups.is_member(call.group, user)
 
     async def accept(self, user: str, call_id: str, device_id: str) -> MediaOffer:
-        async def read(call: Call) -> tuple[bool, MediaNode | None]:
-            member = await self._is_member(call, user)
-            return member, await self._pick_if(call.state is CallState.RINGING)
-
-        def decide(
-            call: Call, now: Any, reads: tuple[bool, MediaNode | None]
-        ) -> Step[Granted | Again]:
-            member, node = reads
-            return d.decide_accept(
-                call,
-                user,
-                device_id,
-                now,
-                node=node,
-                member=member,
-                max_participants=self.settings.group_call_max_participants,
-            )
-
-        return await self._granted(user, call_id, decide, read)
+        return await self._enter(user, call_id, device_id, d.decide_accept)
 
     async def join(self, user: str, call_id: str, device_id: str | None) -> MediaOffer:
         """A current member joins a group call (``POST /v1/calls/{id}/join``)."""
+        return await self._enter(user, call_id, device_id, d.decide_join)
+
+    async def _enter(
+        self,
+        user: str,
+        call_id: str,
+        device_id: str | None,
+        decision: Callable[..., Step[Granted | Again]],
+    ) -> MediaOffer:
+        """Accept or join: the decision reads the user's group membership and, for a ringing
+        call this may answer (as its 1:1 callee, as a current member), a media node."""
 
         async def read(call: Call) -> tuple[bool, MediaNode | None]:
             member = await self._is_member(call, user)
-            return member, await self._pick_if(member and call.state is CallState.RINGING)
+            may_answer = member if call.group is not None else user == call.callee
+            answers = call.state is CallState.RINGING and may_answer
+            return member, await self._pick_if(answers)
 
         def decide(
             call: Call, now: Any, reads: tuple[bool, MediaNode | None]
         ) -> Step[Granted | Again]:
             member, node = reads
-            return d.decide_join(
+            return decision(
                 call,
                 user,
                 device_id,
@@ -665,15 +660,6 @@ class CallService:
                 max_participants=self.settings.group_call_max_participants,
             )
 
-        return await self._granted(user, call_id, decide, read)
-
-    async def _granted(
-        self,
-        user: str,
-        call_id: str,
-        decide: Callable[[Call, Any, Any], Step[Granted | Again]],
-        read: Callable[[Call], Awaitable[Any]],
-    ) -> MediaOffer:
         ran = await self._run(call_id, decide, read)
         if isinstance(ran.step.result, Again):
             return await self.media_for(user, call_id)

@@ -200,17 +200,15 @@ def _group_fanout(call: Call, now: datetime, ringing: Iterable[str] = ()) -> lis
 # ---------------------------------------------------------------------------- events
 
 
-def _ids(call: Call, invitee: str) -> dict[str, Any]:
-    return {"call_id": call.call_id, "caller": call.caller, "callee": invitee, "group": call.group}
+def _ids(call: Call, callee: str | None) -> dict[str, Any]:
+    """An event's call fields; ``callee``: the 1:1 callee, or the group invitee it is about."""
+    return {"call_id": call.call_id, "caller": call.caller, "callee": callee, "group": call.group}
 
 
 def ended_event(call: Call, now: datetime) -> CallEnded:
     assert call.end_reason is not None
     return CallEnded(
-        call_id=call.call_id,
-        caller=call.caller,
-        callee=call.callee,
-        group=call.group,
+        **_ids(call, call.callee),
         reason=call.end_reason,
         duration_s=call.duration_s(now),
         media=call.media,
@@ -247,6 +245,21 @@ def _with(call: Call, changes: Mapping[str, Participant]) -> Call:
     return replace(call, participants={**call.participants, **changes})
 
 
+def _answered_1to1(
+    call: Call, action: CallAction, now: datetime, device: str | None, node: MediaNode
+) -> Call:
+    """The 1:1 call answered (accept, glare) by the callee on ``device`` (None: not known),
+    its media on ``node``."""
+    after = call.step(
+        action,
+        at=now,
+        answered_device=device,
+        media_node=node.node_id,
+        media_url=node.session_url(call.call_id),
+    )
+    return _with(after, {call.peer: call.participant(call.peer).joined(now, device)})
+
+
 def _settle(call: Call, now: datetime, *, ringing_to: ParticipantState) -> dict[str, Participant]:
     """At the call's end: the joined leave, those it rings for end ``ringing_to``."""
     changes: dict[str, Participant] = {}
@@ -271,20 +284,27 @@ def _end_1to1(call: Call, action: CallAction, now: datetime, **changes: Any) -> 
 # ---------------------------------------------------------------------------- placing
 
 
-def new_one_to_one(
-    call_id: str, caller: str, callee: str, media: MediaKind, device: str | None, now: datetime
-) -> Step[Call]:
-    call = Call(
-        call_id=call_id,
-        caller=caller,
-        callee=callee,
-        media=media,
+def _placed(event: CallRequested, device: str | None, now: datetime, **call: Any) -> Step[Call]:
+    """The call ``event`` asks policy about, new in REQUESTED, written with the event."""
+    placed = Call(
+        call_id=event.call_id,
+        caller=event.caller,
+        callee=event.callee,
+        group=event.group,
+        media=event.media,
         state=S.REQUESTED,
         created_at=now,
         caller_device=device,
+        **call,
     )
+    return Step(placed, writes=[Write(None, placed)], events=[event])
+
+
+def new_one_to_one(
+    call_id: str, caller: str, callee: str, media: MediaKind, device: str | None, now: datetime
+) -> Step[Call]:
     event = CallRequested(call_id=call_id, caller=caller, callee=callee, media=media)
-    return Step(call, writes=[Write(None, call)], events=[event])
+    return _placed(event, device, now)
 
 
 def new_group_call(
@@ -306,21 +326,10 @@ def new_group_call(
         starter: Participant(P.JOINED, Role.CALLER, joined_at=now, device=device, since=now),
         **{user: Participant(P.INVITED, Role.CALLEE) for user in invitees},
     }
-    call = Call(
-        call_id=call_id,
-        caller=starter,
-        callee=None,
-        media=media,
-        state=S.REQUESTED,
-        created_at=now,
-        caller_device=device,
-        group=group,
-        participants=parts,
-    )
     event = CallRequested(
         call_id=call_id, caller=starter, group=group, media=media, invitees=invitees
     )
-    return Step(call, writes=[Write(None, call)], events=[event])
+    return _placed(event, device, now, participants=parts)
 
 
 # ---------------------------------------------------------------------------- policy
@@ -427,14 +436,7 @@ def decide_glare(
     else:
         winner, loser = call, other
     device = loser.caller_device
-    won = winner.step(
-        A.GLARE_WIN,
-        at=now,
-        answered_device=device,
-        media_node=node.node_id,
-        media_url=node.session_url(winner.call_id),
-    )
-    won = _with(won, {won.peer: won.participant(won.peer).joined(now, device)})
+    won = _answered_1to1(winner, A.GLARE_WIN, now, device, node)
     lost = _end_1to1(loser, A.GLARE_LOSE, now, replaced_by=winner.call_id)
     step.writes += [Write(loser, lost), Write(winner, won)]
     step.events.append(CallCancelled(**_ids(lost, lost.peer)))
@@ -502,14 +504,7 @@ def decide_accept(
     call_rule(call.state, A.ACCEPT, call.actors(user), call.call_id)
     if node is None:
         raise NoMediaNode()
-    after = call.step(
-        A.ACCEPT,
-        at=now,
-        answered_device=device,
-        media_node=node.node_id,
-        media_url=node.session_url(call.call_id),
-    )
-    after = _with(after, {user: call.participant(user).joined(now, device)})
+    after = _answered_1to1(call, A.ACCEPT, now, device, node)
     step: Step[Granted | Again] = Step(Granted(user), writes=[Write(call, after)])
     step.events.append(CallAccepted(**_ids(call, user), device_id=device))
     step.notices = _accepted_1to1(after, now)

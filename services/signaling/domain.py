@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from shared.clock import iso, utcnow
 from shared.contracts import CallState, EndReason, EventType, MediaKind, RejectReason
@@ -77,31 +77,36 @@ A = CallAction
 _PARTIES = frozenset({Actor.CALLER, Actor.CALLEE, Actor.MEMBER})
 
 
-@dataclass(frozen=True, slots=True)
-class CallRule:
-    """One allowed step of a call: the state it leads to, who may take it, and the events
-    it emits (a 1:1 call; a group call's where they differ)."""
+State = TypeVar("State", bound=StrEnum)
 
-    to: CallState
+
+@dataclass(frozen=True, slots=True)
+class Rule(Generic[State]):
+    """One allowed step of a call (``Rule[CallState]``) or of a participant in it
+    (``Rule[ParticipantState]``): the state it leads to, who may take it, and the events it
+    emits (a 1:1 call's; a group call's where they differ)."""
+
+    to: State
     by: frozenset[Actor]
     emits: tuple[EventType, ...] = ()
     group_emits: tuple[EventType, ...] | None = None
-    """None: the same as ``emits``. Per-invitee events are the participant table's."""
+    """None: the same as ``emits``. A call's per-invitee events are the participant
+    table's; ``call_participant_*`` are published for group calls only."""
 
 
 def _rule(
-    to: CallState,
+    to: State,
     *by: Actor,
     emits: tuple[EventType, ...] = (),
     group: tuple[EventType, ...] | None = None,
-) -> CallRule:
-    return CallRule(to, frozenset(by), emits, group)
+) -> Rule[State]:
+    return Rule(to, frozenset(by), emits, group)
 
 
 E = EventType
 _ENDED = (E.CALL_ENDED,)
 
-CALL_RULES: dict[tuple[CallState, CallAction], CallRule] = {
+CALL_RULES: dict[tuple[CallState, CallAction], Rule[CallState]] = {
     (S.REQUESTED, A.AUTHORIZE): _rule(S.RINGING, Actor.POLICY, emits=(E.CALL_RINGING,), group=()),
     (S.REQUESTED, A.REJECT): _rule(S.REJECTED, Actor.POLICY),
     (S.REQUESTED, A.CALLEE_BUSY): _rule(S.BUSY, Actor.SYSTEM, emits=_ENDED),
@@ -222,7 +227,7 @@ def allowed(state: CallState, action: CallAction) -> bool:
 
 def call_rule(
     state: CallState, action: CallAction, actors: frozenset[Actor], call_id: str = ""
-) -> CallRule:
+) -> Rule[CallState]:
     """The rule for ``action`` from ``state`` if one of ``actors`` may take it, else
     IllegalTransition naming the state."""
     rule = CALL_RULES.get((state, action))
@@ -277,46 +282,27 @@ class ParticipantAction(StrEnum):
 P = ParticipantState
 PA = ParticipantAction
 
-
-@dataclass(frozen=True, slots=True)
-class ParticipantRule:
-    to: ParticipantState
-    by: frozenset[Actor]
-    emits: tuple[EventType, ...] = ()
-    group_emits: tuple[EventType, ...] | None = None
-    """None: the same as ``emits``; ``call_participant_*`` are published for group calls only."""
-
-
-def _prule(
-    to: ParticipantState,
-    *by: Actor,
-    emits: tuple[EventType, ...] = (),
-    group: tuple[EventType, ...] | None = None,
-) -> ParticipantRule:
-    return ParticipantRule(to, frozenset(by), emits, group)
-
-
 _JOINERS = (Actor.CALLEE, Actor.MEMBER)
 _REJOIN = (E.CALL_PARTICIPANT_JOINED,)
 
-PARTICIPANT_RULES: dict[tuple[ParticipantState, ParticipantAction], ParticipantRule] = {
-    (P.INVITED, PA.RING): _prule(P.RINGING, Actor.POLICY, emits=(E.CALL_RINGING,)),
-    (P.INVITED, PA.SKIP): _prule(P.NOT_RUNG, Actor.POLICY, Actor.SYSTEM),
-    (P.RINGING, PA.ACCEPT): _prule(
+PARTICIPANT_RULES: dict[tuple[ParticipantState, ParticipantAction], Rule[ParticipantState]] = {
+    (P.INVITED, PA.RING): _rule(P.RINGING, Actor.POLICY, emits=(E.CALL_RINGING,)),
+    (P.INVITED, PA.SKIP): _rule(P.NOT_RUNG, Actor.POLICY, Actor.SYSTEM),
+    (P.RINGING, PA.ACCEPT): _rule(
         P.JOINED,
         Actor.CALLEE,
         emits=(E.CALL_ACCEPTED,),
         group=(E.CALL_ACCEPTED, E.CALL_PARTICIPANT_JOINED),
     ),
-    (P.RINGING, PA.DECLINE): _prule(P.DECLINED, Actor.CALLEE, emits=(E.CALL_DECLINED,)),
-    (P.RINGING, PA.MISS): _prule(P.MISSED, Actor.TIMER, Actor.SYSTEM, emits=(E.CALL_MISSED,)),
-    (P.RINGING, PA.CANCEL): _prule(P.MISSED, Actor.CALLER, emits=(E.CALL_CANCELLED,)),
-    (P.NOT_RUNG, PA.JOIN): _prule(P.JOINED, *_JOINERS, emits=(), group=_REJOIN),
-    (P.DECLINED, PA.JOIN): _prule(P.JOINED, *_JOINERS, emits=(), group=_REJOIN),
-    (P.MISSED, PA.JOIN): _prule(P.JOINED, *_JOINERS, emits=(), group=_REJOIN),
-    (P.LEFT, PA.JOIN): _prule(P.JOINED, Actor.CALLER, *_JOINERS, emits=(), group=_REJOIN),
-    (P.JOINED, PA.LEAVE): _prule(P.LEFT, *_PARTIES, emits=(), group=(E.CALL_PARTICIPANT_LEFT,)),
-    (P.JOINED, PA.END): _prule(P.LEFT, Actor.SYSTEM, Actor.MEDIA, Actor.TIMER),
+    (P.RINGING, PA.DECLINE): _rule(P.DECLINED, Actor.CALLEE, emits=(E.CALL_DECLINED,)),
+    (P.RINGING, PA.MISS): _rule(P.MISSED, Actor.TIMER, Actor.SYSTEM, emits=(E.CALL_MISSED,)),
+    (P.RINGING, PA.CANCEL): _rule(P.MISSED, Actor.CALLER, emits=(E.CALL_CANCELLED,)),
+    (P.NOT_RUNG, PA.JOIN): _rule(P.JOINED, *_JOINERS, emits=(), group=_REJOIN),
+    (P.DECLINED, PA.JOIN): _rule(P.JOINED, *_JOINERS, emits=(), group=_REJOIN),
+    (P.MISSED, PA.JOIN): _rule(P.JOINED, *_JOINERS, emits=(), group=_REJOIN),
+    (P.LEFT, PA.JOIN): _rule(P.JOINED, Actor.CALLER, *_JOINERS, emits=(), group=_REJOIN),
+    (P.JOINED, PA.LEAVE): _rule(P.LEFT, *_PARTIES, emits=(), group=(E.CALL_PARTICIPANT_LEFT,)),
+    (P.JOINED, PA.END): _rule(P.LEFT, Actor.SYSTEM, Actor.MEDIA, Actor.TIMER),
 }
 """Each participant's table: (their state, action) -> the rule. ``join`` is for a member
 who is not in the call (not rung, declined, missed, left); in a 1:1 call nobody joins (the
@@ -328,7 +314,7 @@ def participant_rule(
     user: str,
     action: ParticipantAction,
     actors: frozenset[Actor],
-) -> ParticipantRule:
+) -> Rule[ParticipantState]:
     """The participant table's rule for ``user`` (a member not recorded yet counts as
     ``not_rung``), or IllegalTransition naming the call's and the participant's state."""
     state = call.participant(user).state
@@ -599,8 +585,8 @@ class Call:
             updates["end_reason"] = reason
         return replace(self, **updates)
 
-    def public(self, now: datetime | None = None) -> dict[str, Any]:
-        """The call object of the API and the WebSocket (see docs/signaling.md)."""
+    def text_fields(self) -> dict[str, str | None]:
+        """Its ids, media and states as text: the call object's and the stored hash's."""
         return {
             "call_id": self.call_id,
             "caller": self.caller,
@@ -610,6 +596,12 @@ class Call:
             "state": self.state.value,
             "end_reason": self.end_reason.value if self.end_reason else None,
             "reject_reason": self.reject_reason.value if self.reject_reason else None,
+        }
+
+    def public(self, now: datetime | None = None) -> dict[str, Any]:
+        """The call object of the API and the WebSocket (see docs/signaling.md)."""
+        return {
+            **self.text_fields(),
             "created_at": iso(self.created_at),
             "ring_deadline": iso(self.ring_deadline),
             "answered_at": iso(self.answered_at),

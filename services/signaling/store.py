@@ -327,20 +327,20 @@ class Conflict(Exception):
     """Another commit changed one of the calls first; re-read and decide again."""
 
 
-class GroupCallInProgress(Exception):
-    """The group has a live call already; ``call_id`` is that one (join it)."""
+class _CallStands(Exception):
+    """A placement found a call that stands already: ``call_id``."""
 
     def __init__(self, call_id: str) -> None:
         super().__init__(call_id)
         self.call_id = call_id
 
 
-class IdempotentReplay(Exception):
-    """The idempotency key was used before; ``call_id`` is the call it made."""
+class GroupCallInProgress(_CallStands):
+    """The group has a live call already, ``call_id`` (join it)."""
 
-    def __init__(self, call_id: str) -> None:
-        super().__init__(call_id)
-        self.call_id = call_id
+
+class IdempotentReplay(_CallStands):
+    """The idempotency key was used before: ``call_id`` is the call it made."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,15 +365,8 @@ _OPTIONAL_TEXT = ("answered_device", "caller_device", "media_node", "media_url",
 
 def encode_call(call: Call) -> tuple[dict[str, str], list[str]]:
     """Hash fields to set and field names to delete (None values)."""
-    values: dict[str, str | None] = {
-        "call_id": call.call_id,
-        "caller": call.caller,
-        "callee": call.callee,
-        "group": call.group,
-        "media": call.media.value,
-        "state": call.state.value,
-        "end_reason": call.end_reason.value if call.end_reason else None,
-        "reject_reason": call.reject_reason.value if call.reject_reason else None,
+    values = {
+        **call.text_fields(),
         "participants": json.dumps(
             {user: part.encode() for user, part in sorted(call.participants.items())},
             separators=(",", ":"),
@@ -451,6 +444,11 @@ class CallStore:
     def __init__(self, redis: Redis, settings: CommonSettings, *, outbox_lease_ms: int) -> None:
         self.redis = redis
         self.keys = KeySpace(settings, "signaling")
+        self.ring_key = self.keys("ring_deadlines")
+        self.rejoin_key = self.keys("rejoin_deadlines")
+        self.call_nodes_key = self.keys("call_nodes")
+        self.outbox_key = self.keys("outbox")
+        self.outbox_due_key = self.keys("outbox_due")
         self._outbox_lease_ms = outbox_lease_ms
         self._commit = redis.register_script(_COMMIT)
         self._claim_outbox = redis.register_script(_CLAIM_OUTBOX)
@@ -479,28 +477,8 @@ class CallStore:
     def group_call_key(self, group: str) -> str:
         return self.keys("group_call", group)
 
-    @property
-    def ring_key(self) -> str:
-        return self.keys("ring_deadlines")
-
-    @property
-    def rejoin_key(self) -> str:
-        return self.keys("rejoin_deadlines")
-
     def node_calls_key(self, node_id: str) -> str:
         return self.keys("node_calls", node_id)
-
-    @property
-    def call_nodes_key(self) -> str:
-        return self.keys("call_nodes")
-
-    @property
-    def outbox_key(self) -> str:
-        return self.keys("outbox")
-
-    @property
-    def outbox_due_key(self) -> str:
-        return self.keys("outbox_due")
 
     def idem_key(self, user: str, key: str) -> str:
         return self.keys("idem", user, key)

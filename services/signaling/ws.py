@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -175,19 +175,8 @@ async def _handle_frame(
     to = message.get("to")
     if to is not None and not is_id(to):
         return _error("bad_request", "call.signal's to must be a user id", call_id=call_id)
-    try:
-        await calls.relay_signal(session.user, session.device_id, call_id, payload, to=to)
-    except BadSignal as exc:
-        return _error("bad_request", str(exc), call_id=call_id)
-    except SignalRateLimited:
-        return _error(
-            "rate_limited",
-            f"over {settings.signals_per_call_per_s} call.signal/s for this call; dropped",
-            call_id=call_id,
-        )
-    except (NotFound, IllegalTransition) as exc:
-        return _call_error(exc, call_id)
-    return None
+    relay = calls.relay_signal(session.user, session.device_id, call_id, payload, to=to)
+    return await _relayed(relay, call_id, f"{settings.signals_per_call_per_s} call.signal/s")
 
 
 async def _media_state(
@@ -211,30 +200,31 @@ async def _media_state(
             "call.media_state needs audio: on|muted and video: on|off",
             call_id=call_id,
         )
+    relay = calls.relay_media_state(session.user, call_id, audio, video)
+    return await _relayed(relay, call_id, f"{settings.signals_per_call_per_s} frames/s")
+
+
+async def _relayed(relay: Awaitable[None], call_id: str, budget: str) -> dict[str, Any] | None:
+    """Awaits a frame's relay to the call's other parties: None, or the error frame for
+    why it was refused (``budget``: the rate a ``rate_limited`` error names)."""
     try:
-        await calls.relay_media_state(session.user, call_id, audio, video)
+        await relay
+    except BadSignal as exc:
+        return _error("bad_request", str(exc), call_id=call_id)
     except SignalRateLimited:
-        return _error(
-            "rate_limited",
-            f"over {settings.signals_per_call_per_s} frames/s for this call; dropped",
-            call_id=call_id,
-        )
-    except (NotFound, IllegalTransition) as exc:
-        return _call_error(exc, call_id)
-    return None
-
-
-def _call_error(exc: NotFound | IllegalTransition, call_id: str) -> dict[str, Any]:
-    if isinstance(exc, NotFound):
+        return _error("rate_limited", f"over {budget} for this call; dropped", call_id=call_id)
+    except NotFound:
         return _error("not_found", f"no call {call_id} of yours", call_id=call_id)
-    extra = {"participant_state": exc.participant.value} if exc.participant is not None else {}
-    return _error(
-        "conflict",
-        f"call {call_id} is {exc.state.value}",
-        call_id=call_id,
-        state=exc.state.value,
-        **extra,
-    )
+    except IllegalTransition as exc:
+        extra = {"participant_state": exc.participant.value} if exc.participant is not None else {}
+        return _error(
+            "conflict",
+            f"call {call_id} is {exc.state.value}",
+            call_id=call_id,
+            state=exc.state.value,
+            **extra,
+        )
+    return None
 
 
 def _refresh(
