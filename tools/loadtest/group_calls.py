@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable
 
-from tools.loadtest.http import HttpClient
+from tools.loadtest.http import HttpClient, Response
 from tools.loadtest.metrics import Metric
 from tools.loadtest.population import Fact, Group, Population, SetupError, premium
 from tools.loadtest.scenarios import FINAL, Context, ScenarioFailed, counted, excerpt, request
@@ -90,6 +91,10 @@ async def _ring_everyone_then_cancel(ctx: Context, group: Group) -> None:
     def left(since: float) -> float:
         return max(0.0, since + ctx.config.event_timeout_s - time.monotonic())
 
+    def hang_up() -> Awaitable[Response]:
+        path = f"/v1/calls/{call_id}/hangup"
+        return request(signaling, "POST", path, token=starter.token, json_body={})
+
     try:
         for user in invitees:
             rang = 0
@@ -105,9 +110,7 @@ async def _ring_everyone_then_cancel(ctx: Context, group: Group) -> None:
                 rec.observe(Metric.GROUP_RING, (got.at - placed_at) * 1000)
             if not rang:
                 rec.lose("group_invitee_never_rang")
-        hangup = await request(
-            signaling, "POST", f"/v1/calls/{call_id}/hangup", token=starter.token, json_body={}
-        )
+        hangup = await hang_up()
         state = (hangup.json() or {}).get("state") if hangup.status == 200 else None
         if state != "cancelled":
             raise ScenarioFailed(f"hangup_{hangup.status}_{state}", excerpt(hangup))
@@ -125,11 +128,5 @@ async def _ring_everyone_then_cancel(ctx: Context, group: Group) -> None:
     finally:
         if not ended:  # best effort, so the group is free for its next call
             with contextlib.suppress(Exception):
-                await request(
-                    signaling,
-                    "POST",
-                    f"/v1/calls/{call_id}/hangup",
-                    token=starter.token,
-                    json_body={},
-                )
+                await hang_up()
         ctx.router.forget(call_id)
