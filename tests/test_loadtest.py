@@ -8,6 +8,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -92,41 +93,51 @@ async def test_http_client_reports_a_refused_connection() -> None:
     await client.close()
 
 
+def _deployment(spawn: Callable[..., ServiceProcess], *services: str) -> Deployment:
+    """``services`` spawned (with a 1 s ring timeout), as a deployment given by URLs."""
+    env = {"RING_TIMEOUT_S": "1", "CALLS_PER_MINUTE": "100000", "LOG_LEVEL": "WARNING"}
+    url = {service: spawn(service, **env).url for service in services}
+    return Deployment(url["signaling"], url["policy"], url.get("notifications"))
+
+
+async def _run(
+    deployment: Deployment, out: Path, stamp: str, *, floor: bool, **config: Any
+) -> dict[str, Any]:
+    """A short load run against ``deployment`` (no live view), its report."""
+    return await run_calls(
+        LoadConfig(
+            signaling_url=deployment.signaling_url,
+            policy_url=deployment.policy_url,
+            notifications_url=deployment.notifications_url,
+            ring_timeout_s=1.0,
+            event_timeout_s=10.0,
+            output_dir=out,
+            live=False,
+            **config,
+        ),
+        deployment,
+        TokenSource.from_secret(DEV_JWT_SECRET),
+        floor_urls=(os.environ["RABBITMQ_URL"], os.environ["REDIS_URL"]) if floor else None,
+        console=Console(quiet=True),
+        stamp=stamp,
+    )
+
+
 async def test_smoke_run_rings_every_call_and_loses_nothing(
     spawn: Callable[..., ServiceProcess], tmp_path: Path
 ) -> None:
-    env = {"RING_TIMEOUT_S": "1", "CALLS_PER_MINUTE": "100000", "LOG_LEVEL": "WARNING"}
-    policy = spawn("policy", **env)
-    signaling = spawn("signaling", **env)
-    notifications = spawn("notifications", **env)
-    spawn("media", **env)
-    deployment = Deployment(
-        signaling_url=signaling.url,
-        policy_url=policy.url,
-        notifications_url=notifications.url,
-    )
-    config = LoadConfig(
-        signaling_url=signaling.url,
-        policy_url=policy.url,
-        notifications_url=notifications.url,
+    deployment = _deployment(spawn, "policy", "signaling", "notifications", "media")
+    report = await _run(
+        deployment,
+        tmp_path / "out",
+        "smoke",
+        floor=True,
         rate=8.0,
         duration_s=3.0,
         mix={outcome: 1.0 / len(Outcome) for outcome in Outcome},
         seed=1,
-        ring_timeout_s=1.0,
         hold_s=0.2,
-        event_timeout_s=10.0,
         notify_sample=1.0,
-        output_dir=tmp_path / "out",
-        live=False,
-    )
-    report = await run_calls(
-        config,
-        deployment,
-        TokenSource.from_secret(DEV_JWT_SECRET),
-        floor_urls=(os.environ["RABBITMQ_URL"], os.environ["REDIS_URL"]),
-        console=Console(quiet=True),
-        stamp="smoke",
     )
     assert (tmp_path / "out" / "report-smoke.png").stat().st_size > 10_000
     on_disk = json.loads((tmp_path / "out" / "report-smoke.json").read_text())
@@ -146,3 +157,34 @@ async def test_smoke_run_rings_every_call_and_loses_nothing(
     # The outcome sequence is drawn from the seed, so every kind of call is in the run.
     for outcome in Outcome:
         assert report["outcomes"].get(outcome.value, 0) >= 1, (outcome, report["outcomes"])
+
+
+async def test_group_calls_ring_every_device_of_every_invitee(
+    spawn: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    deployment = _deployment(spawn, "policy", "signaling")
+    report = await _run(
+        deployment,
+        tmp_path / "out",
+        "group",
+        floor=False,
+        scenario="group",
+        group_size=4,
+        users=8,
+        rate=2.0,
+        duration_s=2.0,
+        min_devices=1,
+        max_devices=2,
+    )
+    assert (tmp_path / "out" / "report-group.png").stat().st_size > 10_000
+    assert not report["errors"], report["error_examples"]
+    placed = report["run"]["calls_placed"]
+    assert placed >= 3 and report["outcomes"] == {"group_call": placed}, report["outcomes"]
+    # Every device of the three invitees rang (one sample each), and nothing was lost.
+    assert report["latency"]["group_ring_ms"]["count"] >= 3 * placed
+    assert sum(report["lost"].values()) == 0, report["lost"]
+    assert report["latency"]["ring_ms"]["count"] == 0  # no 1:1 call in a group run
+    targets = {row["target"]: row for row in report["targets"]}
+    group_target = targets["group call of 16 at 20/s rings every invitee: p99"]
+    assert group_target["met"] is None  # groups of 4 at 2/s: not the target's run
+    assert targets["calls lost"]["met"] is True

@@ -82,3 +82,22 @@ def test_sustained_rate_is_the_highest_step_placed_in_full_under_100_ms() -> Non
 def test_losses_count_every_kind() -> None:
     assert _rows({"lost": {"never_rang": 0}})["calls lost"]["met"] is True
     assert _rows({"lost": {"never_rang": 0, "notification": 2}})["calls lost"]["figure"] == 2
+
+
+def test_group_ring_is_read_from_a_run_of_groups_of_16_placed_in_full_at_20_per_second() -> None:
+    name = "group call of 16 at 20/s rings every invitee: p99"
+
+    def run(group_size: int, placed_per_s: float, p99: float) -> dict[str, Any]:
+        return {
+            "config": {"scenario": "group", "group_size": group_size, "mix": "answered=1"},
+            "run": {"placed_per_s": placed_per_s},
+            "latency": {"group_ring_ms": {"p99": p99}},
+            "cpu_ms_per_call": {"signaling:8001": 1.0},
+        }
+
+    assert _rows(run(16, 20.0, 12.0))[name]["met"] is True
+    assert _rows(run(16, 19.5, 31.0))[name]["met"] is False
+    assert _rows(run(4, 20.0, 12.0))[name]["met"] is None  # smaller groups
+    assert _rows(run(16, 12.0, 12.0))[name]["met"] is None  # not placed in full
+    # a group run's CPU is not an answered 1:1 call's, whatever its mix says
+    assert _rows(run(16, 20.0, 12.0))["signaling CPU per answered call"]["met"] is None

@@ -101,12 +101,22 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--scenario",
-        choices=["calls", "idle", "storm"],
+        choices=["calls", "group", "idle", "storm"],
         default="calls",
-        help="calls: the call mix at --rate (default); idle: --idle-devices idle WebSockets "
+        help="calls: the call mix at --rate (default); group: group calls at --rate, each "
+        "ringing every device of the --group-size - 1 other members, then cancelled (the "
+        "mix does not apply); idle: --idle-devices idle WebSockets "
         "on one signaling process, memory per device; storm: --storm-calls calls left "
         "ringing at once, each must go missed once (lateness after ring_deadline); the "
         "SFU's figures are make bench-media's",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        choices=range(2, 65),
+        default=16,
+        metavar="2..64",
+        help="members of a group in --scenario group (default 16)",
     )
     scale = p.add_argument_group("scale runs")
     scale.add_argument("--idle-devices", type=int, default=10_000)
@@ -212,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         output_dir=args.output,
         live=not args.no_live and console.is_terminal,
         profile=args.profile,
+        scenario="group" if args.scenario == "group" else "calls",
     )
+    if config.scenario == "group":
+        config.group_size = args.group_size
     raise_fd_limit()
     deployment: Deployment
     if start:
@@ -242,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     # would show up as latency (a pause of 100 ms or more is logged).
     gc_tuning.tune()
     try:
-        if args.scenario == "calls":
+        if args.scenario in ("calls", "group"):
             report = uvloop.run(
                 run_calls(
                     config, deployment, tokens, floor_urls=floor_urls, console=console, stamp=stamp
@@ -267,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if start:
             deployment.stop()
-    if args.scenario != "calls":
+    if args.scenario not in ("calls", "group"):
         return 3 if sum(report.get("lost", {}).values()) or report.get("errors") else 0
     failed = sum(v for k, v in report["outcomes"].items() if k.endswith("_failed"))
     return 3 if sum(report["lost"].values()) or failed else 0

@@ -94,11 +94,16 @@ class LoadConfig:
     live: bool = True
     setup_concurrency: int = 32
     group_size: int = 3
+    scenario: str = "calls"
+    """calls: the 1:1 mix; group: group calls, each ringing every other member of a group of
+    ``group_size`` (tools/loadtest/group_calls.py)."""
     profile: bool = False
     """Record the started services with py-spy during the load phase."""
 
     def mean_call_seconds(self) -> float:
         """Expected time a call keeps its users busy, for sizing the population."""
+        if self.scenario == "group":  # rings everyone, then the starter cancels
+            return 0.3
         per = {
             Outcome.ANSWERED: self.answer_delay_s + self.hold_s + 0.1,
             Outcome.DECLINED: self.answer_delay_s + 0.1,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.settings import CommonSettings
+from tools.loadtest.targets import engine_pids
 from tools.stack import ServiceProcess, Stack
 
 # Every started service, on top of Stack.isolated's test environment: queues expire once
@@ -97,11 +98,18 @@ class Deployment:
         return bool(self.processes)
 
     def stats(self) -> dict[str, dict[str, float]]:
-        return {
+        """CPU and memory of every started process (``service:port``) and, when the
+        services are local, of the local RabbitMQ and Redis servers' processes
+        (``rabbitmq:pid``, ``redis:pid``; they serve this run and whatever else shares
+        them, so on a shared machine their figure is an upper bound)."""
+        stats = {
             f"{p.service}:{p.port}": process_stats(p.proc.pid)
             for p in self.processes
             if p.proc is not None
         }
+        for engine, pids in (engine_pids() if self.local else {}).items():
+            stats.update({f"{engine}:{pid}": process_stats(pid) for pid in pids})
+        return stats
 
     def urls(self, service: str) -> list[str]:
         return [p.url for p in self.processes if p.service == service]

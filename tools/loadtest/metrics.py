@@ -27,6 +27,9 @@ class Metric(StrEnum):
     """decline / cancel sent -> the other party's call.state with that end."""
     NOTIFY = "notify_ms"
     """POST /v1/calls sent -> incoming_call on the callee's notification stream (sampled)."""
+    GROUP_RING = "group_ring_ms"
+    """A group call's POST /v1/calls sent -> call.incoming on one device of one invitee
+    (one sample per invitee device)."""
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

@@ -136,14 +136,16 @@ Fact = tuple[str, str, dict[str, object] | None]
 """One platform API request (method, path, JSON body) that tells policy a fact."""
 
 
+def premium(user: User) -> Fact:
+    return ("PUT", f"/v1/platform/users/{user.id}", {"premium": True, "verified": False})
+
+
 def group_facts(population: Population) -> list[Fact]:
     """Within each group: everyone premium, following and DMed by everyone else."""
     facts: list[Fact] = []
     for group in population.groups:
         for user in group.users:
-            facts.append(
-                ("PUT", f"/v1/platform/users/{user.id}", {"premium": True, "verified": False})
-            )
+            facts.append(premium(user))
         for caller in group.users:
             for callee in group.users:
                 if caller is callee:

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tools.loadtest.metrics import Metric, Recorder, percentile
+from tools.loadtest.targets import evaluate
 
 TIMELINE_BUCKET_S = 1.0
 
@@ -45,7 +46,7 @@ def build_report(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     placed_per_s = recorder.placed / run["load_seconds"] if run.get("load_seconds") else 0.0
-    return {
+    report = {
         "version": 1,
         "config": config,
         "environment": environment,
@@ -63,9 +64,15 @@ def build_report(
         "notifications_incoming_left_out_stopped_first": recorder.notify_incoming_skipped,
         "scenarios_started": recorder.scenarios_started,
         "skipped_no_free_users": recorder.skipped_no_users,
-        "timeline": {m.value: timeline(recorder, m) for m in (Metric.RING, Metric.CONNECT)},
+        "timeline": {m.value: timeline(recorder, m) for m in PICTURES[_scenario(config)][0]},
         **(extra or {}),
     }
+    report["targets"] = evaluate(report)
+    return report
+
+
+def _scenario(config: dict[str, Any]) -> str:
+    return "group" if config.get("scenario") == "group" else "calls"
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
@@ -75,9 +82,25 @@ def write_json(report: dict[str, Any], path: Path) -> None:
 
 TITLES = {
     Metric.RING: "time to ring (POST /v1/calls -> call.incoming)",
+    Metric.GROUP_RING: "group call: time to ring each invitee device",
     Metric.CONNECT: "time to connect (accept -> caller accepted)",
     Metric.MISSED_LATENESS: "missed lateness (call.state missed - ring_deadline)",
     Metric.PLACE: "POST /v1/calls round trip",
+}
+
+
+Picture = tuple[tuple[Metric, Metric], tuple[list[Metric], list[Metric]]]
+"""What a run's PNG shows: two metrics over time, and two sets of histograms."""
+
+PICTURES: dict[str, Picture] = {
+    "calls": (
+        (Metric.RING, Metric.CONNECT),
+        (
+            [Metric.RING, Metric.CONNECT],
+            [Metric.MISSED_LATENESS, Metric.REJECT, Metric.BUSY, Metric.END_STATE],
+        ),
+    ),
+    "group": ((Metric.GROUP_RING, Metric.PLACE), ([Metric.GROUP_RING], [Metric.PLACE])),
 }
 
 
@@ -86,12 +109,13 @@ def write_png(
     report: dict[str, Any],
     path: Path,
     *,
-    over_time: tuple[Metric, Metric] = (Metric.RING, Metric.CONNECT),
-    histograms: tuple[list[Metric], list[Metric]] = (
-        [Metric.RING, Metric.CONNECT],
-        [Metric.MISSED_LATENESS, Metric.REJECT, Metric.BUSY, Metric.END_STATE],
-    ),
+    over_time: tuple[Metric, Metric] | None = None,
+    histograms: tuple[list[Metric], list[Metric]] | None = None,
 ) -> None:
+    """``over_time`` and ``histograms`` default to the run's scenario's (``PICTURES``)."""
+    default_over_time, default_histograms = PICTURES[_scenario(report["config"])]
+    over_time = over_time or default_over_time
+    histograms = histograms or default_histograms
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,6 +265,17 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
                 str(row["skipped_no_free_users"]),
             )
         console.print(steps)
+    if report.get("targets"):
+        targets = Table(title="targets (issue 16) beside the floor")
+        for col in ("target", "bound", "this run", "floor", ""):
+            targets.add_column(col, justify="left" if col in ("target", "") else "right")
+        for row in report["targets"]:
+            met = {True: "[green]met[/green]", False: "[red]not met[/red]"}
+            verdict = met.get(row["met"], "[dim]not measured[/dim]")
+            targets.add_row(
+                row["target"], row["bound"], _fmt(row["figure"]), _fmt(row["floor"]), verdict
+            )
+        console.print(targets)
     per_call = report.get("cpu_ms_per_call") or {}
     for label, cpu in (report.get("cpu_seconds") or {}).items():
         extra = f" ({per_call[label]} ms per call)" if label in per_call else ""

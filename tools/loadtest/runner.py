@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
+from tools.loadtest import group_calls
 from tools.loadtest import live as live_view
 from tools.loadtest import population as pop
 from tools.loadtest.config import LoadConfig, Outcome, format_mix
@@ -77,6 +78,7 @@ async def drive(ctx: Context, *, on_tick: Any = None) -> None:
     """Start scenarios on an open-loop schedule (a slow answer never delays the next call)."""
     config = ctx.config
     rec = ctx.recorder
+    grouped = config.scenario == "group"
     # Outcomes come from their own generator: the sequence depends on the seed only, not
     # on how the scenarios' own random choices interleave.
     draw = random.Random(config.seed)
@@ -101,7 +103,8 @@ async def drive(ctx: Context, *, on_tick: Any = None) -> None:
             if group is None:
                 rec.skipped_no_users += 1
                 continue
-            task = asyncio.create_task(run_one(ctx, outcome, group))
+            one = group_calls.run(ctx, group) if grouped else run_one(ctx, outcome, group)
+            task = asyncio.create_task(one)
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         rec.end_step()
@@ -142,10 +145,14 @@ async def run_calls(
     groups_made = len(population.groups)
     console.print(f"setting up {users} users in {groups_made} groups (platform facts)...")
     setup_started = time.monotonic()
+    grouped = config.scenario == "group"
     facts = await pop.set_up_facts(
-        pop.group_facts(population), policy, tokens, concurrency=config.setup_concurrency
+        (group_calls.facts if grouped else pop.group_facts)(population),
+        policy,
+        tokens,
+        concurrency=config.setup_concurrency,
     )
-    await pop.check_facts(population, policy)
+    await (group_calls.check if grouped else pop.check_facts)(population, policy)
     took = time.monotonic() - setup_started
     console.print(f"  {facts} facts in {took:.1f}s; connecting devices...")
     await pop.connect_devices(
@@ -159,7 +166,7 @@ async def run_calls(
     )
     devices = population.devices
     feed = None
-    if deployment.notifications_url and config.notify_sample > 0:
+    if deployment.notifications_url and config.notify_sample > 0 and not grouped:
         feed = NotificationFeed(deployment.notifications_url)
         sampled = [g for g in population.groups if rng.random() < config.notify_sample]
         for group in sampled or population.groups[:1]:

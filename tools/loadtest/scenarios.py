@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -81,7 +82,7 @@ class Call:
     async def place(self) -> None:
         ctx = self.ctx
         self.placed_at = time.monotonic()
-        response = await _request(
+        response = await request(
             ctx.signaling,
             "POST",
             "/v1/calls",
@@ -90,10 +91,12 @@ class Call:
         )
         ctx.recorder.observe(Metric.PLACE, (time.monotonic() - self.placed_at) * 1000)
         if response.status != 202:
-            raise ScenarioFailed(f"place_{response.status}_{response.error_code}", _body(response))
+            raise ScenarioFailed(
+                f"place_{response.status}_{response.error_code}", excerpt(response)
+            )
         data = response.json()
         if not isinstance(data, dict) or not isinstance(data.get("call_id"), str):
-            raise ScenarioFailed("place_bad_body", _body(response))
+            raise ScenarioFailed("place_bad_body", excerpt(response))
         self.call_id = data["call_id"]
         self.track = ctx.router.track(self.call_id)
         ctx.recorder.call_placed()
@@ -133,7 +136,7 @@ class Call:
                 self.ctx.recorder.lose("device_not_rung")
 
     async def act(self, who: User, action: str, body: dict[str, Any] | None = None) -> Response:
-        response = await _request(
+        response = await request(
             self.ctx.signaling,
             "POST",
             f"/v1/calls/{self.call_id}/{action}",
@@ -142,7 +145,7 @@ class Call:
         )
         if response.status >= 300:
             kind = f"{action}_{response.status}_{response.error_code}"
-            raise ScenarioFailed(kind, _body(response))
+            raise ScenarioFailed(kind, excerpt(response))
         return response
 
     async def expect_state(self, who: User, *states: str, within: float | None = None) -> Received:
@@ -175,7 +178,7 @@ class Call:
             if not token:
                 continue
             with contextlib.suppress(Exception):
-                await _request(
+                await request(
                     self.ctx.signaling,
                     "POST",
                     f"/v1/calls/{self.call_id}/hangup",
@@ -188,24 +191,24 @@ class Call:
         deadline = parse_time(ring.message.get("ring_deadline"))
         if deadline is not None:
             return deadline
-        response = await _request(
+        response = await request(
             self.ctx.signaling, "GET", f"/v1/calls/{self.call_id}", token=self.caller.token
         )
         data = response.json() if response.status == 200 else None
         deadline = parse_time(data.get("ring_deadline")) if isinstance(data, dict) else None
         if deadline is None:
-            raise ScenarioFailed("no_ring_deadline", _body(response))
+            raise ScenarioFailed("no_ring_deadline", excerpt(response))
         return deadline
 
 
-async def _request(client: HttpClient, method: str, path: str, **kwargs: Any) -> Response:
+async def request(client: HttpClient, method: str, path: str, **kwargs: Any) -> Response:
     try:
         return await client.request(method, path, **kwargs)
     except HttpError as exc:
         raise ScenarioFailed(f"http_{exc.kind}", str(exc)) from exc
 
 
-def _body(response: Response) -> str:
+def excerpt(response: Response) -> str:
     return response.body[:300].decode(errors="replace")
 
 
@@ -225,7 +228,7 @@ async def _answer(ctx: Context, call: Call) -> None:
     response = await call.act(call.callee, "accept", {"device_id": device.device_id})
     data = response.json()
     if not isinstance(data, dict) or not data.get("media_token"):
-        ctx.recorder.error("accept_without_media_token", _body(response))
+        ctx.recorder.error("accept_without_media_token", excerpt(response))
     got = await call.expect_state(call.caller, "accepted", "active")
     if not got.message.get("media_token"):
         raise ScenarioFailed("caller_accepted_without_media_token", str(got.message)[:300])
@@ -355,13 +358,31 @@ async def check_notifications(ctx: Context, call: Call, outcome: Outcome) -> Non
         rec.notify_incoming_skipped += 1
 
 
-async def run_one(ctx: Context, outcome: Outcome, group: Group) -> None:
-    """Run one scenario on ``group`` and record its outcome; never raises."""
+@contextlib.contextmanager
+def counted(ctx: Context, name: str, group: Group) -> Iterator[None]:
+    """One scenario on ``group``: its outcome recorded (``name``, or ``name_failed`` with
+    the error by kind), never raising, and the group free again afterwards."""
     rec = ctx.recorder
     rec.scenarios_started += 1
     rec.in_flight += 1
-    notify: Call | None = None
     try:
+        yield
+        rec.outcome(name)
+    except ScenarioFailed as exc:
+        rec.error(exc.kind, exc.detail)
+        rec.outcome(f"{name}_failed")
+    except Exception as exc:  # a harness bug must not stop the run; it is counted
+        rec.error(f"harness_{type(exc).__name__}", repr(exc))
+        rec.outcome(f"{name}_failed")
+    finally:
+        ctx.population.release(group)
+        rec.in_flight -= 1
+
+
+async def run_one(ctx: Context, outcome: Outcome, group: Group) -> None:
+    """Run one scenario on ``group`` and record its outcome; never raises."""
+    notify: Call | None = None
+    with counted(ctx, outcome.value, group):
         if outcome is Outcome.BUSY:
             _, notify = await busy(ctx, group)
         elif outcome is Outcome.DENIED:
@@ -380,15 +401,5 @@ async def run_one(ctx: Context, outcome: Outcome, group: Group) -> None:
             finally:
                 await call.abandon()
             notify = call
-        rec.outcome(outcome.value)
-    except ScenarioFailed as exc:
-        rec.error(exc.kind, exc.detail)
-        rec.outcome(f"{outcome.value}_failed")
-    except Exception as exc:  # a harness bug must not stop the run; it is counted
-        rec.error(f"harness_{type(exc).__name__}", repr(exc))
-        rec.outcome(f"{outcome.value}_failed")
-    finally:
-        ctx.population.release(group)
-        rec.in_flight -= 1
     if notify is not None:
         await check_notifications(ctx, notify, outcome)
