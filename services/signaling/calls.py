@@ -624,11 +624,11 @@ class CallService:
         return call.group is not None and await self.groups.is_member(call.group, user)
 
     async def accept(self, user: str, call_id: str, device_id: str) -> MediaOffer:
-        return await self._enter(user, call_id, device_id, d.decide_accept)
+        return await self._enter(user, call_id, device_id, d.decide_accept, answering=True)
 
     async def join(self, user: str, call_id: str, device_id: str | None) -> MediaOffer:
         """A current member joins a group call (``POST /v1/calls/{id}/join``)."""
-        return await self._enter(user, call_id, device_id, d.decide_join)
+        return await self._enter(user, call_id, device_id, d.decide_join, answering=False)
 
     async def _enter(
         self,
@@ -636,14 +636,17 @@ class CallService:
         call_id: str,
         device_id: str | None,
         decision: Callable[..., Step[Granted | Again]],
+        *,
+        answering: bool,
     ) -> MediaOffer:
-        """Accept or join: the decision reads the user's group membership and, for a ringing
-        call this may answer (as its 1:1 callee, as a current member), a media node."""
+        """Accept (``answering``) or join: the decision reads the user's group membership
+        and, for a ringing call this may answer (a current member of its group; accepting,
+        also a 1:1 call's callee), a media node."""
 
         async def read(call: Call) -> tuple[bool, MediaNode | None]:
-            member = await self._is_member(call, user)
-            may_answer = member if call.group is not None else user == call.callee
-            answers = call.state is CallState.RINGING and may_answer
+            member = await self._is_member(call, user)  # False for a 1:1 call
+            callee = answering and call.group is None and user == call.callee
+            answers = call.state is CallState.RINGING and (member or callee)
             return member, await self._pick_if(answers)
 
         def decide(
