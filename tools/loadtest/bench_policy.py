@@ -218,11 +218,12 @@ async def _app_cpu_per_query(
     from services.policy.app import create_app
     from services.policy.settings import PolicySettings
 
-    # the queues as the spawned policy process declared them (same namespace)
+    # the queues and log level of the spawned policy process (same namespace)
     app = create_app(
         PolicySettings(
             **settings.model_dump(include=_CLIENT_SETTINGS),
             bus_queue_expires_ms=int(BASE_ENV["BUS_QUEUE_EXPIRES_MS"]),
+            log_level=BASE_ENV["LOG_LEVEL"],
         )
     )
     statuses: list[int] = []
