@@ -24,7 +24,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry import trace
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -117,13 +117,20 @@ def create_service_app(
             # the spans of the last seconds would wait for a batch that never comes
             await asyncio.to_thread(provider.force_flush, 2000)
 
-    app = FastAPI(title=title, description=description, version="1.0.0", lifespan=lifespan)
+    provider = telemetry.setup_tracing(service, settings.otel_exporter_otlp_endpoint)
+    app = FastAPI(
+        title=title,
+        description=description,
+        version="1.0.0",
+        lifespan=lifespan,
+        # spans and metrics are _TelemetryMiddleware's, not FastAPI's own
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     app.state.service = service
     app.include_router(_ops_router(service))
     for router in routers:
         app.include_router(router)
     _install_errors(app)
-    app.add_middleware(_MetricsMiddleware, service=service)
     app.add_middleware(_BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(
         CORSMiddleware,
@@ -133,31 +140,10 @@ def create_service_app(
         expose_headers=["Location", "Retry-After"],
         max_age=600,
     )
-    provider = telemetry.setup_tracing(service, settings.otel_exporter_otlp_endpoint)
-    FastAPIInstrumentor.instrument_app(
-        app,
-        tracer_provider=provider,
-        # a WebSocket's and a stream's URL carry ?token=: no credential in a span either
-        server_request_hook=_redact_span_urls,
-        excluded_urls="healthz,readyz,metrics",
-        # One server span a request; the per-message receive/send spans cost ~40 µs each.
-        exclude_spans=["receive", "send"],
+    app.add_middleware(
+        _TelemetryMiddleware, service=service, tracer=provider.get_tracer("dmcall.http")
     )
     return app
-
-
-_URL_ATTRIBUTES = ("http.url", "http.target", "url.full", "url.query")
-
-
-def _redact_span_urls(span: Any, scope: Scope) -> None:
-    """The server span's URL attributes, credentials masked (telemetry.redact)."""
-    if span is None or not span.is_recording():
-        return
-    attributes = getattr(span, "attributes", None) or {}
-    for name in _URL_ATTRIBUTES:
-        value = attributes.get(name)
-        if isinstance(value, str):
-            span.set_attribute(name, telemetry.redact(value))
 
 
 def server_config(app: FastAPI, settings: CommonSettings, port: int) -> uvicorn.Config:
@@ -382,13 +368,24 @@ async def _empty_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-class _MetricsMiddleware:
-    def __init__(self, app: ASGIApp, service: str) -> None:
+_UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class _TelemetryMiddleware:
+    """A request's metrics, and its server span (the WebSocket's for its whole life).
+
+    The tracer provider's sampler decides once, as the span starts (telemetry.py): an
+    unsampled span records nothing and is not described here (no name, URL or status);
+    it only carries the trace id to the request's logs and the events it publishes.
+    """
+
+    def __init__(self, app: ASGIApp, service: str, tracer: trace.Tracer) -> None:
         self.app = app
         self.service = service
+        self.tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -400,13 +397,43 @@ class _MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            method = scope.get("method", "")
-            telemetry.HTTP_REQUESTS.labels(self.service, method, path, str(status)).inc()
-            telemetry.HTTP_LATENCY.labels(self.service, method, path).observe(
-                time.perf_counter() - started
-            )
+        span: trace.Span = trace.INVALID_SPAN
+        if scope["path"] not in _UNTRACED_PATHS:
+            carrier = {
+                k.decode(): v for k, v in scope["headers"] if k in telemetry.PROPAGATED_HEADERS
+            }
+            parent = telemetry.extract_context(carrier) if carrier else None
+            span = self.tracer.start_span("HTTP", context=parent, kind=trace.SpanKind.SERVER)
+        with trace.use_span(span, end_on_exit=True):
+            try:
+                await self.app(scope, receive, send_wrapper)
+            finally:
+                route = getattr(scope.get("route"), "path", "unmatched")
+                if span.is_recording():
+                    _describe(span, scope, route, status)
+                if scope["type"] == "http":
+                    method = scope["method"]
+                    telemetry.HTTP_REQUESTS.labels(self.service, method, route, str(status)).inc()
+                    telemetry.HTTP_LATENCY.labels(self.service, method, route).observe(
+                        time.perf_counter() - started
+                    )
+
+
+def _describe(span: trace.Span, scope: Scope, route: str, status: int) -> None:
+    """A sampled server span's name and attributes (OpenTelemetry's HTTP conventions);
+    the query string has its credentials masked (a WebSocket's and a stream's ``?token=``)."""
+    method = scope.get("method", "GET")
+    span.update_name(f"{method} {route}")
+    attributes: dict[str, str | int] = {
+        "http.request.method": method,
+        "http.route": route,
+        "url.scheme": scope.get("scheme", "http"),
+        "url.path": scope["path"],
+    }
+    if scope.get("query_string"):
+        attributes["url.query"] = telemetry.redact(scope["query_string"].decode("latin-1"))
+    if scope["type"] == "http":
+        attributes["http.response.status_code"] = status
+        if status >= 500:
+            span.set_status(trace.StatusCode.ERROR)
+    span.set_attributes(attributes)

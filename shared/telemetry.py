@@ -1,16 +1,23 @@
 """Telemetry: logs, OpenTelemetry traces, Prometheus metrics.
 
-One trace follows a call across services and the broker: HTTP spans come from the
-FastAPI instrumentation, and the bus carries the W3C ``traceparent`` in AMQP headers
-(see shared/bus.py), so a consumer's span is a child of the publisher's.
+One trace follows a call across services and the broker: an HTTP request's server span
+comes from shared/service.py's telemetry middleware (a ``traceparent`` header continues
+the caller's trace), and the bus carries the W3C ``traceparent`` in AMQP headers (see
+shared/bus.py), so a consumer's span is a child of the publisher's.
 
-Spans are exported over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; otherwise
-they are still made (so trace ids reach logs and events) but go nowhere.
+Traces are sampled: ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` as the
+OpenTelemetry SDK reads them; unset, ``parentbased_traceidratio`` at
+:data:`DEFAULT_SAMPLE_RATIO` (a new trace is kept at that ratio, a continued one as its
+parent says). An unsampled trace still has its trace id (in logs, and in the events it
+publishes, so the next service decides alike) but its spans record nothing. Sampled
+spans are exported over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; otherwise
+they go nowhere.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -19,7 +26,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -137,13 +144,27 @@ def setup_logging(service: str, level: str = "INFO") -> None:
 # --------------------------------------------------------------------------- traces
 
 
+DEFAULT_SAMPLE_RATIO = 0.01
+"""The share of new traces kept when ``OTEL_TRACES_SAMPLER`` is not set."""
+
+
+def _sampler() -> sampling.Sampler | None:
+    if os.environ.get("OTEL_TRACES_SAMPLER"):
+        return None  # the SDK reads it (and its argument) from the environment
+    ratio = os.environ.get("OTEL_TRACES_SAMPLER_ARG")
+    return sampling.ParentBasedTraceIdRatio(float(ratio) if ratio else DEFAULT_SAMPLE_RATIO)
+
+
 def setup_tracing(
     service: str, otlp_endpoint: str | None, *, extra_processor: SpanProcessor | None = None
 ) -> TracerProvider:
     """Install the process's tracer provider once; later calls return the same one."""
     global _provider
     if _provider is None:
-        _provider = TracerProvider(resource=Resource.create({"service.name": f"dmcall-{service}"}))
+        _provider = TracerProvider(
+            sampler=_sampler(),
+            resource=Resource.create({"service.name": f"dmcall-{service}"}),
+        )
         if otlp_endpoint:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -164,6 +185,10 @@ def tracer(name: str) -> trace.Tracer:
 def inject_headers(headers: MutableMapping[str, Any]) -> None:
     """Write the current trace context (``traceparent``) into a carrier."""
     propagate.inject(headers)
+
+
+# The headers the propagators read (traceparent, tracestate, baggage).
+PROPAGATED_HEADERS = frozenset(name.encode() for name in propagate.get_global_textmap().fields)
 
 
 def extract_context(headers: Mapping[str, Any] | None) -> otel_context.Context:

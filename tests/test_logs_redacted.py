@@ -11,9 +11,13 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
 
+from shared import telemetry
 from shared.media_registry import MediaRegistry
+from shared.service import create_service_app
 from shared.settings import CommonSettings
 from shared.telemetry import redact
 from tests.conftest import auth
@@ -138,7 +142,12 @@ async def test_f2_no_token_in_any_exported_trace_span(
 ) -> None:
     collector = _Collector()
     try:
-        signaling = spawn("signaling", OTEL_EXPORTER_OTLP_ENDPOINT=collector.url)
+        # every trace kept (the default keeps 1% of new ones)
+        signaling = spawn(
+            "signaling",
+            OTEL_EXPORTER_OTLP_ENDPOINT=collector.url,
+            OTEL_TRACES_SAMPLER="parentbased_always_on",
+        )
         alice_token = token("alice")
         alice = await Device.connect(signaling.url, alice_token, "alice", "a1")
         async with httpx.AsyncClient(base_url=signaling.url, timeout=15) as http:
@@ -153,3 +162,32 @@ async def test_f2_no_token_in_any_exported_trace_span(
         assert alice_token.split(".")[2].encode() not in exported
     finally:
         collector.close()
+
+
+async def test_only_a_sampled_request_has_a_server_span_and_its_query_is_masked(
+    settings: CommonSettings,
+) -> None:
+    """The caller's traceparent decides: sampled (flags 01), the request's server span is
+    recorded, in the caller's trace, ``?token=`` masked; unsampled (00), none is."""
+    exporter = InMemorySpanExporter()
+    telemetry.setup_tracing("test", None, extra_processor=SimpleSpanProcessor(exporter))
+    app = create_service_app(service="test", settings=settings, routers=[], title="test")
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    secret = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln"
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            for flags in ("01", "00"):
+                traceparent = f"00-{trace_id}-00f067aa0ba902b7-{flags}"
+                response = await client.get(
+                    f"/nowhere?token={secret}", headers={"traceparent": traceparent}
+                )
+                assert response.status_code == 404
+        [span] = exporter.get_finished_spans()
+    finally:
+        exporter.shutdown()  # the process's provider keeps the processor
+    assert span.context is not None and span.context.trace_id == int(trace_id, 16)
+    assert span.name == "GET unmatched"
+    assert span.attributes is not None
+    assert span.attributes["http.response.status_code"] == 404
+    assert span.attributes["url.query"] == "token=<redacted>"

@@ -6,8 +6,11 @@
    ``--connections`` keep-alive connections, each sending ``GET /v1/permissions/{callee}``
    back to back (a mix of allowed and denied pairs, one token per caller) for ``--seconds``, after a
    warm-up. Prints requests/s and p50/p90/p99/max latency, for each connection count.
-3. In this process: decisions per second of the pure rule, and of the rule with its one
-   Redis round trip (``PolicyStore.facts``) at a few concurrencies.
+3. In this process: the CPU time per query of the policy app alone (``--requests``
+   sequential ``GET /v1/permissions/{callee}`` straight through its ASGI app: the whole
+   stack of middlewares, routing, auth and Redis, no server, no client); decisions per
+   second of the pure rule, and of the rule with its one Redis round trip
+   (``PolicyStore.facts``) at a few concurrencies. ``--in-process`` runs only this part.
 
 Figures depend on the machine; on a shared one they move with its other load.
 """
@@ -20,10 +23,12 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,7 @@ from typing import Any
 import uvloop
 
 from shared.settings import DEV_JWT_SECRET, CommonSettings
-from tools.loadtest.deployment import Deployment, process_stats, start_local
+from tools.loadtest.deployment import BASE_ENV, Deployment, process_stats, start_local
 from tools.loadtest.http import HttpClient
 from tools.loadtest.metrics import percentile
 from tools.loadtest.population import Fact, set_up_facts
@@ -204,6 +209,67 @@ async def _store_decisions(
     return count / seconds
 
 
+async def _app_cpu_per_query(
+    settings: CommonSettings, pairs: list[list[str]], requests: int
+) -> tuple[float, float]:
+    """µs of this process's CPU per permission query through the policy app's ASGI
+    interface (its lifespan run, Redis and the broker real), after 200 to warm up: the
+    best and the median of five batches (the best is the steadier on a busy machine)."""
+    from services.policy.app import create_app
+    from services.policy.settings import PolicySettings
+
+    # the queues and log level of the spawned policy process (same namespace)
+    app = create_app(
+        PolicySettings(
+            **settings.model_dump(include=_CLIENT_SETTINGS),
+            bus_queue_expires_ms=int(BASE_ENV["BUS_QUEUE_EXPIRES_MS"]),
+            log_level=BASE_ENV["LOG_LEVEL"],
+        )
+    )
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async def query(token: str, callee: str) -> None:
+        path = f"/v1/permissions/{callee}"
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"policy"), (b"authorization", f"Bearer {token}".encode())],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 8002),
+        }
+        await app(scope, receive, send)
+
+    async with app.router.lifespan_context(app):
+        for i in range(200):
+            await query(*pairs[i % len(pairs)])
+        batches = []
+        for _ in range(5):
+            started = time.process_time()
+            for i in range(requests // 5):
+                await query(*pairs[i % len(pairs)])
+            batches.append((time.process_time() - started) / (requests // 5) * 1e6)
+    if set(statuses) != {200}:
+        raise RuntimeError(f"permission queries answered {sorted(set(statuses))}")
+    return min(batches), statistics.median(batches)
+
+
+_CLIENT_SETTINGS = {"environment", "namespace", "rabbitmq_url", "redis_url"}
+
+
 def _children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -223,6 +289,39 @@ def _profile(deployment: Deployment, pairs: list[list[str]], seconds: float, out
 # --------------------------------------------------------------------------- main
 
 
+def _http_runs(
+    deployment: Deployment, wire_pairs: list[list[str]], args: argparse.Namespace
+) -> None:
+    pid = deployment.pid("policy") or 0
+    print("HTTP GET /v1/permissions/{callee}, keep-alive, separate load process")
+    print(
+        f"{'conns':>6} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}"
+        f" {'server CPU/req':>15} {'load CPU/req':>13}"
+    )
+    for connections in (int(c) for c in args.connections.split(",")):
+        cpu_before = process_stats(pid)["cpu_s"]
+        load_before = _children_cpu_seconds()
+        r = _run_load(deployment.policy_url, wire_pairs, connections, args.seconds)
+        cpu = process_stats(pid)["cpu_s"] - cpu_before
+        load_cpu = _children_cpu_seconds() - load_before
+        # warm-up requests are not in r["requests"]; count them at the measured rate
+        served = max(r["rps"] * (args.seconds + 1.0), 1)
+        print(
+            f"{connections:>6} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p90_ms']:>8.2f} "
+            f"{r['p99_ms']:>8.2f} {r['max_ms']:>8.2f} {cpu / served * 1e6:>12.0f} µs"
+            f" {load_cpu / served * 1e6:>10.0f} µs"
+            + (f"  errors={r['errors']} ({r['first_error']})" if r["errors"] else "")
+        )
+
+    if args.profile:
+        _profile(deployment, wire_pairs, args.seconds, Path(args.profile))
+
+    print(
+        "  server CPU/req: the policy process's CPU time (user + system) per request; "
+        "1 s / it is what one core could serve; load CPU/req: the same for the load process"
+    )
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=500)
@@ -234,11 +333,14 @@ def main(argv: list[str]) -> None:
         help="also sample the policy process with py-spy during one extra 8-connection run; "
         "collapsed stacks into DIR, a summary printed",
     )
+    parser.add_argument("--requests", type=int, default=5000, help="of the in-process run")
+    parser.add_argument(
+        "--in-process", action="store_true", help="only the in-process figures, no HTTP runs"
+    )
     args = parser.parse_args(argv)
 
     deployment = start_local(Path(tempfile.mkdtemp(prefix="bench-policy-")), ("policy",))
     settings = deployment.settings()
-    pid = deployment.pid("policy") or 0
     tokens = TokenSource.from_secret(DEV_JWT_SECRET)
     try:
         pairs = uvloop.run(_facts(deployment.policy_url, tokens, args.users))
@@ -246,38 +348,20 @@ def main(argv: list[str]) -> None:
 
         print(f"policy permission query, one process ({os.cpu_count()} CPUs, shared machine)")
         print(f"{len(pairs)} distinct (caller, callee) pairs, {args.seconds:.0f}s per run\n")
-        print("HTTP GET /v1/permissions/{callee}, keep-alive, separate load process")
+        if not args.in_process:
+            _http_runs(deployment, wire_pairs, args)
+        print("\nin-process")
+        best, median = uvloop.run(_app_cpu_per_query(settings, wire_pairs, args.requests))
         print(
-            f"{'conns':>6} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}"
-            f" {'server CPU/req':>15} {'load CPU/req':>13}"
+            f"  the app alone, {args.requests} sequential queries in 5 batches: "
+            f"{best:.0f} µs CPU/query (best batch), {median:.0f} µs (median)"
         )
-        for connections in (int(c) for c in args.connections.split(",")):
-            cpu_before = process_stats(pid)["cpu_s"]
-            load_before = _children_cpu_seconds()
-            r = _run_load(deployment.policy_url, wire_pairs, connections, args.seconds)
-            cpu = process_stats(pid)["cpu_s"] - cpu_before
-            load_cpu = _children_cpu_seconds() - load_before
-            # warm-up requests are not in r["requests"]; count them at the measured rate
-            served = max(r["rps"] * (args.seconds + 1.0), 1)
-            print(
-                f"{connections:>6} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p90_ms']:>8.2f} "
-                f"{r['p99_ms']:>8.2f} {r['max_ms']:>8.2f} {cpu / served * 1e6:>12.0f} µs"
-                f" {load_cpu / served * 1e6:>10.0f} µs"
-                + (f"  errors={r['errors']} ({r['first_error']})" if r["errors"] else "")
-            )
-
-        if args.profile:
-            _profile(deployment, wire_pairs, args.seconds, Path(args.profile))
-
-        print(
-            "  server CPU/req: the policy process's CPU time (user + system) per request; "
-            "1 s / it is what one core could serve; load CPU/req: the same for the load process"
-        )
-        print("\nin-process decisions per second")
-        print(f"  pure rule (decide on Facts):        {_pure_decisions(2.0):>12,.0f}")
+        print(f"  pure rule (decide on Facts):        {_pure_decisions(2.0):>12,.0f} decisions/s")
         for concurrency in (1, 16):
             rate = uvloop.run(_store_decisions(settings, pairs, concurrency, 3.0))
-            print(f"  Redis facts + rule, {concurrency:>2} concurrent:   {rate:>12,.0f}")
+            print(
+                f"  Redis facts + rule, {concurrency:>2} concurrent:   {rate:>12,.0f} decisions/s"
+            )
     finally:
         deployment.stop()
 
