@@ -159,7 +159,12 @@ def server_config(app: FastAPI, settings: CommonSettings, port: int) -> uvicorn.
             max_headers=settings.max_headers,
             max_connections=settings.max_connections,
         ),
-        ws="websockets",
+        # WebSockets: websockets' Sans-I/O protocol (timers, no tasks per socket) and no
+        # permessage-deflate (a browser offers it; its zlib state costs ~34 KB a socket
+        # for messages of a few hundred bytes): 72 -> 38 KB per idle browser-like device,
+        # docs/performance.md "Scale"
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
         lifespan="on",
         access_log=False,
         # no logging config of uvicorn's own: its loggers go through the root handler of

@@ -91,7 +91,7 @@ async def device_socket(websocket: WebSocket) -> None:
             await replaced.close(CloseCode.REPLACED, "replaced by a newer connection")
         except Exception:  # it may be gone already
             pass
-    expiry = asyncio.create_task(_close_at_expiry(hub, websocket, session))
+    expiry = _ExpiryTimer(hub, websocket, session)
     bucket = _Bucket(settings.ws_messages_per_s, burst=settings.ws_messages_per_s * 2)
     try:
         for call in await calls.ring_state(user):
@@ -118,25 +118,48 @@ async def device_socket(websocket: WebSocket) -> None:
     except WebSocketDisconnect:
         pass
     finally:
-        expiry.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await expiry
+        await expiry.cancel()
         await hub.detach(user, device_id, websocket)
 
 
-async def _close_at_expiry(hub: Hub, websocket: WebSocket, session: _Session) -> None:
-    """Ends the socket when its token does (the client reconnects with a fresh one)."""
-    while session.expires_at is not None:
-        left = session.expires_at - time.time()
-        if left <= 0:
-            break
-        await asyncio.sleep(left)
-    if session.expires_at is None:
-        return
-    note = _error("token_expired", "the token expired; reconnect with a fresh one")
-    await hub.send(session.user, session.device_id, note, only=websocket)
-    with contextlib.suppress(Exception):  # the socket may be gone already
-        await websocket.close(CloseCode.TOKEN_EXPIRED, "token expired")
+class _ExpiryTimer:
+    """Ends the socket when its token does (the client reconnects with a fresh one).
+
+    A timer handle, not a task sleeping per socket: an idle socket holds no coroutine
+    for it. When it fires before the (refreshed) expiry, it sets itself again."""
+
+    def __init__(self, hub: Hub, websocket: WebSocket, session: _Session) -> None:
+        self._hub, self._websocket, self._session = hub, websocket, session
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self._arm()
+
+    def _arm(self) -> None:
+        expires_at = self._session.expires_at
+        if expires_at is None:
+            return
+        left = expires_at - time.time()
+        if left > 0:
+            self._handle = self._loop.call_later(left, self._arm)
+        else:
+            self._handle = None
+            self._closing = self._loop.create_task(self._close())
+
+    async def _close(self) -> None:
+        session = self._session
+        note = _error("token_expired", "the token expired; reconnect with a fresh one")
+        await self._hub.send(session.user, session.device_id, note, only=self._websocket)
+        with contextlib.suppress(Exception):  # the socket may be gone already
+            await self._websocket.close(CloseCode.TOKEN_EXPIRED, "token expired")
+
+    async def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._closing is not None:
+            self._closing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._closing
 
 
 async def _handle_frame(

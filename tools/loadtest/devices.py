@@ -170,7 +170,7 @@ class Device:
                 self._ws = await connect(
                     self._url,
                     open_timeout=open_within,
-                    compression=None,
+                    compression="deflate",  # offered, as a browser does
                     ping_interval=None,
                     max_queue=None,
                     user_agent_header="dmcall-loadtest",
