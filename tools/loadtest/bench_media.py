@@ -19,8 +19,13 @@ and the delay inside the server: for the SFU, from a packet's arrival to the sen
 forwarded copy, every packet (its own ``node_forward_delay_ms``); for the transcoder,
 from a video frame's last packet in to the re-encoded frame out.
 
+With ``--janus`` the same 1:1 calls and group also go through Janus's videoroom
+(Debian's ``janus``, a private server: tools/loadtest/janus.py), measured the same way,
+``--rounds`` times alternating which server goes first, and the two are printed side by
+side with their ratio; each figure carries the machine's load average.
+
     python -m tools.loadtest.bench_media --calls 5 --duration 20 [--group-size 6]
-        [--transcode-calls 2]
+        [--transcode-calls 2] [--janus --rounds 2 --skip-transcode]
 
 Clients run in worker processes (``--workers``) apart from the server measured.
 """
@@ -37,7 +42,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -519,17 +524,15 @@ def _run_forwarding(args: argparse.Namespace, media: Path) -> list[Outcome]:
 
 def _calls_and_group(
     name: str, url: str, pid: int, args: argparse.Namespace, media: Path, server: str
-) -> list[tuple[Outcome, str]]:
-    """The 1:1 calls, then the group call, through one server."""
-    measured = []
+) -> Iterator[tuple[Outcome, str]]:
+    """The 1:1 calls, then the group call, through one server: each outcome as soon as it
+    is measured (the node's stats of the calls are read before the group's run)."""
     if args.calls > 0:
         label = f"{name} (services/media)" if server == "sfu" else name
-        measured.append(_measure(label, url, pid, args.calls, args, media, server=server))
+        yield _measure(label, url, pid, args.calls, args, media, server=server)
     if args.group_size > 1:
-        size = args.group_size
-        label = f"{name}, a group of {size}"
-        measured.append(_measure(label, url, pid, 1, args, media, size, server))
-    return measured
+        label = f"{name}, a group of {args.group_size}"
+        yield _measure(label, url, pid, 1, args, media, args.group_size, server)
 
 
 def _run_janus(args: argparse.Namespace, media: Path) -> list[Outcome]:
@@ -538,7 +541,7 @@ def _run_janus(args: argparse.Namespace, media: Path) -> list[Outcome]:
 
     with janus.start(CACHE / "janus.log") as (url, server):
         _wait_http(f"{url}/info", server)
-        measured = _calls_and_group("Janus videoroom", url, server.pid, args, media, "janus")
+        measured = list(_calls_and_group("Janus videoroom", url, server.pid, args, media, "janus"))
     for outcome, _ in measured:
         outcome.delay_note = "not measured (Janus gives no such figure)"
     return [outcome for outcome, _ in measured]
