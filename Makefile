@@ -75,3 +75,8 @@ test-browser: machine-browser $(STAMP) ## the web client in Debian's Chromium ag
 .PHONY: bench-media
 bench-media: machine $(STAMP) ## forwarding SFU (1:1 calls, a group of 6) vs transcoding: make bench-media [CALLS=5] [DURATION=20] [MEDIA_BENCH_ARGS="--group-size 6 --transcode-calls 2 --profile"]
 	$(PY) -m tools.loadtest.bench_media --calls $(or $(CALLS),5) --duration $(or $(DURATION),20) $(MEDIA_BENCH_ARGS)
+
+.PHONY: bench-janus
+bench-janus: $(STAMP) ## services/media beside Janus's videoroom (Debian's janus, installed if missing), alternating: make bench-janus [CALLS=20] [DURATION=30] [ROUNDS=2]
+	@PYTHON=$(PYTHON) bash tools/machine.sh --janus
+	$(PY) -m tools.loadtest.bench_media --janus --skip-transcode --rounds $(or $(ROUNDS),2) --calls $(or $(CALLS),20) --duration $(or $(DURATION),30) $(MEDIA_BENCH_ARGS)

@@ -35,6 +35,42 @@ def test_mix_is_parsed_and_normalised() -> None:
             parse_mix(bad)
 
 
+def test_media_bench_pairs_each_received_flow_with_its_call_s_sender() -> None:
+    """1:1 calls have the same users ("a", "b"): a flow is paired within its own call."""
+    from types import SimpleNamespace
+
+    from tools.loadtest.bench_media import _flows, received_record, sent_records
+    from tools.media_client import Flow
+
+    def party(frames: int) -> SimpleNamespace:
+        sent = {
+            kind: Flow(window_packets=2 * frames, window_frames=frames)
+            for kind in ("video", "audio")
+        }
+        return SimpleNamespace(sent=sent)
+
+    got = Flow(window_seqs={7, 8, 10}, window_frames=2)
+    records = [
+        *sent_records("c1", "a", party(10)),
+        *sent_records("c2", "a", party(20)),
+        received_record("c2", "a", "b", "video", got),
+        received_record("c2", None, "b", "audio", got),  # a slot nobody fills: no flow
+    ]
+    assert _flows(records) == [
+        {
+            "call_id": "c2",
+            "kind": "video",
+            "from": "a",
+            "to": "b",
+            "sent_packets": 40,
+            "sent_frames": 20,
+            "received_packets": 3,
+            "expected_packets": 4,
+            "received_frames": 2,
+        }
+    ]
+
+
 def test_percentiles_are_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 50) == 50.0

@@ -4,6 +4,7 @@
 #   tools/machine.sh            what `make run` needs: Python with venv, RabbitMQ and Redis
 #                               installed and answering
 #   tools/machine.sh --browser  what `make test` needs: the same, and Debian's Chromium
+#   tools/machine.sh --janus    what `make bench-janus` needs: the same, and Debian's Janus
 #
 # Debian packages that are missing are installed (apt-get; as root, or through sudo when
 # it asks no password); otherwise it stops with the exact command to run. A local RabbitMQ
@@ -13,10 +14,12 @@
 set -euo pipefail
 
 browser=0
+janus=0
 for arg in "$@"; do
   case "$arg" in
     --browser) browser=1 ;;
-    *) echo "usage: $0 [--browser]" >&2; exit 2 ;;
+    --janus) janus=1 ;;
+    *) echo "usage: $0 [--browser] [--janus]" >&2; exit 2 ;;
   esac
 done
 
@@ -56,6 +59,9 @@ if is_local "$redis_host" && ! port_open "$redis_host" "$redis_port" && ! have r
 fi
 if [ "$browser" = 1 ] && [ ! -x "$CHROMIUM" ]; then
   missing+=(chromium)
+fi
+if [ "$janus" = 1 ] && [ ! -x /usr/bin/janus ]; then
+  missing+=(janus)
 fi
 
 as_root() {  # as_root <command...>: run it as root, or return 1 when that is not possible

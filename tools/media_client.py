@@ -26,7 +26,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -304,6 +304,38 @@ class MediaClient:
         apply_answer: bool = True,
         on_first_packet: Callable[[], None] | None = None,
     ) -> httpx.Response:
+        offer = await self._local_offer(pc, on_first_packet)
+        response = await client.post(
+            url,
+            content=rewrite_offer(offer) if rewrite_offer else offer,
+            headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {token}"},
+        )
+        if response.status_code == 201:
+            self.location = response.headers["location"]
+            if apply_answer:
+                await pc.setRemoteDescription(
+                    RTCSessionDescription(sdp=response.text, type="answer")
+                )
+        return response
+
+    async def negotiate(self, exchange: Callable[[str], Awaitable[str]]) -> None:
+        """Offer through ``exchange`` (offer SDP in, answer SDP out): another server's
+        signalling (Janus's videoroom, tools/loadtest/janus.py)."""
+        offer = await self._local_offer(self.pc, None)
+        answer = await exchange(offer)
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+
+    async def answer(self, offer: str) -> str:
+        """Take what a server offers to send (Janus's subscriber): the answer's SDP."""
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+        for transceiver in self.pc.getTransceivers():
+            self._tap_receiver(transceiver.kind, transceiver.receiver, None, transceiver)
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        return str(self.pc.localDescription.sdp)
+
+    async def _local_offer(
+        self, pc: RTCPeerConnection, on_first_packet: Callable[[], None] | None
+    ) -> str:
         for kind, media in (("audio", self._audio), ("video", self._video)):
             if media is None:
                 pc.addTransceiver(kind, direction="recvonly")
@@ -330,19 +362,7 @@ class MediaClient:
 
         await pc.setLocalDescription(await pc.createOffer())
         self._tap_sending(pc)
-        offer = pc.localDescription.sdp
-        response = await client.post(
-            url,
-            content=rewrite_offer(offer) if rewrite_offer else offer,
-            headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {token}"},
-        )
-        if response.status_code == 201:
-            self.location = response.headers["location"]
-            if apply_answer:
-                await pc.setRemoteDescription(
-                    RTCSessionDescription(sdp=response.text, type="answer")
-                )
-        return response
+        return str(pc.localDescription.sdp)
 
     async def rejoin(
         self,

@@ -19,8 +19,13 @@ and the delay inside the server: for the SFU, from a packet's arrival to the sen
 forwarded copy, every packet (its own ``node_forward_delay_ms``); for the transcoder,
 from a video frame's last packet in to the re-encoded frame out.
 
+With ``--janus`` the same 1:1 calls and group also go through Janus's videoroom
+(Debian's ``janus``, a private server: tools/loadtest/janus.py), measured the same way,
+``--rounds`` times alternating which server goes first, and the two are printed side by
+side with their ratio; each figure carries the machine's load average.
+
     python -m tools.loadtest.bench_media --calls 5 --duration 20 [--group-size 6]
-        [--transcode-calls 2]
+        [--transcode-calls 2] [--janus --rounds 2 --skip-transcode]
 
 Clients run in worker processes (``--workers``) apart from the server measured.
 """
@@ -37,7 +42,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,14 +60,45 @@ NODE = "bench"
 # --------------------------------------------------------------------------- worker side
 
 
-def received(flow: Any) -> dict[str, int]:
-    """What one receiving flow got in the measured window (gaps in the sequence: loss)."""
+def sent_records(call_id: str, user: str, client: Any) -> list[dict[str, Any]]:
+    """What one party sent in the measured window, per kind."""
+    return [
+        {
+            "role": "sent",
+            "call_id": call_id,
+            "user": user,
+            "kind": kind,
+            "sent_packets": client.sent[kind].window_packets,
+            "sent_frames": client.sent[kind].window_frames,
+        }
+        for kind in ("video", "audio")
+    ]
+
+
+def received_record(
+    call_id: str, source: str | None, user: str, kind: str | None, flow: Any
+) -> dict[str, Any]:
+    """What ``user`` got of ``source``'s ``kind`` in the window (gaps in the sequence: loss)."""
     seqs = flow.window_seqs
     return {
+        "role": "received",
+        "call_id": call_id,
+        "from": source,
+        "to": user,
+        "kind": kind,
         "received_packets": len(seqs),
         "expected_packets": (max(seqs) - min(seqs) + 1) if seqs else 0,
         "received_frames": flow.window_frames,
     }
+
+
+def slot_records(call_id: str, user: str, client: Any, users: dict[str, Any]) -> list[Any]:
+    """What a client receiving several parties (``users``: mid -> whose) got of each."""
+    kinds = {t.mid: t.kind for t in client.pc.getTransceivers()}
+    return [
+        received_record(call_id, users.get(mid), user, kinds.get(mid), flow)
+        for mid, flow in client.by_mid.items()
+    ]
 
 
 async def _measure_when_told(clients: list[Any], results: Callable[[], list[Any]]) -> None:
@@ -118,45 +154,24 @@ async def _group_worker(args: argparse.Namespace, video: Any, audio: Any) -> Non
             await asyncio.sleep(0.2)
 
         def results() -> list[dict[str, Any]]:
-            records: list[dict[str, Any]] = []
-            for user, c in clients.items():
-                kinds = {t.mid: t.kind for t in c.pc.getTransceivers()}
-                users = c.slot_users()
-                for kind in ("video", "audio"):
-                    sent = c.sent[kind]
-                    records.append(
-                        {
-                            "role": "sent",
-                            "user": user,
-                            "kind": kind,
-                            "sent_packets": sent.window_packets,
-                            "sent_frames": sent.window_frames,
-                        }
-                    )
-                for mid, got in c.by_mid.items():
-                    records.append(
-                        {
-                            "role": "received",
-                            "call_id": call_id,
-                            "from": users.get(mid),
-                            "to": user,
-                            "kind": kinds.get(mid),
-                            **received(got),
-                        }
-                    )
-            return records
+            return [
+                record
+                for user, c in clients.items()
+                for record in sent_records(call_id, user, c)
+                + slot_records(call_id, user, c, c.slot_users())
+            ]
 
         await _measure_when_told(list(clients.values()), results)
 
 
-def _group_flows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _flows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The workers' records as one flow per (publisher's stream -> subscriber)."""
-    sent = {(r["user"], r["kind"]): r for r in records if r["role"] == "sent"}
+    sent = {(r["call_id"], r["user"], r["kind"]): r for r in records if r["role"] == "sent"}
     flows = []
     for r in records:
-        if r["role"] != "received" or r["from"] is None or (r["from"], r["kind"]) not in sent:
+        source = sent.get((r["call_id"], r.get("from"), r["kind"]))
+        if r["role"] != "received" or source is None:
             continue
-        source = sent[(r["from"], r["kind"])]
         flows.append(
             {
                 "call_id": r["call_id"],
@@ -201,20 +216,60 @@ async def _worker(args: argparse.Namespace, video: Any, audio: Any) -> None:
             await asyncio.sleep(0.2)
 
         def results() -> list[dict[str, Any]]:
-            return [
-                {
-                    "call_id": call_id,
-                    "kind": kind,
-                    "sent_packets": sender.sent[kind].window_packets,
-                    "sent_frames": sender.sent[kind].window_frames,
-                    **received(receiver.received[kind]),
-                }
-                for call_id, a, b in calls
-                for sender, receiver in ((a, b), (b, a))
-                for kind in ("video", "audio")
-            ]
+            records: list[dict[str, Any]] = []
+            for call_id, a, b in calls:
+                for user, client, source in (("a", a, "b"), ("b", b, "a")):
+                    records += sent_records(call_id, user, client)
+                    records += [
+                        received_record(call_id, source, user, kind, client.received[kind])
+                        for kind in ("video", "audio")
+                    ]
+            return records
 
         await _measure_when_told([c for _, a, b in calls for c in (a, b)], results)
+
+
+async def _janus_worker(args: argparse.Namespace, video: Any, audio: Any) -> None:
+    """The same calls (or some members of the group) through Janus's videoroom."""
+    from tools.loadtest import janus
+
+    limits = httpx.Limits(max_keepalive_connections=0, max_connections=None)
+    async with httpx.AsyncClient(timeout=90, limits=limits) as http:
+        parties: list[janus.Party] = []
+        if args.group_size:
+            everyone = [f"u{i}" for i in range(1, args.group_size + 1)]
+            mine = [
+                await janus.join(http, args.url, args.prefix, f"u{i}")
+                for i in args.members.split(",")
+            ]
+            for party in mine:
+                await party.publish(args.group_size, video, audio)
+            for party in mine:
+                await party.subscribe([u for u in everyone if u != party.user])
+            parties += mine
+        for index in range(args.calls):
+            call_id = f"{args.prefix}-{index}"
+            a, b = [await janus.join(http, args.url, call_id, user) for user in ("a", "b")]
+            for party in (a, b):
+                await party.publish(2, video, audio)
+            await a.subscribe(["b"])
+            await b.subscribe(["a"])
+            parties += (a, b)
+        for _ in range(600):  # up to two minutes for every party's media to arrive
+            if all(party.receiving() for party in parties):
+                break
+            await asyncio.sleep(0.2)
+
+        def results() -> list[dict[str, Any]]:
+            return [
+                record
+                for p in parties
+                for record in sent_records(p.room, p.user, p.publisher)
+                + slot_records(p.room, p.user, p.subscriber, p.feed_of_mid)
+            ]
+
+        await _measure_when_told([c for party in parties for c in party.clients()], results)
+        await asyncio.gather(*(party.session.close() for party in parties))
 
 
 # --------------------------------------------------------------------------- orchestrator
@@ -250,6 +305,10 @@ class Outcome:
     client_load: list[float] | None = None
     forwarded: int | None = None
     """Forwarded streams of a group call (size x (size - 1)); a 1:1 call forwards 2."""
+    server: str = "sfu"
+    """What forwards: ``sfu`` (services/media), ``janus``, ``transcoder``."""
+    load_avg: float = 0.0
+    """The machine's 1-minute load average when the window closed (a shared machine)."""
 
     @property
     def streams(self) -> int:
@@ -283,7 +342,14 @@ GROUP_MEMBERS_PER_WORKER = 2
 
 
 def _start_workers(
-    url: str, calls: int, workers: int, media: Path, prefix: str, nice: int, group_size: int = 0
+    url: str,
+    calls: int,
+    workers: int,
+    media: Path,
+    prefix: str,
+    nice: int,
+    group_size: int = 0,
+    server: str = "sfu",
 ) -> list[subprocess.Popen[str]]:
     procs = []
     per = [calls // workers + (1 if i < calls % workers else 0) for i in range(workers)]
@@ -322,6 +388,7 @@ def _start_workers(
                     str(media),
                     "--client-nice",
                     str(nice),
+                    *(["--janus"] if server == "janus" else []),
                 ],
                 cwd=ROOT,
                 stdin=subprocess.PIPE,
@@ -351,9 +418,12 @@ def _measure(
     args: argparse.Namespace,
     media: Path,
     group_size: int = 0,
+    server: str = "sfu",
 ) -> tuple[Outcome, str]:
     prefix = uuid.uuid4().hex[:8]
-    workers = _start_workers(url, calls, args.workers, media, prefix, args.client_nice, group_size)
+    workers = _start_workers(
+        url, calls, args.workers, media, prefix, args.client_nice, group_size, server
+    )
     try:
         for proc in workers:
             _wait_line(proc, "READY")
@@ -380,9 +450,8 @@ def _measure(
         for proc in workers:
             if proc.poll() is None:
                 proc.kill()
-    if group_size:
-        flows = _group_flows(flows)
-    outcome = Outcome(name, calls, t1 - t0, cpu1 - cpu0, flows, None, None, "")
+    outcome = Outcome(name, calls, t1 - t0, cpu1 - cpu0, _flows(flows), None, None, "")
+    outcome.server, outcome.load_avg = server, os.getloadavg()[0]
     outcome.client_load = [(b - a) / (t1 - t0) for a, b in zip(clients0, clients1, strict=True)]
     if group_size:
         outcome.forwarded = group_size * (group_size - 1)
@@ -441,22 +510,7 @@ def _run_forwarding(args: argparse.Namespace, media: Path) -> list[Outcome]:
         profiler.start(2 * (args.warmup + args.duration) + 120)  # until the node stops
     try:
         outcomes: list[Outcome] = []
-        if args.calls > 0:
-            outcome, call_id = _measure(
-                "forwarding (services/media)", url, pid, args.calls, args, media
-            )
-            _server_side(outcome, url, call_id, args)
-            outcomes.append(outcome)
-        if args.group_size > 1:
-            outcome, call_id = _measure(
-                f"forwarding, a group of {args.group_size}",
-                url,
-                pid,
-                1,
-                args,
-                media,
-                group_size=args.group_size,
-            )
+        for outcome, call_id in _calls_and_group("forwarding", url, pid, args, media, "sfu"):
             _server_side(outcome, url, call_id, args)
             outcomes.append(outcome)
     finally:
@@ -466,6 +520,31 @@ def _run_forwarding(args: argparse.Namespace, media: Path) -> list[Outcome]:
         for line in summary_lines(profiler.finish(), top=18):
             print(line)
     return outcomes
+
+
+def _calls_and_group(
+    name: str, url: str, pid: int, args: argparse.Namespace, media: Path, server: str
+) -> Iterator[tuple[Outcome, str]]:
+    """The 1:1 calls, then the group call, through one server: each outcome as soon as it
+    is measured (the node's stats of the calls are read before the group's run)."""
+    if args.calls > 0:
+        label = f"{name} (services/media)" if server == "sfu" else name
+        yield _measure(label, url, pid, args.calls, args, media, server=server)
+    if args.group_size > 1:
+        label = f"{name}, a group of {args.group_size}"
+        yield _measure(label, url, pid, 1, args, media, args.group_size, server)
+
+
+def _run_janus(args: argparse.Namespace, media: Path) -> list[Outcome]:
+    """The same calls and group through Janus's videoroom (tools/loadtest/janus.py)."""
+    from tools.loadtest import janus
+
+    with janus.start(CACHE / "janus.log") as (url, server):
+        _wait_http(f"{url}/info", server)
+        measured = list(_calls_and_group("Janus videoroom", url, server.pid, args, media, "janus"))
+    for outcome, _ in measured:
+        outcome.delay_note = "not measured (Janus gives no such figure)"
+    return [outcome for outcome, _ in measured]
 
 
 def _run_transcoding(args: argparse.Namespace, media: Path) -> Outcome:
@@ -486,6 +565,7 @@ def _run_transcoding(args: argparse.Namespace, media: Path) -> Outcome:
         delays = httpx.get(f"{url}/delays").json()
         outcome.delay_p50_ms, outcome.delay_p99_ms = delays["p50_ms"], delays["p99_ms"]
         outcome.delay_note = "video frame's last packet in -> re-encoded frame out"
+        outcome.server = "transcoder"
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -523,7 +603,7 @@ def _report(outcomes: list[Outcome], args: argparse.Namespace) -> None:
     )
     header = (
         f"{'path':<34}{'calls':>6}{'streams':>8}{'CPU-s/stream/30s':>18}{'loss video':>12}"
-        f"{'loss audio':>12}{'sent':>8}{'recv':>8}{'delay p50':>11}{'delay p99':>11}"
+        f"{'loss audio':>12}{'sent':>8}{'recv':>8}{'delay p50':>11}{'delay p99':>11}{'load':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -533,11 +613,13 @@ def _report(outcomes: list[Outcome], args: argparse.Namespace) -> None:
             f"{o.loss('video'):>12.2%}{o.loss('audio'):>12.2%}"
             f"{o.frames_offered():>8.0%}{o.frames_delivered():>8.0%}"
             f"{_fmt(o.delay_p50_ms, '.3f'):>8} ms{_fmt(o.delay_p99_ms, '.3f'):>8} ms"
+            f"{o.load_avg:>6.1f}"
         )
     print(
         "\n  sent: video frames the clients sent, of 30/s per stream (below ~95%: the clients "
         "did not get the CPU to offer the load,\n  and CPU-s/stream is per stream offered: "
-        "streams x sent); recv: frames received in the window / frames sent in it"
+        "streams x sent); recv: frames received in the window / frames sent in it;\n"
+        "  load: the machine's 1-minute load average as the window closed"
     )
     for o in outcomes:
         if args.verbose:
@@ -555,18 +637,34 @@ def _report(outcomes: list[Outcome], args: argparse.Namespace) -> None:
                 f"    of the loss, on the way into the server (its receivers' count, whole "
                 f"run): {o.loss_into_server:.2%}"
             )
-    one_to_one = next((o for o in outcomes if o.name.startswith("forwarding (")), None)
-    group = next((o for o in outcomes if o.forwarded is not None), None)
-    transcoding = next((o for o in outcomes if o.name.startswith("transcoding")), None)
-    if one_to_one and group and one_to_one.cpu_per_stream_30s > 0:
-        ratio = group.cpu_per_stream_30s / one_to_one.cpu_per_stream_30s
+    one_to_one, group = _mean_cpu(outcomes, "sfu", False), _mean_cpu(outcomes, "sfu", True)
+    transcoding = _mean_cpu(outcomes, "transcoder", False)
+    if one_to_one and group:
         print(
-            f"  per forwarded stream, the group of {group.streams} forwarded streams costs "
-            f"{ratio:.2f}x what the 1:1 calls do"
+            f"  per forwarded stream, the group of {args.group_size} costs "
+            f"{group / one_to_one:.2f}x what the 1:1 calls do"
         )
-    if one_to_one and transcoding and one_to_one.cpu_per_stream_30s > 0:
-        ratio = transcoding.cpu_per_stream_30s / one_to_one.cpu_per_stream_30s
-        print(f"  transcoding costs {ratio:.1f}x the CPU per stream of forwarding")
+    if one_to_one and transcoding:
+        print(
+            f"  transcoding costs {transcoding / one_to_one:.1f}x the CPU per stream of forwarding"
+        )
+    for grouped, what in ((False, f"{args.calls} 1:1 calls"), (True, "the group")):
+        ours, janus = _mean_cpu(outcomes, "sfu", grouped), _mean_cpu(outcomes, "janus", grouped)
+        if ours and janus:
+            print(
+                f"  {what}: services/media {ours:.3f}, Janus {janus:.3f} CPU-s per forwarded "
+                f"stream per 30 s (mean of the rounds): services/media / Janus = {ours / janus:.2f}"
+            )
+
+
+def _mean_cpu(outcomes: list[Outcome], server: str, group: bool) -> float | None:
+    """Mean CPU-s per stream per 30 s of one server's 1:1 calls (or group) over the rounds."""
+    values = [
+        o.cpu_per_stream_30s
+        for o in outcomes
+        if o.server == server and (o.forwarded is not None) == group and o.cpu_per_stream_30s > 0
+    ]
+    return sum(values) / len(values) if values else None
 
 
 def main() -> None:
@@ -582,6 +680,7 @@ def main() -> None:
     worker.add_argument("--client-nice", type=int, default=5)
     worker.add_argument("--group-size", type=int, default=0)
     worker.add_argument("--members", default="")
+    worker.add_argument("--janus", action="store_true")
     parser.add_argument(
         "--calls", type=int, default=5, help="concurrent 1:1 calls (2 streams each)"
     )
@@ -604,6 +703,17 @@ def main() -> None:
     parser.add_argument(
         "--client-nice", type=int, default=5, help="niceness of the client processes"
     )
+    parser.add_argument(
+        "--janus",
+        action="store_true",
+        help="the same calls and group through Janus's videoroom too (Debian's janus)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --janus: rounds of both, alternating which goes first",
+    )
     parser.add_argument("--verbose", action="store_true", help="print every flow and room")
     args = parser.parse_args()
     if args.mode == "worker":
@@ -614,7 +724,8 @@ def main() -> None:
         # ... and buffer what arrives while they wait for it, as the node does.
         aiortc_internals.configure_ice(None, [], 4 * 1024 * 1024)
         video, audio = pickle.loads(Path(args.media).read_bytes())
-        asyncio.run((_group_worker if args.group_size else _worker)(args, video, audio))
+        run = _janus_worker if args.janus else _group_worker if args.group_size else _worker
+        asyncio.run(run(args, video, audio))
         return
     if args.transcode_calls is None:
         args.transcode_calls = min(args.calls, 2)
@@ -623,7 +734,14 @@ def main() -> None:
     # the services default to production; the clients' media tokens are a test deployment's
     os.environ.setdefault("DMCALL_ENV", "test")
     media = _media(3.0)
-    outcomes = _run_forwarding(args, media)
+    outcomes: list[Outcome] = []
+    for index in range(args.rounds if args.janus else 1):
+        servers = [_run_forwarding, _run_janus] if args.janus else [_run_forwarding]
+        for run_server in servers[:: -1 if index % 2 else 1]:  # alternating which goes first
+            for outcome in run_server(args, media):
+                if args.rounds > 1:
+                    outcome.name += f" [{index + 1}]"
+                outcomes.append(outcome)
     if not args.skip_transcode and args.transcode_calls > 0:
         outcomes.append(_run_transcoding(args, media))
     _report(outcomes, args)
