@@ -30,7 +30,7 @@ from shared.auth import issue_token
 from shared.bus import Bus
 from shared.contracts import EventType
 from shared.settings import CommonSettings
-from tests.support import signaling
+from tests.support import policy, signaling
 from tests.support.redis_server import PrivateRedis
 from tests.support.signaling import EventTap, event_tap
 from tests.support.webhook_receiver import WebhookReceiver
@@ -254,6 +254,8 @@ def receiver() -> Iterator[WebhookReceiver]:
 
 worlds = pytest.fixture(signaling.worlds)
 in_process = pytest.fixture(signaling.in_process)
+rig = pytest.fixture(policy.policy_rig, name="rig")
+seeded_policy = pytest.fixture(policy.seeded_policy)
 
 
 @pytest.fixture

@@ -15,15 +15,12 @@ from shared.bus import Delivery
 from shared.contracts import CallReported
 from shared.settings import CommonSettings
 from tests.conftest import auth
-from tests.support.policy import PolicyRig, Token, policy_rig, seeded_policy
+from tests.support.policy import PolicyRig, Token
 from tests.support.redis_server import PrivateRedis
 from tests.support.waiting import eventually
 from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
-
-rig = pytest.fixture(policy_rig, name="rig")
-seeded_policy = pytest.fixture(seeded_policy)
 
 
 class Policy:

@@ -28,14 +28,12 @@ from shared.contracts import (
     parse_event,
 )
 from tests.conftest import auth
-from tests.support.policy import PolicyRig, policy_rig
-from tests.support.policy_calls import verdicts_in
+from tests.support.policy import PolicyRig, verdicts_in
 from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
-rig = pytest.fixture(policy_rig, name="rig")
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 

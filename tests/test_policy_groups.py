@@ -30,8 +30,7 @@ from shared.contracts import (
     parse_event,
 )
 from tests.conftest import auth
-from tests.support.policy import PolicyRig, Token, policy_rig, seeded_policy
-from tests.support.policy_calls import verdicts_in
+from tests.support.policy import PolicyRig, Token, verdicts_in
 from tests.support.redis_server import PrivateRedis
 from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
@@ -39,8 +38,6 @@ from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 
-rig = pytest.fixture(policy_rig, name="rig")
-seeded_policy = pytest.fixture(seeded_policy)
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 

@@ -14,13 +14,12 @@ import pytest
 from shared.bus import Delivery
 from shared.contracts import CallAuthorized, CallReported, EventType
 from tests.conftest import auth
-from tests.support.policy import PolicyRig, Token, policy_rig
+from tests.support.policy import PolicyRig, Token
 from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
-rig = pytest.fixture(policy_rig, name="rig")
 
 NOT_FOUND = {"error": "not_found", "message": "no call of yours with this id"}
 

@@ -1,11 +1,11 @@
 """What the policy tests over the bus share: :class:`PolicyRig` (spawn policy, make buses,
-mint tokens, wait until policy handled an event) and a policy the demo seed ran against.
-
-A test module makes them fixtures: ``rig = pytest.fixture(policy_rig, name="rig")``.
+mint tokens, publish a call policy judges, wait until policy handled an event), a policy the
+demo seed ran against (both fixtures in tests/conftest.py), and the verdicts an event tap saw.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,8 +14,8 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.bus import Bus
-from shared.contracts import Event
-from tests.support.policy_calls import handled, judged_call
+from shared.contracts import CallRequested, Event, EventType, MediaKind
+from tests.support.signaling import EventTap
 from tests.support.waiting import eventually
 from tools.stack import ServiceProcess
 
@@ -38,12 +38,23 @@ class PolicyRig:
         return ":".join(("dmcall", self.namespace, *parts))
 
     async def handled(self, consumer: str, *events: Event) -> None:
-        """Wait until policy's ``consumer`` has finished each event."""
-        await eventually(handled(self.redis, self.namespace, consumer, *events))
+        """Wait until policy's ``consumer`` has finished each event (the bus's done mark)."""
+        keys = [self.key("bus", "seen", f"policy.{consumer}", str(e.event_id)) for e in events]
+
+        async def done() -> bool:
+            return all(v == b"done" for v in await self.redis.mget(keys))
+
+        await eventually(done)
 
     async def judged_call(self, bus: Bus, caller: str, callee: str) -> str:
-        """A call caller -> callee policy decided; its call id."""
-        return await judged_call(bus, self.redis, self.namespace, caller, callee)
+        """Publish ``call_requested`` caller -> callee as signaling would; its call id once
+        policy decided it."""
+        event = CallRequested(
+            call_id=uuid.uuid4().hex, caller=caller, callee=callee, media=MediaKind.AUDIO
+        )
+        await bus.publish(event)
+        await self.handled("verdicts", event)
+        return event.call_id
 
 
 def policy_rig(
@@ -70,3 +81,9 @@ def seeded_policy(
     seed.seed(proc.url)
     seed.seed(proc.url)
     return proc
+
+
+def verdicts_in(tap: EventTap) -> list[dict[str, Any]]:
+    """Every verdict on ``tap``, each copy published (the bus's consumers drop copies)."""
+    kinds = (EventType.CALL_AUTHORIZED.value, EventType.CALL_REJECTED.value)
+    return [m for m in tap.messages if m["type"] in kinds]
