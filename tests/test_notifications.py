@@ -34,6 +34,7 @@ from tests.conftest import auth
 from tests.support.notifications import (
     FAST,
     Publish,
+    Spawn,
     deliveries,
     inbox,
     inbox_has,
@@ -50,7 +51,6 @@ from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 
-Spawn = Callable[..., ServiceProcess]
 ParkedPushes = Callable[[], Awaitable[list[dict[str, Any]]]]
 
 

@@ -15,13 +15,11 @@ import pytest
 
 from shared.contracts import CallEnded, CallMissed, CallRinging, EndReason, MediaKind
 from tests.conftest import auth
+from tests.support.notifications import Spawn
 from tests.support.waiting import eventually
 from tests.support.webhook_receiver import WebhookReceiver
-from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
-
-Spawn = Callable[..., ServiceProcess]
 
 
 async def test_each_invitee_is_told_of_the_group_call_and_of_missing_it(

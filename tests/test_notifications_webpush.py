@@ -22,14 +22,13 @@ from redis.asyncio import Redis
 from shared.contracts import CallCancelled, CallMissed, MediaKind
 from tests.conftest import auth
 from tests.support import notifications
-from tests.support.notifications import FAST, Publish, new_call, parties, ringing
+from tests.support.notifications import FAST, Publish, Spawn, new_call, parties, ringing
 from tests.support.push_service import PushService, Subscriber, b64d, b64e, verify_vapid
 from tests.support.waiting import eventually
 from tools.stack import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 
-Spawn = Callable[..., ServiceProcess]
 
 SUBJECT = "mailto:oncall@dmcall.example"
 TOPIC = re.compile(r"^[A-Za-z0-9_-]{1,32}$")

@@ -16,6 +16,8 @@ from tests.support.waiting import eventually
 from tools.stack import ServiceProcess
 
 Publish = Callable[[Event], Awaitable[None]]
+Spawn = Callable[..., ServiceProcess]
+"""The ``spawn`` fixture: ``spawn("notifications", **FAST)``."""
 
 FAST = {
     "NOTIFICATIONS_WEBHOOK_ALLOW_PRIVATE": "true",
