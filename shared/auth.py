@@ -102,21 +102,41 @@ class TokenVerifier:
         )
 
 
+def mint(
+    secret: str,
+    user_id: str,
+    *,
+    ttl_s: int,
+    scope: str | None = None,
+    issuer: str | None = None,
+    audience: str | None = None,
+) -> str:
+    """An HS256 user token: ``sub``, ``iat``, ``exp`` and the optional claims that are set."""
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + ttl_s}
+    if scope:
+        claims["scope"] = scope
+    if issuer:
+        claims["iss"] = issuer
+    if audience:
+        claims["aud"] = audience
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
 def issue_token(
     settings: CommonSettings, user_id: str, *, scope: str | None = None, ttl_s: int = 86_400
 ) -> str:
     """A development token (HS256). Production tokens come from the platform."""
     if not is_id(user_id):
         raise ValueError(f"not a valid user id: {user_id!r}")
-    now = int(time.time())
-    claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + ttl_s}
-    if scope:
-        claims["scope"] = scope
-    if settings.auth_jwt_issuer:
-        claims["iss"] = settings.auth_jwt_issuer
-    if settings.auth_jwt_audience:
-        claims["aud"] = settings.auth_jwt_audience
-    return jwt.encode(claims, settings.auth_jwt_secret, algorithm="HS256")
+    return mint(
+        settings.auth_jwt_secret,
+        user_id,
+        ttl_s=ttl_s,
+        scope=scope,
+        issuer=settings.auth_jwt_issuer,
+        audience=settings.auth_jwt_audience,
+    )
 
 
 # --------------------------------------------------------------------------- media tokens

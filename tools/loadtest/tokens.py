@@ -8,12 +8,10 @@ The file is JSON: ``{"platform": "<token with scope platform>", "users": {"<user
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import jwt
-
+from shared.auth import mint
 from shared.ids import is_id
 
 
@@ -78,12 +76,11 @@ class TokenSource:
     def _mint(self, user_id: str, scope: str | None) -> str:
         if self.secret is None:
             raise TokenSourceError(f"no token for {user_id!r} in the token file")
-        now = int(time.time())
-        claims: dict[str, object] = {"sub": user_id, "iat": now, "exp": now + self.ttl_s}
-        if scope:
-            claims["scope"] = scope
-        if self.issuer:
-            claims["iss"] = self.issuer
-        if self.audience:
-            claims["aud"] = self.audience
-        return jwt.encode(claims, self.secret, algorithm="HS256")
+        return mint(
+            self.secret,
+            user_id,
+            ttl_s=self.ttl_s,
+            scope=scope,
+            issuer=self.issuer,
+            audience=self.audience,
+        )
