@@ -92,9 +92,10 @@ def create_service_app(
     settings: CommonSettings,
     routers: Sequence[APIRouter],
     setup: Setup = _nothing,
-    title: str,
     description: str = "",
 ) -> FastAPI:
+    """The app of ``service`` (its OpenAPI title ``dmcall <service>``)."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         telemetry.setup_logging(service, settings.log_level)
@@ -119,7 +120,7 @@ def create_service_app(
 
     provider = telemetry.setup_tracing(service, settings.otel_exporter_otlp_endpoint)
     app = FastAPI(
-        title=title,
+        title=f"dmcall {service}",
         description=description,
         version="1.0.0",
         lifespan=lifespan,

@@ -171,7 +171,7 @@ async def test_only_a_sampled_request_has_a_server_span_and_its_query_is_masked(
     recorded, in the caller's trace, ``?token=`` masked; unsampled (00), none is."""
     exporter = InMemorySpanExporter()
     telemetry.setup_tracing("test", None, extra_processor=SimpleSpanProcessor(exporter))
-    app = create_service_app(service="test", settings=settings, routers=[], title="test")
+    app = create_service_app(service="test", settings=settings, routers=[])
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     secret = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln"
     try:

@@ -44,9 +44,7 @@ async def test_the_service_queues_get_the_configured_type(
     infra: Infra, make_settings: Callable[..., CommonSettings], queue_type: str
 ) -> None:
     settings = make_settings(bus_queue_type=queue_type)
-    app = create_service_app(
-        service="qtype", settings=settings, routers=[], setup=_subscribe, title="queue type"
-    )
+    app = create_service_app(service="qtype", settings=settings, routers=[], setup=_subscribe)
     async with app.router.lifespan_context(app):
         runtime: Any = app.state.runtime
         await asyncio.wait_for(runtime.bus.wait_ready(), 20)

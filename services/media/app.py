@@ -20,7 +20,6 @@ from services.media.settings import MediaSettings
 from shared.media_registry import MediaRegistry
 from shared.service import Runtime, create_service_app
 
-SERVICE = "media"
 SHUTDOWN_CLOSE_S = 10
 
 log = logging.getLogger(__name__)
@@ -86,11 +85,10 @@ def create_app(settings: MediaSettings | None = None) -> FastAPI:
             metrics.uninstall(collector)
 
     app = create_service_app(
-        service=SERVICE,
+        service="media",
         settings=settings,
         routers=[router],
         setup=setup,
-        title="dmcall media",
         description="the SFU: forwards the callers' RTP packets without decoding them. "
         "On SIGTERM it drains: new sessions are refused with 503 `node_draining`, "
         "`media_node_draining` asks for its calls to be moved, and it forwards on until "

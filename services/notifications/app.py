@@ -17,8 +17,6 @@ from services.notifications.store import NotificationStore
 from services.notifications.webpush import VapidKeys
 from shared.service import Runtime, TaskSet, create_service_app
 
-SERVICE = "notifications"
-
 
 def create_app(settings: NotificationsSettings | None = None) -> FastAPI:
     settings = settings or NotificationsSettings()
@@ -53,11 +51,10 @@ def create_app(settings: NotificationsSettings | None = None) -> FastAPI:
             await client.aclose()
 
     return create_service_app(
-        service=SERVICE,
+        service="notifications",
         settings=settings,
         routers=[router],
         setup=setup,
-        title="dmcall notifications",
         description="incoming- and missed-call notifications: inbox, live stream, push "
         "(webhooks and Web Push).",
     )

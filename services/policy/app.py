@@ -14,8 +14,6 @@ from services.policy.settings import PolicySettings
 from services.policy.store import PolicyStore
 from shared.service import Runtime, create_service_app
 
-SERVICE = "policy"
-
 
 def create_app(settings: PolicySettings | None = None) -> FastAPI:
     settings = settings or PolicySettings()
@@ -29,10 +27,9 @@ def create_app(settings: PolicySettings | None = None) -> FastAPI:
         yield
 
     return create_service_app(
-        service=SERVICE,
+        service="policy",
         settings=settings,
         routers=[router],
         setup=setup,
-        title="dmcall policy",
         description="decides who may call whom, from settings and the platform's facts.",
     )

@@ -17,7 +17,6 @@ from services.signaling.ws import router as ws_router
 from shared.media_registry import MediaRegistry
 from shared.service import Runtime, create_service_app
 
-SERVICE = "signaling"
 DESCRIPTION = """Owns every call's state and the devices on WebSockets.
 
 The device WebSocket `GET /v1/ws?token=&device_id=` (docs/signaling.md) closes with:
@@ -86,10 +85,9 @@ def create_app(settings: SignalingSettings | None = None) -> FastAPI:
                 await store.instance_gone(settings.instance_id)
 
     return create_service_app(
-        service=SERVICE,
+        service="signaling",
         settings=settings,
         routers=[router, ws_router, web.router],
         setup=setup,
-        title="dmcall signaling",
         description=DESCRIPTION,
     )
