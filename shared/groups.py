@@ -21,30 +21,8 @@ from datetime import UTC, datetime
 
 from redis.asyncio import Redis
 
-from shared.redis import KeySpace
+from shared.redis import MEMBERSHIP_FACT_LUA, KeySpace
 from shared.settings import CommonSettings
-
-# KEYS[1] members set, KEYS[2] clock hash, KEYS[3] the user's groups set;
-# ARGV: user, group, occurred_at µs, "1" add | "0" remove -> {applied 0|1, member 0|1}
-_APPLY = """
-local last = redis.call('HGET', KEYS[2], ARGV[1])
-local at = tonumber(ARGV[3])
-if last then
-  last = tonumber(last)
-  if at < last or (at == last and ARGV[4] == '1') then
-    return {0, redis.call('SISMEMBER', KEYS[1], ARGV[1])}
-  end
-end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-if ARGV[4] == '1' then
-  redis.call('SADD', KEYS[1], ARGV[1])
-  redis.call('SADD', KEYS[3], ARGV[2])
-  return {1, 1}
-end
-redis.call('SREM', KEYS[1], ARGV[1])
-redis.call('SREM', KEYS[3], ARGV[2])
-return {1, 0}
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +45,7 @@ class GroupDirectory:
     def __init__(self, redis: Redis, settings: CommonSettings) -> None:
         self.redis = redis
         self.keys = KeySpace(settings, "groups")
-        self._apply = redis.register_script(_APPLY)
+        self._apply = redis.register_script(MEMBERSHIP_FACT_LUA)
 
     def members_key(self, group_id: str) -> str:
         return self.keys("members", group_id)
@@ -84,7 +62,7 @@ class GroupDirectory:
         """Apply one membership fact (idempotent, order-safe)."""
         applied, member = await self._apply(
             keys=[self.members_key(group_id), self.clock_key(group_id), self.groups_key(user)],
-            args=[user, group_id, _micros(at), "1" if present else "0"],
+            args=[user, _micros(at), "1" if present else "0", group_id],
         )
         return MembershipChange(applied=bool(int(applied)), member=bool(int(member)))
 

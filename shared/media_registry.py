@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from shared.redis import KeySpace
+from shared.redis import KeySpace, hgetall_many
 from shared.settings import CommonSettings
 
 
@@ -35,6 +35,17 @@ class MediaNode:
     def session_url(self, call_id: str) -> str:
         """Where a party POSTs its SDP offer for ``call_id`` (the contract's ``media_url``)."""
         return f"{self.url.rstrip('/')}/v1/rooms/{call_id}/sessions"
+
+    @classmethod
+    def from_hash(cls, row: dict[bytes, bytes]) -> MediaNode:
+        """The node a ``<p>:media:node:<node_id>`` hash describes."""
+        return cls(
+            node_id=row[b"node_id"].decode(),
+            url=row[b"url"].decode(),
+            capacity=int(row[b"capacity"]),
+            load=int(row[b"load"]),
+            draining=row.get(b"draining", b"0") == b"1",
+        )
 
 
 # KEYS[1] the set of node ids; ARGV[1] the node hash keys' prefix, ARGV[2] a node to avoid.
@@ -94,27 +105,9 @@ class MediaRegistry:
     async def live_nodes(self) -> list[MediaNode]:
         members = await self._redis.smembers(self._keys("nodes"))  # type: ignore[misc]
         ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
-        if not ids:
-            return []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for node_id in ids:
-                pipe.hgetall(self._node_key(node_id))
-            rows = await pipe.execute()
-        nodes: list[MediaNode] = []
-        gone: list[str] = []
-        for node_id, row in zip(ids, rows, strict=True):
-            if not row:
-                gone.append(node_id)
-                continue
-            nodes.append(
-                MediaNode(
-                    node_id=row[b"node_id"].decode(),
-                    url=row[b"url"].decode(),
-                    capacity=int(row[b"capacity"]),
-                    load=int(row[b"load"]),
-                    draining=row.get(b"draining", b"0") == b"1",
-                )
-            )
+        rows = await hgetall_many(self._redis, map(self._node_key, ids))
+        nodes = [MediaNode.from_hash(row) for row in rows if row]
+        gone = [node_id for node_id, row in zip(ids, rows, strict=True) if not row]
         if gone:
             await self._redis.srem(self._keys("nodes"), *gone)
         return nodes
@@ -130,11 +123,4 @@ class MediaRegistry:
         row = await self._pick(keys=[self._keys("nodes")], args=[self._node_key(""), avoid or ""])
         if not row:
             return None
-        fields = dict(zip(row[::2], row[1::2], strict=True))
-        return MediaNode(
-            node_id=fields[b"node_id"].decode(),
-            url=fields[b"url"].decode(),
-            capacity=int(fields[b"capacity"]),
-            load=int(fields[b"load"]),
-            draining=fields.get(b"draining", b"0") == b"1",
-        )
+        return MediaNode.from_hash(dict(zip(row[::2], row[1::2], strict=True)))

@@ -1,4 +1,4 @@
-"""Redis: the client every service uses, and how keys are named.
+"""Redis: the client every service uses, how keys are named, and the helpers stores share.
 
 Redis is the store of record for settings, facts, calls, history and inboxes (see
 docs/operations.md for the persistence production needs). Every key starts with the
@@ -9,6 +9,7 @@ its key shapes as functions next to a comment saying what the key holds.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -95,6 +96,33 @@ def _sentinel_pool(
     )
 
 
+# A dated fact "member is in the set" or "is not" (policy's relations, group membership),
+# by the rule of every platform fact: one older than the last applied to the member is
+# ignored, so reordered and redelivered facts end in the state of the newest; a remove and
+# an add with the same time resolve to the remove, whichever arrives first.
+# KEYS[1] the set, KEYS[2] its clock hash (member -> occurred_at µs of the last fact
+# applied; kept after a removal), optional KEYS[3] the reverse set, where ARGV[4] is added
+# or removed alike. ARGV: member, occurred_at µs, "1" add | "0" remove[, the reverse
+# member] -> {applied 0|1, present 0|1}
+MEMBERSHIP_FACT_LUA = """
+local last = redis.call('HGET', KEYS[2], ARGV[1])
+local at = tonumber(ARGV[2])
+if last then
+  last = tonumber(last)
+  if at < last or (at == last and ARGV[3] == '1') then
+    return {0, redis.call('SISMEMBER', KEYS[1], ARGV[1])}
+  end
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local change = ARGV[3] == '1' and 'SADD' or 'SREM'
+redis.call(change, KEYS[1], ARGV[1])
+if KEYS[3] then
+  redis.call(change, KEYS[3], ARGV[4])
+end
+return {1, tonumber(ARGV[3])}
+"""
+
+
 class KeySpace:
     """Builds the keys of one owner (a service or a shared mechanism)."""
 
@@ -105,3 +133,11 @@ class KeySpace:
 
     def __call__(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
+
+
+async def hgetall_many(redis: Redis, keys: Iterable[str]) -> list[dict[bytes, bytes]]:
+    """Each key's HGETALL (``{}`` for a missing key), in order, in one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.hgetall(key)
+        return list(await pipe.execute())

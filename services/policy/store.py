@@ -41,7 +41,7 @@ from services.policy.domain import (
 )
 from shared.contracts import CallAuthorized, CallRejected, Event, parse_event
 from shared.groups import GroupDirectory
-from shared.redis import KeySpace
+from shared.redis import MEMBERSHIP_FACT_LUA, KeySpace
 from shared.settings import CommonSettings
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -145,26 +145,6 @@ class Keys:
         #   expires after POLICY_VERDICT_TTL_S
         return self._k("verdict", call_id)
 
-
-# KEYS[1] relation set, KEYS[2] its clock hash; ARGV: other, occurred_at µs, "1" add | "0" remove
-# -> {applied 0|1, present 0|1}
-_RELATION_LUA = """
-local last = redis.call('HGET', KEYS[2], ARGV[1])
-local at = tonumber(ARGV[2])
-if last then
-  last = tonumber(last)
-  if at < last or (at == last and ARGV[3] == '1') then
-    return {0, redis.call('SISMEMBER', KEYS[1], ARGV[1])}
-  end
-end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-if ARGV[3] == '1' then
-  redis.call('SADD', KEYS[1], ARGV[1])
-  return {1, 1}
-end
-redis.call('SREM', KEYS[1], ARGV[1])
-return {1, 0}
-"""
 
 # KEYS[1] user hash; ARGV: occurred_at µs, premium, verified -> applied 0|1
 _USER_LUA = """
@@ -299,7 +279,7 @@ class PolicyStore:
     def __init__(self, redis: Redis, settings: CommonSettings) -> None:
         self.redis = redis
         self.keys = Keys(settings)
-        self._relation = redis.register_script(_RELATION_LUA)
+        self._relation = redis.register_script(MEMBERSHIP_FACT_LUA)
         self._user = redis.register_script(_USER_LUA)
         self._permission = redis.register_script(_PERMISSION_LUA)
         self._rate = redis.register_script(_RATE_LUA)
