@@ -6,6 +6,11 @@ and only that one has it. Closing is idempotent, so a redelivery does nothing tw
 node records the end of a call it hosts or was granted (an end event that arrives after
 a party's token was presented but before the room opened still refuses a late session);
 the end of any other call is not its concern and leaves nothing behind.
+
+Only ``call_ended`` ends a room. ``call_declined``, ``call_cancelled`` and ``call_missed``
+are not consumed: a 1:1 call's come before an answer, and media grants are minted only at
+the answer (CONTRACT.md), so no node has a room or a grant for that call; a group call's
+are one invitee's outcome, and the room lasts until ``call_ended``.
 """
 
 from __future__ import annotations
@@ -15,24 +20,14 @@ from typing import Any
 from services.media.room import CloseReason
 from services.media.rooms import Rooms
 from shared.bus import Bus, Delivery, Scope
-from shared.contracts import (
-    CallCancelled,
-    CallDeclined,
-    CallEnded,
-    CallEvent,
-    CallMissed,
-    CallParticipantLeft,
-    GroupCallEvent,
-)
+from shared.contracts import CallEnded, CallParticipantLeft
 
 CONSUMER = "rooms"
 
 
 def register(bus: Bus, rooms: Rooms) -> None:
-    async def call_over(event: Any, delivery: Delivery) -> None:
-        assert isinstance(event, CallEvent | GroupCallEvent)
-        if event.group is not None and not isinstance(event, CallEnded):
-            return  # one invitee's outcome: a group call's room lasts until call_ended
+    async def call_ended(event: Any, delivery: Delivery) -> None:
+        assert isinstance(event, CallEnded)
         await rooms.close_room(event.call_id, CloseReason.CALL_ENDED)
 
     async def participant_left(event: Any, delivery: Delivery) -> None:
@@ -43,12 +38,6 @@ def register(bus: Bus, rooms: Rooms) -> None:
 
     bus.subscribe(
         CONSUMER,
-        {
-            CallEnded: call_over,
-            CallDeclined: call_over,
-            CallCancelled: call_over,
-            CallMissed: call_over,
-            CallParticipantLeft: participant_left,
-        },
+        {CallEnded: call_ended, CallParticipantLeft: participant_left},
         scope=Scope.INSTANCE,
     )

@@ -1,13 +1,13 @@
 """Event handlers: call events become notifications (see notices.py for which).
 
 One consumer, ``notifications.inbox``, with ``Scope.SERVICE``: one instance of the service
-handles each event, however many run. Exactly once: the bus claims each event id for this
-consumer, and the handler commits all the event's notifications (stream entries, inbox,
-unread flags, push jobs, live wake-ups) in :meth:`shared.bus.Delivery.transaction`,
-together with the bus's done mark. A redelivery after the commit is skipped by the bus; a
-crash before it leaves nothing behind, and the redelivery does the work. On top of that,
-each (user, call, kind) is made once (store.py), so even a republished event with a new
-event id does not notify twice.
+handles each event, however many run. Exactly once: each (user, call, kind) is made once
+(its ``once`` key in store.py), and an event's notifications are made in one script
+(stream entries, inbox, unread flags, push jobs, live wake-ups), so a redelivery, or a
+republished event with a new event id, makes nothing twice; a crash before the script
+leaves nothing behind, and the redelivery does the work. The bus's own dedup of the event
+id only saves that redelivery the script. An event that notifies nobody (a group call's
+``call_ended``) costs no Redis write of ours.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ CONSUMER = "inbox"
 def register(bus: Bus, store: NotificationStore) -> None:
     async def on_call_event(event: Event, delivery: Delivery) -> None:
         notices = notices_for(event)
-        async with delivery.transaction() as tx:
-            for notice in notices:
-                store.queue_notice(tx, notice)
+        if notices:
+            await store.add_notices(notices)
         log.info(
             "%s for call %s: %s",
             event.type.value,

@@ -9,10 +9,10 @@ Ids: a notification's id is the id Redis gave its entry in the user's live strea
 the SSE ``id:`` line, and in pushes; ids grow with time per user, so ``Last-Event-ID``
 is a position in the stream.
 
-Writes that come from an event run in one Lua script queued on the event's
-:meth:`shared.bus.Delivery.transaction` pipeline: the stream entry, the inbox, the unread
-flag, one push job per device and the live wake-up commit together with the bus's done
-mark, or not at all.
+An event's writes run in one Lua script: for each of its notifications the stream
+entry, the inbox, the unread flag, one push job per device and the live wake-up, made
+together or not at all, and only if that (user, call, kind) was not made before (its
+``once`` key), which makes the script safe to run again for the same event.
 """
 
 from __future__ import annotations
@@ -128,35 +128,38 @@ class Keys:
         return self._k("live", user)
 
 
-# KEYS: 1 stream, 2 inbox, 3 notes, 4 unread, 5 devices, 6 push jobs, 7 once, 8 guard
-# ARGV: 1 data, 2 in_inbox, 3 stream_max, 4 inbox_max, 5 once_ttl, 6 stream_ttl, 7 channel,
-#       8 user, 9 use_guard, 10 priority
-# The guard is the once-key of the call's ring_stopped: an incoming_call for a call that
-# already stopped ringing is not made. Returns the new id, or false when nothing was made.
-_ADD_NOTICE = """
-if ARGV[9] == '1' and redis.call('EXISTS', KEYS[8]) == 1 then return false end
-if not redis.call('SET', KEYS[7], '1', 'NX', 'EX', ARGV[5]) then return false end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-if ARGV[2] == '1' then
-  redis.call('LPUSH', KEYS[2], id)
-  redis.call('HSET', KEYS[3], id, ARGV[1])
-  redis.call('SADD', KEYS[4], id)
-  local cap = tonumber(ARGV[4])
-  while redis.call('LLEN', KEYS[2]) > cap do
-    local old = redis.call('RPOP', KEYS[2])
-    redis.call('HDEL', KEYS[3], old)
-    redis.call('SREM', KEYS[4], old)
+# KEYS: 1 push jobs, then 7 a notice: stream, inbox, notes, unread, devices, once, guard
+# ARGV: 1 stream_max, 2 inbox_max, 3 once_ttl, 4 stream_ttl, then 6 a notice: data,
+#       in_inbox, channel, user, use_guard, priority
+# Makes one event's notices, in order, each unless it was made already. The guard is the
+# once-key of the call's ring_stopped: an incoming_call for a call that already stopped
+# ringing is not made.
+_ADD_NOTICES = """
+local function add(k, a)
+  if ARGV[a + 4] == '1' and redis.call('EXISTS', KEYS[k + 6]) == 1 then return end
+  if not redis.call('SET', KEYS[k + 5], '1', 'NX', 'EX', ARGV[3]) then return end
+  local id = redis.call('XADD', KEYS[k], 'MAXLEN', '~', ARGV[1], '*', 'data', ARGV[a])
+  redis.call('EXPIRE', KEYS[k], ARGV[4])
+  if ARGV[a + 1] == '1' then
+    redis.call('LPUSH', KEYS[k + 1], id)
+    redis.call('HSET', KEYS[k + 2], id, ARGV[a])
+    redis.call('SADD', KEYS[k + 3], id)
+    local cap = tonumber(ARGV[2])
+    while redis.call('LLEN', KEYS[k + 1]) > cap do
+      local old = redis.call('RPOP', KEYS[k + 1])
+      redis.call('HDEL', KEYS[k + 2], old)
+      redis.call('SREM', KEYS[k + 3], old)
+    end
   end
+  for _, device in ipairs(redis.call('SMEMBERS', KEYS[k + 4])) do
+    local job = cjson.encode({id = id .. '.' .. device, device = device, user = ARGV[a + 3],
+                              nid = id, attempt = 1, priority = ARGV[a + 5],
+                              notification = ARGV[a]})
+    redis.call('XADD', KEYS[1], '*', 'job', job)
+  end
+  redis.call('PUBLISH', ARGV[a + 2], id)
 end
-for _, device in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-  local job = cjson.encode({id = id .. '.' .. device, device = device, user = ARGV[8],
-                            nid = id, attempt = 1, priority = ARGV[10],
-                            notification = ARGV[1]})
-  redis.call('XADD', KEYS[6], '*', 'job', job)
-end
-redis.call('PUBLISH', ARGV[7], id)
-return id
+for n = 0, (#KEYS - 1) / 7 - 1 do add(2 + 7 * n, 5 + 6 * n) end
 """
 
 # KEYS: 1 devices set, 2 new device hash
@@ -314,32 +317,31 @@ class NotificationStore:
 
     # ------------------------------------------------------------------ writing (events)
 
-    def queue_notice(self, tx: Pipeline, notice: Notice) -> None:
-        """Queue one notification on an event's transaction (see the module docstring)."""
+    async def add_notices(self, notices: list[Notice]) -> None:
+        """Makes one event's notifications in one script (see the module docstring)."""
         k, s = self.keys, self.settings
-        guard = k.once(notice.user, notice.call_id, NoticeKind.RING_STOPPED)
-        tx.eval(
-            _ADD_NOTICE,
-            8,
-            k.stream(notice.user),
-            k.inbox(notice.user),
-            k.notes(notice.user),
-            k.unread(notice.user),
-            k.devices(notice.user),
-            k.push_jobs(),
-            k.once(notice.user, notice.call_id, notice.kind),
-            guard,
-            json.dumps(notice.fields, separators=(",", ":")),
-            "1" if notice.kind.in_inbox else "0",
-            s.stream_max,
-            s.inbox_max,
-            s.once_ttl_s,
-            s.stream_ttl_s,
-            k.live_channel(notice.user),
-            notice.user,
-            "1" if notice.kind is NoticeKind.INCOMING_CALL else "0",
-            notice.priority.value,
-        )
+        keys = [k.push_jobs()]
+        args: list[str | int] = [s.stream_max, s.inbox_max, s.once_ttl_s, s.stream_ttl_s]
+        for notice in notices:
+            user = notice.user
+            keys += [
+                k.stream(user),
+                k.inbox(user),
+                k.notes(user),
+                k.unread(user),
+                k.devices(user),
+                k.once(user, notice.call_id, notice.kind),
+                k.once(user, notice.call_id, NoticeKind.RING_STOPPED),
+            ]
+            args += [
+                json.dumps(notice.fields, separators=(",", ":")),
+                "1" if notice.kind.in_inbox else "0",
+                k.live_channel(user),
+                user,
+                "1" if notice.kind is NoticeKind.INCOMING_CALL else "0",
+                notice.priority.value,
+            ]
+        await self.redis.eval(_ADD_NOTICES, len(keys), *keys, *args)
 
     # ------------------------------------------------------------------ inbox
 
