@@ -78,6 +78,7 @@ from services.signaling.domain import (
     Participant,
     ParticipantState,
 )
+from shared.bus import AlreadyHandled
 from shared.contracts import CallState, EndReason, Event, MediaKind, RejectReason
 from shared.redis import KeySpace
 from shared.settings import CommonSettings
@@ -94,6 +95,7 @@ _RANG_STATES = frozenset({CallState.RINGING, CallState.BUSY, CallState.ACCEPTED}
 
 _COMMIT = """
 local plan = cjson.decode(ARGV[1])
+if plan.done and redis.call('GET', plan.done[1]) == 'done' then return {4} end
 for _, c in ipairs(plan.calls) do
   local v = tonumber(redis.call('HGET', c.key, 'version') or '0')
   if v ~= tonumber(c.expect) then return {0, c.key, v} end
@@ -137,6 +139,7 @@ for _, o in ipairs(plan.outbox) do
   redis.call('HSET', KEYS[1], o[1], o[2])
   redis.call('ZADD', KEYS[2], o[3], o[1])
 end
+if plan.done then redis.call('SET', plan.done[1], 'done', 'EX', plan.done[2]) end
 return {1}
 """
 
@@ -436,6 +439,9 @@ class Commit:
     if the key names another call."""
     group_release: list[str] | None = None
     """[key, call_id]: the key is deleted if it still names this call."""
+    done: tuple[str, int] | None = None
+    """The bus's done mark of the event this commit handles (``Delivery.done_mark``): the
+    commit fails (AlreadyHandled) if it is set, else sets it."""
 
 
 class CallStore:
@@ -662,6 +668,8 @@ class CallStore:
             plan["group"] = commit.group_claim
         if commit.group_release is not None:
             plan["release"] = commit.group_release
+        if commit.done is not None:
+            plan["done"] = commit.done
         result = await self._commit(
             keys=[self.outbox_key, self.outbox_due_key], args=[json.dumps(plan)]
         )
@@ -672,6 +680,8 @@ class CallStore:
             raise IdempotentReplay(_text(result[1]))
         if status == 3:
             raise GroupCallInProgress(_text(result[1]))
+        if status == 4:
+            raise AlreadyHandled(commit.done[0] if commit.done else "")
 
     # ------------------------------------------------------------------ outbox
 
