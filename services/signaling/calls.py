@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -220,14 +220,18 @@ class CallService:
                 raise NotFound(call_id)
             reads = await read(call)
             step = decide(call, utcnow(), reads)
+            presence = None
             if step.changes:
+                users = sorted({notice.user for notice in step.notices})
                 try:
-                    await self.store.commit(self._commit_of(step, done))
+                    presence = await self.store.commit(
+                        self._commit_of(step, done), devices_of=users
+                    )
                 except Conflict:
                     continue
             final = next((w.after for w in step.writes if w.after.call_id == call_id), call)
             calls = {call_id: final, **{w.after.call_id: w.after for w in step.writes}}
-            minted = await self._after(step, calls)
+            minted = await self._after(step, calls, presence)
             return Ran(step, final, minted)
         raise RuntimeError(f"call {call_id}: too many concurrent changes")
 
@@ -239,15 +243,19 @@ class CallService:
         return commit
 
     async def _after(
-        self, step: Step[Any], calls: dict[str, Call]
+        self,
+        step: Step[Any],
+        calls: dict[str, Call],
+        presence: Mapping[str, Mapping[str, str]] | None,
     ) -> dict[tuple[str, str], MediaOffer]:
         # Both only after the commit; neither the devices nor the caller wait for the
         # broker. The commit stands whatever happens here: an unpublished event stays in
         # the outbox for the relay, and a lost push is read back through the ring state.
+        # ``presence``: the notified users' devices, read by the commit.
         self.publish_soon(step.events)
         pushes, minted = self.pushes(step.notices, calls)
         try:
-            await self.hub.deliver(pushes)
+            await self.hub.deliver(pushes, presence)
         except Exception as exc:
             log.warning("after-commit pushes failed: %r", exc)
         return minted

@@ -93,7 +93,49 @@ OUTBOX_FLUSH_S = 0.01
 _RANG_STATES = frozenset({CallState.RINGING, CallState.BUSY, CallState.ACCEPTED})
 """A call enters the callee's history when it reaches one of these (it reached the callee)."""
 
-_COMMIT = """
+_PRESENCE_OF = """
+-- presence_of(hashes, orders, prefix): for each user (their presence hash and device
+-- order set), device/instance pairs on live instances (instance keys ``prefix .. id``),
+-- newest first, flattened after a count; devices of dead instances are pruned from both.
+local function presence_of(hashes, orders, prefix)
+  local alive = {}
+  local out = {}
+  for u = 1, #hashes do
+    local hash, order = hashes[u], orders[u]
+    local row = redis.call('HGETALL', hash)
+    local where = {}
+    for i = 1, #row, 2 do where[row[i]] = row[i + 1] end
+    local found = {}
+    local seen = {}
+    local function take(device)
+      local instance = where[device]
+      if seen[device] then return end
+      seen[device] = true
+      if alive[instance] == nil then
+        alive[instance] = redis.call('EXISTS', prefix .. instance) == 1
+      end
+      if alive[instance] then
+        found[#found + 1] = device
+        found[#found + 1] = instance
+      else
+        redis.call('HDEL', hash, device)
+        redis.call('ZREM', order, device)
+      end
+    end
+    for _, device in ipairs(redis.call('ZREVRANGE', order, 0, -1)) do
+      if where[device] == nil then redis.call('ZREM', order, device) else take(device) end
+    end
+    for i = 1, #row, 2 do take(row[i]) end
+    out[#out + 1] = #found
+    for _, v in ipairs(found) do out[#out + 1] = v end
+  end
+  return out
+end
+"""
+
+_COMMIT = (
+    _PRESENCE_OF
+    + """
 local plan = cjson.decode(ARGV[1])
 if plan.done and redis.call('GET', plan.done[1]) == 'done' then return {4} end
 for _, c in ipairs(plan.calls) do
@@ -140,8 +182,12 @@ for _, o in ipairs(plan.outbox) do
   redis.call('ZADD', KEYS[2], o[3], o[1])
 end
 if plan.done then redis.call('SET', plan.done[1], 'done', 'EX', plan.done[2]) end
+if plan.presence then
+  return {1, presence_of(plan.presence[1], plan.presence[2], plan.presence[3])}
+end
 return {1}
 """
+)
 
 _CLAIM_OUTBOX = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
@@ -200,44 +246,20 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 return taken
 """
 
-_PRESENCE = """
+_PRESENCE = (
+    _PRESENCE_OF
+    + """
 -- KEYS: n presence hashes, then the same n users' device-order sets; ARGV[1]: the
--- instance-key prefix. For each user, device/instance pairs on live instances, newest
--- first, flattened after a count; devices of dead instances are pruned from both keys.
+-- instance-key prefix.
 local n = #KEYS / 2
-local alive = {}
-local out = {}
+local hashes, orders = {}, {}
 for u = 1, n do
-  local hash, order = KEYS[u], KEYS[n + u]
-  local row = redis.call('HGETALL', hash)
-  local where = {}
-  for i = 1, #row, 2 do where[row[i]] = row[i + 1] end
-  local found = {}
-  local seen = {}
-  local function take(device)
-    local instance = where[device]
-    if seen[device] then return end
-    seen[device] = true
-    if alive[instance] == nil then
-      alive[instance] = redis.call('EXISTS', ARGV[1] .. instance) == 1
-    end
-    if alive[instance] then
-      found[#found + 1] = device
-      found[#found + 1] = instance
-    else
-      redis.call('HDEL', hash, device)
-      redis.call('ZREM', order, device)
-    end
-  end
-  for _, device in ipairs(redis.call('ZREVRANGE', order, 0, -1)) do
-    if where[device] == nil then redis.call('ZREM', order, device) else take(device) end
-  end
-  for i = 1, #row, 2 do take(row[i]) end
-  out[#out + 1] = #found
-  for _, v in ipairs(found) do out[#out + 1] = v end
+  hashes[u] = KEYS[u]
+  orders[u] = KEYS[n + u]
 end
-return out
+return presence_of(hashes, orders, ARGV[1])
 """
+)
 
 _ATTACH_DEVICE = """
 -- KEYS[1]: the user's presence hash, KEYS[2]: their device order. ARGV: device, instance,
@@ -352,6 +374,18 @@ class RateVerdict:
     retry_after_ms: int
     replay_of: str | None = None
     """The call an earlier placement with the same ``Idempotency-Key`` made (no slot taken)."""
+
+
+def _devices(users: Sequence[str], flat: Sequence[Any]) -> dict[str, dict[str, str]]:
+    """``presence_of``'s reply, per user."""
+    found: dict[str, dict[str, str]] = {}
+    i = 0
+    for user in users:
+        count = int(flat[i])
+        pairs = flat[i + 1 : i + 1 + count]
+        i += 1 + count
+        found[user] = {_text(pairs[k]): _text(pairs[k + 1]) for k in range(0, count, 2)}
+    return found
 
 
 def _text(value: Any) -> str:
@@ -650,8 +684,12 @@ class CallStore:
             if key not in staged:
                 commit.calls.append({"key": key, "expect": str(call.version)})
 
-    async def commit(self, commit: Commit) -> None:
-        """Apply atomically, or raise Conflict / IdempotentReplay; nothing is half-written."""
+    async def commit(
+        self, commit: Commit, *, devices_of: Sequence[str] = ()
+    ) -> dict[str, dict[str, str]]:
+        """Apply atomically, or raise Conflict / IdempotentReplay; nothing is half-written.
+        Returns :meth:`devices_of` these users, read in the same round trip after the
+        commit applied (the pushes it makes go there)."""
         due = str(int(time.time() * 1000) + self._outbox_lease_ms)
         plan = {
             "calls": commit.calls,
@@ -670,6 +708,8 @@ class CallStore:
             plan["release"] = commit.group_release
         if commit.done is not None:
             plan["done"] = commit.done
+        if devices_of:
+            plan["presence"] = [*self._presence_keys(devices_of), self.keys("instance", "")]
         result = await self._commit(
             keys=[self.outbox_key, self.outbox_due_key], args=[json.dumps(plan)]
         )
@@ -682,6 +722,7 @@ class CallStore:
             raise GroupCallInProgress(_text(result[1]))
         if status == 4:
             raise AlreadyHandled(commit.done[0] if commit.done else "")
+        return _devices(devices_of, result[1]) if devices_of else {}
 
     # ------------------------------------------------------------------ outbox
 
@@ -842,15 +883,9 @@ class CallStore:
         """:meth:`devices` of several users in one round trip, whatever their number, each
         user's newest first; the devices of instances whose heartbeat expired are pruned on
         the way."""
-        flat = await self._presence(
-            keys=[self.presence_key(u) for u in users] + [self.devices_key(u) for u in users],
-            args=[self.keys("instance", "")],
-        )
-        found: dict[str, dict[str, str]] = {}
-        i = 0
-        for user in users:
-            count = int(flat[i])
-            pairs = flat[i + 1 : i + 1 + count]
-            i += 1 + count
-            found[user] = {_text(pairs[k]): _text(pairs[k + 1]) for k in range(0, count, 2)}
-        return found
+        hashes, orders = self._presence_keys(users)
+        flat = await self._presence(keys=hashes + orders, args=[self.keys("instance", "")])
+        return _devices(users, flat)
+
+    def _presence_keys(self, users: Sequence[str]) -> tuple[list[str], list[str]]:
+        return [self.presence_key(u) for u in users], [self.devices_key(u) for u in users]
