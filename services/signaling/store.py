@@ -88,7 +88,7 @@ log = logging.getLogger(__name__)
 RATE_WINDOW_MS = 60_000
 IDEMPOTENCY_RESERVE_MS = 30_000
 """How long an ``Idempotency-Key`` stays reserved for a placement that has not committed yet."""
-OUTBOX_FLUSH_S = 0.01
+OUTBOX_FLUSH_S = 0.1
 """How long published events wait to be cleared from the outbox together."""
 _RANG_STATES = frozenset({CallState.RINGING, CallState.BUSY, CallState.ACCEPTED})
 """A call enters the callee's history when it reaches one of these (it reached the callee)."""
