@@ -19,8 +19,12 @@ bounded prefetch. The broker delivers at least once, so each consumer deduplicat
 ``event_id`` in Redis: the event is claimed with ``SET NX PX`` while it is handled and
 marked done for ``BUS_DEDUP_TTL_S``. A handler whose effect is not idempotent makes it
 exactly-once by committing it with :meth:`Delivery.transaction`, in one Redis transaction
-with the done mark. The connection is robust: after a broker restart or a dropped
-connection it reconnects and restores its queues and consumers; publishing waits for it.
+with the done mark. A consumer whose handlers commit through a script of their own
+subscribes with ``marks_done``: the bus neither claims nor marks, the handler's script
+checks and writes :attr:`Delivery.done_mark` in its commit (one round trip, not three),
+and raises :class:`AlreadyHandled` when it finds it done. The connection is robust: after
+a broker restart or a dropped connection it reconnects and restores its queues and
+consumers; publishing waits for it.
 
 The W3C trace context travels in the AMQP headers (``traceparent``), so a consumer's
 span continues the publisher's trace.
@@ -92,6 +96,7 @@ class Subscription:
     handlers: dict[EventType, Handler]
     exchanges: dict[EventType, Exchange]
     scope: Scope
+    marks_done: bool = False
     queue_name: str = ""
     queue: AbstractQueue | None = None
 
@@ -108,6 +113,13 @@ class Delivery:
     _done_key: str
     _done_ttl_s: int
     committed: bool = field(default=False)
+
+    @property
+    def done_mark(self) -> tuple[str, int]:
+        """The key that marks this event done for this consumer, and for how many
+        seconds: a ``marks_done`` consumer's commit returns early if it holds ``done``, else
+        sets it to ``done`` for that long together with its writes."""
+        return self._done_key, self._done_ttl_s
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Pipeline]:
@@ -165,15 +177,19 @@ class Bus:
         handlers: Mapping[type[Event], Handler],
         *,
         scope: Scope = Scope.SERVICE,
+        marks_done: bool = False,
     ) -> None:
-        """Register a consumer before :meth:`start`. ``handlers`` maps event model to handler."""
+        """Register a consumer before :meth:`start`. ``handlers`` maps event model to handler.
+        With ``marks_done`` the handlers commit :attr:`Delivery.done_mark` themselves (see
+        the module's docstring); a handler that commits nothing leaves no mark, so it must
+        be idempotent on its own."""
         by_type: dict[EventType, Handler] = {}
         exchanges: dict[EventType, Exchange] = {}
         for model, handler in handlers.items():
             event_type = model.model_fields["type"].default
             by_type[event_type] = handler
             exchanges[event_type] = model.exchange
-        self._subscriptions.append(Subscription(name, by_type, exchanges, scope))
+        self._subscriptions.append(Subscription(name, by_type, exchanges, scope, marks_done))
 
     def on_instance_message(self, handler: InstanceHandler) -> None:
         """Receive messages sent to this process with :meth:`send_to_instance`."""
@@ -414,8 +430,9 @@ class Bus:
         span: trace.Span,
     ) -> str:
         key = self._done_key(sub, event)
+        claims = not sub.marks_done
         try:
-            claimed = await self._redis.set(
+            claimed = not claims or await self._redis.set(
                 key, b"processing", nx=True, px=self.settings.bus_claim_ttl_ms
             )
             if not claimed:
@@ -446,12 +463,14 @@ class Bus:
             await message.ack()
             return "duplicate"
         except _TRANSIENT as exc:
-            await _best_effort(self._redis.delete(key))
+            if claims:
+                await _best_effort(self._redis.delete(key))
             return await self._requeue_transient(message, exc)
         except Exception as exc:
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, str(exc)))
-            await _best_effort(self._redis.delete(key))
+            if claims:
+                await _best_effort(self._redis.delete(key))
             error = f"{type(exc).__name__}: {exc}"
             if attempt >= self.settings.bus_max_attempts:
                 log.error("dead-lettering %s after %d attempts: %s", event.type, attempt, error)
@@ -465,7 +484,7 @@ class Bus:
                 time.perf_counter() - started
             )
         try:
-            if not delivery.committed:
+            if claims and not delivery.committed:
                 await self._redis.set(key, b"done", ex=self.settings.bus_dedup_ttl_s)
         except _TRANSIENT as exc:
             # The effect happened but could not be recorded: a redelivery would repeat it,

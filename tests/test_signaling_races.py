@@ -11,8 +11,11 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from services.signaling.domain import Call
 from services.signaling.store import CallStore, Commit
+from shared.bus import AlreadyHandled
 from shared.clock import utcnow
 from shared.contracts import (
     CallAuthorized,
@@ -173,6 +176,24 @@ async def test_an_event_whose_committer_died_is_published_by_another_instance(
     assert tap.of(EventType.CALL_MISSED, call.call_id)[0]["event_id"] == str(missed_event.event_id)
     await asyncio.sleep(0.6)
     assert await one.store.claim_outbox() == []  # published: gone from the outbox
+
+
+async def test_a_commit_carrying_an_events_done_mark_applies_once(
+    in_process: Callable[..., Any],
+) -> None:
+    """The bus's done mark in the step's commit (the ``calls`` consumer's ``marks_done``):
+    a copy of the event whose commit would apply finds the mark and changes nothing."""
+    (one,) = await in_process(1)
+    call = await state_of(one, await place(one, "olga", "pete", "o1"))
+    done = (one.store.keys("seen", call.call_id), 60)
+    first = Commit(done=done)
+    one.store.stage(first, call, call)
+    await one.store.commit(first)
+    copy = Commit(done=done)
+    one.store.stage(copy, await state_of(one, call), call)  # the version it would find
+    with pytest.raises(AlreadyHandled):
+        await one.store.commit(copy)
+    assert (await state_of(one, call)).version == call.version + 1
 
 
 async def test_duplicated_and_out_of_order_events_change_nothing_twice(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -52,7 +52,7 @@ from services.signaling.store import (
 )
 from services.signaling.turn import IceServers
 from shared.auth import MediaGrant, issue_media_token
-from shared.bus import Bus
+from shared.bus import Bus, Delivery
 from shared.clock import utcnow
 from shared.contracts import (
     CallAuthorized,
@@ -207,44 +207,55 @@ class CallService:
         call_id: str,
         decide: Callable[[Call, Any, Any], Step[T]],
         read: Callable[[Call], Awaitable[Any]] = _nothing,
+        delivery: Delivery | None = None,
     ) -> Ran:
         """Each attempt: read the call and what the decision needs, decide (pure), commit
-        with a version check; on a conflict, all again. Returns the step, the call as
-        committed (the last written version of ``call_id``, else as read), the grants."""
+        with a version check (and the event's done mark, for a ``delivery``); on a
+        conflict, all again. Returns the step, the call as committed (the last written
+        version of ``call_id``, else as read), the grants."""
+        done = delivery.done_mark if delivery is not None else None
         for _ in range(MAX_COMMIT_ATTEMPTS):
             call = await self.store.get(call_id)
             if call is None:
                 raise NotFound(call_id)
             reads = await read(call)
             step = decide(call, utcnow(), reads)
+            presence = None
             if step.changes:
+                users = sorted({notice.user for notice in step.notices})
                 try:
-                    await self.store.commit(self._commit_of(step))
+                    presence = await self.store.commit(
+                        self._commit_of(step, done), devices_of=users
+                    )
                 except Conflict:
                     continue
             final = next((w.after for w in step.writes if w.after.call_id == call_id), call)
             calls = {call_id: final, **{w.after.call_id: w.after for w in step.writes}}
-            minted = await self._after(step, calls)
+            minted = await self._after(step, calls, presence)
             return Ran(step, final, minted)
         raise RuntimeError(f"call {call_id}: too many concurrent changes")
 
-    def _commit_of(self, step: Step[Any]) -> Commit:
-        commit = Commit(events=list(step.events))
+    def _commit_of(self, step: Step[Any], done: tuple[str, int] | None = None) -> Commit:
+        commit = Commit(events=list(step.events), done=done)
         for write in step.writes:
             self.store.stage(commit, write.before, write.after)
         self.store.check(commit, step.checks)
         return commit
 
     async def _after(
-        self, step: Step[Any], calls: dict[str, Call]
+        self,
+        step: Step[Any],
+        calls: dict[str, Call],
+        presence: Mapping[str, Mapping[str, str]] | None,
     ) -> dict[tuple[str, str], MediaOffer]:
         # Both only after the commit; neither the devices nor the caller wait for the
         # broker. The commit stands whatever happens here: an unpublished event stays in
         # the outbox for the relay, and a lost push is read back through the ring state.
+        # ``presence``: the notified users' devices, read by the commit.
         self.publish_soon(step.events)
         pushes, minted = self.pushes(step.notices, calls)
         try:
-            await self.hub.deliver(pushes)
+            await self.hub.deliver(pushes, presence)
         except Exception as exc:
             log.warning("after-commit pushes failed: %r", exc)
         return minted
@@ -422,7 +433,7 @@ class CallService:
 
     # ------------------------------------------------------------------ policy's verdict
 
-    async def authorized(self, event: CallAuthorized) -> None:
+    async def authorized(self, event: CallAuthorized, delivery: Delivery | None = None) -> None:
         async def read(call: Call) -> tuple[dict[str, list[Call]], MediaNode | None]:
             if call.state is not CallState.REQUESTED:
                 return {}, None
@@ -446,11 +457,11 @@ class CallService:
                 ring=event.ring,
             )
 
-        ran = await self._consume(event.call_id, decide, read)
+        ran = await self._consume(event.call_id, decide, read, delivery)
         if ran is not None and ran.step.changes and ran.call.state is CallState.RINGING:
             TIME_TO_RING.observe(max((utcnow() - ran.call.created_at).total_seconds(), 0.0))
 
-    async def rejected(self, event: CallRejected) -> None:
+    async def rejected(self, event: CallRejected, delivery: Delivery | None = None) -> None:
         def decide(call: Call, now: Any, _: None) -> Step[Call]:
             step = d.decide_rejected(call, now, event.reason)
             log.info(
@@ -461,40 +472,45 @@ class CallService:
             )
             return step
 
-        await self._consume(event.call_id, decide)
+        await self._consume(event.call_id, decide, delivery=delivery)
 
-    async def media_connected(self, event: CallMediaConnected) -> None:
+    async def media_connected(
+        self, event: CallMediaConnected, delivery: Delivery | None = None
+    ) -> None:
         def decide(call: Call, now: Any, _: None) -> Step[None]:
             step = d.decide_media_connected(call, event.node_id, now)
             if call.rejoin_deadline is not None and call.state is CallState.ACTIVE:
                 log.info("call %s: media flows on %s after its move", call.call_id, event.node_id)
             return step
 
-        await self._consume(event.call_id, decide)
+        await self._consume(event.call_id, decide, delivery=delivery)
 
-    async def media_failed(self, event: CallMediaFailed) -> None:
+    async def media_failed(self, event: CallMediaFailed, delivery: Delivery | None = None) -> None:
         def decide(call: Call, now: Any, _: None) -> Step[None]:
             return d.decide_media_failed(call, event.node_id, EndReason(event.reason.value), now)
 
-        await self._consume(event.call_id, decide)
+        await self._consume(event.call_id, decide, delivery=delivery)
 
     async def _consume(
         self,
         call_id: str,
         decide: Callable[[Call, Any, Any], Step[Any]],
         read: Callable[[Call], Awaitable[Any]] = _nothing,
+        delivery: Delivery | None = None,
     ) -> Ran | None:
-        """Events may come twice or out of order: a step the table refuses is dropped."""
+        """Events may come twice or out of order: a step the table refuses is dropped, and
+        a commit finds the event's done mark if a copy committed first (AlreadyHandled)."""
         try:
-            return await self._run(call_id, decide, read)
+            return await self._run(call_id, decide, read, delivery)
         except NotFound:
             log.warning("event for unknown call %s dropped", call_id)
         except IllegalTransition as exc:
             log.info("event dropped: %s", exc)
         return None
 
-    async def media_peer(self, event: CallMediaPeer) -> None:
-        """A participant's media stopped or flows again: every other joined one hears."""
+    async def media_peer(self, event: CallMediaPeer, delivery: Delivery | None = None) -> None:
+        """A participant's media stopped or flows again: every other joined one hears (a
+        copy of the event tells them again what they know; it commits nothing)."""
         call = await self.store.get(event.call_id)
         notices = (
             d.media_peer_notices(call, event.node_id, event.user, event.connection)
@@ -510,8 +526,11 @@ class CallService:
             return
         await self.hub.deliver(self.pushes(notices, {})[0])
 
-    async def node_draining(self, event: MediaNodeDraining) -> None:
-        """Move every call of a draining node (those it named and those indexed on it).
+    async def node_draining(
+        self, event: MediaNodeDraining, delivery: Delivery | None = None
+    ) -> None:
+        """Move every call of a draining node (those it named and those indexed on it), each
+        in its own commit (none carries the done mark: a copy finds them moved).
         A late or redelivered event about a node that is live and not draining (it came
         back under the same id) moves nothing: the registry has the last word."""
         live = {node.node_id: node for node in await self.registry.live_nodes()}

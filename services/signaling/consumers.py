@@ -5,16 +5,14 @@
 
 One instance of the service handles each event (``Scope.SERVICE``). Each handler is
 idempotent through the transition table: a duplicated or out-of-order event asks for a
-step the table refuses, and is dropped (see ``CallService._consume``).
+step the table refuses, and is dropped (see ``CallService._consume``). The bus's done mark
+goes in the step's own commit (``marks_done``): no claim and no mark of their own per event.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
-
 from services.signaling.calls import CallService
-from shared.bus import Bus, Delivery, Handler, Scope
+from shared.bus import Bus, Scope
 from shared.contracts import (
     CallAuthorized,
     CallMediaConnected,
@@ -31,22 +29,13 @@ def register(bus: Bus, service: CallService) -> None:
     bus.subscribe(
         CONSUMER,
         {
-            CallAuthorized: _step(service.authorized),
-            CallRejected: _step(service.rejected),
-            CallMediaConnected: _step(service.media_connected),
-            CallMediaFailed: _step(service.media_failed),
-            CallMediaPeer: _step(service.media_peer),
-            MediaNodeDraining: _step(service.node_draining),
+            CallAuthorized: service.authorized,
+            CallRejected: service.rejected,
+            CallMediaConnected: service.media_connected,
+            CallMediaFailed: service.media_failed,
+            CallMediaPeer: service.media_peer,
+            MediaNodeDraining: service.node_draining,
         },
         scope=Scope.SERVICE,
+        marks_done=True,
     )
-
-
-def _step(step: Callable[[Any], Awaitable[None]]) -> Handler:
-    """A handler that hands the event to one of the service's steps (the delivery is not
-    needed: the step's commit is idempotent through the transition table)."""
-
-    async def handle(event: Any, delivery: Delivery) -> None:
-        await step(event)
-
-    return handle

@@ -179,13 +179,16 @@ class Hub:
 
     # ------------------------------------------------------------------ delivery
 
-    async def deliver(self, pushes: Sequence[Push]) -> None:
+    async def deliver(
+        self, pushes: Sequence[Push], presence: Mapping[str, Mapping[str, str]] | None = None
+    ) -> None:
         """Send each push to its devices, wherever their sockets are (``newest``: only to
-        that many of them, the most recently connected)."""
+        that many of them, the most recently connected). ``presence``: the pushed users'
+        :meth:`CallStore.devices_of`, if read already."""
         if not pushes:
             return
-        users = sorted({push.user for push in pushes})
-        presence = await self._store.devices_of(users)
+        if presence is None:
+            presence = await self._store.devices_of(sorted({push.user for push in pushes}))
         by_instance: dict[str, list[list[Any]]] = defaultdict(list)
         for push in pushes:
             devices = presence[push.user]  # newest first

@@ -78,6 +78,7 @@ from services.signaling.domain import (
     Participant,
     ParticipantState,
 )
+from shared.bus import AlreadyHandled
 from shared.contracts import CallState, EndReason, Event, MediaKind, RejectReason
 from shared.redis import KeySpace
 from shared.settings import CommonSettings
@@ -87,13 +88,56 @@ log = logging.getLogger(__name__)
 RATE_WINDOW_MS = 60_000
 IDEMPOTENCY_RESERVE_MS = 30_000
 """How long an ``Idempotency-Key`` stays reserved for a placement that has not committed yet."""
-OUTBOX_FLUSH_S = 0.01
+OUTBOX_FLUSH_S = 0.1
 """How long published events wait to be cleared from the outbox together."""
 _RANG_STATES = frozenset({CallState.RINGING, CallState.BUSY, CallState.ACCEPTED})
 """A call enters the callee's history when it reaches one of these (it reached the callee)."""
 
-_COMMIT = """
+_PRESENCE_OF = """
+-- presence_of(hashes, orders, prefix): for each user (their presence hash and device
+-- order set), device/instance pairs on live instances (instance keys ``prefix .. id``),
+-- newest first, flattened after a count; devices of dead instances are pruned from both.
+local function presence_of(hashes, orders, prefix)
+  local alive = {}
+  local out = {}
+  for u = 1, #hashes do
+    local hash, order = hashes[u], orders[u]
+    local row = redis.call('HGETALL', hash)
+    local where = {}
+    for i = 1, #row, 2 do where[row[i]] = row[i + 1] end
+    local found = {}
+    local seen = {}
+    local function take(device)
+      local instance = where[device]
+      if seen[device] then return end
+      seen[device] = true
+      if alive[instance] == nil then
+        alive[instance] = redis.call('EXISTS', prefix .. instance) == 1
+      end
+      if alive[instance] then
+        found[#found + 1] = device
+        found[#found + 1] = instance
+      else
+        redis.call('HDEL', hash, device)
+        redis.call('ZREM', order, device)
+      end
+    end
+    for _, device in ipairs(redis.call('ZREVRANGE', order, 0, -1)) do
+      if where[device] == nil then redis.call('ZREM', order, device) else take(device) end
+    end
+    for i = 1, #row, 2 do take(row[i]) end
+    out[#out + 1] = #found
+    for _, v in ipairs(found) do out[#out + 1] = v end
+  end
+  return out
+end
+"""
+
+_COMMIT = (
+    _PRESENCE_OF
+    + """
 local plan = cjson.decode(ARGV[1])
+if plan.done and redis.call('GET', plan.done[1]) == 'done' then return {4} end
 for _, c in ipairs(plan.calls) do
   local v = tonumber(redis.call('HGET', c.key, 'version') or '0')
   if v ~= tonumber(c.expect) then return {0, c.key, v} end
@@ -137,8 +181,13 @@ for _, o in ipairs(plan.outbox) do
   redis.call('HSET', KEYS[1], o[1], o[2])
   redis.call('ZADD', KEYS[2], o[3], o[1])
 end
+if plan.done then redis.call('SET', plan.done[1], 'done', 'EX', plan.done[2]) end
+if plan.presence then
+  return {1, presence_of(plan.presence[1], plan.presence[2], plan.presence[3])}
+end
 return {1}
 """
+)
 
 _CLAIM_OUTBOX = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
@@ -197,44 +246,20 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 return taken
 """
 
-_PRESENCE = """
+_PRESENCE = (
+    _PRESENCE_OF
+    + """
 -- KEYS: n presence hashes, then the same n users' device-order sets; ARGV[1]: the
--- instance-key prefix. For each user, device/instance pairs on live instances, newest
--- first, flattened after a count; devices of dead instances are pruned from both keys.
+-- instance-key prefix.
 local n = #KEYS / 2
-local alive = {}
-local out = {}
+local hashes, orders = {}, {}
 for u = 1, n do
-  local hash, order = KEYS[u], KEYS[n + u]
-  local row = redis.call('HGETALL', hash)
-  local where = {}
-  for i = 1, #row, 2 do where[row[i]] = row[i + 1] end
-  local found = {}
-  local seen = {}
-  local function take(device)
-    local instance = where[device]
-    if seen[device] then return end
-    seen[device] = true
-    if alive[instance] == nil then
-      alive[instance] = redis.call('EXISTS', ARGV[1] .. instance) == 1
-    end
-    if alive[instance] then
-      found[#found + 1] = device
-      found[#found + 1] = instance
-    else
-      redis.call('HDEL', hash, device)
-      redis.call('ZREM', order, device)
-    end
-  end
-  for _, device in ipairs(redis.call('ZREVRANGE', order, 0, -1)) do
-    if where[device] == nil then redis.call('ZREM', order, device) else take(device) end
-  end
-  for i = 1, #row, 2 do take(row[i]) end
-  out[#out + 1] = #found
-  for _, v in ipairs(found) do out[#out + 1] = v end
+  hashes[u] = KEYS[u]
+  orders[u] = KEYS[n + u]
 end
-return out
+return presence_of(hashes, orders, ARGV[1])
 """
+)
 
 _ATTACH_DEVICE = """
 -- KEYS[1]: the user's presence hash, KEYS[2]: their device order. ARGV: device, instance,
@@ -351,6 +376,18 @@ class RateVerdict:
     """The call an earlier placement with the same ``Idempotency-Key`` made (no slot taken)."""
 
 
+def _devices(users: Sequence[str], flat: Sequence[Any]) -> dict[str, dict[str, str]]:
+    """``presence_of``'s reply, per user."""
+    found: dict[str, dict[str, str]] = {}
+    i = 0
+    for user in users:
+        count = int(flat[i])
+        pairs = flat[i + 1 : i + 1 + count]
+        i += 1 + count
+        found[user] = {_text(pairs[k]): _text(pairs[k + 1]) for k in range(0, count, 2)}
+    return found
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -436,6 +473,9 @@ class Commit:
     if the key names another call."""
     group_release: list[str] | None = None
     """[key, call_id]: the key is deleted if it still names this call."""
+    done: tuple[str, int] | None = None
+    """The bus's done mark of the event this commit handles (``Delivery.done_mark``): the
+    commit fails (AlreadyHandled) if it is set, else sets it."""
 
 
 class CallStore:
@@ -644,8 +684,12 @@ class CallStore:
             if key not in staged:
                 commit.calls.append({"key": key, "expect": str(call.version)})
 
-    async def commit(self, commit: Commit) -> None:
-        """Apply atomically, or raise Conflict / IdempotentReplay; nothing is half-written."""
+    async def commit(
+        self, commit: Commit, *, devices_of: Sequence[str] = ()
+    ) -> dict[str, dict[str, str]]:
+        """Apply atomically, or raise Conflict / IdempotentReplay; nothing is half-written.
+        Returns :meth:`devices_of` these users, read in the same round trip after the
+        commit applied (the pushes it makes go there)."""
         due = str(int(time.time() * 1000) + self._outbox_lease_ms)
         plan = {
             "calls": commit.calls,
@@ -662,6 +706,10 @@ class CallStore:
             plan["group"] = commit.group_claim
         if commit.group_release is not None:
             plan["release"] = commit.group_release
+        if commit.done is not None:
+            plan["done"] = commit.done
+        if devices_of:
+            plan["presence"] = [*self._presence_keys(devices_of), self.keys("instance", "")]
         result = await self._commit(
             keys=[self.outbox_key, self.outbox_due_key], args=[json.dumps(plan)]
         )
@@ -672,6 +720,9 @@ class CallStore:
             raise IdempotentReplay(_text(result[1]))
         if status == 3:
             raise GroupCallInProgress(_text(result[1]))
+        if status == 4:
+            raise AlreadyHandled(commit.done[0] if commit.done else "")
+        return _devices(devices_of, result[1]) if devices_of else {}
 
     # ------------------------------------------------------------------ outbox
 
@@ -832,15 +883,9 @@ class CallStore:
         """:meth:`devices` of several users in one round trip, whatever their number, each
         user's newest first; the devices of instances whose heartbeat expired are pruned on
         the way."""
-        flat = await self._presence(
-            keys=[self.presence_key(u) for u in users] + [self.devices_key(u) for u in users],
-            args=[self.keys("instance", "")],
-        )
-        found: dict[str, dict[str, str]] = {}
-        i = 0
-        for user in users:
-            count = int(flat[i])
-            pairs = flat[i + 1 : i + 1 + count]
-            i += 1 + count
-            found[user] = {_text(pairs[k]): _text(pairs[k + 1]) for k in range(0, count, 2)}
-        return found
+        hashes, orders = self._presence_keys(users)
+        flat = await self._presence(keys=hashes + orders, args=[self.keys("instance", "")])
+        return _devices(users, flat)
+
+    def _presence_keys(self, users: Sequence[str]) -> tuple[list[str], list[str]]:
+        return [self.presence_key(u) for u in users], [self.devices_key(u) for u in users]
