@@ -36,8 +36,12 @@ def register(bus: Bus, store: NotificationStore) -> None:
             ", ".join(f"{n.kind.value} -> {n.user}" for n in notices) or "nothing",
         )
 
+    # marks_done: no claim and no done mark from the bus (two round trips an event): the
+    # once-keys in add_notices' one script already make every notice exactly once, so a
+    # redelivered or concurrent copy of an event changes nothing.
     bus.subscribe(
         CONSUMER,
         dict.fromkeys(NOTIFYING_EVENTS, on_call_event),
         scope=Scope.SERVICE,
+        marks_done=True,
     )
