@@ -271,11 +271,9 @@ def tap_receiver_rtp(receiver: RTCRtpReceiver, before: Callable[[RtpPacket], Non
         if nacks is None:
             return
         if codec.name == "rtx":
-            apt = codec.parameters.get("apt")
-            original_ssrc = rtx_ssrcs.get(packet.ssrc)
-            if original_ssrc is None or len(packet.payload) < 2 or apt not in codecs:
+            if (repaired := repaired_packet(packet, codec, codecs, rtx_ssrcs)) is None:
                 return
-            packet = unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)  # type: ignore[arg-type]
+            packet = repaired
         if nacks.add(packet):
             await receiver._send_rtcp_nack(packet.ssrc, sorted(nacks.missing))
 
@@ -324,6 +322,20 @@ def receiver_rtx_ssrcs(receiver: RTCRtpReceiver) -> dict[int, int]:
     """RTX ssrc -> the media ssrc it repairs, from the remote description."""
     ssrcs: dict[int, int] = receiver._RTCRtpReceiver__rtx_ssrc  # type: ignore[attr-defined]
     return ssrcs
+
+
+def repaired_packet(
+    packet: RtpPacket,
+    codec: RTCRtpCodecParameters,
+    codecs: dict[int, RTCRtpCodecParameters],
+    rtx_ssrcs: dict[int, int],
+) -> RtpPacket | None:
+    """The packet an RTX one (``codec`` is rtx) carries; None if it repairs no known stream."""
+    apt = codec.parameters.get("apt")
+    original_ssrc = rtx_ssrcs.get(packet.ssrc)
+    if original_ssrc is None or len(packet.payload) < 2 or apt not in codecs:
+        return None
+    return unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)  # type: ignore[arg-type]
 
 
 async def send_pli(receiver: RTCRtpReceiver, media_ssrc: int) -> None:

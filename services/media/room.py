@@ -718,11 +718,10 @@ class Room:
             if codec is None:
                 return
             if codec.name == "rtx":
-                apt = codec.parameters.get("apt")
-                original_ssrc = rtx_ssrcs.get(packet.ssrc)
-                if original_ssrc is None or len(packet.payload) < 2 or apt not in codecs:
+                repaired = internals.repaired_packet(packet, codec, codecs, rtx_ssrcs)
+                if repaired is None:
                     return
-                packet = internals.unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)  # type: ignore[arg-type]
+                packet = repaired
             else:
                 publication.media_ssrc = packet.ssrc
                 if audio and packet.extensions.audio_level is not None:
