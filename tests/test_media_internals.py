@@ -68,7 +68,7 @@ class FakePort:
     def refresh(self) -> None:
         pass
 
-    async def send(self, packet: RtpPacket) -> None:
+    def send(self, packet: RtpPacket) -> None:
         self.sent.append(packet)
 
 
@@ -76,7 +76,7 @@ def _packet(seq: int, ts: int, payload: bytes, ssrc: int = 99, pt: int = 96) -> 
     return RtpPacket(payload_type=pt, sequence_number=seq, timestamp=ts, ssrc=ssrc, payload=payload)
 
 
-async def test_video_waits_for_a_keyframe_and_stays_continuous_across_publishers() -> None:
+def test_video_waits_for_a_keyframe_and_stays_continuous_across_publishers() -> None:
     port = FakePort()
     requests: list[int] = []
     forwarder = Forwarder(
@@ -87,10 +87,10 @@ async def test_video_waits_for_a_keyframe_and_stays_continuous_across_publishers
         request_keyframe=lambda: requests.append(1),
         delays=DelayRecorder(window=16),
     )
-    await forwarder.forward(_packet(65534, 1000, VP8_DELTA), 0.0)
+    forwarder.forward(_packet(65534, 1000, VP8_DELTA), 0.0)
     assert port.sent == [] and requests == [1]  # held, keyframe asked for
     for seq, payload in ((65535, VP8_KEY), (0, b"\x00rest"), (1, VP8_DELTA)):
-        await forwarder.forward(_packet(seq, 2000, payload), 0.0)
+        forwarder.forward(_packet(seq, 2000, payload), 0.0)
     assert [p.payload for p in port.sent] == [VP8_KEY, b"\x00rest", VP8_DELTA]
     assert {p.payload_type for p in port.sent} == {120}
     assert {p.timestamp for p in port.sent} == {2000}
@@ -99,11 +99,11 @@ async def test_video_waits_for_a_keyframe_and_stays_continuous_across_publishers
     assert forwarder.out_timestamp(99, 2000) == 2000  # the first source's, as they are
     # The publisher rejoins: a new ssrc, numbering and timestamp base; the subscriber sees
     # the next sequence number and a timestamp just past the last one (time went on).
-    await forwarder.forward(_packet(500, 9000, VP8_KEY, ssrc=77), 0.0)
+    forwarder.forward(_packet(500, 9000, VP8_KEY, ssrc=77), 0.0)
     assert port.sent[-1].sequence_number == first + 3
     assert 2000 < port.sent[-1].timestamp < 2000 + 90_000
     shift = port.sent[-1].timestamp - 9000
-    await forwarder.forward(_packet(501, 12_000, VP8_DELTA, ssrc=77), 0.0)
+    forwarder.forward(_packet(501, 12_000, VP8_DELTA, ssrc=77), 0.0)
     assert port.sent[-1].timestamp == 12_000 + shift
     # Its sender reports are translated the same way (lip sync); the old source's are not.
     assert forwarder.out_timestamp(77, 15_000) == 15_000 + shift

@@ -9,9 +9,13 @@ in pyproject.toml for the same reason. All of these were unchanged from aiortc 1
 
 What is relied upon:
 
-- ``RTCRtpReceiver._handle_rtp_packet(packet, arrival_time_ms)``: wrapped per instance;
-  the SFU forwards first, then calls the original, which keeps receiver reports, NACKs
-  and REMB working. ``RTCRtpReceiver._handle_rtcp_packet(packet)``: wrapped to read the
+- ``RTCRtpReceiver._handle_rtp_packet(packet, arrival_time_ms)``: replaced per instance;
+  the SFU forwards first, then does the part of aiortc's handling it relies on, with the
+  receiver's own state (``_enabled``, ``__remote_bitrate_estimator`` and ``__rtcp_ssrc``
+  for REMB, ``__remote_streams`` for receiver reports, ``__nack_generator`` and
+  ``_send_rtcp_nack`` for NACKs), and skips what only feeds the decoder (payload
+  descriptors, the jitter buffer) or ``getSynchronizationSources``.
+  ``RTCRtpReceiver._handle_rtcp_packet(packet)``: wrapped to read the
   publisher's sender reports. ``RTCRtpReceiver._send_rtcp(packet)``: wrapped to lower
   the REMB the SFU sends. ``RTCRtpReceiver._send_rtcp_pli(media_ssrc)``: to ask the
   publisher for a keyframe. ``RTCRtpReceiver.__stop_decoder()``: the SFU never decodes.
@@ -24,8 +28,11 @@ What is relied upon:
   to serialize a forwarded packet as the sender would. ``__ntp_timestamp``,
   ``__rtp_timestamp``, ``__octet_count``, ``__packet_count``: what the sender's RTCP
   sender report carries (the publisher's NTP/RTP pair, for lip sync).
-- ``RTCDtlsTransport._send_rtp(data)``: SRTP-protect and send one serialized packet;
-  ``RTCDtlsTransport._handle_rtp_data(data, arrival_time_ms)``: wrapped per instance
+- ``RTCDtlsTransport._state``, ``_tx_srtp``, ``__tx_bytes``, ``__tx_packets``,
+  ``RTCIceTransport._connection``, ``aioice.Connection._nominated`` (component -> pair,
+  its ``protocol.transport`` and ``remote_addr``): to SRTP-protect and send one
+  serialized packet as ``RTCDtlsTransport._send_rtp(data)`` would, without its
+  coroutines; ``RTCDtlsTransport._handle_rtp_data(data, arrival_time_ms)``: wrapped per instance
   to timestamp a packet's arrival (the forwarding delay starts there).
 - ``RTCRtpTransceiver._codecs``: the negotiated codecs, set after the remote
   description to force a subscriber onto the publisher's codec.
@@ -33,8 +40,6 @@ What is relied upon:
   the answerer (``sendonly`` for the client's ``recvonly``): a group call's slots.
 - ``aiortc.rtp``: ``RtpPacket``, ``unwrap_rtx``, ``pack_remb_fci``/``unpack_remb_fci``,
   ``RTP_HISTORY_SIZE``, ``HeaderExtensionsMap``.
-- ``RTCRtpReceiver.__jitter_buffer``: replaced by a stand-in that assembles no frames
-  (frames are for the decoder, which is stopped).
 """
 
 from __future__ import annotations
@@ -54,9 +59,11 @@ from aioice.candidate import candidate_foundation, candidate_priority
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
 from aiortc import rtcicetransport as aiortc_icetransport
 from aiortc import rtp as aiortc_rtp
-from aiortc.jitterbuffer import JitterBuffer
+from aiortc.rate import RemoteBitrateEstimator
 from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtcrtpreceiver import NackGenerator, StreamStatistics
 from aiortc.rtp import (
     RTCP_PSFB_APP,
     RTCP_PSFB_FIR,
@@ -103,15 +110,19 @@ _METHODS: list[tuple[type, str, tuple[str, ...]]] = [
     (RTCRtpReceiver, "_handle_rtcp_packet", ("self", "packet")),
     (RTCRtpReceiver, "_send_rtcp", ("self", "packet")),
     (RTCRtpReceiver, "_send_rtcp_pli", ("self", "media_ssrc")),
+    (RTCRtpReceiver, "_send_rtcp_nack", ("self", "media_ssrc", "lost")),
     (RTCRtpReceiver, "_RTCRtpReceiver__stop_decoder", ("self",)),
     (RTCRtpSender, "_handle_rtcp_packet", ("self", "packet")),
-    (RTCDtlsTransport, "_send_rtp", ("self", "data")),
     (RTCDtlsTransport, "_handle_rtp_data", ("self", "data", "arrival_time_ms")),
 ]
 
 _RECEIVER_ATTRS: dict[str, type] = {
     "_RTCRtpReceiver__codecs": dict,
-    "_RTCRtpReceiver__jitter_buffer": JitterBuffer,
+    "_RTCRtpReceiver__remote_bitrate_estimator": RemoteBitrateEstimator,
+    "_RTCRtpReceiver__nack_generator": NackGenerator,
+    "_RTCRtpReceiver__remote_streams": dict,
+    "_RTCRtpReceiver__rtcp_ssrc": int,
+    "_enabled": bool,
     "_RTCRtpReceiver__rtx_ssrc": dict,
     "_RTCRtpReceiver__decoder_thread": object,
 }
@@ -125,6 +136,12 @@ _SENDER_ATTRS: dict[str, type] = {
     "_RTCRtpSender__packet_count": int,
 }
 _TRANSCEIVER_ATTRS: dict[str, type] = {"_codecs": list, "_offerDirection": str}
+_DTLS_ATTRS: dict[str, type] = {
+    "_state": DtlsState,
+    "_tx_srtp": object,
+    "_RTCDtlsTransport__tx_bytes": int,
+    "_RTCDtlsTransport__tx_packets": int,
+}
 
 
 async def check_internals() -> None:
@@ -166,6 +183,9 @@ async def check_internals() -> None:
             (transceiver.receiver, _RECEIVER_ATTRS),
             (transceiver.sender, _SENDER_ATTRS),
             (transceiver, _TRANSCEIVER_ATTRS),
+            (transceiver.sender.transport, _DTLS_ATTRS),
+            (transceiver.sender.transport.transport, {"_connection": aioice.Connection}),
+            (transceiver.sender.transport.transport._connection, {"_nominated": dict}),
         ):
             for attr, kind in attrs.items():
                 if not hasattr(owner, attr):
@@ -186,17 +206,76 @@ async def check_internals() -> None:
 # --------------------------------------------------------------------------- receiver side
 
 
-def tap_receiver_rtp(
-    receiver: RTCRtpReceiver, before: Callable[[RtpPacket], Awaitable[None] | None]
-) -> None:
-    """Call ``before(packet)`` for every RTP packet, then aiortc's own handling."""
-    original: RtpHandler = receiver._handle_rtp_packet
+REMB_INTERVAL_MS = 200
+REMB_DROP = 0.97
+
+
+class _RembThrottle:
+    """libwebrtc's REMB throttle: a REMB at most every ``REMB_INTERVAL_MS``, unless the
+    estimate fell under ``REMB_DROP`` of the last one sent. aiortc's estimator returns one
+    every 500 ms, but on every packet while it detects overuse."""
+
+    __slots__ = ("_bitrate", "_sent_at_ms")
+
+    def __init__(self) -> None:
+        self._bitrate = 0
+        self._sent_at_ms: int | None = None
+
+    def __call__(self, bitrate: int, now_ms: int) -> bool:
+        if (
+            self._sent_at_ms is not None
+            and now_ms - self._sent_at_ms < REMB_INTERVAL_MS
+            and bitrate >= self._bitrate * REMB_DROP
+        ):
+            return False
+        self._bitrate, self._sent_at_ms = bitrate, now_ms
+        return True
+
+
+def tap_receiver_rtp(receiver: RTCRtpReceiver, before: Callable[[RtpPacket], None]) -> None:
+    """Call ``before(packet)`` for every RTP packet, then what the SFU keeps of aiortc's
+    own handling: the bitrate estimate (REMB, throttled), the statistics of the receiver
+    reports and, for video, the NACK generator (on the repaired packet, for RTX)."""
+    codecs = receiver_codecs(receiver)
+    rtx_ssrcs = receiver_rtx_ssrcs(receiver)
+    streams: dict[int, StreamStatistics] = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
+    estimator: RemoteBitrateEstimator | None = receiver._RTCRtpReceiver__remote_bitrate_estimator  # type: ignore[attr-defined]
+    nacks: NackGenerator | None = receiver._RTCRtpReceiver__nack_generator  # type: ignore[attr-defined]
+    remb_due = _RembThrottle()
 
     async def handle(packet: RtpPacket, arrival_time_ms: int) -> None:
-        pending = before(packet)
-        if pending is not None:
-            await pending
-        await original(packet, arrival_time_ms)
+        before(packet)
+        if not receiver._enabled:
+            return
+        if estimator is not None and packet.extensions.abs_send_time is not None:
+            remb = estimator.add(
+                abs_send_time=packet.extensions.abs_send_time,
+                arrival_time_ms=arrival_time_ms,
+                payload_size=len(packet.payload) + packet.padding_size,
+                ssrc=packet.ssrc,
+            )
+            rtcp_ssrc = receiver._RTCRtpReceiver__rtcp_ssrc  # type: ignore[attr-defined]
+            if rtcp_ssrc is not None and remb is not None and remb_due(remb[0], arrival_time_ms):
+                await receiver._send_rtcp(
+                    RtcpPsfbPacket(
+                        fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(*remb)
+                    )
+                )
+        codec = codecs.get(packet.payload_type)
+        if codec is None:
+            return
+        stream = streams.get(packet.ssrc)
+        if stream is None:
+            stream = streams[packet.ssrc] = StreamStatistics(codec.clockRate)
+        stream.add(packet)
+        if nacks is None:
+            return
+        if codec.name == "rtx":
+            if (repaired := repaired_packet(packet, codec, codecs, rtx_ssrcs)) is None:
+                return
+            packet = repaired
+        if nacks.add(packet):
+            await receiver._send_rtcp_nack(packet.ssrc, sorted(nacks.missing))
 
     receiver._handle_rtp_packet = handle  # type: ignore[method-assign]
 
@@ -228,19 +307,10 @@ def tap_receiver_outgoing_rtcp(
     receiver._send_rtcp = send  # type: ignore[method-assign]
 
 
-class _NoFrames:
-    """Stands in for the receiver's jitter buffer, which only assembles frames for the
-    decoder: a forwarding receiver assembles none (and asks for no keyframe on its own)."""
-
-    def add(self, packet: RtpPacket) -> tuple[bool, None]:
-        return False, None
-
-
 def stop_decoder(receiver: RTCRtpReceiver) -> None:
-    """Stop (and never start again) the receiver's decoder thread and frame assembly."""
+    """Stop (and never start again) the receiver's decoder thread: nothing is decoded."""
     if receiver._RTCRtpReceiver__decoder_thread is not None:  # type: ignore[attr-defined]
         receiver._RTCRtpReceiver__stop_decoder()  # type: ignore[attr-defined]
-    receiver._RTCRtpReceiver__jitter_buffer = _NoFrames()  # type: ignore[attr-defined]
 
 
 def receiver_codecs(receiver: RTCRtpReceiver) -> dict[int, RTCRtpCodecParameters]:
@@ -252,6 +322,20 @@ def receiver_rtx_ssrcs(receiver: RTCRtpReceiver) -> dict[int, int]:
     """RTX ssrc -> the media ssrc it repairs, from the remote description."""
     ssrcs: dict[int, int] = receiver._RTCRtpReceiver__rtx_ssrc  # type: ignore[attr-defined]
     return ssrcs
+
+
+def repaired_packet(
+    packet: RtpPacket,
+    codec: RTCRtpCodecParameters,
+    codecs: dict[int, RTCRtpCodecParameters],
+    rtx_ssrcs: dict[int, int],
+) -> RtpPacket | None:
+    """The packet an RTX one (``codec`` is rtx) carries; None if it repairs no known stream."""
+    apt = codec.parameters.get("apt")
+    original_ssrc = rtx_ssrcs.get(packet.ssrc)
+    if original_ssrc is None or len(packet.payload) < 2 or apt not in codecs:
+        return None
+    return unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)  # type: ignore[arg-type]
 
 
 async def send_pli(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
@@ -293,7 +377,8 @@ class SenderPort:
     def started(self) -> bool:
         return self._mid is not None
 
-    async def send(self, packet: RtpPacket) -> None:
+    def send(self, packet: RtpPacket) -> None:
+        """Raises ConnectionError while the subscriber's transport is not connected."""
         packet.ssrc = self.ssrc
         packet.extensions.mid = self._mid
         packet.extensions.abs_send_time = abs_send_time()
@@ -302,7 +387,7 @@ class SenderPort:
         sender = self._sender
         sender._RTCRtpSender__octet_count += len(packet.payload)  # type: ignore[attr-defined]
         sender._RTCRtpSender__packet_count += 1  # type: ignore[attr-defined]
-        await self._transport._send_rtp(data)
+        send_rtp(self._transport, data)
 
     def set_sender_report(self, ntp_timestamp: int, rtp_timestamp: int) -> None:
         """What the sender's next RTCP SR says: the publisher's own NTP/RTP pair."""
@@ -311,6 +396,22 @@ class SenderPort:
 
 
 # --------------------------------------------------------------------------- transport
+
+
+def send_rtp(transport: RTCDtlsTransport, data: bytes) -> None:
+    """``RTCDtlsTransport._send_rtp(data)`` for an RTP packet without its five coroutines
+    (it awaits aioice's ``Connection.send`` -> ``sendto`` -> ``StunProtocol.send_data``,
+    none of which waits): SRTP-protect and ``sendto`` on the nominated pair's socket,
+    counted in the transport's statistics."""
+    if transport._state != DtlsState.CONNECTED:
+        raise ConnectionError("Cannot send encrypted RTP, not connected")
+    pair = transport.transport._connection._nominated.get(1)
+    if pair is None:
+        raise ConnectionError("Cannot send data, not connected")
+    data = transport._tx_srtp.protect(data)
+    pair.protocol.transport.sendto(data, pair.remote_addr)
+    transport._RTCDtlsTransport__tx_bytes += len(data)  # type: ignore[attr-defined]
+    transport._RTCDtlsTransport__tx_packets += 1  # type: ignore[attr-defined]
 
 
 def tap_arrival(transport: RTCDtlsTransport, stamp: Callable[[], None]) -> None:

@@ -123,7 +123,7 @@ class Forwarder:
             return None
         return (timestamp + self._ts_offset) & 0xFFFFFFFF
 
-    async def forward(self, packet: RtpPacket, arrived_at: float) -> None:
+    def forward(self, packet: RtpPacket, arrived_at: float) -> None:
         if not self.port.started:
             self.port.refresh()
             if not self.port.started:
@@ -170,7 +170,7 @@ class Forwarder:
         if packet.extensions.audio_level is not None:
             out.extensions.audio_level = packet.extensions.audio_level
         try:
-            await self.port.send(out)
+            self.port.send(out)
         except ConnectionError:
             return
         self.counters.packets += 1

@@ -706,7 +706,7 @@ class Room:
         user_id = participant.user_id
         audio = publication.kind == "audio"
 
-        def on_rtp(packet: internals.RtpPacket) -> Coroutine[Any, Any, None] | None:
+        def on_rtp(packet: internals.RtpPacket) -> None:
             participant.packets_in += 1
             participant.bytes_in += len(packet.payload)
             now = time.monotonic()
@@ -716,25 +716,20 @@ class Room:
                 publication.decoder_stopped = True
             codec = codecs.get(packet.payload_type)
             if codec is None:
-                return None
+                return
             if codec.name == "rtx":
-                apt = codec.parameters.get("apt")
-                original_ssrc = rtx_ssrcs.get(packet.ssrc)
-                if original_ssrc is None or len(packet.payload) < 2 or apt not in codecs:
-                    return None
-                packet = internals.unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)  # type: ignore[arg-type]
+                repaired = internals.repaired_packet(packet, codec, codecs, rtx_ssrcs)
+                if repaired is None:
+                    return
+                packet = repaired
             else:
                 publication.media_ssrc = packet.ssrc
                 if audio and packet.extensions.audio_level is not None:
                     participant.hear(packet.extensions.audio_level[1], now)
             if pending.get(user_id) is participant:
                 self.promote(participant)
-            targets = publication.targets  # none for a replaced session: media goes nowhere
-            if not targets:
-                return None
-            if len(targets) == 1:
-                return targets[0].forward(packet, participant.arrived_at)
-            return _forward_each(targets, packet, participant.arrived_at)
+            for target in publication.targets:  # none for a replaced session
+                target.forward(packet, participant.arrived_at)
 
         def on_rtcp(packet: Any) -> None:
             if participants.get(user_id) is not participant:
@@ -1005,11 +1000,6 @@ def _clock_rate(publication: Publication) -> int | None:
 
 def _nothing() -> None:
     return None
-
-
-async def _forward_each(targets: list[Forwarder], packet: Any, arrived_at: float) -> None:
-    for forwarder in list(targets):
-        await forwarder.forward(packet, arrived_at)
 
 
 def _keep(participant: Participant) -> None:
