@@ -40,6 +40,12 @@ def test_cpu_targets_are_read_per_kind_of_process_and_summed_over_its_processes(
     assert everything["met"] is True
 
 
+def test_the_reports_own_mix_in_percent_counts_as_answered_only() -> None:
+    report = _answered({"signaling:8001": 2.0})
+    report["config"]["mix"] = "answered=100"  # what format_mix writes into the report
+    assert _rows(report)["signaling CPU per answered call"]["met"] is True
+
+
 def test_cpu_per_answered_call_is_not_claimed_from_another_mix() -> None:
     report = _answered({"signaling:8001": 1.0, "rabbitmq": 0.1, "redis": 0.1})
     report["config"]["mix"] = "answered=0.5,missed=0.5"

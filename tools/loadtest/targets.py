@@ -56,10 +56,11 @@ def _cpu(report: dict[str, Any], service: str) -> float | None:
 
 
 def _answered_only(report: dict[str, Any]) -> bool:
+    """A 1:1 run whose every call was answered (the report's mix, e.g. ``answered=100``,
+    names answered alone: weights are percent there, fractions on the command line)."""
     config = report.get("config") or {}
-    return config.get("scenario", "calls") == "calls" and str(config.get("mix", "")).replace(
-        " ", ""
-    ) in ("answered=1", "answered=1.0")
+    outcomes = {part.split("=")[0].strip() for part in str(config.get("mix", "")).split(",")}
+    return config.get("scenario", "calls") == "calls" and outcomes == {"answered"}
 
 
 def _cpu_target(service: str) -> Callable[[dict[str, Any]], float | None]:
