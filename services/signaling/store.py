@@ -80,7 +80,7 @@ from services.signaling.domain import (
 )
 from shared.bus import AlreadyHandled
 from shared.contracts import CallState, EndReason, Event, MediaKind, RejectReason
-from shared.redis import KeySpace
+from shared.redis import KeySpace, hgetall_many
 from shared.settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -547,10 +547,7 @@ class CallStore:
     async def get_many(self, call_ids: Sequence[str]) -> list[Call]:
         if not call_ids:
             return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for call_id in call_ids:
-                pipe.hgetall(self.call_key(call_id))
-            rows = await pipe.execute()
+        rows = await hgetall_many(self.redis, map(self.call_key, call_ids))
         return [decode_call(row) for row in rows if row]
 
     async def live_calls(self, user: str) -> list[Call]:
