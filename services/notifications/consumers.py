@@ -5,9 +5,9 @@ handles each event, however many run. Exactly once: each (user, call, kind) is m
 (its ``once`` key in store.py), and an event's notifications are made in one script
 (stream entries, inbox, unread flags, push jobs, live wake-ups), so a redelivery, or a
 republished event with a new event id, makes nothing twice; a crash before the script
-leaves nothing behind, and the redelivery does the work. The bus's own dedup of the event
-id only saves that redelivery the script. An event that notifies nobody (a group call's
-``call_ended``) costs no Redis write of ours.
+leaves nothing behind, and the redelivery does the work. So the consumer subscribes with
+``marks_done`` and writes no done mark: the bus neither claims nor marks its events. An
+event that notifies nobody (a group call's ``call_ended``) costs no Redis write of ours.
 """
 
 from __future__ import annotations
@@ -36,9 +36,7 @@ def register(bus: Bus, store: NotificationStore) -> None:
             ", ".join(f"{n.kind.value} -> {n.user}" for n in notices) or "nothing",
         )
 
-    # marks_done: no claim and no done mark from the bus (two round trips an event): the
-    # once-keys in add_notices' one script already make every notice exactly once, so a
-    # redelivered or concurrent copy of an event changes nothing.
+    # marks_done: no claim and no done mark from the bus (two round trips an event fewer).
     bus.subscribe(
         CONSUMER,
         dict.fromkeys(NOTIFYING_EVENTS, on_call_event),
