@@ -47,6 +47,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -331,7 +332,7 @@ class PushWorker:
                 self._random.random,
             )
             if attempt.not_before_s is not None:  # a breaker's cool-off: no sooner than that
-                delay = max(delay, int(attempt.not_before_s * 1000))
+                delay = max(delay, math.ceil(attempt.not_before_s * 1000))
             record["next_attempt_at"] = iso(datetime.fromtimestamp((_now_ms() + delay) / 1000, UTC))
             retry = (job.next_attempt(), _now_ms() + delay)
         elif attempt.outcome is Outcome.DEAD_LETTERED:

@@ -173,6 +173,11 @@ class Breakers:
 
     threshold: int
     cooloff_s: float
+    slack_s: float = 0.05
+    """A trial asked for this close to the cool-off's end goes ahead: the retry that waited
+    for the end is due by the wall clock in whole milliseconds while the breaker keeps
+    monotonic time, so it can arrive a few milliseconds "early" and must not be turned away
+    for that (it may be the job's last attempt)."""
     _by_target: dict[str, _Breaker] = field(default_factory=dict)
 
     def allow(self, target: str, now: float) -> float | None:
@@ -182,7 +187,7 @@ class Breakers:
         if breaker is None or breaker.state is BreakerState.CLOSED:
             return None
         if breaker.state is BreakerState.OPEN:
-            if now < breaker.open_until:
+            if now < breaker.open_until - self.slack_s:
                 return breaker.open_until - now
             breaker.state = BreakerState.HALF_OPEN
         if breaker.trial_running:
