@@ -118,7 +118,11 @@ def create_service_app(
             # the spans of the last seconds would wait for a batch that never comes
             await asyncio.to_thread(provider.force_flush, 2000)
 
-    provider = telemetry.setup_tracing(service, settings.otel_exporter_otlp_endpoint)
+    provider = telemetry.setup_tracing(
+        service,
+        settings.otel_exporter_otlp_endpoint,
+        sampled=telemetry.sampler(settings.otel_traces_sampler, settings.otel_traces_sampler_arg),
+    )
     app = FastAPI(
         title=f"dmcall {service}",
         description=description,

@@ -20,12 +20,25 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_JWT_SECRET = "dmcall-development-secret-do-not-deploy"
 DEV_MEDIA_TOKEN_SECRET = "dmcall-development-media-secret-do-not-deploy"
+DEFAULT_TRACE_SAMPLE_RATIO = 0.01
+"""The share of new traces kept unless ``OTEL_TRACES_SAMPLER_ARG`` says otherwise."""
 
 
 class Environment(StrEnum):
     DEVELOPMENT = "development"
     TEST = "test"
     PRODUCTION = "production"
+
+
+class TraceSampler(StrEnum):
+    """``OTEL_TRACES_SAMPLER``'s values that dmcall accepts (the SDK's own names)."""
+
+    ALWAYS_ON = "always_on"
+    ALWAYS_OFF = "always_off"
+    TRACEIDRATIO = "traceidratio"
+    PARENTBASED_ALWAYS_ON = "parentbased_always_on"
+    PARENTBASED_ALWAYS_OFF = "parentbased_always_off"
+    PARENTBASED_TRACEIDRATIO = "parentbased_traceidratio"
 
 
 def _default_instance_id() -> str:
@@ -181,6 +194,19 @@ class CommonSettings(BaseSettings):
     log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"))
     otel_exporter_otlp_endpoint: str | None = Field(
         None, validation_alias=_env("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+    otel_traces_sampler: TraceSampler = Field(
+        TraceSampler.PARENTBASED_TRACEIDRATIO,
+        validation_alias=_env("OTEL_TRACES_SAMPLER"),
+        description="Which traces are recorded, by the OpenTelemetry SDK's names (the "
+        "parentbased_ ones follow a caller's traceparent).",
+    )
+    otel_traces_sampler_arg: float = Field(
+        DEFAULT_TRACE_SAMPLE_RATIO,
+        ge=0.0,
+        le=1.0,
+        validation_alias=_env("OTEL_TRACES_SAMPLER_ARG"),
+        description="The share of new traces the traceidratio samplers keep (0 to 1).",
     )
 
     @model_validator(mode="after")

@@ -5,10 +5,10 @@ comes from shared/service.py's telemetry middleware (a ``traceparent`` header co
 the caller's trace), and the bus carries the W3C ``traceparent`` in AMQP headers (see
 shared/bus.py), so a consumer's span is a child of the publisher's.
 
-Traces are sampled: ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` as the
-OpenTelemetry SDK reads them; unset, ``parentbased_traceidratio`` at
-:data:`DEFAULT_SAMPLE_RATIO` (a new trace is kept at that ratio, a continued one as its
-parent says). An unsampled trace still has its trace id (in logs, and in the events it
+Traces are sampled: ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` with the
+OpenTelemetry SDK's names, read and checked by the settings (shared/settings.py); unset,
+``parentbased_traceidratio`` at 1% (a new trace is kept at that ratio, a continued one as
+its parent says). An unsampled trace still has its trace id (in logs, and in the events it
 publishes, so the next service decides alike) but its spans record nothing. Sampled
 spans are exported over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; otherwise
 they go nowhere.
@@ -17,7 +17,6 @@ they go nowhere.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -36,6 +35,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from shared.settings import DEFAULT_TRACE_SAMPLE_RATIO, TraceSampler
 
 _provider: TracerProvider | None = None
 
@@ -144,25 +145,32 @@ def setup_logging(service: str, level: str = "INFO") -> None:
 # --------------------------------------------------------------------------- traces
 
 
-DEFAULT_SAMPLE_RATIO = 0.01
-"""The share of new traces kept when ``OTEL_TRACES_SAMPLER`` is not set."""
-
-
-def _sampler() -> sampling.Sampler | None:
-    if os.environ.get("OTEL_TRACES_SAMPLER"):
-        return None  # the SDK reads it (and its argument) from the environment
-    ratio = os.environ.get("OTEL_TRACES_SAMPLER_ARG")
-    return sampling.ParentBasedTraceIdRatio(float(ratio) if ratio else DEFAULT_SAMPLE_RATIO)
+def sampler(name: TraceSampler, ratio: float) -> sampling.Sampler:
+    """The sampler ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` name (validated by
+    the settings, so a typo stops the service at start with the field's name)."""
+    return {
+        TraceSampler.ALWAYS_ON: lambda: sampling.ALWAYS_ON,
+        TraceSampler.ALWAYS_OFF: lambda: sampling.ALWAYS_OFF,
+        TraceSampler.TRACEIDRATIO: lambda: sampling.TraceIdRatioBased(ratio),
+        TraceSampler.PARENTBASED_ALWAYS_ON: lambda: sampling.ParentBased(sampling.ALWAYS_ON),
+        TraceSampler.PARENTBASED_ALWAYS_OFF: lambda: sampling.ParentBased(sampling.ALWAYS_OFF),
+        TraceSampler.PARENTBASED_TRACEIDRATIO: lambda: sampling.ParentBasedTraceIdRatio(ratio),
+    }[name]()
 
 
 def setup_tracing(
-    service: str, otlp_endpoint: str | None, *, extra_processor: SpanProcessor | None = None
+    service: str,
+    otlp_endpoint: str | None,
+    *,
+    sampled: sampling.Sampler | None = None,
+    extra_processor: SpanProcessor | None = None,
 ) -> TracerProvider:
-    """Install the process's tracer provider once; later calls return the same one."""
+    """Install the process's tracer provider once; later calls return the same one.
+    ``sampled`` unset: the settings' default (``parentbased_traceidratio`` at 1%)."""
     global _provider
     if _provider is None:
         _provider = TracerProvider(
-            sampler=_sampler(),
+            sampler=sampled or sampling.ParentBasedTraceIdRatio(DEFAULT_TRACE_SAMPLE_RATIO),
             resource=Resource.create({"service.name": f"dmcall-{service}"}),
         )
         if otlp_endpoint:
