@@ -27,8 +27,8 @@ class PolicySettings(CommonSettings):
         0,
         ge=0,
         description="How long the two parties of a call policy authorized are kept, so "
-        "either can report the other. 0 keeps them for ever, as long as signaling keeps its "
-        "call history (no expiry); set it when history gets a retention.",
+        "either can report the other. 0 keeps them for ever; set it to signaling's "
+        "SIGNALING_CALL_RETENTION_S, so a call is reportable as long as history shows it.",
     )
     reports_per_hour: int = Field(
         20,

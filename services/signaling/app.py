@@ -50,7 +50,12 @@ def create_app(settings: SignalingSettings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def setup(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
-        store = CallStore(runtime.redis, settings, outbox_lease_ms=settings.outbox_lease_ms)
+        store = CallStore(
+            runtime.redis,
+            settings,
+            outbox_lease_ms=settings.outbox_lease_ms,
+            call_retention_s=settings.call_retention_s,
+        )
         hub = Hub(
             store,
             runtime.bus,

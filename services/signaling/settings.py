@@ -54,6 +54,14 @@ class SignalingSettings(CommonSettings):
     )
     media_token_ttl_s: int = Field(120, ge=10, le=3600)
     idempotency_ttl_s: int = Field(86_400, ge=60)
+    call_retention_s: int = Field(
+        0,
+        ge=0,
+        description="How long call history is kept: an ended call's record expires this "
+        "long after its last change, and a user's history lists the calls placed within "
+        "it. 0 keeps both for ever (Redis grows ~1.2 KB a call). At least "
+        "SIGNALING_IDEMPOTENCY_TTL_S, so a retried placement still finds its call.",
+    )
     ws_max_message_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
     ws_messages_per_s: int = Field(
         50,
@@ -146,6 +154,15 @@ class SignalingSettings(CommonSettings):
     @classmethod
     def _ice_urls(cls, urls: list[str]) -> list[str]:
         return [check_ice_url(raw) for raw in urls]
+
+    @model_validator(mode="after")
+    def _retention_covers_idempotency(self) -> SignalingSettings:
+        if 0 < self.call_retention_s < self.idempotency_ttl_s:
+            raise ValueError(
+                "SIGNALING_CALL_RETENTION_S must be 0 (for ever) or at least "
+                "SIGNALING_IDEMPOTENCY_TTL_S: a retried placement must find the call it made"
+            )
+        return self
 
     @model_validator(mode="after")
     def _turn_secret_when_relaying(self) -> SignalingSettings:

@@ -20,7 +20,10 @@ Keys (``<p>`` is the deployment's prefix, ``dmcall`` or ``dmcall:<namespace>``; 
 - ``<p>:signaling:history:<user>``: ZSET, all scores 0, members call ids; call ids are
   time-ordered hex, so lexicographic order is time order (newest = greatest). The callee's
   entry appears when the call rings (never for a call policy rejected); a group call's
-  participant's once it rang for them or they joined.
+  participant's once it rang for them or they joined. With ``SIGNALING_CALL_RETENTION_S``
+  a commit that adds to it removes the calls placed before the retention and sets the
+  key's TTL to it (a user who stops calling loses the key); the call hash of an ended call
+  gets the same TTL from the commit that ends it (a later commit renews it).
 - ``<p>:signaling:ring_deadlines``: ZSET call_id -> ring deadline (Unix ms). Every live
   instance polls it; the commit that moves the call to ``missed`` (a group call: every
   invitee it still rings for) removes the entry, and the version check lets exactly one
@@ -182,6 +185,15 @@ for _, o in ipairs(plan.outbox) do
   redis.call('ZADD', KEYS[2], o[3], o[1])
 end
 if plan.done then redis.call('SET', plan.done[1], 'done', 'EX', plan.done[2]) end
+if plan.expire then
+  for _, op in ipairs(plan.expire) do redis.call('PEXPIRE', op[1], op[2]) end
+end
+if plan.trim then
+  for _, k in ipairs(plan.trim.keys) do
+    redis.call('ZREMRANGEBYLEX', k, '-', '(' .. plan.trim.below)
+    redis.call('PEXPIRE', k, plan.trim.ttl)
+  end
+end
 if plan.presence then
   return {1, presence_of(plan.presence[1], plan.presence[2], plan.presence[3])}
 end
@@ -476,13 +488,28 @@ class Commit:
     done: tuple[str, int] | None = None
     """The bus's done mark of the event this commit handles (``Delivery.done_mark``): the
     commit fails (AlreadyHandled) if it is set, else sets it."""
+    expire: list[list[str]] = field(default_factory=list)
+    """[key, ms]: the key expires that long after the commit (an ended call's record)."""
+    history: set[str] = field(default_factory=set)
+    """History keys the commit adds to: with a retention, trimmed and given its TTL."""
 
 
 class CallStore:
     """Calls, their indexes, the outbox, presence and rate limits in Redis."""
 
-    def __init__(self, redis: Redis, settings: CommonSettings, *, outbox_lease_ms: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: CommonSettings,
+        *,
+        outbox_lease_ms: int,
+        call_retention_s: int = 0,
+    ) -> None:
+        """``call_retention_s`` (0: for ever) bounds the call history: an ended call's
+        record expires that long after its last change, and a history keeps the calls
+        placed within it."""
         self.redis = redis
+        self._retention_ms = call_retention_s * 1000
         self.keys = KeySpace(settings, "signaling")
         self.ring_key = self.keys("ring_deadlines")
         self.rejoin_key = self.keys("rejoin_deadlines")
@@ -577,8 +604,9 @@ class CallStore:
     ) -> tuple[list[Call], str | None]:
         """Up to ``limit`` calls older than ``before``, newest first, and the next cursor."""
         upper = f"({before}" if before else "+"
+        lower = f"({self._history_cutoff()}" if self._retention_ms else "-"
         raw = await self.redis.zrevrangebylex(
-            self.history_key(user), upper, "-", start=0, num=limit
+            self.history_key(user), upper, lower, start=0, num=limit
         )
         ids = [_text(i) for i in raw]
         cursor = ids[-1] if len(ids) == limit else None
@@ -616,6 +644,17 @@ class CallStore:
             commit.zadd.append([self.rejoin_key, str(_ms(after.rejoin_deadline)), cid])
         elif before is not None and before.rejoin_deadline is not None:
             commit.zrem.append([self.rejoin_key, cid])
+        if self._retention_ms and after.state not in LIVE_STATES:
+            commit.expire.append([self.call_key(cid), str(self._retention_ms)])
+
+    def _add_history(self, commit: Commit, user: str, call_id: str) -> None:
+        key = self.history_key(user)
+        commit.zadd.append([key, "0", call_id])
+        commit.history.add(key)
+
+    def _history_cutoff(self) -> str:
+        """The least call id placed within the retention (ids start with their Unix ms)."""
+        return f"{int(time.time() * 1000) - self._retention_ms:012x}"
 
     def _stage_one_to_one(self, commit: Commit, before: Call | None, after: Call) -> None:
         cid = after.call_id
@@ -631,9 +670,9 @@ class CallStore:
             commit.zrem.append([self.history_key(after.caller), cid])
             commit.zrem.append([self.history_key(callee), cid])
         else:
-            commit.zadd.append([self.history_key(after.caller), "0", cid])
+            self._add_history(commit, after.caller, cid)
             if after.state in _RANG_STATES:
-                commit.zadd.append([self.history_key(callee), "0", cid])
+                self._add_history(commit, callee, cid)
         if after.state is CallState.RINGING and after.ring_deadline is not None:
             commit.zadd.append([self.ring_key, str(_ms(after.ring_deadline)), cid])
         elif before is not None and before.state is CallState.RINGING:
@@ -654,7 +693,7 @@ class CallStore:
             else:
                 commit.srem.append([self.live_key(user), cid])
             if user == after.caller or part.rung or part.joined_at is not None:
-                commit.zadd.append([self.history_key(user), "0", cid])
+                self._add_history(commit, user, cid)
         if live and after.ring_deadline is not None and after.ringing():
             commit.zadd.append([self.ring_key, str(_ms(after.ring_deadline)), cid])
         elif before is not None:
@@ -705,6 +744,14 @@ class CallStore:
             plan["release"] = commit.group_release
         if commit.done is not None:
             plan["done"] = commit.done
+        if commit.expire:
+            plan["expire"] = commit.expire
+        if self._retention_ms and commit.history:
+            plan["trim"] = {
+                "keys": sorted(commit.history),
+                "below": self._history_cutoff(),
+                "ttl": self._retention_ms,
+            }
         if devices_of:
             plan["presence"] = [*self._presence_keys(devices_of), self.keys("instance", "")]
         result = await self._commit(

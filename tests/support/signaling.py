@@ -349,21 +349,28 @@ class InProcess:
 
 async def in_process(make_settings: Callable[..., Any]) -> AsyncIterator[Callable[..., Any]]:
     """The ``in_process`` fixture: ``await in_process(2)`` is that many ``InProcess``
-    instances (``sig-0``, ``sig-1``...) of the test's namespace, with ``NODE`` registered;
+    instances (``sig-0``, ``sig-1``...) of the test's namespace, with ``NODE`` registered
+    (``await in_process(1, call_retention_s=...)``: with those settings);
     closed after the test. Their outbox lease is short (500 ms), so a test can outlive one."""
     opened: list[tuple[Bus, Redis]] = []
 
-    async def make(count: int = 1) -> list[InProcess]:
+    async def make(count: int = 1, **overrides: Any) -> list[InProcess]:
         out = []
         for index in range(count):
             settings: SignalingSettings = make_settings(
-                SignalingSettings, instance_id=f"sig-{index}", outbox_lease_ms=500
+                SignalingSettings,
+                **{"instance_id": f"sig-{index}", "outbox_lease_ms": 500, **overrides},
             )
             redis = shared_redis.connect(settings, name=f"test-signaling-{index}")
             bus = Bus(settings, redis, "signaling")
             await asyncio.wait_for(bus.start(), 15)
             opened.append((bus, redis))
-            store = CallStore(redis, settings, outbox_lease_ms=settings.outbox_lease_ms)
+            store = CallStore(
+                redis,
+                settings,
+                outbox_lease_ms=settings.outbox_lease_ms,
+                call_retention_s=settings.call_retention_s,
+            )
             registry = MediaRegistry(redis, settings)
             await registry.heartbeat(NODE, ttl_s=300)
             hub = Hub(store, bus, settings.instance_id)
