@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -250,9 +251,15 @@ def test_signaling_mints_turn_credentials_with_coturns_secret(
 
 
 def test_only_the_services_reach_redis_and_rabbitmq(rendered: dict[str, list[Obj]]) -> None:
-    pods = deploy_check._pods(rendered["prod"])
-    for policy_name, store in (("redis", "redis"), ("rabbitmq", "rabbitmq")):
-        policy = find(rendered["prod"], "NetworkPolicy", policy_name)
+    services = {"signaling", "policy", "notifications", "media"}
+    for overlay, policy_name, peers_expected in (
+        ("dev", "redis", {*services, "redis"}),
+        ("prod", "redis", {*services, "redis", "redis-sentinel"}),
+        ("prod", "redis-sentinel", {*services, "redis", "redis-sentinel"}),
+        ("prod", "rabbitmq", {*services, "rabbitmq"}),
+    ):
+        pods = deploy_check._pods(rendered[overlay])
+        policy = find(rendered[overlay], "NetworkPolicy", policy_name)
         peers = [p for rule in policy["spec"]["ingress"] for p in rule.get("from", [])]
         allowed = {
             pod.labels["app.kubernetes.io/name"]
@@ -261,7 +268,33 @@ def test_only_the_services_reach_redis_and_rabbitmq(rendered: dict[str, list[Obj
             for pod in pods
             if deploy_check.selector_matches(peer["podSelector"], pod.labels)
         }
-        assert allowed == {"signaling", "policy", "notifications", "media", store}
+        assert allowed == peers_expected, (overlay, policy_name)
+
+
+def test_prod_fails_redis_over_through_three_sentinels_and_dev_has_none(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    config = next(o for o in rendered["prod"] if o["metadata"]["name"].startswith("dmcall-config"))[
+        "data"
+    ]
+    sentinels = config["REDIS_SENTINELS"].split(",")
+    assert len(sentinels) == 3 and config["REDIS_SENTINEL_MASTER"] == "dmcall"
+    workload = find(rendered["prod"], "StatefulSet", "redis-sentinel")
+    assert workload["spec"]["replicas"] == 3
+    [script] = container(workload)["args"]
+    assert "sentinel monitor dmcall $primary 6379 2" in script  # quorum 2 of 3
+    # A Redis pod asks the Sentinels for its role: a restarted old primary rejoins as a replica.
+    [redis_script] = container(find(rendered["prod"], "StatefulSet", "redis"))["args"]
+    assert "get-master-addr-by-name dmcall" in redis_script
+    assert '--replica-announce-ip "$me"' in redis_script
+    for text in (script, redis_script):  # both parse as the image's sh would (dash)
+        checked = subprocess.run(["sh", "-n", "-c", text], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr
+    dev_config = next(
+        o for o in rendered["dev"] if o["metadata"]["name"].startswith("dmcall-config")
+    )["data"]
+    assert "REDIS_SENTINELS" not in dev_config
+    assert not [o for o in rendered["dev"] if o["metadata"]["name"] == "redis-sentinel"]
 
 
 # --------------------------------------------------------------------------- broken copies
@@ -413,6 +446,27 @@ def test_a_broken_manifest_file_fails_the_rendered_checks(k8s_tree: Path) -> Non
             "policy",
             lambda o: o["spec"]["scaleTargetRef"].update({"name": "polic"}),
             "HorizontalPodAutoscaler/policy: scale target",
+        ),
+        (
+            "StatefulSet",
+            "redis-sentinel",
+            lambda o: o["spec"].update({"replicas": 2}),
+            "REDIS_SENTINELS: redis-sentinel-2.redis-sentinel:26379: StatefulSet/redis-sentinel "
+            "has no pod redis-sentinel-2",
+        ),
+        (
+            "StatefulSet",
+            "redis-sentinel",
+            lambda o: container(o).update(
+                {"args": [container(o)["args"][0].replace("monitor dmcall", "monitor mymaster")]}
+            ),
+            "StatefulSet/redis-sentinel: its Sentinels do not monitor 'dmcall'",
+        ),
+        (
+            "Service",
+            "redis-sentinel",
+            lambda o: o["spec"]["ports"][0].update({"port": 6379}),
+            "port 26379 is not a port of redis-sentinel",
         ),
     ],
 )

@@ -626,6 +626,54 @@ def check_connections(objs: list[Obj]) -> list[str]:
     return problems
 
 
+def check_sentinels(objs: list[Obj]) -> list[str]:
+    """With REDIS_SENTINELS, each entry names a pod of a rendered StatefulSet through its
+    headless Service (``<set>-<ordinal>.<service>:<port>``), the Sentinels run in those
+    pods, there are at least three, and they monitor REDIS_SENTINEL_MASTER."""
+    configs = _config_objects(objs)
+    config = next((d for (k, n), d in configs.items() if n.startswith("dmcall-config")), {})
+    listed = [e.strip() for e in config.get("REDIS_SENTINELS", "").split(",") if e.strip()]
+    if not listed:
+        return []
+    master = config.get("REDIS_SENTINEL_MASTER", "")
+    problems = []
+    sets = {
+        o["metadata"]["name"]: o for o in objs if o.get("kind") == "StatefulSet" and "spec" in o
+    }
+    headless = {
+        svc["metadata"]["name"]: svc
+        for svc in _services(objs)
+        if svc["spec"].get("clusterIP") == "None"
+    }
+    watched: set[str] = set()
+    for entry in listed:
+        host, _, port = entry.rpartition(":")
+        pod, _, service = host.partition(".")
+        owner, _, ordinal = pod.rpartition("-")
+        workload = sets.get(owner)
+        svc = headless.get(service.split(".")[0])
+        if workload is None or not ordinal.isdigit() or svc is None:
+            problems.append(f"REDIS_SENTINELS: {entry} is not a StatefulSet pod's stable name")
+            continue
+        if workload["spec"].get("serviceName") != svc["metadata"]["name"]:
+            problems.append(f"REDIS_SENTINELS: {entry}: {owner}'s serviceName is not {service}")
+        if int(ordinal) >= workload["spec"].get("replicas", 1):
+            problems.append(f"REDIS_SENTINELS: {entry}: StatefulSet/{owner} has no pod {pod}")
+        if not port.isdigit() or int(port) not in {p["port"] for p in svc["spec"]["ports"]}:
+            problems.append(f"REDIS_SENTINELS: {entry}: port {port} is not a port of {service}")
+        watched.add(owner)
+    if len(set(listed)) < 3:
+        problems.append("REDIS_SENTINELS: fewer than three Sentinels (a quorum of 2 needs 3)")
+    for owner in sorted(watched & set(sets)):
+        spec = sets[owner]["spec"]["template"]["spec"]
+        script = " ".join(
+            " ".join([*c.get("command", []), *c.get("args", [])]) for c in spec["containers"]
+        )
+        if f"sentinel monitor {master} " not in script:
+            problems.append(f"StatefulSet/{owner}: its Sentinels do not monitor {master!r}")
+    return problems
+
+
 def check_turn(objs: list[Obj]) -> list[str]:
     """Signaling hands out TURN URLs only with credentials coturn accepts: the secret it
     mints them with is the ``--static-auth-secret`` every coturn container is given."""
@@ -717,6 +765,7 @@ def check(objs: list[Obj], *, production: bool | None = None) -> list[str]:
         *check_references(objs),
         *check_settings(objs, production=production),
         *check_connections(objs),
+        *check_sentinels(objs),
         *check_turn(objs),
         *check_hygiene(objs),
     ]
