@@ -12,8 +12,9 @@ import pytest
 
 from services.policy.domain import CallSettings, Facts
 from services.policy.settings import PolicySettings
-from services.policy.store import PolicyStore, Relation
+from services.policy.store import CallParties, GroupCallParties, PolicyStore, Relation
 from shared import redis as shared_redis
+from shared.contracts import CallAuthorized, CallRejected, MediaKind, RejectReason
 from shared.service import UNAVAILABLE_ERRORS
 from tests.support.redis_server import PrivateRedis
 
@@ -82,3 +83,43 @@ async def test_the_connection_comes_back_after_redis_restarts(
     private_redis.start()
     assert await store.facts("u2", "c2") == expected_facts(2)
     assert await all_facts(store) == [expected_facts(i) for i in range(PAIRS)]
+
+
+async def test_the_first_verdict_records_an_authorized_calls_parties_with_it(
+    store: PolicyStore,
+) -> None:
+    """claim_verdict records the verdict and an authorized call's parties in one script,
+    for POLICY_CALL_RETENTION_S; a later verdict for the call changes neither."""
+    redis = store.redis
+    one = CallAuthorized(call_id="c-one", caller="ann", callee="ben", media=MediaKind.AUDIO)
+    first = await store.claim_verdict(one, "req-1", 3_600, retention_s=600)
+    assert first.owned and not first.published and first.event == one
+    assert await store.call_parties("c-one") == CallParties("ann", "ben")
+    assert 590 < await redis.ttl(store.keys.call("c-one")) <= 600
+    assert 3_590 < await redis.ttl(store.keys.verdict("c-one")) <= 3_600
+    # A second call_requested for the call, decided otherwise: the first verdict stands.
+    other = CallAuthorized(call_id="c-one", caller="ann", callee="cat", media=MediaKind.AUDIO)
+    second = await store.claim_verdict(other, "req-2", 3_600, retention_s=600)
+    assert not second.owned and second.event == one
+    assert await store.call_parties("c-one") == CallParties("ann", "ben")
+
+    group = CallAuthorized(
+        call_id="c-group",
+        caller="ann",
+        group="g1",
+        ring=["ben", "cat"],
+        media=MediaKind.VIDEO,
+    )
+    await store.claim_verdict(group, "req-3", 3_600)  # retention 0: kept for ever
+    assert await store.call_parties("c-group") == GroupCallParties(frozenset({"ann", "ben", "cat"}))
+    assert await redis.ttl(store.keys.group_call("c-group")) == -1
+
+    rejected = CallRejected(
+        call_id="c-no",
+        caller="ann",
+        callee="dan",
+        reason=RejectReason.NO_PRIOR_DM,
+    )
+    await store.claim_verdict(rejected, "req-4", 3_600, retention_s=600)
+    assert not await redis.exists(store.keys.call("c-no"), store.keys.group_call("c-no"))
+    assert await store.call_parties("c-no") is None

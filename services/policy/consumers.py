@@ -231,17 +231,16 @@ class PolicyConsumers:
         return verdict_event(event, verdict)
 
     async def on_call_requested(self, event: CallRequested, delivery: Delivery) -> None:
+        # The verdict and an authorized call's parties are recorded together, before
+        # call_authorized goes out: a call rings only after this, so a party reporting it
+        # right away finds it.
         stored = await self.store.claim_verdict(
-            await self._judge(event), str(event.event_id), self.settings.verdict_ttl_s
+            await self._judge(event),
+            str(event.event_id),
+            self.settings.verdict_ttl_s,
+            retention_s=self.settings.call_retention_s,
         )
         decided = stored.event
-        if isinstance(decided, CallAuthorized):
-            # Before call_authorized goes out: a call can ring only after this, so a party
-            # reporting it right away finds it (idempotent, for the redelivery too).
-            if decided.group is None:
-                await self.store.record_call(decided, self.settings.call_retention_s)
-            else:
-                await self.store.record_group_call(decided, self.settings.call_retention_s)
         if stored.published or not stored.owned:
             # Another call_requested for this call decided it; that one's delivery publishes.
             log.info("call %s already judged (%s); nothing to publish", event.call_id, decided.type)

@@ -259,6 +259,29 @@ class RelationChange:
     """Whether the edge exists after this change."""
 
 
+_CLAIM_VERDICT_LUA = """
+-- KEYS: verdict hash, parties key. ARGV: event JSON, request id, verdict TTL, parties'
+-- retention (0: for ever), parties kind ('one', 'group' or '' for none), the parties.
+local key = KEYS[1]
+if redis.call('HSETNX', key, 'event', ARGV[1]) == 1 then
+  redis.call('HSET', key, 'owner', ARGV[2])
+  redis.call('EXPIRE', key, ARGV[3])
+  local retention = tonumber(ARGV[4])
+  if ARGV[5] == 'one' then
+    if retention > 0 then
+      redis.call('SET', KEYS[2], ARGV[6], 'NX', 'EX', retention)
+    else
+      redis.call('SET', KEYS[2], ARGV[6], 'NX')
+    end
+  elseif ARGV[5] == 'group' then
+    redis.call('SADD', KEYS[2], unpack(ARGV, 6))
+    if retention > 0 then redis.call('EXPIRE', KEYS[2], retention) end
+  end
+end
+return redis.call('HMGET', key, 'event', 'published', 'owner')
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredVerdict:
     event: CallAuthorized | CallRejected
@@ -284,6 +307,7 @@ class PolicyStore:
         self._permission = redis.register_script(_PERMISSION_LUA)
         self._rate = redis.register_script(_RATE_LUA)
         self._group = redis.register_script(_GROUP_LUA)
+        self._claim_verdict = redis.register_script(_CLAIM_VERDICT_LUA)
         self.groups = GroupDirectory(redis, settings)
 
     # ---------------------------------------------------------------- facts for the rule
@@ -460,19 +484,6 @@ class PolicyStore:
 
     # ---------------------------------------------------------------- calls and reports
 
-    async def record_call(self, event: CallAuthorized, retention_s: int) -> None:
-        """Remember the parties of an authorized call (idempotent; the first one stands)."""
-        await self.redis.set(
-            self.keys.call(event.call_id),
-            f"{event.caller} {event.callee}",
-            nx=True,
-            ex=retention_s or None,
-        )
-
-    async def record_group_call(self, event: CallAuthorized, retention_s: int) -> None:
-        """Remember the starter and rung invitees of an authorized group call (idempotent)."""
-        await self.add_group_call_parties(event.call_id, [event.caller, *event.ring], retention_s)
-
     async def add_group_call_parties(
         self, call_id: str, users: list[str], retention_s: int
     ) -> None:
@@ -544,21 +555,34 @@ class PolicyStore:
     # ---------------------------------------------------------------- verdicts
 
     async def claim_verdict(
-        self, event: CallAuthorized | CallRejected, request_id: str, ttl_s: int
+        self,
+        event: CallAuthorized | CallRejected,
+        request_id: str,
+        ttl_s: int,
+        *,
+        retention_s: int = 0,
     ) -> StoredVerdict:
         """Record the verdict on a call unless one is recorded; returns the one that stands.
 
         The first ``call_requested`` (by event id) to record it owns its publication: only
         a delivery of that same event publishes, so two requests for one call handled at
-        once never both publish.
+        once never both publish. The verdict that records itself records, in the same
+        script, an authorized call's parties (the starter and rung invitees of a group
+        call) for ``retention_s`` (0: for ever): a call never has a verdict without them.
         """
-        key = self.keys.verdict(event.call_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(key, "event", event.to_json())
-            pipe.hsetnx(key, "owner", request_id)
-            pipe.expire(key, ttl_s, nx=True)
-            pipe.hmget(key, ["event", "published", "owner"])
-            *_, (raw, published, owner) = await pipe.execute()
+        if isinstance(event, CallRejected):
+            parties_key, kind, parties = self.keys.call(event.call_id), "", []
+        elif event.group is None:
+            assert event.callee is not None
+            parties_key, kind = self.keys.call(event.call_id), "one"
+            parties = [f"{event.caller} {event.callee}"]
+        else:
+            parties_key, kind = self.keys.group_call(event.call_id), "group"
+            parties = [event.caller, *event.ring]
+        raw, published, owner = await self._claim_verdict(
+            keys=[self.keys.verdict(event.call_id), parties_key],
+            args=[event.to_json(), request_id, ttl_s, retention_s, kind, *parties],
+        )
         stored = parse_event(raw)
         assert isinstance(stored, CallAuthorized | CallRejected)
         return StoredVerdict(
