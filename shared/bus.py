@@ -121,6 +121,11 @@ class Delivery:
         sets it to ``done`` for that long together with its writes."""
         return self._done_key, self._done_ttl_s
 
+    def marked_done(self) -> None:
+        """The handler wrote :attr:`done_mark` itself, with its last write (while the bus's
+        claim serializes the deliveries of this event): the bus writes no mark of its own."""
+        self.committed = True
+
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Pipeline]:
         """A MULTI/EXEC pipeline that also marks this event done for this consumer.

@@ -265,7 +265,10 @@ class PolicyConsumers:
                 f", ringing {', '.join(decided.ring) or 'nobody'}" if decided.group else "",
             )
         await self.bus.publish(decided)
-        await self.store.mark_verdict_published(event.call_id, self.settings.verdict_ttl_s)
+        await self.store.mark_verdict_published(
+            event.call_id, self.settings.verdict_ttl_s, done_mark=delivery.done_mark
+        )
+        delivery.marked_done()
         if isinstance(decided, CallRejected):
             VERDICTS.labels("rejected", decided.detail.value if decided.detail else "").inc()
         else:

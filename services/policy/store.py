@@ -589,11 +589,17 @@ class PolicyStore:
             event=stored, published=published == b"1", owned=owner == request_id.encode()
         )
 
-    async def mark_verdict_published(self, call_id: str, ttl_s: int) -> None:
+    async def mark_verdict_published(
+        self, call_id: str, ttl_s: int, *, done_mark: tuple[str, int] | None = None
+    ) -> None:
+        """The broker confirmed the verdict; with ``done_mark`` (the bus's key and TTL) the
+        call_requested is marked handled in the same round trip."""
         key = self.keys.verdict(call_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, "published", "1")
             pipe.expire(key, ttl_s, nx=True)  # never a key without expiry
+            if done_mark is not None:
+                pipe.set(done_mark[0], b"done", ex=done_mark[1])
             await pipe.execute()
 
 
