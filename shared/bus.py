@@ -58,6 +58,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from shared import telemetry
+from shared.clock import wait_set
 from shared.contracts import Event, EventDecodeError, EventType, Exchange, parse_event
 from shared.redis import KeySpace
 from shared.settings import CommonSettings
@@ -373,7 +374,8 @@ class Bus:
             try:
                 if not self._ready.is_set():
                     remaining = max(deadline - time.monotonic(), 0.01)
-                    await asyncio.wait_for(self._ready.wait(), remaining)
+                    if not await wait_set(self._ready, remaining):
+                        raise TimeoutError("the broker connection is not ready")
                 await self._exchanges[exchange].publish(message, routing_key=routing_key)
                 return
             except (

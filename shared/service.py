@@ -230,7 +230,8 @@ def _ops_router(service: str) -> APIRouter:
 
 async def _redis_ok(redis: Redis) -> bool:
     try:
-        return bool(await asyncio.wait_for(redis.ping(), 1.0))
+        async with asyncio.timeout(1.0):
+            return bool(await redis.ping())
     except Exception:
         return False
 

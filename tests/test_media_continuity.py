@@ -269,9 +269,19 @@ async def node_in_registry(registry: MediaRegistry, node_id: str) -> MediaNode |
 
 
 async def exited(proc: ServiceProcess, timeout: float) -> int:
+    """The media node's exit code once it exits; if it does not within ``timeout``, its
+    asyncio tasks (SIGUSR1 makes it log them) are in the failure's message."""
     assert proc.proc is not None
     popen = proc.proc
-    await eventually(lambda: popen.poll() is not None, timeout=timeout, step=0.2)
+    try:
+        await eventually(lambda: popen.poll() is not None, timeout=timeout, step=0.2)
+    except AssertionError as stuck:
+        popen.send_signal(signal.SIGUSR1)
+        await asyncio.sleep(1.0)
+        log = proc.log_path.read_text(errors="replace") if proc.log_path else ""
+        raise AssertionError(
+            f"the node did not exit in {timeout}s; its log:\n{log[-6000:]}"
+        ) from stuck
     return int(popen.returncode)
 
 

@@ -21,6 +21,8 @@ from shared.media_registry import MediaRegistry
 from shared.service import Runtime, create_service_app
 
 SHUTDOWN_CLOSE_S = 10
+SHUTDOWN_STEP_S = 5
+"""The longest the heartbeat's stop and the deregistration may take on the way out."""
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +74,15 @@ def create_app(settings: MediaSettings | None = None) -> FastAPI:
         finally:
             drain.detach()
             beating.cancel()  # no beat may bring the node back after it deregistered
-            await asyncio.gather(beating, return_exceptions=True)
+            # Each step of the way out is bounded: one that hangs must not keep the node.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SHUTDOWN_STEP_S):
+                    await asyncio.gather(beating, return_exceptions=True)
             try:
-                await registry.deregister(settings.node_id)
+                async with asyncio.timeout(SHUTDOWN_STEP_S):
+                    await registry.deregister(settings.node_id)
             except Exception as exc:
-                log.warning("could not deregister media node: %s", exc)
+                log.warning("could not deregister media node: %r", exc)
             try:
                 async with asyncio.timeout(SHUTDOWN_CLOSE_S):
                     await rooms.close_all()

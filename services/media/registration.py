@@ -3,12 +3,11 @@ deregistration on shutdown (see shared/media_registry.py for the keys)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from services.media.rooms import Rooms
 from services.media.settings import MediaSettings
+from shared.clock import wait_set
 from shared.media_registry import MediaNode, MediaRegistry
 
 log = logging.getLogger(__name__)
@@ -33,5 +32,4 @@ async def heartbeat(registry: MediaRegistry, settings: MediaSettings, rooms: Roo
             await registry.heartbeat(describe(settings, rooms), ttl_s=settings.registry_ttl_s)
         except Exception as exc:  # Redis down: keep serving calls, retry on the next beat
             log.warning("media registry heartbeat failed: %s", exc)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(rooms.load_changed.wait(), settings.heartbeat_s)
+        await wait_set(rooms.load_changed, settings.heartbeat_s)

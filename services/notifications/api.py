@@ -8,7 +8,6 @@ one that does not exist.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -34,7 +33,7 @@ from services.notifications.store import (
     parse_stream_id,
 )
 from shared.auth import CurrentUser, StreamUser
-from shared.clock import iso
+from shared.clock import iso, wait_set
 from shared.service import app_state
 
 log = logging.getLogger(__name__)
@@ -376,9 +375,7 @@ async def _events(
                 # The session ends with its token: the client reconnects with a fresh one.
                 yield _token_expired(expires_at)
                 return
-            try:
-                await asyncio.wait_for(wake.wait(), min(settings.sse_keepalive_s, left_s))
-            except TimeoutError:
+            if not await wait_set(wake, min(settings.sse_keepalive_s, left_s)):
                 if expires_at > time.time():
                     yield ": keep-alive\n\n"
     finally:
