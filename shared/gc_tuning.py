@@ -3,6 +3,7 @@ of) every pause, since a long one delays everything the process does."""
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import time
@@ -36,6 +37,14 @@ def tune() -> None:
     gc.set_threshold(*THRESHOLDS)
     if _on_gc not in gc.callbacks:
         gc.callbacks.append(_on_gc)
+        # The interpreter's last collections run after logging has closed its streams:
+        # a pause there is nobody's, and its warning would be a "Logging error".
+        atexit.register(_stop_recording)
+
+
+def _stop_recording() -> None:
+    if _on_gc in gc.callbacks:
+        gc.callbacks.remove(_on_gc)
 
 
 def _on_gc(phase: str, info: dict[str, int]) -> None:
