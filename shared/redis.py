@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from redis._parsers.base import BaseParser
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
@@ -24,6 +25,20 @@ from shared.settings import CommonSettings
 
 POOL_WAIT_S = 5.0
 SENTINEL_TIMEOUT_S = 1.0
+
+
+class NoReplicasError(RedisConnectionError):
+    """``NOREPLICAS``: the primary refuses writes (``min-replicas-to-write``) while no
+    replica is in sync: right after a failover, during a resync, with every replica down.
+    Nothing was written (Redis refuses a transaction or a script at its first write), so,
+    like a dropped connection, it is retried with backoff, then answered ``503`` with
+    ``Retry-After`` and requeued by the bus, never a 500 or a dead-lettered event.
+    redis-py has no class of its own for it (a plain ``ResponseError``): :func:`connect`
+    registers this one with its reply parser."""
+
+
+def _classify_refusals() -> None:
+    BaseParser.EXCEPTION_CLASSES.setdefault("NOREPLICAS", NoReplicasError)
 
 
 def connect(settings: CommonSettings, *, name: str) -> Redis:
@@ -41,6 +56,7 @@ def connect(settings: CommonSettings, *, name: str) -> Redis:
     without a restart (docs/operations.md, "Redis failover"). Otherwise ``REDIS_URL`` is the
     primary.
     """
+    _classify_refusals()
     options: dict[str, Any] = {
         "timeout": POOL_WAIT_S,
         "decode_responses": False,

@@ -19,11 +19,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from starlette.routing import Route
 
 from shared import redis as shared_redis
 from shared.media_registry import MediaNode, MediaRegistry
+from shared.service import create_service_app
 from shared.settings import CommonSettings
 from tests.conftest import auth
 from tests.support.redis_server import PrivateRedis, PrivateSentinel
@@ -363,3 +367,40 @@ def test_sentinel_settings_are_parsed_and_a_half_configuration_is_refused() -> N
     ):
         with pytest.raises(ValueError, match=says):
             CommonSettings(environment="test", **bad)
+
+
+async def test_a_primary_refusing_writes_for_want_of_replicas_is_unavailable_not_a_bug(
+    private_redis: PrivateRedis, make_settings: Callable[..., CommonSettings]
+) -> None:
+    """NOREPLICAS (``min-replicas-to-write`` with no replica in sync: just after a failover)
+    is a backing service not answering: a 503 with Retry-After from every route, retried
+    first, never a 500; a plain command and a script write alike; reads still answer."""
+    settings = make_settings(CommonSettings, redis_url=private_redis.url)
+    assert private_redis.cli("config", "set", "min-replicas-to-write", "1") == "OK"
+    redis = shared_redis.connect(settings, name="test-noreplicas")
+
+    async def write(request: Request) -> JSONResponse:
+        await redis.set("dmcall:test:written", "1")
+        return JSONResponse({"ok": True})
+
+    app = create_service_app(
+        service="test", settings=settings, routers=[APIRouter(routes=[Route("/w", write)])]
+    )
+    try:
+        with pytest.raises(shared_redis.NoReplicasError):
+            await redis.set("dmcall:test:k", "v")
+        with pytest.raises(shared_redis.NoReplicasError):
+            await redis.eval("return redis.call('SET', KEYS[1], 'v')", 1, "dmcall:test:k")
+        assert await redis.get("dmcall:test:k") is None  # nothing was written; reads answer
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as client:
+            answer = await client.get("/w")
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+        assert answer.json()["error"] == "unavailable"
+        # once a replica is in sync the same client writes again
+        assert private_redis.cli("config", "set", "min-replicas-to-write", "0") == "OK"
+        await redis.set("dmcall:test:k", "v")
+        assert await redis.get("dmcall:test:k") == b"v"
+    finally:
+        await redis.aclose()
