@@ -53,6 +53,7 @@ from aiortc.rtp import (
 )
 
 from services.media import aiortc_internals as internals
+from shared.clock import wait_set
 
 VIDEO_CLOCK = 90_000
 AUDIO_CLOCK = 48_000
@@ -402,10 +403,7 @@ class MediaClient:
         self.pc = new
         self._media_url, self._token = media_url, media_token
         self.retired.append(old)
-        try:
-            await asyncio.wait_for(carried.wait(), carried_timeout_s)
-        except TimeoutError:
-            pass
+        await wait_set(carried, carried_timeout_s)
         await old.close()
         return response
 

@@ -16,6 +16,8 @@ import time
 from collections import defaultdict
 from urllib.parse import urlsplit
 
+from shared.clock import wait_set
+
 Key = tuple[str, str]
 
 
@@ -126,7 +128,6 @@ class NotificationFeed:
                 if not missing or remaining <= 0:
                     return missing
                 event.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), remaining)
+                await wait_set(event, remaining)
         finally:
             self._changed.pop(key, None)
