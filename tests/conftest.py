@@ -252,6 +252,16 @@ def receiver() -> Iterator[WebhookReceiver]:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def k8s_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of deploy/k8s with the prod secrets filled in from their templates."""
+    tree = tmp_path_factory.mktemp("k8s") / "k8s"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "deploy" / "k8s", tree)
+    for example in (tree / "overlays" / "prod" / "secrets").glob("*.example"):
+        shutil.copy(example, example.with_suffix(""))
+    return tree
+
+
 worlds = pytest.fixture(signaling.worlds)
 in_process = pytest.fixture(signaling.in_process)
 rig = pytest.fixture(policy.policy_rig, name="rig")

@@ -32,16 +32,6 @@ Obj = dict[str, Any]
 
 
 @pytest.fixture(scope="module")
-def k8s_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of deploy/k8s with the prod secrets filled in from their templates."""
-    tree = tmp_path_factory.mktemp("k8s") / "k8s"
-    shutil.copytree(K8S, tree)
-    for example in (tree / "overlays" / "prod" / "secrets").glob("*.example"):
-        shutil.copy(example, example.with_suffix(""))
-    return tree
-
-
-@pytest.fixture(scope="module")
 def rendered(k8s_tree: Path) -> dict[str, list[Obj]]:
     return {
         "base": render(k8s_tree / "base"),

@@ -26,22 +26,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.netns import ip, require_netns
 from tests.support.waiting import eventually
 from tools.kustomize import render
 
 pytestmark = pytest.mark.e2e
 
-K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
-ROOT = K8S.parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "a-test-redis-password"
 REDIS_PODS = [f"redis-{i}" for i in range(3)]
 SENTINEL_PODS = [f"redis-sentinel-{i}" for i in range(3)]
-
-
-def _ip(*args: str) -> None:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=15)
-    if result.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
 
 
 def stable_name(pod: str) -> str:
@@ -107,8 +101,7 @@ class Pods:
 
 @contextmanager
 def pods(workdir: Path) -> Iterator[Pods]:
-    if os.geteuid() != 0 or not shutil.which("ip"):
-        pytest.fail("network namespace tests need root and iproute2 (`ip`)")
+    require_netns()
     tag = secrets.token_hex(3)
     subnet = int(tag[:2], 16) % 250 + 2
     bridge = f"dmb{tag}"
@@ -119,19 +112,19 @@ def pods(workdir: Path) -> Iterator[Pods]:
         f"{addresses[pod]} {stable_name(pod)}\n" for pod in every
     )
     try:
-        _ip("link", "add", bridge, "type", "bridge")
-        _ip("link", "set", bridge, "up")
+        ip("link", "add", bridge, "type", "bridge")
+        ip("link", "set", bridge, "up")
         for i, pod in enumerate(every):
             ns, host_if, ns_if = f"dmp{tag}{i}", f"vph{tag}{i}", f"vpn{tag}{i}"
             net.namespaces[pod] = ns
-            _ip("netns", "add", ns)
-            _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-            _ip("link", "set", ns_if, "netns", ns)
-            _ip("link", "set", host_if, "master", bridge)
-            _ip("link", "set", host_if, "up")
-            _ip("-n", ns, "addr", "add", f"{addresses[pod]}/24", "dev", ns_if)
-            _ip("-n", ns, "link", "set", ns_if, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
+            ip("netns", "add", ns)
+            ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+            ip("link", "set", ns_if, "netns", ns)
+            ip("link", "set", host_if, "master", bridge)
+            ip("link", "set", host_if, "up")
+            ip("addr", "add", f"{addresses[pod]}/24", "dev", ns_if, netns=ns)
+            ip("link", "set", ns_if, "up", netns=ns)
+            ip("link", "set", "lo", "up", netns=ns)
             # `ip netns exec` mounts /etc/netns/<ns>/hosts over /etc/hosts: the pod's DNS
             etc = Path("/etc/netns") / ns
             etc.mkdir(parents=True, exist_ok=True)
@@ -148,22 +141,14 @@ def pods(workdir: Path) -> Iterator[Pods]:
         subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
 
 
-def rendered_prod(tmp: Path) -> list[dict]:
-    tree = tmp / "k8s"
-    shutil.copytree(K8S, tree)
-    for example in (tree / "overlays" / "prod" / "secrets").glob("*.example"):
-        shutil.copy(example, example.with_suffix(""))
-    return render(tree / "overlays" / "prod")
-
-
 def _find(objs: list[dict], kind: str, prefix: str) -> dict:
     return next(o for o in objs if o["kind"] == kind and o["metadata"]["name"].startswith(prefix))
 
 
 async def test_the_prod_sentinels_fail_redis_over_and_the_old_primary_rejoins_as_a_replica(
-    tmp_path: Path,
+    k8s_tree: Path, tmp_path: Path
 ) -> None:
-    objs = rendered_prod(tmp_path)
+    objs = render(k8s_tree / "overlays" / "prod")
     redis_script = _find(objs, "StatefulSet", "redis")["spec"]["template"]["spec"]
     [redis_container] = redis_script["containers"]
     [redis_args] = redis_container["args"]

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 
-def _ip(*args: str, netns: str | None = None) -> None:
+def ip(*args: str, netns: str | None = None) -> None:
+    """One ``ip`` command (in ``netns`` if given); raises with its stderr if it fails."""
     command = ["ip", *(["-n", netns] if netns else []), *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=15)
     if result.returncode != 0:
@@ -44,19 +45,19 @@ class NetnsHost:
 
     def link_down(self) -> None:
         """The link goes away under the client: no error, its packets just stop."""
-        _ip("link", "set", self.host_if, "down")
+        ip("link", "set", self.host_if, "down")
 
     def link_up(self) -> None:
-        _ip("link", "set", self.host_if, "up")
-        _ip("route", "replace", "default", "via", self.gateway, netns=self.name)
+        ip("link", "set", self.host_if, "up")
+        ip("route", "replace", "default", "via", self.gateway, netns=self.name)
 
     def change_address(self) -> str:
         """A new address for the namespace, the old one removed (a network change)."""
         last = int(self.address.rsplit(".", 1)[1])
         new = f"10.213.{self.subnet}.{last + 1}"
-        _ip("addr", "add", f"{new}/24", "dev", self.ns_if, netns=self.name)
-        _ip("addr", "del", f"{self.address}/24", "dev", self.ns_if, netns=self.name)
-        _ip("route", "replace", "default", "via", self.gateway, "src", new, netns=self.name)
+        ip("addr", "add", f"{new}/24", "dev", self.ns_if, netns=self.name)
+        ip("addr", "del", f"{self.address}/24", "dev", self.ns_if, netns=self.name)
+        ip("route", "replace", "default", "via", self.gateway, "src", new, netns=self.name)
         self.address = new
         return new
 
@@ -64,10 +65,15 @@ class NetnsHost:
         return subprocess.Popen(["ip", "netns", "exec", self.name, *args], **kwargs)
 
 
-@contextmanager
-def netns_host() -> Iterator[NetnsHost]:
+def require_netns() -> None:
+    """Network-namespace tests fail (never skip) where they cannot run."""
     if os.geteuid() != 0 or not shutil.which("ip"):
         pytest.fail("network namespace tests need root and iproute2 (`ip`)")
+
+
+@contextmanager
+def netns_host() -> Iterator[NetnsHost]:
+    require_netns()
     tag = secrets.token_hex(3)
     subnet = int(tag[:2], 16) % 250 + 2
     host = NetnsHost(
@@ -77,14 +83,14 @@ def netns_host() -> Iterator[NetnsHost]:
         subnet=subnet,
         address=f"10.213.{subnet}.2",
     )
-    _ip("netns", "add", host.name)
+    ip("netns", "add", host.name)
     try:
-        _ip("link", "add", host.host_if, "type", "veth", "peer", "name", host.ns_if)
-        _ip("link", "set", host.ns_if, "netns", host.name)
-        _ip("addr", "add", f"{host.gateway}/24", "dev", host.host_if)
-        _ip("link", "set", host.host_if, "up")
-        _ip("addr", "add", f"{host.address}/24", "dev", host.ns_if, netns=host.name)
-        _ip("link", "set", host.ns_if, "up", netns=host.name)
+        ip("link", "add", host.host_if, "type", "veth", "peer", "name", host.ns_if)
+        ip("link", "set", host.ns_if, "netns", host.name)
+        ip("addr", "add", f"{host.gateway}/24", "dev", host.host_if)
+        ip("link", "set", host.host_if, "up")
+        ip("addr", "add", f"{host.address}/24", "dev", host.ns_if, netns=host.name)
+        ip("link", "set", host.ns_if, "up", netns=host.name)
         # the new address of change_address outlives the old one (by default removing a
         # primary address removes its secondaries too)
         subprocess.run(
@@ -100,8 +106,8 @@ def netns_host() -> Iterator[NetnsHost]:
             check=True,
             timeout=15,
         )
-        _ip("link", "set", "lo", "up", netns=host.name)
-        _ip("route", "add", "default", "via", host.gateway, netns=host.name)
+        ip("link", "set", "lo", "up", netns=host.name)
+        ip("route", "add", "default", "via", host.gateway, netns=host.name)
         yield host
     finally:
         subprocess.run(["ip", "link", "del", host.host_if], capture_output=True, check=False)
