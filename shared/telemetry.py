@@ -170,7 +170,8 @@ def setup_tracing(
     global _provider
     if _provider is None:
         _provider = TracerProvider(
-            sampler=sampled or sampling.ParentBasedTraceIdRatio(DEFAULT_TRACE_SAMPLE_RATIO),
+            sampler=sampled
+            or sampler(TraceSampler.PARENTBASED_TRACEIDRATIO, DEFAULT_TRACE_SAMPLE_RATIO),
             resource=Resource.create({"service.name": f"dmcall-{service}"}),
         )
         if otlp_endpoint:
