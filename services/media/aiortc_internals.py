@@ -34,6 +34,14 @@ What is relied upon:
   serialized packet as ``RTCDtlsTransport._send_rtp(data)`` would, without its
   coroutines; ``RTCDtlsTransport._handle_rtp_data(data, arrival_time_ms)``: wrapped per instance
   to timestamp a packet's arrival (the forwarding delay starts there).
+- The receive side, to handle an SRTP packet in the socket's callback as
+  ``RTCDtlsTransport._recv_next`` would (:func:`receive_directly`):
+  ``aioice.Connection.data_received(data, component)`` (replaced per instance) and its
+  ``_queue`` (an ``asyncio.Queue``: only while it is empty), ``RTCDtlsTransport._rx_srtp``,
+  ``__rx_bytes``, ``__rx_packets``, ``_rtp_header_extensions_map`` and
+  ``_rtp_router.route_rtp(packet)``. ``aioice.ice.StunProtocol`` (``receiver``,
+  ``local_candidate``): subclassed and put in its place, so that RTP and RTCP are not
+  parsed as STUN first.
 - ``RTCRtpTransceiver._codecs``: the negotiated codecs, set after the remote
   description to force a subscriber onto the publisher's codec.
   ``RTCRtpTransceiver._offerDirection``: the direction an offer's media section asks of
@@ -49,10 +57,12 @@ import inspect
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import aioice
 import aiortc
+import pylibsrtp
 from aioice import ice as aioice_ice
 from aioice import turn as aioice_turn
 from aioice.candidate import candidate_foundation, candidate_priority
@@ -73,6 +83,7 @@ from aiortc.rtp import (
     RtcpPsfbPacket,
     RtcpSrPacket,
     RtpPacket,
+    is_rtcp,
     pack_remb_fci,
     unpack_remb_fci,
     unwrap_rtx,
@@ -139,8 +150,13 @@ _TRANSCEIVER_ATTRS: dict[str, type] = {"_codecs": list, "_offerDirection": str}
 _DTLS_ATTRS: dict[str, type] = {
     "_state": DtlsState,
     "_tx_srtp": object,
+    "_rx_srtp": object,
     "_RTCDtlsTransport__tx_bytes": int,
     "_RTCDtlsTransport__tx_packets": int,
+    "_RTCDtlsTransport__rx_bytes": int,
+    "_RTCDtlsTransport__rx_packets": int,
+    "_rtp_router": object,
+    "_rtp_header_extensions_map": aiortc_rtp.HeaderExtensionsMap,
 }
 
 
@@ -164,6 +180,9 @@ async def check_internals() -> None:
         _HostCandidatesConnection,
     ):
         problems.append("aiortc.rtcicetransport no longer builds an aioice.Connection")
+    found = tuple(inspect.signature(aioice.Connection.data_received).parameters)
+    if found != ("self", "data", "component"):
+        problems.append(f"aioice.Connection.data_received{found} changed")
     found = tuple(inspect.signature(aioice.Connection.get_component_candidates).parameters)
     if found != ("self", "component", "addresses", "timeout"):
         problems.append(f"aioice.Connection.get_component_candidates{found} changed")
@@ -185,7 +204,10 @@ async def check_internals() -> None:
             (transceiver, _TRANSCEIVER_ATTRS),
             (transceiver.sender.transport, _DTLS_ATTRS),
             (transceiver.sender.transport.transport, {"_connection": aioice.Connection}),
-            (transceiver.sender.transport.transport._connection, {"_nominated": dict}),
+            (
+                transceiver.sender.transport.transport._connection,
+                {"_nominated": dict, "_queue": asyncio.Queue},
+            ),
         ):
             for attr, kind in attrs.items():
                 if not hasattr(owner, attr):
@@ -235,7 +257,10 @@ class _RembThrottle:
 def tap_receiver_rtp(receiver: RTCRtpReceiver, before: Callable[[RtpPacket], None]) -> None:
     """Call ``before(packet)`` for every RTP packet, then what the SFU keeps of aiortc's
     own handling: the bitrate estimate (REMB, throttled), the statistics of the receiver
-    reports and, for video, the NACK generator (on the repaired packet, for RTX)."""
+    reports and, for video, the NACK generator (on the repaired packet, for RTX).
+
+    The handling is synchronous (:func:`receive_directly` calls it from the socket's
+    callback); the RTCP it sends now and then (a REMB, a NACK) goes out in a task."""
     codecs = receiver_codecs(receiver)
     rtx_ssrcs = receiver_rtx_ssrcs(receiver)
     streams: dict[int, StreamStatistics] = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
@@ -243,7 +268,7 @@ def tap_receiver_rtp(receiver: RTCRtpReceiver, before: Callable[[RtpPacket], Non
     nacks: NackGenerator | None = receiver._RTCRtpReceiver__nack_generator  # type: ignore[attr-defined]
     remb_due = _RembThrottle()
 
-    async def handle(packet: RtpPacket, arrival_time_ms: int) -> None:
+    def handle_now(packet: RtpPacket, arrival_time_ms: int) -> None:
         before(packet)
         if not receiver._enabled:
             return
@@ -256,9 +281,14 @@ def tap_receiver_rtp(receiver: RTCRtpReceiver, before: Callable[[RtpPacket], Non
             )
             rtcp_ssrc = receiver._RTCRtpReceiver__rtcp_ssrc  # type: ignore[attr-defined]
             if rtcp_ssrc is not None and remb is not None and remb_due(remb[0], arrival_time_ms):
-                await receiver._send_rtcp(
-                    RtcpPsfbPacket(
-                        fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(*remb)
+                _in_background(
+                    receiver._send_rtcp(
+                        RtcpPsfbPacket(
+                            fmt=RTCP_PSFB_APP,
+                            ssrc=rtcp_ssrc,
+                            media_ssrc=0,
+                            fci=pack_remb_fci(*remb),
+                        )
                     )
                 )
         codec = codecs.get(packet.payload_type)
@@ -275,9 +305,24 @@ def tap_receiver_rtp(receiver: RTCRtpReceiver, before: Callable[[RtpPacket], Non
                 return
             packet = repaired
         if nacks.add(packet):
-            await receiver._send_rtcp_nack(packet.ssrc, sorted(nacks.missing))
+            _in_background(receiver._send_rtcp_nack(packet.ssrc, sorted(nacks.missing)))
+
+    async def handle(packet: RtpPacket, arrival_time_ms: int) -> None:
+        handle_now(packet, arrival_time_ms)
 
     receiver._handle_rtp_packet = handle  # type: ignore[method-assign]
+    receiver._dmcall_handle_now = handle_now  # type: ignore[attr-defined]
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _in_background(coro: Coroutine[Any, Any, None]) -> None:
+    """Run an RTCP send the synchronous path asked for (held until done: the loop keeps
+    only a weak reference to a task)."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 def tap_rtcp(
@@ -353,6 +398,12 @@ def abs_send_time() -> int:
     return int((time.time() + NTP_UNIX_OFFSET_S) * 262_144) & 0xFFFFFF
 
 
+def now_ms() -> int:
+    """Now as aiortc's ``clock.current_ms()`` has it (milliseconds since the NTP epoch),
+    which it computes through datetime objects."""
+    return int((time.time() + NTP_UNIX_OFFSET_S) * 1000)
+
+
 class SenderPort:
     """Sends forwarded packets as if ``sender`` had produced them itself."""
 
@@ -414,8 +465,21 @@ def send_rtp(transport: RTCDtlsTransport, data: bytes) -> None:
     transport._RTCDtlsTransport__tx_packets += 1  # type: ignore[attr-defined]
 
 
-def tap_arrival(transport: RTCDtlsTransport, stamp: Callable[[], None]) -> None:
-    """Call ``stamp()`` when an RTP packet arrives, before it is parsed and routed."""
+def receive_directly(transport: RTCDtlsTransport, stamp: Callable[[], None]) -> None:
+    """Handle each SRTP packet of ``transport`` in its socket's callback, and call
+    ``stamp()`` as it arrives, before it is parsed and routed.
+
+    aiortc's way is a hop through two queues' worth of coroutines per packet: aioice
+    parses the datagram as STUN (raising for every RTP packet), puts it on its
+    ``Connection``'s queue, and the DTLS transport's receive task wakes up to take it,
+    unprotect it, parse it and await the receiver's handler. Here a datagram whose first
+    byte says RTP (128-191, RFC 7983; RTCP is told apart by its payload type) is unprotected,
+    parsed, routed and handled at once, synchronously, as aiortc's
+    ``RTCDtlsTransport._recv_next`` would with the same state (its statistics, its SRTP
+    session, its router). Everything else takes aiortc's path: STUN, DTLS, RTCP, and RTP
+    while the DTLS handshake is not done or while earlier datagrams wait in the queue (so
+    packets are never reordered). Receivers the SFU tapped (:func:`tap_receiver_rtp`) are
+    handled synchronously; any other receiver's handler runs in a task, as before."""
     if getattr(transport, "_dmcall_tapped", False):
         return
     original: Callable[[bytes, int], Awaitable[None]] = transport._handle_rtp_data
@@ -425,6 +489,37 @@ def tap_arrival(transport: RTCDtlsTransport, stamp: Callable[[], None]) -> None:
         await original(data, arrival_time_ms)
 
     transport._handle_rtp_data = handle  # type: ignore[method-assign]
+    connection: aioice.Connection = transport.transport._connection
+    queue: asyncio.Queue[tuple[bytes, int] | None] = connection._queue
+    queued = connection.data_received
+
+    def data_received(data: bytes, component: int) -> None:
+        srtp = transport._rx_srtp
+        if srtp is None or not 127 < data[0] < 192 or is_rtcp(data) or not queue.empty():
+            queued(data, component)
+            return
+        transport._RTCDtlsTransport__rx_bytes += len(data)  # type: ignore[attr-defined]
+        transport._RTCDtlsTransport__rx_packets += 1  # type: ignore[attr-defined]
+        arrival_time_ms = now_ms()
+        try:
+            data = srtp.unprotect(data)
+        except pylibsrtp.Error:
+            return  # aiortc drops it too
+        stamp()
+        try:
+            packet = RtpPacket.parse(data, transport._rtp_header_extensions_map)
+        except ValueError:
+            return
+        receiver = transport._rtp_router.route_rtp(packet)
+        if receiver is None:
+            return
+        handle_now = getattr(receiver, "_dmcall_handle_now", None)
+        if handle_now is not None:
+            handle_now(packet, arrival_time_ms)
+        else:
+            _in_background(receiver._handle_rtp_packet(packet, arrival_time_ms=arrival_time_ms))
+
+    connection.data_received = data_received  # type: ignore[method-assign]
     transport._dmcall_tapped = True  # type: ignore[attr-defined]
 
 
@@ -455,6 +550,19 @@ def force_codecs(transceiver: RTCRtpTransceiver, codecs: list[RTCRtpCodecParamet
 # ``ice_addresses`` (if set) within ``port_range`` (if set). The SFU uses no STUN/TURN
 # server: its public address is announced by rewriting the answer (see services/media/
 # sdp.py), so only host candidates are gathered here.
+
+
+class _DemuxStunProtocol(aioice_ice.StunProtocol):
+    """aioice's socket protocol, which first tries every datagram as STUN (raising and
+    catching a ValueError for each RTP packet); a datagram whose first byte is 128-191
+    (RTP or RTCP, RFC 7983: STUN's is 0-3) goes straight to the connection, which is what
+    aioice does with it after that failed parse."""
+
+    def datagram_received(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
+        if isinstance(data, bytes) and data and 127 < data[0] < 192:
+            self.receiver.data_received(data, self.local_candidate.component)
+            return
+        super().datagram_received(data, addr)
 
 
 class _HostCandidatesConnection(aioice.Connection):
@@ -525,6 +633,7 @@ def configure_ice(
     ``turn.UDP_SOCKET_BUFFER_SIZE``, read when a socket is made; the kernel caps it at
     ``net.core.rmem_max``)."""
     aioice_turn.UDP_SOCKET_BUFFER_SIZE = receive_buffer_bytes
+    aioice_ice.StunProtocol = _DemuxStunProtocol  # type: ignore[misc]
     _HostCandidatesConnection.port_range = port_range
     _HostCandidatesConnection.addresses = tuple(addresses)
     aiortc_icetransport.Connection = _HostCandidatesConnection  # type: ignore[misc]

@@ -537,7 +537,9 @@ class Room:
                 internals.force_codecs(transceiver, _with_rtx(offered, match))
             participant.slots = self._make_slots(own, extras, codecs)
             for transceiver in pc.getTransceivers():
-                internals.tap_arrival(transceiver.receiver.transport, participant.stamp_arrival)
+                internals.receive_directly(
+                    transceiver.receiver.transport, participant.stamp_arrival
+                )
 
             def _on_state() -> None:
                 if pc.connectionState == "connected" and participant.connected_at is None:

@@ -1,0 +1,69 @@
+"""The SFU's receive path (services/media/aiortc_internals.receive_directly): an SRTP
+packet is handled in its socket's callback, in order, counted where aiortc counts it.
+
+Two aiortc peer connections in this process over real UDP sockets; no services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiortc import RTCPeerConnection
+from aiortc.mediastreams import AudioStreamTrack
+
+from services.media import aiortc_internals
+
+PACKETS = 40
+
+
+def test_now_ms_is_aiortcs_clock() -> None:
+    from aiortc import clock
+
+    assert abs(aiortc_internals.now_ms() - clock.current_ms()) <= 2
+
+
+async def test_rtp_is_handled_in_the_socket_callback_in_order_and_counted() -> None:
+    aiortc_internals.configure_ice(None, [], 1 << 20)
+    publisher, sfu = RTCPeerConnection(), RTCPeerConnection()
+    seen: list[tuple[int, bool]] = []  # (sequence number, handled inside a task)
+    enough = asyncio.Event()
+    arrivals = 0
+
+    def stamp() -> None:
+        nonlocal arrivals
+        arrivals += 1
+
+    try:
+        publisher.addTransceiver(AudioStreamTrack(), direction="sendonly")
+        await publisher.setLocalDescription(await publisher.createOffer())
+        await sfu.setRemoteDescription(publisher.localDescription)
+        (transceiver,) = sfu.getTransceivers()
+        receiver = transceiver.receiver
+
+        def before(packet: aiortc_internals.RtpPacket) -> None:
+            aiortc_internals.stop_decoder(receiver)
+            seen.append((packet.sequence_number, asyncio.current_task() is not None))
+            if len(seen) >= PACKETS:
+                enough.set()
+
+        aiortc_internals.tap_receiver_rtp(receiver, before)
+        aiortc_internals.receive_directly(receiver.transport, stamp)
+        await sfu.setLocalDescription(await sfu.createAnswer())
+        await publisher.setRemoteDescription(sfu.localDescription)
+        async with asyncio.timeout(20):
+            await enough.wait()
+        dtls = receiver.transport
+        received = dtls._RTCDtlsTransport__rx_packets  # type: ignore[attr-defined]
+    finally:
+        await publisher.close()
+        await sfu.close()
+
+    numbers = [n for n, _ in seen]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers), numbers
+    in_tasks = [n for n, in_task in seen if in_task]
+    # Only packets that came while the DTLS handshake finished (queued behind it) take
+    # aiortc's task; every later one is handled in the socket's callback.
+    assert len(in_tasks) < 5, in_tasks
+    assert not any(in_task for _, in_task in seen[5:])
+    assert arrivals == len(seen)  # each was stamped once, on whichever path
+    assert received >= len(seen)  # the transport's statistics still count them
