@@ -46,6 +46,11 @@ What is relied upon:
   description to force a subscriber onto the publisher's codec.
   ``RTCRtpTransceiver._offerDirection``: the direction an offer's media section asks of
   the answerer (``sendonly`` for the client's ``recvonly``): a group call's slots.
+- ``RemoteBitrateEstimator.incoming_bitrate`` (a ``RateCounter``: ``_window_size``,
+  ``_scale``, replaced by :class:`WindowRate`) and ``.estimator`` (an
+  ``OveruseEstimator``: ``ts_delta_hist``, ``update_min_frame_period(ts_delta)``
+  replaced per instance), ``aiortc.rate.MIN_FRAME_PERIOD_HISTORY_LENGTH``: the same
+  estimate, computed for less (:func:`speed_up_estimator`).
 - ``aiortc.rtp``: ``RtpPacket``, ``unwrap_rtx``, ``pack_remb_fci``/``unpack_remb_fci``,
   ``RTP_HISTORY_SIZE``, ``HeaderExtensionsMap``.
 """
@@ -57,7 +62,9 @@ import inspect
 import random
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
+from struct import pack
 from typing import Any
 
 import aioice
@@ -67,9 +74,10 @@ from aioice import ice as aioice_ice
 from aioice import turn as aioice_turn
 from aioice.candidate import candidate_foundation, candidate_priority
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
+from aiortc import rate as aiortc_rate
 from aiortc import rtcicetransport as aiortc_icetransport
 from aiortc import rtp as aiortc_rtp
-from aiortc.rate import RemoteBitrateEstimator
+from aiortc.rate import RateCounter, RemoteBitrateEstimator
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
@@ -193,6 +201,25 @@ async def check_internals() -> None:
     for attr in ("StunProtocol",):
         if not hasattr(aioice_ice, attr):
             problems.append(f"aioice.ice.{attr} is gone")
+    estimator = RemoteBitrateEstimator()
+    for owner, attrs in (
+        (estimator, {"incoming_bitrate": RateCounter, "estimator": object}),
+        (estimator.incoming_bitrate, {"_window_size": int, "_scale": int}),
+        (estimator.estimator, {"ts_delta_hist": list}),
+    ):
+        for attr, kind in attrs.items():
+            if not isinstance(getattr(owner, attr, None), kind):
+                problems.append(f"{type(owner).__name__}.{attr} is gone or no longer a {kind}")
+    for cls, name, params in (
+        (RateCounter, "add", ("self", "value", "now_ms")),
+        (RateCounter, "rate", ("self", "now_ms")),
+        (type(estimator.estimator), "update_min_frame_period", ("self", "ts_delta")),
+    ):
+        method = getattr(cls, name, None)
+        if method is None or tuple(inspect.signature(method).parameters) != params:
+            problems.append(f"{cls.__name__}.{name}{params} changed")
+    if not isinstance(getattr(aiortc_rate, "MIN_FRAME_PERIOD_HISTORY_LENGTH", None), int):
+        problems.append("aiortc.rate.MIN_FRAME_PERIOD_HISTORY_LENGTH is gone")
     if not isinstance(RTP_HISTORY_SIZE, int) or RTP_HISTORY_SIZE < 64:
         problems.append("aiortc.rtp.RTP_HISTORY_SIZE changed")
     pc = RTCPeerConnection()
@@ -254,6 +281,74 @@ class _RembThrottle:
         return True
 
 
+class WindowRate(RateCounter):
+    """aiortc's ``RateCounter`` (the rate over the last ``window_size`` ms, from 1 ms
+    buckets) keeping only the milliseconds that had packets, in order: aiortc clears its
+    ring of buckets one millisecond at a time, so each packet paid a loop turn for every
+    millisecond since the last one (twice: ``rate`` then ``add``). The same figures for
+    arrival times that do not go backwards (the estimator's, from one clock)."""
+
+    def reset(self) -> None:
+        self._entries: deque[list[int]] = deque()  # [ms, count, value], oldest first
+        self._origin_ms: int | None = None
+        self._count = 0
+        self._value = 0
+
+    def add(self, value: int, now_ms: int) -> None:
+        if self._origin_ms is None:
+            self._origin_ms = now_ms
+        else:
+            self._erase_old(now_ms)
+        entries = self._entries
+        if entries and entries[-1][0] == now_ms:
+            last = entries[-1]
+            last[1] += 1
+            last[2] += value
+        else:
+            entries.append([now_ms, 1, value])
+        self._count += 1
+        self._value += value
+
+    def rate(self, now_ms: int) -> int | None:
+        if self._origin_ms is not None:
+            self._erase_old(now_ms)
+            active_window_size = now_ms - self._origin_ms + 1
+            if self._count > 0 and active_window_size > 1:
+                return round(self._scale * self._value / active_window_size)
+        return None
+
+    def _erase_old(self, now_ms: int) -> None:
+        new_origin_ms = now_ms - self._window_size + 1
+        assert self._origin_ms is not None
+        if self._origin_ms < new_origin_ms:
+            entries = self._entries
+            while entries and entries[0][0] < new_origin_ms:
+                _, count, value = entries.popleft()
+                self._count -= count
+                self._value -= value
+            self._origin_ms = new_origin_ms
+
+
+def speed_up_estimator(estimator: RemoteBitrateEstimator) -> None:
+    """The same estimate for less: its incoming bitrate a :class:`WindowRate`, and the
+    overuse estimator's smallest frame period of the last
+    ``MIN_FRAME_PERIOD_HISTORY_LENGTH`` from the builtin ``min`` (aiortc loops in Python,
+    calling ``min`` once per entry, for every frame). Call before its first packet."""
+    counter: RateCounter = estimator.incoming_bitrate
+    estimator.incoming_bitrate = WindowRate(counter._window_size, counter._scale)
+    overuse = estimator.estimator
+
+    def update_min_frame_period(ts_delta: float) -> float:
+        history: list[float] = overuse.ts_delta_hist
+        if len(history) >= aiortc_rate.MIN_FRAME_PERIOD_HISTORY_LENGTH:
+            del history[0]
+        smallest = min(history, default=ts_delta)
+        history.append(ts_delta)
+        return ts_delta if ts_delta < smallest else smallest
+
+    overuse.update_min_frame_period = update_min_frame_period  # type: ignore[method-assign]
+
+
 def tap_receiver_rtp(receiver: RTCRtpReceiver, before: Callable[[RtpPacket], None]) -> None:
     """Call ``before(packet)`` for every RTP packet, then what the SFU keeps of aiortc's
     own handling: the bitrate estimate (REMB, throttled), the statistics of the receiver
@@ -267,6 +362,8 @@ def tap_receiver_rtp(receiver: RTCRtpReceiver, before: Callable[[RtpPacket], Non
     estimator: RemoteBitrateEstimator | None = receiver._RTCRtpReceiver__remote_bitrate_estimator  # type: ignore[attr-defined]
     nacks: NackGenerator | None = receiver._RTCRtpReceiver__nack_generator  # type: ignore[attr-defined]
     remb_due = _RembThrottle()
+    if estimator is not None:
+        speed_up_estimator(estimator)
 
     def handle_now(packet: RtpPacket, arrival_time_ms: int) -> None:
         before(packet)
@@ -404,10 +501,111 @@ def now_ms() -> int:
     return int((time.time() + NTP_UNIX_OFFSET_S) * 1000)
 
 
+class ExtensionsLayout:
+    """Where a forwarded packet's varying header extensions sit in the extension block
+    (profile and length words included) a sender's map makes of ``mid`` plus
+    abs-send-time, and optionally the audio level: learned from aiortc's own
+    ``HeaderExtensionsMap.set`` (three probes whose varying fields differ), so that a
+    packet's block is this template with three bytes (and one) written in. Which form
+    (one- or two-byte headers) and which ids are used depends on the ids and lengths
+    only, never on the values."""
+
+    __slots__ = ("abs_send_time_at", "audio_level_at", "template")
+
+    def __init__(self, extensions: aiortc_rtp.HeaderExtensionsMap, mid: str | None, level: bool):
+        def block(send_time: int, audio_level: tuple[bool, int]) -> bytes:
+            values = aiortc_rtp.HeaderExtensions()
+            values.mid = mid
+            values.abs_send_time = send_time
+            if level:
+                values.audio_level = audio_level
+            profile, value = extensions.set(values)
+            return pack("!HH", profile, len(value) >> 2) + value if value else b""
+
+        low, high, time_only = (
+            block(0, (False, 0)),
+            block(0xFFFFFF, (True, 0x7F)),
+            block(0xFFFFFF, (False, 0)),
+        )
+        if not len(low) == len(high) == len(time_only):  # pragma: no cover - aiortc's contract
+            raise InternalsMoved("the header extension block's size depends on its values")
+        changed = [i for i in range(len(low)) if low[i] != high[i]]
+        send_time_bytes = [i for i in changed if low[i] != time_only[i]]
+        level_bytes = [i for i in changed if i not in send_time_bytes]
+        self.template = low
+        self.abs_send_time_at = send_time_bytes[0] if len(send_time_bytes) == 3 else None
+        self.audio_level_at = level_bytes[0] if len(level_bytes) == 1 else None
+
+
+class PacketWriter:
+    """Serializes forwarded packets as ``packet.serialize(extensions)`` would for a
+    sender whose mid is ``mid``: the extension block comes from a template (see
+    :class:`ExtensionsLayout`) with the packet's abs-send-time and audio level written
+    in, instead of being built anew through aiortc's generic map for every packet."""
+
+    __slots__ = ("_extensions", "_layouts", "_mid")
+
+    def __init__(self, extensions: aiortc_rtp.HeaderExtensionsMap, mid: str | None) -> None:
+        self._extensions = extensions
+        self._mid = mid
+        self._layouts = (
+            ExtensionsLayout(extensions, mid, level=False),
+            ExtensionsLayout(extensions, mid, level=True),
+        )
+
+    def serialize(self, packet: RtpPacket) -> bytes:
+        extensions = packet.extensions
+        if (
+            packet.csrc
+            or extensions.mid != self._mid
+            or extensions.abs_send_time is None
+            or extensions.repaired_rtp_stream_id is not None
+            or extensions.rtp_stream_id is not None
+            or extensions.transmission_offset is not None
+            or extensions.transport_sequence_number is not None
+        ):
+            return packet.serialize(self._extensions)  # not a packet the templates cover
+        audio_level = extensions.audio_level
+        layout = self._layouts[audio_level is not None]
+        block: bytes | bytearray = layout.template
+        at = layout.abs_send_time_at
+        level_at = layout.audio_level_at
+        if at is not None or (level_at is not None and audio_level is not None):
+            written = bytearray(block)
+            if at is not None:
+                written[at : at + 3] = (extensions.abs_send_time & 0xFFFFFF).to_bytes(3, "big")
+            if level_at is not None and audio_level is not None:
+                written[level_at] = (0x80 if audio_level[0] else 0) | (audio_level[1] & 0x7F)
+            block = written
+        padding = packet.padding_size
+        head = pack(
+            "!BBHLL",
+            0x80 | (0x20 if padding else 0) | (0x10 if block else 0),
+            (packet.marker << 7) | packet.payload_type,
+            packet.sequence_number,
+            packet.timestamp,
+            packet.ssrc,
+        )
+        if padding:
+            return b"".join((head, block, packet.payload, bytes(padding - 1), bytes((padding,))))
+        return b"".join((head, block, packet.payload))
+
+
 class SenderPort:
     """Sends forwarded packets as if ``sender`` had produced them itself."""
 
-    __slots__ = ("_extensions", "_history", "_mid", "_sender", "_transport", "ssrc")
+    __slots__ = (
+        "_addr",
+        "_extensions",
+        "_history",
+        "_mid",
+        "_pair",
+        "_sender",
+        "_sendto",
+        "_transport",
+        "_writer",
+        "ssrc",
+    )
 
     def __init__(self, sender: RTCRtpSender) -> None:
         self._sender = sender
@@ -418,11 +616,17 @@ class SenderPort:
         )
         self._mid: str | None = sender._RTCRtpSender__mid  # type: ignore[attr-defined]
         self._transport: RTCDtlsTransport = sender.transport
+        self._writer: PacketWriter | None = None
+        self._pair: Any = None
+        self._sendto: Callable[[bytes, Any], None] | None = None
+        self._addr: tuple[str, int] | None = None
 
     def refresh(self) -> None:
         """Re-read what ``RTCRtpSender.send()`` configures (mid, extension ids)."""
         self._mid = self._sender._RTCRtpSender__mid  # type: ignore[attr-defined]
         self._transport = self._sender.transport
+        self._writer = None
+        self._pair = None
 
     @property
     def started(self) -> bool:
@@ -431,14 +635,42 @@ class SenderPort:
     def send(self, packet: RtpPacket) -> None:
         """Raises ConnectionError while the subscriber's transport is not connected."""
         packet.ssrc = self.ssrc
-        packet.extensions.mid = self._mid
-        packet.extensions.abs_send_time = abs_send_time()
+        extensions = packet.extensions
+        extensions.mid = self._mid
+        extensions.abs_send_time = abs_send_time()
         self._history[packet.sequence_number % RTP_HISTORY_SIZE] = packet
-        data = packet.serialize(self._extensions)
+        writer = self._writer
+        if writer is None:
+            writer = self._writer = PacketWriter(self._extensions, self._mid)
+        data = writer.serialize(packet)
         sender = self._sender
         sender._RTCRtpSender__octet_count += len(packet.payload)  # type: ignore[attr-defined]
         sender._RTCRtpSender__packet_count += 1  # type: ignore[attr-defined]
-        send_rtp(self._transport, data)
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        """``RTCDtlsTransport._send_rtp(data)`` for an RTP packet without its five
+        coroutines (it awaits aioice's ``Connection.send`` -> ``sendto`` ->
+        ``StunProtocol.send_data``, none of which waits): SRTP-protect and ``sendto`` on
+        the nominated pair's socket (looked up again only when the pair changes), counted
+        in the transport's statistics."""
+        transport = self._transport
+        if transport._state != DtlsState.CONNECTED:
+            raise ConnectionError("Cannot send encrypted RTP, not connected")
+        pair = transport.transport._connection._nominated.get(1)
+        if pair is not self._pair:
+            if pair is None:
+                raise ConnectionError("Cannot send data, not connected")
+            self._pair, self._sendto, self._addr = (
+                pair,
+                pair.protocol.transport.sendto,
+                pair.remote_addr,
+            )
+        assert self._sendto is not None
+        data = transport._tx_srtp.protect(data)
+        self._sendto(data, self._addr)
+        transport._RTCDtlsTransport__tx_bytes += len(data)  # type: ignore[attr-defined]
+        transport._RTCDtlsTransport__tx_packets += 1  # type: ignore[attr-defined]
 
     def set_sender_report(self, ntp_timestamp: int, rtp_timestamp: int) -> None:
         """What the sender's next RTCP SR says: the publisher's own NTP/RTP pair."""
@@ -447,22 +679,6 @@ class SenderPort:
 
 
 # --------------------------------------------------------------------------- transport
-
-
-def send_rtp(transport: RTCDtlsTransport, data: bytes) -> None:
-    """``RTCDtlsTransport._send_rtp(data)`` for an RTP packet without its five coroutines
-    (it awaits aioice's ``Connection.send`` -> ``sendto`` -> ``StunProtocol.send_data``,
-    none of which waits): SRTP-protect and ``sendto`` on the nominated pair's socket,
-    counted in the transport's statistics."""
-    if transport._state != DtlsState.CONNECTED:
-        raise ConnectionError("Cannot send encrypted RTP, not connected")
-    pair = transport.transport._connection._nominated.get(1)
-    if pair is None:
-        raise ConnectionError("Cannot send data, not connected")
-    data = transport._tx_srtp.protect(data)
-    pair.protocol.transport.sendto(data, pair.remote_addr)
-    transport._RTCDtlsTransport__tx_bytes += len(data)  # type: ignore[attr-defined]
-    transport._RTCDtlsTransport__tx_packets += 1  # type: ignore[attr-defined]
 
 
 def receive_directly(transport: RTCDtlsTransport, stamp: Callable[[], None]) -> None:

@@ -16,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.media.aiortc_internals import RtpPacket, SenderPort
-from services.media.delays import DelayRecorder
+from services.media.delays import SAMPLE_EVERY, DelayRecorder
+
+DELAY_SAMPLE_MASK = SAMPLE_EVERY - 1
 
 KEYFRAME_RETRY_S = 1.0
 """While video is held for a keyframe, ask the publisher again this often."""
@@ -175,4 +177,7 @@ class Forwarder:
             return
         self.counters.packets += 1
         self.counters.bytes += len(packet.payload)
-        self.delays.record(time.perf_counter() - arrived_at)
+        delays = self.delays
+        delays.forwarded += 1
+        if not delays.forwarded & DELAY_SAMPLE_MASK:
+            delays.record(time.perf_counter() - arrived_at)
