@@ -202,14 +202,15 @@ async def check_internals() -> None:
         if not hasattr(aioice_ice, attr):
             problems.append(f"aioice.ice.{attr} is gone")
     estimator = RemoteBitrateEstimator()
-    for owner, attrs in (
+    estimator_parts: list[tuple[object, dict[str, type]]] = [
         (estimator, {"incoming_bitrate": RateCounter, "estimator": object}),
         (estimator.incoming_bitrate, {"_window_size": int, "_scale": int}),
         (estimator.estimator, {"ts_delta_hist": list}),
-    ):
-        for attr, kind in attrs.items():
-            if not isinstance(getattr(owner, attr, None), kind):
-                problems.append(f"{type(owner).__name__}.{attr} is gone or no longer a {kind}")
+    ]
+    for part, wanted in estimator_parts:
+        for attr, kind in wanted.items():
+            if not isinstance(getattr(part, attr, None), kind):
+                problems.append(f"{type(part).__name__}.{attr} is gone or no longer a {kind}")
     for cls, name, params in (
         (RateCounter, "add", ("self", "value", "now_ms")),
         (RateCounter, "rate", ("self", "now_ms")),
