@@ -26,6 +26,7 @@ from shared.settings import DEV_JWT_SECRET
 from tools import infra
 from tools.loadtest.config import DEFAULT_MIX, LoadConfig, format_mix, parse_mix
 from tools.loadtest.deployment import LOAD_ENV, Deployment, raise_fd_limit, start_local
+from tools.loadtest.profiling import cprofile_dir
 from tools.loadtest.tokens import TokenSource, TokenSourceError
 
 
@@ -166,6 +167,12 @@ def parser() -> argparse.ArgumentParser:
         help="record the started services with py-spy during the load (summary in the report)",
     )
     out.add_argument(
+        "--cprofile",
+        action="store_true",
+        help="run the started services under cProfile and record the load: Python function "
+        "calls per call, the layers, the leading functions (summary in the report)",
+    )
+    out.add_argument(
         "--rabbitmq-url",
         default=os.environ.get("RABBITMQ_URL", infra.DEFAULT_RABBITMQ_URL),
         help="broker for the floor measurement (and for started services)",
@@ -222,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         output_dir=args.output,
         live=not args.no_live and console.is_terminal,
         profile=args.profile,
+        cprofile=args.cprofile,
         scenario="group" if args.scenario == "group" else "calls",
     )
     if config.scenario == "group":
@@ -237,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             env={**env, **dict(args.service_env)},
             rabbitmq_url=args.rabbitmq_url,
             redis_url=args.redis_url,
+            cprofile_dir=cprofile_dir(args.output, stamp) if args.cprofile else None,
         )
         console.print(
             f"  namespace {deployment.namespace}: "

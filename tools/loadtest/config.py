@@ -99,6 +99,8 @@ class LoadConfig:
     ``group_size`` (tools/loadtest/group_calls.py)."""
     profile: bool = False
     """Record the started services with py-spy during the load phase."""
+    cprofile: bool = False
+    """Run the started services under cProfile and record the load phase."""
 
     def mean_call_seconds(self) -> float:
         """Expected time a call keeps its users busy, for sizing the population."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,17 +142,31 @@ def start_local(
     env: dict[str, str] | None = None,
     rabbitmq_url: str | None = None,
     redis_url: str | None = None,
+    cprofile_dir: Path | None = None,
 ) -> Deployment:
     """Start ``services`` (a name twice: two instances) with ``env`` over ``BASE_ENV``, in a
     stack of their own (tools/stack.py: free ports, a fresh namespace); waits until they
-    are ready."""
+    are ready. With ``cprofile_dir`` each runs under tools/loadtest/cprofiled.py and
+    dumps its profile there as ``cprofile-<service>-<n>.prof`` when told to."""
     servers = {"RABBITMQ_URL": rabbitmq_url, "REDIS_URL": redis_url}
     given = {name: url for name, url in servers.items() if url}
     stack = Stack.isolated("lt", log_dir, **{**given, **BASE_ENV, **(env or {})})
     raise_fd_limit()
+    if cprofile_dir is not None:
+        cprofile_dir.mkdir(parents=True, exist_ok=True)
     try:
         for service in services:
-            stack.start(service)
+            argv = None
+            if cprofile_dir is not None:
+                out = cprofile_dir / f"cprofile-{service}-{len(stack.of(service)) + 1}.prof"
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "tools.loadtest.cprofiled",
+                    f"services.{service}",
+                    str(out),
+                ]
+            stack.start(service, argv=argv)
         stack.wait_ready()
     except BaseException:
         stack.stop()

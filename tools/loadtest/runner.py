@@ -29,7 +29,13 @@ from tools.loadtest.devices import Router
 from tools.loadtest.floor import measure_floor
 from tools.loadtest.http import HttpClient
 from tools.loadtest.metrics import Metric, Recorder
-from tools.loadtest.profiling import Profiler, summary_lines
+from tools.loadtest.profiling import (
+    CallProfiler,
+    Profiler,
+    cprofile_dir,
+    cprofile_lines,
+    summary_lines,
+)
 from tools.loadtest.report import build_report, print_summary, write_json, write_png
 from tools.loadtest.scenarios import Context, run_one
 from tools.loadtest.sse import NotificationFeed
@@ -182,6 +188,10 @@ async def run_calls(
     if config.profile and deployment.local:
         profiler = Profiler(deployment, config.output_dir, stamp)
         profiler.start(config.duration_s * len(config.schedule()))
+    call_profiler = None
+    if config.cprofile and deployment.local:
+        call_profiler = CallProfiler(deployment, cprofile_dir(config.output_dir, stamp))
+        call_profiler.start()
     recorder.started = time.monotonic()
     try:
         if config.live:
@@ -210,6 +220,8 @@ async def run_calls(
             await drive(ctx)
     finally:
         after = deployment.stats()
+        # the profiles end with the load, before the devices close
+        cprofile = call_profiler.finish(recorder.placed) if call_profiler is not None else None
         self_cpu = _self_cpu() - self_before
         machine_cpu = machine_cpu_seconds() - machine_before
         env["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -267,12 +279,15 @@ async def run_calls(
             },
             "memory_mb": {name: round(s["rss_mb"], 1) for name, s in after.items()},
             "profile": profile,
+            "cprofile": cprofile,
         },
     )
     out = config.output_dir
     write_json(report, out / f"report-{stamp}.json")
     write_png(recorder, report, out / f"report-{stamp}.png")
     print_summary(report, console)
+    for line in cprofile_lines(cprofile or {}):
+        console.print(line)
     for line in summary_lines(profile or {}):
         console.print(line, markup=False, highlight=False)
     console.print(f"report: {out / f'report-{stamp}.json'}  picture: {out / f'report-{stamp}.png'}")
