@@ -16,7 +16,7 @@ path it prints the server process's CPU-seconds per (forwarded) stream per 30 s 
 /proc, over the measured window), packet loss (gaps in the sequence numbers the
 receiving clients see: clients do not NACK here), the share of video frames delivered,
 and the delay inside the server: for the SFU, from a packet's arrival to the send of its
-forwarded copy, every packet (its own ``node_forward_delay_ms``); for the transcoder,
+forwarded copy, one copy in 4 (its own ``node_forward_delay_ms``); for the transcoder,
 from a video frame's last packet in to the re-encoded frame out.
 
 With ``--janus`` the same 1:1 calls and group also go through Janus's videoroom
