@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import random
 import socket
 import time
@@ -96,6 +97,8 @@ from aiortc.rtp import (
     unpack_remb_fci,
     unwrap_rtx,
 )
+
+log = logging.getLogger(__name__)
 
 PINNED_AIORTC = "1.16.0"
 NTP_UNIX_OFFSET_S = 2_208_988_800
@@ -696,7 +699,8 @@ def receive_directly(transport: RTCDtlsTransport, stamp: Callable[[], None]) -> 
     session, its router). Everything else takes aiortc's path: STUN, DTLS, RTCP, and RTP
     while the DTLS handshake is not done or while earlier datagrams wait in the queue (so
     packets are never reordered). Receivers the SFU tapped (:func:`tap_receiver_rtp`) are
-    handled synchronously; any other receiver's handler runs in a task, as before."""
+    handled synchronously; any other receiver's handler runs in a task, as before. A
+    packet whose handling raises is logged and dropped: the socket goes on."""
     if getattr(transport, "_dmcall_tapped", False):
         return
     original: Callable[[bytes, int], Awaitable[None]] = transport._handle_rtp_data
@@ -710,11 +714,9 @@ def receive_directly(transport: RTCDtlsTransport, stamp: Callable[[], None]) -> 
     queue: asyncio.Queue[tuple[bytes, int] | None] = connection._queue
     queued = connection.data_received
 
-    def data_received(data: bytes, component: int) -> None:
-        srtp = transport._rx_srtp
-        if srtp is None or not 127 < data[0] < 192 or is_rtcp(data) or not queue.empty():
-            queued(data, component)
-            return
+    failures = 0
+
+    def receive(srtp: Any, data: bytes) -> None:
         transport._RTCDtlsTransport__rx_bytes += len(data)  # type: ignore[attr-defined]
         transport._RTCDtlsTransport__rx_packets += 1  # type: ignore[attr-defined]
         arrival_time_ms = now_ms()
@@ -735,6 +737,21 @@ def receive_directly(transport: RTCDtlsTransport, stamp: Callable[[], None]) -> 
             handle_now(packet, arrival_time_ms)
         else:
             _in_background(receiver._handle_rtp_packet(packet, arrival_time_ms=arrival_time_ms))
+
+    def data_received(data: bytes, component: int) -> None:
+        nonlocal failures
+        srtp = transport._rx_srtp
+        if srtp is None or not 127 < data[0] < 192 or is_rtcp(data) or not queue.empty():
+            queued(data, component)
+            return
+        try:
+            receive(srtp, data)
+        except Exception:
+            # Not into the socket's callback, whose loop would log it for every packet
+            # (aiortc's receive task would have died of it): logged now and then, dropped.
+            failures += 1
+            if failures == 1 or failures % 1000 == 0:
+                log.exception("an RTP packet could not be handled (%d so far); dropped", failures)
 
     connection.data_received = data_received  # type: ignore[method-assign]
     transport._dmcall_tapped = True  # type: ignore[attr-defined]
