@@ -12,7 +12,9 @@ there than in the process's CPU time: use it for where Python spends its time.
 load phase and reports how many Python function calls each made per call placed, the
 functions with the most own time (and how often they ran per call), the packages, and
 the layers a call goes through (HTTP, bus, Redis, WebSocket pushes) as shares of the
-process's Python time. Exact counts; the times are slowed by the profiler alike.
+process's Python time. Exact counts (a coroutine counts once each time it resumes, so
+an ``async def`` that awaits twice runs "three times"); the times are slowed by the
+profiler alike.
 """
 
 from __future__ import annotations
