@@ -283,3 +283,22 @@ def test_the_window_rate_forgets_what_left_the_window() -> None:
     assert ours.rate(5000) is None and theirs.rate(5000) is None  # all gone
     ours.reset()
     assert ours.rate(6000) is None
+
+
+async def test_a_sender_port_with_no_nominated_pair_refuses_with_a_connection_error() -> None:
+    from aiortc import RTCPeerConnection
+    from aiortc.rtcdtlstransport import State
+
+    pc = RTCPeerConnection()
+    transceiver = pc.addTransceiver("audio")
+    port = aiortc_internals.SenderPort(transceiver.sender)
+    dtls = transceiver.sender.transport
+    try:
+        with pytest.raises(ConnectionError, match="not connected"):
+            port.send(RtpPacket(payload_type=111, payload=b"x"))  # DTLS not up yet
+        dtls._state = State.CONNECTED  # as when ICE lost its pair after the handshake
+        with pytest.raises(ConnectionError, match="Cannot send data"):
+            port.send(RtpPacket(payload_type=111, payload=b"x"))
+    finally:
+        dtls._state = State.NEW
+        await pc.close()

@@ -662,9 +662,9 @@ class SenderPort:
         if transport._state != DtlsState.CONNECTED:
             raise ConnectionError("Cannot send encrypted RTP, not connected")
         pair = transport.transport._connection._nominated.get(1)
+        if pair is None:
+            raise ConnectionError("Cannot send data, not connected")
         if pair is not self._pair:
-            if pair is None:
-                raise ConnectionError("Cannot send data, not connected")
             self._pair, self._sendto, self._addr = (
                 pair,
                 pair.protocol.transport.sendto,

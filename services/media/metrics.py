@@ -17,7 +17,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from services.media.delays import BUCKETS_S
+from services.media.delays import BUCKETS_S, SAMPLE_EVERY
 from services.media.rooms import Rooms
 from shared.contracts import PeerConnection
 
@@ -123,7 +123,7 @@ class MediaCollector(Collector):
         histogram = HistogramMetricFamily(
             "dmcall_media_forward_delay_seconds",
             "From a packet's arrival to the send of its forwarded copy, inside the SFU "
-            "(one copy in 4 is timed)",
+            f"(one copy in {SAMPLE_EVERY} is timed)",
             labels=["node_id"],
         )
         histogram.add_metric([node], buckets, delays.total_s)
