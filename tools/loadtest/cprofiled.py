@@ -17,9 +17,15 @@ import runpy
 import signal
 import sys
 import time
+from pathlib import Path
 
 START_SIGNAL: int = signal.SIGRTMIN + 3
 DUMP_SIGNAL: int = signal.SIGRTMIN + 4
+
+
+def profile_path(directory: Path, service: str, instance: int) -> Path:
+    """Where the ``instance``-th (from 1) process of ``service`` dumps its profile."""
+    return directory / f"cprofile-{service}-{instance}.prof"
 
 
 def main(argv: list[str]) -> None:

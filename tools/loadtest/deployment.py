@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.settings import CommonSettings
+from tools.loadtest.cprofiled import profile_path
 from tools.loadtest.targets import engine_pids
 from tools.stack import ServiceProcess, Stack
 
@@ -147,7 +148,7 @@ def start_local(
     """Start ``services`` (a name twice: two instances) with ``env`` over ``BASE_ENV``, in a
     stack of their own (tools/stack.py: free ports, a fresh namespace); waits until they
     are ready. With ``cprofile_dir`` each runs under tools/loadtest/cprofiled.py and
-    dumps its profile there as ``cprofile-<service>-<n>.prof`` when told to."""
+    dumps its profile there (``profile_path``) when told to."""
     servers = {"RABBITMQ_URL": rabbitmq_url, "REDIS_URL": redis_url}
     given = {name: url for name, url in servers.items() if url}
     stack = Stack.isolated("lt", log_dir, **{**given, **BASE_ENV, **(env or {})})
@@ -158,7 +159,7 @@ def start_local(
         for service in services:
             argv = None
             if cprofile_dir is not None:
-                out = cprofile_dir / f"cprofile-{service}-{len(stack.of(service)) + 1}.prof"
+                out = profile_path(cprofile_dir, service, len(stack.of(service)) + 1)
                 argv = [
                     sys.executable,
                     "-m",

@@ -19,6 +19,7 @@ profiler alike.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pstats
@@ -29,7 +30,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tools.loadtest.cprofiled import DUMP_SIGNAL, START_SIGNAL
+from tools.loadtest.cprofiled import DUMP_SIGNAL, START_SIGNAL, profile_path
 from tools.loadtest.deployment import Deployment
 
 
@@ -241,20 +242,24 @@ class CallProfiler:
         self._out_dir = out_dir
         self._procs: list[tuple[str, Path, int]] = []
         seen: Counter[str] = Counter()
-        for proc in deployment.processes:
+        for proc in deployment.processes:  # in the order start_local started them
             seen[proc.service] += 1
             if proc.proc is not None:
-                out = out_dir / f"cprofile-{proc.service}-{seen[proc.service]}.prof"
+                out = profile_path(out_dir, proc.service, seen[proc.service])
                 self._procs.append((f"{proc.service}:{proc.port}", out, proc.proc.pid))
+
+    def _signal(self, pid: int, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):  # a service that died has no profile
+            os.kill(pid, signum)
 
     def start(self) -> None:
         for _, out, pid in self._procs:
             out.unlink(missing_ok=True)
-            os.kill(pid, START_SIGNAL)
+            self._signal(pid, START_SIGNAL)
 
     def finish(self, calls: int, timeout_s: float = 60.0) -> dict[str, dict[str, object]]:
         for _, _, pid in self._procs:
-            os.kill(pid, DUMP_SIGNAL)
+            self._signal(pid, DUMP_SIGNAL)
         deadline = time.monotonic() + timeout_s
         summary: dict[str, dict[str, object]] = {}
         for name, out, _ in self._procs:

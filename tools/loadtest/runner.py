@@ -287,7 +287,7 @@ async def run_calls(
     write_png(recorder, report, out / f"report-{stamp}.png")
     print_summary(report, console)
     for line in cprofile_lines(cprofile or {}):
-        console.print(line)
+        console.print(line, markup=False, highlight=False)
     for line in summary_lines(profile or {}):
         console.print(line, markup=False, highlight=False)
     console.print(f"report: {out / f'report-{stamp}.json'}  picture: {out / f'report-{stamp}.png'}")
