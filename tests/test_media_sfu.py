@@ -242,9 +242,12 @@ async def test_lost_packets_are_recovered(
     assert (
         await bob.connect(url, media_token(media_settings, call_id, "bob"), http)
     ).status_code == 201
-    await eventually(lambda: bob.received["video"].packets >= 600, timeout=40)
     sent, got = alice.sent["video"], bob.received["video"]
-    assert sent.dropped > 5 and got.dropped > 5, (sent.dropped, got.dropped)
+    # 2% of ~600 packets is ~12 each way, but how many of Bob's drops fall on video
+    # depends on how audio interleaves: wait until each path has lost more than 5.
+    await eventually(
+        lambda: got.packets >= 600 and sent.dropped > 5 and got.dropped > 5, timeout=40
+    )
     received = set(got.payloads)
     first_ts = min(ts for ts, _ in got.payloads)
     # Judge the packets sent from the first forwarded one up to half a second ago.
