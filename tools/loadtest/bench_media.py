@@ -50,7 +50,13 @@ from typing import Any
 import httpx
 
 from tools.loadtest.deployment import process_stats, start_local
-from tools.loadtest.profiling import Profiler, summary_lines
+from tools.loadtest.profiling import (
+    CallProfiler,
+    Profiler,
+    cprofile_dir,
+    cprofile_lines,
+    summary_lines,
+)
 from tools.stack import ROOT, free_port
 
 CACHE = ROOT / ".run" / "bench-media"
@@ -491,7 +497,17 @@ def _server_side(outcome: Outcome, url: str, call_id: str, args: argparse.Namesp
     outcome.delay_note = "packet in -> forwarded copy sent (last 50k packets)"
 
 
+def _forwarded_packets(url: str) -> int:
+    """The node's ``dmcall_media_forwarded_packets_total`` (every forwarded copy)."""
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("dmcall_media_forwarded_packets_total"):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
 def _run_forwarding(args: argparse.Namespace, media: Path) -> list[Outcome]:
+    stamp = uuid.uuid4().hex[:8]
+    profiles = cprofile_dir(CACHE, stamp) if args.cprofile else None
     deployment = start_local(
         CACHE / "logs",
         ("media",),
@@ -501,20 +517,33 @@ def _run_forwarding(args: argparse.Namespace, media: Path) -> list[Outcome]:
             "MEDIA_TIMEOUT_S": "60",
             "MEDIA_ICE_TIMEOUT_S": "60",  # a loaded machine: no call failed before it starts
         },
+        cprofile_dir=profiles,
     )
     (url,) = deployment.urls("media")
     pid = deployment.pid("media") or 0
     profiler = None
     if args.profile:
-        profiler = Profiler(deployment, CACHE, uuid.uuid4().hex[:8], skip=())
+        profiler = Profiler(deployment, CACHE, stamp, skip=())
         profiler.start(2 * (args.warmup + args.duration) + 120)  # until the node stops
+    call_profiler = None
+    if profiles is not None:
+        call_profiler = CallProfiler(deployment, profiles)
+        call_profiler.start()
+    calls_profile = None
     try:
         outcomes: list[Outcome] = []
         for outcome, call_id in _calls_and_group("forwarding", url, pid, args, media, "sfu"):
             _server_side(outcome, url, call_id, args)
             outcomes.append(outcome)
+        if call_profiler is not None:
+            forwarded = _forwarded_packets(url)
+            calls_profile = call_profiler.finish(forwarded, unit="packet forwarded")
     finally:
         deployment.stop()
+    if calls_profile is not None:
+        print("\nthe SFU's Python calls (cProfile, whole run, warm-ups included)")
+        for line in cprofile_lines(calls_profile, top=18):
+            print(line)
     if profiler is not None:
         print("\nwhere the SFU's time went (py-spy, whole run)")
         for line in summary_lines(profiler.finish(), top=18):
@@ -699,6 +728,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--profile", action="store_true", help="sample the SFU with py-spy (GIL held)"
+    )
+    parser.add_argument(
+        "--cprofile",
+        action="store_true",
+        help="run the SFU under cProfile: Python function calls per packet forwarded",
     )
     parser.add_argument(
         "--client-nice", type=int, default=5, help="niceness of the client processes"

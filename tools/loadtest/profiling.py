@@ -190,8 +190,11 @@ def _where(path: str) -> str:
     return path
 
 
-def summarize_cprofile(path: Path, calls: int, top: int = 15) -> dict[str, object]:
-    """From a cProfile dump of the load phase, with ``calls`` calls placed in it."""
+def summarize_cprofile(
+    path: Path, calls: int, top: int = 15, unit: str = "call placed"
+) -> dict[str, object]:
+    """From a cProfile dump of the load phase, with ``calls`` of ``unit`` in it (calls
+    placed; for the SFU, packets forwarded)."""
     entries = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
     total_s = sum(row[2] for row in entries.values()) or 1e-9
     function_calls = sum(row[1] for row in entries.values())
@@ -210,6 +213,7 @@ def summarize_cprofile(path: Path, calls: int, top: int = 15) -> dict[str, objec
         )
         layers.append({"layer": what, "share": round(cum / total_s, 4)})
     return {
+        "unit": unit,
         "function_calls": function_calls,
         "function_calls_per_call": round(function_calls / per, 1),
         "own": [
@@ -257,7 +261,9 @@ class CallProfiler:
             out.unlink(missing_ok=True)
             self._signal(pid, START_SIGNAL)
 
-    def finish(self, calls: int, timeout_s: float = 60.0) -> dict[str, dict[str, object]]:
+    def finish(
+        self, calls: int, timeout_s: float = 60.0, unit: str = "call placed"
+    ) -> dict[str, dict[str, object]]:
         for _, _, pid in self._procs:
             self._signal(pid, DUMP_SIGNAL)
         deadline = time.monotonic() + timeout_s
@@ -266,7 +272,7 @@ class CallProfiler:
             while not out.exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
             if out.exists():
-                summary[name] = {"file": str(out), **summarize_cprofile(out, calls)}
+                summary[name] = {"file": str(out), **summarize_cprofile(out, calls, unit=unit)}
         return summary
 
 
@@ -276,7 +282,7 @@ def cprofile_lines(profiles: dict[str, dict[str, object]], top: int = 12) -> lis
     for name, prof in profiles.items():
         lines.append(
             f"cProfile {name}: {prof['function_calls_per_call']:,} Python function calls"
-            f" per call placed ({prof['function_calls']:,} in all)"
+            f" per {prof.get('unit', 'call placed')} ({prof['function_calls']:,} in all)"
         )
         lines.append("  layers (share of its Python time, inclusive):")
         for row in prof["layers"]:  # type: ignore[attr-defined]
@@ -285,7 +291,7 @@ def cprofile_lines(profiles: dict[str, dict[str, object]], top: int = 12) -> lis
         lines.append("  by package (own time):")
         for row in prof["by_package"][:8]:  # type: ignore[index]
             lines.append(f"    {row['share'] * 100:5.1f}%  {row['package']}")
-        lines.append("  own time, runs per call:")
+        lines.append(f"  own time, runs per {prof.get('unit', 'call placed')}:")
         for row in prof["own"][:top]:  # type: ignore[index]
             lines.append(
                 f"    {row['share'] * 100:5.1f}%  {row['runs_per_call']:7.1f}x  {row['function']}"
