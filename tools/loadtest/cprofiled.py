@@ -19,8 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-START_SIGNAL: int = signal.SIGRTMIN + 3
-DUMP_SIGNAL: int = signal.SIGRTMIN + 4
+# Real-time signals nothing else in a service handles (media logs its tasks on SIGUSR1);
+# where there are none (macOS), SIGUSR2 and SIGWINCH, which no service handles either.
+_RT = getattr(signal, "SIGRTMIN", None)
+START_SIGNAL: int = _RT + 3 if _RT is not None else signal.SIGUSR2
+DUMP_SIGNAL: int = _RT + 4 if _RT is not None else signal.SIGWINCH
 
 
 def profile_path(directory: Path, service: str, instance: int) -> Path:
