@@ -78,7 +78,7 @@ from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender, RTCRtpTransc
 from aiortc import rate as aiortc_rate
 from aiortc import rtcicetransport as aiortc_icetransport
 from aiortc import rtp as aiortc_rtp
-from aiortc.rate import RateCounter, RemoteBitrateEstimator
+from aiortc.rate import OveruseEstimator, RateCounter, RemoteBitrateEstimator
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
@@ -127,15 +127,26 @@ class InternalsMoved(RuntimeError):
 
 # --------------------------------------------------------------------------- the list
 
-_METHODS: list[tuple[type, str, tuple[str, ...]]] = [
-    (RTCRtpReceiver, "_handle_rtp_packet", ("self", "packet", "arrival_time_ms")),
-    (RTCRtpReceiver, "_handle_rtcp_packet", ("self", "packet")),
-    (RTCRtpReceiver, "_send_rtcp", ("self", "packet")),
-    (RTCRtpReceiver, "_send_rtcp_pli", ("self", "media_ssrc")),
-    (RTCRtpReceiver, "_send_rtcp_nack", ("self", "media_ssrc", "lost")),
-    (RTCRtpReceiver, "_RTCRtpReceiver__stop_decoder", ("self",)),
-    (RTCRtpSender, "_handle_rtcp_packet", ("self", "packet")),
-    (RTCDtlsTransport, "_handle_rtp_data", ("self", "data", "arrival_time_ms")),
+_METHODS: list[tuple[type, str, tuple[str, ...], bool]] = [
+    # (class, method, its parameters, whether it is a coroutine function)
+    (RTCRtpReceiver, "_handle_rtp_packet", ("self", "packet", "arrival_time_ms"), True),
+    (RTCRtpReceiver, "_handle_rtcp_packet", ("self", "packet"), True),
+    (RTCRtpReceiver, "_send_rtcp", ("self", "packet"), True),
+    (RTCRtpReceiver, "_send_rtcp_pli", ("self", "media_ssrc"), True),
+    (RTCRtpReceiver, "_send_rtcp_nack", ("self", "media_ssrc", "lost"), True),
+    (RTCRtpReceiver, "_RTCRtpReceiver__stop_decoder", ("self",), False),
+    (RTCRtpSender, "_handle_rtcp_packet", ("self", "packet"), True),
+    (RTCDtlsTransport, "_handle_rtp_data", ("self", "data", "arrival_time_ms"), True),
+    (aioice.Connection, "data_received", ("self", "data", "component"), False),
+    (
+        aioice.Connection,
+        "get_component_candidates",
+        ("self", "component", "addresses", "timeout"),
+        True,
+    ),
+    (RateCounter, "add", ("self", "value", "now_ms"), False),
+    (RateCounter, "rate", ("self", "now_ms"), False),
+    (OveruseEstimator, "update_min_frame_period", ("self", "ts_delta"), False),
 ]
 
 _RECEIVER_ATTRS: dict[str, type] = {
@@ -176,7 +187,7 @@ async def check_internals() -> None:
     problems: list[str] = []
     if aiortc.__version__ != PINNED_AIORTC:
         problems.append(f"aiortc is {aiortc.__version__}, the SFU was verified on {PINNED_AIORTC}")
-    for cls, name, params in _METHODS:
+    for cls, name, params, coroutine in _METHODS:
         method = getattr(cls, name, None)
         if method is None or not callable(method):
             problems.append(f"{cls.__name__}.{name} is gone")
@@ -184,19 +195,17 @@ async def check_internals() -> None:
         found = tuple(inspect.signature(method).parameters)
         if found != params:
             problems.append(f"{cls.__name__}.{name}{found} is not {params}")
-        if name != "_RTCRtpReceiver__stop_decoder" and not inspect.iscoroutinefunction(method):
-            problems.append(f"{cls.__name__}.{name} is no longer a coroutine function")
+        if inspect.iscoroutinefunction(method) != coroutine:
+            problems.append(
+                f"{cls.__name__}.{name} is "
+                + ("no longer" if coroutine else "now")
+                + " a coroutine function"
+            )
     if getattr(aiortc_icetransport, "Connection", None) not in (
         aioice.Connection,
         _HostCandidatesConnection,
     ):
         problems.append("aiortc.rtcicetransport no longer builds an aioice.Connection")
-    found = tuple(inspect.signature(aioice.Connection.data_received).parameters)
-    if found != ("self", "data", "component"):
-        problems.append(f"aioice.Connection.data_received{found} changed")
-    found = tuple(inspect.signature(aioice.Connection.get_component_candidates).parameters)
-    if found != ("self", "component", "addresses", "timeout"):
-        problems.append(f"aioice.Connection.get_component_candidates{found} changed")
     if not isinstance(getattr(aioice_turn, "UDP_SOCKET_BUFFER_SIZE", None), int):
         problems.append("aioice.turn.UDP_SOCKET_BUFFER_SIZE is gone")
     if not isinstance(getattr(aioice.Connection(ice_controlling=False), "_protocols", None), list):
@@ -204,28 +213,11 @@ async def check_internals() -> None:
     for attr in ("StunProtocol",):
         if not hasattr(aioice_ice, attr):
             problems.append(f"aioice.ice.{attr} is gone")
-    estimator = RemoteBitrateEstimator()
-    estimator_parts: list[tuple[object, dict[str, type]]] = [
-        (estimator, {"incoming_bitrate": RateCounter, "estimator": object}),
-        (estimator.incoming_bitrate, {"_window_size": int, "_scale": int}),
-        (estimator.estimator, {"ts_delta_hist": list}),
-    ]
-    for part, wanted in estimator_parts:
-        for attr, kind in wanted.items():
-            if not isinstance(getattr(part, attr, None), kind):
-                problems.append(f"{type(part).__name__}.{attr} is gone or no longer a {kind}")
-    for cls, name, params in (
-        (RateCounter, "add", ("self", "value", "now_ms")),
-        (RateCounter, "rate", ("self", "now_ms")),
-        (type(estimator.estimator), "update_min_frame_period", ("self", "ts_delta")),
-    ):
-        method = getattr(cls, name, None)
-        if method is None or tuple(inspect.signature(method).parameters) != params:
-            problems.append(f"{cls.__name__}.{name}{params} changed")
     if not isinstance(getattr(aiortc_rate, "MIN_FRAME_PERIOD_HISTORY_LENGTH", None), int):
         problems.append("aiortc.rate.MIN_FRAME_PERIOD_HISTORY_LENGTH is gone")
     if not isinstance(RTP_HISTORY_SIZE, int) or RTP_HISTORY_SIZE < 64:
         problems.append("aiortc.rtp.RTP_HISTORY_SIZE changed")
+    estimator = RemoteBitrateEstimator()
     pc = RTCPeerConnection()
     try:
         transceiver = pc.addTransceiver("video")
@@ -239,6 +231,9 @@ async def check_internals() -> None:
                 transceiver.sender.transport.transport._connection,
                 {"_nominated": dict, "_queue": asyncio.Queue},
             ),
+            (estimator, {"incoming_bitrate": RateCounter, "estimator": OveruseEstimator}),
+            (estimator.incoming_bitrate, {"_window_size": int, "_scale": int}),
+            (estimator.estimator, {"ts_delta_hist": list}),
         ):
             for attr, kind in attrs.items():
                 if not hasattr(owner, attr):
