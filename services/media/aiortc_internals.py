@@ -680,6 +680,12 @@ class SenderPort:
 # --------------------------------------------------------------------------- transport
 
 
+def _rtp_or_rtcp(data: bytes) -> bool:
+    """RFC 7983's demultiplexing: a first byte of 128-191 is RTP or RTCP (STUN's is 0-3,
+    DTLS's 20-63); an empty datagram is none of them."""
+    return bool(data) and 127 < data[0] < 192
+
+
 def receive_directly(transport: RTCDtlsTransport, stamp: Callable[[], None]) -> None:
     """Handle each SRTP packet of ``transport`` in its socket's callback, and call
     ``stamp()`` as it arrives, before it is parsed and routed.
@@ -695,7 +701,9 @@ def receive_directly(transport: RTCDtlsTransport, stamp: Callable[[], None]) -> 
     while the DTLS handshake is not done or while earlier datagrams wait in the queue (so
     packets are never reordered). Receivers the SFU tapped (:func:`tap_receiver_rtp`) are
     handled synchronously; any other receiver's handler runs in a task, as before. A
-    packet whose handling raises is logged and dropped: the socket goes on."""
+    packet whose handling raises is logged and dropped: the socket goes on. An empty
+    datagram, which anyone can send the socket and aiortc's receive task dies of (it
+    reads its first byte), is dropped."""
     if getattr(transport, "_dmcall_tapped", False):
         return
     original: Callable[[bytes, int], Awaitable[None]] = transport._handle_rtp_data
@@ -735,8 +743,10 @@ def receive_directly(transport: RTCDtlsTransport, stamp: Callable[[], None]) -> 
 
     def data_received(data: bytes, component: int) -> None:
         nonlocal failures
+        if not data:
+            return  # no protocol's: aiortc's receive task would die of it (data[0])
         srtp = transport._rx_srtp
-        if srtp is None or not 127 < data[0] < 192 or is_rtcp(data) or not queue.empty():
+        if srtp is None or not _rtp_or_rtcp(data) or is_rtcp(data) or not queue.empty():
             queued(data, component)
             return
         try:
@@ -788,7 +798,7 @@ class _DemuxStunProtocol(aioice_ice.StunProtocol):
     aioice does with it after that failed parse."""
 
     def datagram_received(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
-        if isinstance(data, bytes) and data and 127 < data[0] < 192:
+        if isinstance(data, bytes) and _rtp_or_rtcp(data):
             self.receiver.data_received(data, self.local_candidate.component)
             return
         super().datagram_received(data, addr)
