@@ -594,13 +594,11 @@ class SenderPort:
     """Sends forwarded packets as if ``sender`` had produced them itself."""
 
     __slots__ = (
-        "_addr",
         "_extensions",
         "_history",
         "_mid",
-        "_pair",
+        "_route",
         "_sender",
-        "_sendto",
         "_transport",
         "_writer",
         "ssrc",
@@ -616,16 +614,15 @@ class SenderPort:
         self._mid: str | None = sender._RTCRtpSender__mid  # type: ignore[attr-defined]
         self._transport: RTCDtlsTransport = sender.transport
         self._writer: PacketWriter | None = None
-        self._pair: Any = None
-        self._sendto: Callable[[bytes, Any], None] | None = None
-        self._addr: tuple[str, int] | None = None
+        self._route: tuple[Any, Callable[[bytes, Any], None], tuple[str, int]] | None = None
+        """The nominated pair it was read from, its socket's ``sendto``, the address."""
 
     def refresh(self) -> None:
         """Re-read what ``RTCRtpSender.send()`` configures (mid, extension ids)."""
         self._mid = self._sender._RTCRtpSender__mid  # type: ignore[attr-defined]
         self._transport = self._sender.transport
         self._writer = None
-        self._pair = None
+        self._route = None
 
     @property
     def started(self) -> bool:
@@ -659,15 +656,11 @@ class SenderPort:
         pair = transport.transport._connection._nominated.get(1)
         if pair is None:
             raise ConnectionError("Cannot send data, not connected")
-        if pair is not self._pair:
-            self._pair, self._sendto, self._addr = (
-                pair,
-                pair.protocol.transport.sendto,
-                pair.remote_addr,
-            )
-        assert self._sendto is not None
+        route = self._route
+        if route is None or route[0] is not pair:
+            route = self._route = (pair, pair.protocol.transport.sendto, pair.remote_addr)
         data = transport._tx_srtp.protect(data)
-        self._sendto(data, self._addr)
+        route[1](data, route[2])
         transport._RTCDtlsTransport__tx_bytes += len(data)  # type: ignore[attr-defined]
         transport._RTCDtlsTransport__tx_packets += 1  # type: ignore[attr-defined]
 
