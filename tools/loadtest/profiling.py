@@ -242,8 +242,6 @@ class CallProfiler:
     starts and ends, then reads and summarises their profiles."""
 
     def __init__(self, deployment: Deployment, out_dir: Path) -> None:
-        self._deployment = deployment
-        self._out_dir = out_dir
         self._procs: list[tuple[str, Path, int]] = []
         seen: Counter[str] = Counter()
         for proc in deployment.processes:  # in the order start_local started them
@@ -282,7 +280,7 @@ def cprofile_lines(profiles: dict[str, dict[str, object]], top: int = 12) -> lis
     for name, prof in profiles.items():
         lines.append(
             f"cProfile {name}: {prof['function_calls_per_call']:,} Python function calls"
-            f" per {prof.get('unit', 'call placed')} ({prof['function_calls']:,} in all)"
+            f" per {prof['unit']} ({prof['function_calls']:,} in all)"
         )
         lines.append("  layers (share of its Python time, inclusive):")
         for row in prof["layers"]:  # type: ignore[attr-defined]
@@ -291,7 +289,7 @@ def cprofile_lines(profiles: dict[str, dict[str, object]], top: int = 12) -> lis
         lines.append("  by package (own time):")
         for row in prof["by_package"][:8]:  # type: ignore[index]
             lines.append(f"    {row['share'] * 100:5.1f}%  {row['package']}")
-        lines.append(f"  own time, runs per {prof.get('unit', 'call placed')}:")
+        lines.append(f"  own time, runs per {prof['unit']}:")
         for row in prof["own"][:top]:  # type: ignore[index]
             lines.append(
                 f"    {row['share'] * 100:5.1f}%  {row['runs_per_call']:7.1f}x  {row['function']}"
