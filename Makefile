@@ -80,3 +80,7 @@ bench-media: machine $(STAMP) ## forwarding SFU (1:1 calls, a group of 6) vs tra
 bench-janus: $(STAMP) ## services/media beside Janus's videoroom (Debian's janus, installed if missing), alternating: make bench-janus [CALLS=20] [DURATION=30] [ROUNDS=2]
 	@PYTHON=$(PYTHON) bash tools/machine.sh --janus
 	$(PY) -m tools.loadtest.bench_media --janus --skip-transcode --rounds $(or $(ROUNDS),2) --calls $(or $(CALLS),20) --duration $(or $(DURATION),30) $(MEDIA_BENCH_ARGS)
+
+.PHONY: bench-redis
+bench-redis: machine $(STAMP) ## client CPU per Redis command: redis-py's pool vs dmcall's LeanBlockingPool, alternating
+	$(PY) -m tools.loadtest.bench_redis $(BENCH_ARGS)
