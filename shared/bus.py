@@ -321,10 +321,11 @@ class Bus:
 
     async def publish(self, event: Event) -> None:
         """Publish one event to its exchange, routing key = its type; returns once confirmed."""
-        with self._tracer.start_as_current_span(
+        with telemetry.span(
+            self._tracer,
             f"{event.type.value} publish",
             kind=SpanKind.PRODUCER,
-            attributes=_event_attributes(event),
+            attributes=lambda: _event_attributes(event),
         ):
             headers: dict[str, Any] = {}
             telemetry.inject_headers(headers)
@@ -418,11 +419,12 @@ class Bus:
             await message.ack()
             return
         parent = telemetry.extract_context(headers)
-        with self._tracer.start_as_current_span(
+        with telemetry.span(
+            self._tracer,
             f"{event.type.value} process",
             context=parent,
             kind=SpanKind.CONSUMER,
-            attributes={**_event_attributes(event), "messaging.consumer": sub.name},
+            attributes=lambda: {**_event_attributes(event), "messaging.consumer": sub.name},
         ) as span:
             outcome = await self._handle(sub, message, event, handler, attempt, span)
         telemetry.BUS_HANDLED.labels(self.service, sub.name, event.type.value, outcome).inc()

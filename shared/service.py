@@ -414,7 +414,13 @@ class _TelemetryMiddleware:
                 k.decode(): v for k, v in scope["headers"] if k in telemetry.PROPAGATED_HEADERS
             }
             parent = telemetry.extract_context(carrier) if carrier else None
-            span = self.tracer.start_span("HTTP", context=parent, kind=trace.SpanKind.SERVER)
+            # a caller's unsampled trace: its span stands in (telemetry.unsampled_parent)
+            stand_in = telemetry.unsampled_parent(parent) if parent is not None else None
+            span = (
+                stand_in
+                if stand_in is not None
+                else self.tracer.start_span("HTTP", context=parent, kind=trace.SpanKind.SERVER)
+            )
         with trace.use_span(span, end_on_exit=True):
             try:
                 await self.app(scope, receive, send_wrapper)

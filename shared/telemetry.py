@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -39,6 +40,9 @@ from prometheus_client import (
 from shared.settings import DEFAULT_TRACE_SAMPLE_RATIO, TraceSampler
 
 _provider: TracerProvider | None = None
+# Whether the provider's sampler keeps a child exactly when its parent was kept (the
+# ParentBased samplers, with their default delegates for a sampled or unsampled parent)
+_children_follow_parent = False
 
 # --------------------------------------------------------------------------- metrics
 # One registry per process; the ``service`` label tells services apart where tests run
@@ -167,13 +171,16 @@ def setup_tracing(
 ) -> TracerProvider:
     """Install the process's tracer provider once; later calls return the same one.
     ``sampled`` unset: the settings' default (``parentbased_traceidratio`` at 1%)."""
-    global _provider
+    global _provider, _children_follow_parent
     if _provider is None:
+        chosen = sampled or sampler(
+            TraceSampler.PARENTBASED_TRACEIDRATIO, DEFAULT_TRACE_SAMPLE_RATIO
+        )
         _provider = TracerProvider(
-            sampler=sampled
-            or sampler(TraceSampler.PARENTBASED_TRACEIDRATIO, DEFAULT_TRACE_SAMPLE_RATIO),
+            sampler=chosen,
             resource=Resource.create({"service.name": f"dmcall-{service}"}),
         )
+        _children_follow_parent = _follows_parent(chosen)
         if otlp_endpoint:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -187,8 +194,70 @@ def setup_tracing(
     return _provider
 
 
+def _follows_parent(chosen: sampling.Sampler) -> bool:
+    """True for a ParentBased sampler whose delegates for a parent that has been decided
+    are the defaults: a sampled parent's child is sampled, an unsampled one's is not."""
+    if not isinstance(chosen, sampling.ParentBased):
+        return False
+    return (
+        chosen._remote_parent_sampled is sampling.ALWAYS_ON  # type: ignore[attr-defined]
+        and chosen._remote_parent_not_sampled is sampling.ALWAYS_OFF  # type: ignore[attr-defined]
+        and chosen._local_parent_sampled is sampling.ALWAYS_ON  # type: ignore[attr-defined]
+        and chosen._local_parent_not_sampled is sampling.ALWAYS_OFF  # type: ignore[attr-defined]
+    )
+
+
 def tracer(name: str) -> trace.Tracer:
     return trace.get_tracer(name)
+
+
+def unsampled_parent(context: otel_context.Context | None = None) -> trace.Span | None:
+    """The parent span (the current one, or ``context``'s) when a child of it would not
+    be sampled, so making one is work for nothing; else None.
+
+    Under a ParentBased sampler (the default) a span whose parent was not sampled is not
+    sampled either: the SDK would still make it (new ids, the sampler's decision, a
+    non-recording span, its context attached) for each event published and consumed. The
+    parent stands in for it instead: it carries the same trace id to the logs and to the
+    ``traceparent`` of what is published under it, so the next service decides alike.
+    """
+    if not _children_follow_parent:
+        return None
+    parent = trace.get_current_span(context)
+    span_context = parent.get_span_context()
+    if span_context.is_valid and not span_context.trace_flags.sampled:
+        return parent
+    return None
+
+
+@contextmanager
+def span(
+    tracer: trace.Tracer,
+    name: str,
+    *,
+    kind: trace.SpanKind,
+    context: otel_context.Context | None = None,
+    attributes: Callable[[], Mapping[str, str]] | None = None,
+) -> Iterator[trace.Span]:
+    """``tracer.start_as_current_span``, but none at all under an unsampled parent
+    (:func:`unsampled_parent`): then the parent is current for the block (``context``'s
+    is attached) and is what the block gets; its ``record_exception`` and ``set_status``
+    are no-ops. ``attributes`` is called only for a span that is made."""
+    parent = unsampled_parent(context)
+    if parent is None:
+        with tracer.start_as_current_span(
+            name, context=context, kind=kind, attributes=attributes() if attributes else None
+        ) as made:
+            yield made
+        return
+    if context is None:
+        yield parent
+        return
+    token = otel_context.attach(context)
+    try:
+        yield parent
+    finally:
+        otel_context.detach(token)
 
 
 def inject_headers(headers: MutableMapping[str, Any]) -> None:

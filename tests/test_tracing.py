@@ -4,10 +4,15 @@
 from __future__ import annotations
 
 import pytest
-from opentelemetry import trace
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace import TracerProvider, sampling
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import Decision, Sampler
 from pydantic import ValidationError
 
+from shared import telemetry
 from shared.settings import CommonSettings, TraceSampler
 from shared.telemetry import sampler
 
@@ -69,3 +74,109 @@ def test_a_malformed_sampler_setting_stops_the_start_naming_the_variable(
     [error] = refused.value.errors()
     assert error["loc"] == (variable,)
     assert value not in str(refused.value)  # the input is not printed (settings may be secret)
+
+
+# --------------------------------------------------------------------------- no span work
+# for an unsampled trace (telemetry.span, telemetry.unsampled_parent)
+
+
+def _exporting() -> tuple[trace.Tracer, InMemorySpanExporter]:
+    """A tracer of a provider of its own that keeps every root and follows every parent."""
+    exported = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampling.ParentBased(sampling.ALWAYS_ON))
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    return provider.get_tracer("test"), exported
+
+
+def _remote(sampled: bool) -> otel_context.Context:
+    flags = "01" if sampled else "00"
+    return propagate.extract({"traceparent": f"00-{NEW_TRACE:032x}-00f067aa0ba902b7-{flags}"})
+
+
+def test_which_samplers_decide_a_child_by_its_parent() -> None:
+    assert telemetry._follows_parent(sampler(TraceSampler.PARENTBASED_TRACEIDRATIO, 0.01))
+    assert telemetry._follows_parent(sampler(TraceSampler.PARENTBASED_ALWAYS_ON, 1.0))
+    assert not telemetry._follows_parent(sampler(TraceSampler.TRACEIDRATIO, 0.01))
+    assert not telemetry._follows_parent(sampler(TraceSampler.ALWAYS_ON, 1.0))
+    # a ParentBased that keeps children of unsampled parents anyway
+    assert not telemetry._follows_parent(
+        sampling.ParentBased(sampling.ALWAYS_ON, remote_parent_not_sampled=sampling.ALWAYS_ON)
+    )
+
+
+def test_under_an_unsampled_parent_no_span_is_made_and_the_trace_id_carries_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(telemetry, "_children_follow_parent", True)
+    tracer, exported = _exporting()
+    described: list[str] = []
+
+    def attributes() -> dict[str, str]:
+        described.append("called")
+        return {"k": "v"}
+
+    with telemetry.span(
+        tracer,
+        "consume",
+        kind=trace.SpanKind.CONSUMER,
+        context=_remote(False),
+        attributes=attributes,
+    ) as consumed:
+        assert not consumed.is_recording()
+        assert telemetry.current_trace_id() == f"{NEW_TRACE:032x}"
+        # a publish under it: no span either; the event carries the same unsampled trace
+        with telemetry.span(tracer, "publish", kind=trace.SpanKind.PRODUCER) as published:
+            assert published is consumed
+            headers: dict[str, str] = {}
+            telemetry.inject_headers(headers)
+        consumed.record_exception(RuntimeError("no-op on a non-recording span"))
+    assert headers["traceparent"] == f"00-{NEW_TRACE:032x}-00f067aa0ba902b7-00"
+    assert telemetry.current_trace_id() is None  # the parent's context is detached after
+    assert exported.get_finished_spans() == ()
+    assert described == []
+
+
+def test_under_a_sampled_parent_or_with_no_parent_the_span_is_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(telemetry, "_children_follow_parent", True)
+    tracer, exported = _exporting()
+    with telemetry.span(
+        tracer,
+        "consume",
+        kind=trace.SpanKind.CONSUMER,
+        context=_remote(True),
+        attributes=lambda: {"messaging.consumer": "calls"},
+    ) as consumed:
+        assert consumed.is_recording()
+        with telemetry.span(tracer, "publish", kind=trace.SpanKind.PRODUCER) as published:
+            assert published.is_recording()
+    with telemetry.span(tracer, "root", kind=trace.SpanKind.SERVER):
+        pass
+    spans = {s.name: s for s in exported.get_finished_spans()}
+    assert set(spans) == {"consume", "publish", "root"}
+    assert spans["consume"].context.trace_id == NEW_TRACE
+    assert spans["consume"].attributes == {"messaging.consumer": "calls"}
+    assert spans["publish"].parent is not None
+    assert spans["publish"].parent.span_id == spans["consume"].context.span_id
+    assert spans["root"].parent is None
+
+
+def test_a_sampler_that_keeps_children_of_unsampled_parents_gets_them() -> None:
+    exported = InMemorySpanExporter()
+    keeps_all = sampling.ParentBased(
+        sampling.ALWAYS_ON, remote_parent_not_sampled=sampling.ALWAYS_ON
+    )
+    provider = TracerProvider(sampler=keeps_all)
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    # what setup_tracing decides for this sampler, and what span() then does
+    assert not telemetry._follows_parent(keeps_all)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(telemetry, "_children_follow_parent", False)
+        assert telemetry.unsampled_parent(_remote(False)) is None
+        tracer = provider.get_tracer("test")
+        with telemetry.span(
+            tracer, "consume", kind=trace.SpanKind.CONSUMER, context=_remote(False)
+        ):
+            pass
+    assert [s.name for s in exported.get_finished_spans()] == ["consume"]
