@@ -130,11 +130,18 @@ def create_service_app(
         lifespan=lifespan,
         # spans and metrics are _TelemetryMiddleware's, not FastAPI's own
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        openapi_url=None,  # set below, once the API's routes are in
     )
     app.state.service = service
-    app.include_router(_ops_router(service))
+    # The service's own routes first, then the operations routes, then the docs: a request
+    # is matched against the routes in order, and every route it is not costs FastAPI
+    # ~10,000 CPU instructions (policy's permission query 1.46 -> 1.37 M instructions for
+    # the 9 routes it no longer passes; docs/performance.md)
     for router in routers:
         app.include_router(router)
+    app.include_router(_ops_router(service))
+    app.openapi_url = "/openapi.json"
+    app.setup()  # FastAPI's /openapi.json, /docs and /redoc, after everything else
     _install_errors(app)
     app.add_middleware(_BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(
