@@ -33,7 +33,7 @@ from tests.conftest import auth
 from tests.support.redis_server import PrivateRedis, PrivateSentinel
 from tests.support.signaling import allow_call
 from tests.support.waiting import eventually
-from tools.stack import ServiceProcess, free_port
+from tools.stack import ServiceProcess, free_port, remove_keys
 
 pytestmark = pytest.mark.e2e
 
@@ -240,6 +240,23 @@ async def test_services_carry_on_through_a_sentinel_failover(
         check = Attempt("caller0", "callee0", time.monotonic())
         await load._one_call(check)
         assert (check.placed_status, check.rang, check.cancel_status) == (202, True, 200), check
+
+        # The harness's clean-up (tools.stack.remove_keys) finds the promoted primary
+        # through the Sentinels too: REDIS_URL leads nowhere.
+        marker = f"{settings.redis_prefix}:test:marker"
+        keep = f"dmcall:other-{settings.namespace}:kept"
+        await redis.set(marker, b"1", ex=60)
+        await redis.set(keep, b"1", ex=60)
+        await asyncio.to_thread(
+            remove_keys,
+            env["REDIS_URL"],
+            settings.namespace,
+            sentinels=env["REDIS_SENTINELS"],
+            sentinel_master=MASTER,
+        )
+        assert await redis.exists(marker, probe.key) == 0  # (the services write on)
+        assert await redis.get(keep) == b"1"  # another namespace's keys stay
+        await redis.delete(keep)
     finally:
         await http.aclose()
         await redis.aclose()

@@ -32,6 +32,8 @@ from typing import Any
 
 import httpx
 import redis as sync_redis
+from redis.connection import parse_url
+from redis.sentinel import Sentinel as SyncSentinel
 
 from shared.settings import CommonSettings
 from tools import infra
@@ -79,15 +81,46 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def remove_keys(redis_url: str, namespace: str) -> None:
-    """Delete every Redis key of ``namespace`` (its queues expire by themselves)."""
-    client = sync_redis.Redis.from_url(redis_url)
+def remove_keys(
+    redis_url: str,
+    namespace: str,
+    *,
+    sentinels: str = "",
+    sentinel_master: str = "",
+    sentinel_password: str | None = None,
+) -> None:
+    """Delete every Redis key of ``namespace`` (its queues expire by themselves), on the
+    primary: with ``sentinels`` (REDIS_SENTINELS, REDIS_SENTINEL_MASTER and
+    REDIS_SENTINEL_PASSWORD as the services read them) the node the Sentinels name now,
+    as the services find it; otherwise ``redis_url``'s."""
+    client = _sync_primary(redis_url, sentinels, sentinel_master, sentinel_password)
     try:
         batch = list(client.scan_iter(match=f"dmcall:{namespace}:*", count=1000))
         for start in range(0, len(batch), 500):
             client.delete(*batch[start : start + 500])
     finally:
         client.close()
+
+
+def _sync_primary(
+    redis_url: str, sentinels: str, sentinel_master: str, sentinel_password: str | None
+) -> sync_redis.Redis:
+    if not sentinels:
+        return sync_redis.Redis.from_url(redis_url)
+    # the services' own parsing of REDIS_SENTINELS (no other setting is read here)
+    addresses = CommonSettings.model_construct(redis_sentinels=sentinels).redis_sentinel_addresses
+    primary = parse_url(redis_url)  # its user name, password and database are the primary's
+    finder = SyncSentinel(
+        addresses, sentinel_kwargs={"password": sentinel_password, "socket_timeout": 2.0}
+    )
+    client: sync_redis.Redis = finder.master_for(
+        sentinel_master,
+        db=primary.get("db", 0),
+        username=primary.get("username"),
+        password=primary.get("password"),
+        socket_timeout=5.0,
+    )
+    return client
 
 
 @dataclass
@@ -208,6 +241,8 @@ class Stack:
             "namespace": self.namespace,
             "rabbitmq_url": self._setting("RABBITMQ_URL", infra.DEFAULT_RABBITMQ_URL),
             "redis_url": self._setting("REDIS_URL", infra.DEFAULT_REDIS_URL),
+            "redis_sentinels": self._setting("REDIS_SENTINELS", ""),
+            "redis_sentinel_master": self._setting("REDIS_SENTINEL_MASTER", ""),
         }
         return CommonSettings(**{**values, **overrides})
 
@@ -276,4 +311,10 @@ class Stack:
         for proc in reversed(self.processes):
             proc.stop()
         if self.owns_namespace and self.namespace:
-            remove_keys(self._setting("REDIS_URL", infra.DEFAULT_REDIS_URL), self.namespace)
+            remove_keys(
+                self._setting("REDIS_URL", infra.DEFAULT_REDIS_URL),
+                self.namespace,
+                sentinels=self._setting("REDIS_SENTINELS", ""),
+                sentinel_master=self._setting("REDIS_SENTINEL_MASTER", ""),
+                sentinel_password=self._setting("REDIS_SENTINEL_PASSWORD", "") or None,
+            )
