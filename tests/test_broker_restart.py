@@ -17,18 +17,16 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
 from shared import redis as shared_redis
-from shared.media_registry import MediaNode, MediaRegistry
+from shared.media_registry import MediaNode
 from shared.settings import CommonSettings
-from tests.conftest import auth
+from tests.support.call_load import Attempt, Load, prepare
 from tests.support.rabbitmq_server import PrivateRabbit
-from tests.support.signaling import allow_call
 from tests.support.waiting import eventually
 from tools.stack import ServiceProcess
 
@@ -53,58 +51,6 @@ def broker(tmp_path: Path) -> Iterator[PrivateRabbit]:
         node.stop()
 
 
-@dataclass
-class Attempt:
-    caller: str
-    callee: str
-    sent_at: float
-    placed_at: float = 0.0
-    placed_status: int | None = None  # None: the request itself failed
-    call_id: str | None = None
-    rang_at: float | None = None
-    hangup_status: int | None = None
-    error: str = ""
-
-
-@dataclass
-class Load:
-    signaling: httpx.AsyncClient
-    token: Callable[..., str]
-    attempts: list[Attempt] = field(default_factory=list)
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def caller(self, index: int) -> None:
-        while not self.stop.is_set():
-            attempt = Attempt(f"caller{index}", f"callee{index}", time.monotonic())
-            self.attempts.append(attempt)
-            try:
-                await self.one_call(attempt)
-            except httpx.HTTPError as exc:
-                attempt.error = type(exc).__name__
-            attempt.placed_at = attempt.placed_at or time.monotonic()
-            await asyncio.sleep(PAUSE_S)
-
-    async def one_call(self, attempt: Attempt) -> None:
-        headers = auth(self.token(attempt.caller))
-        placed = await self.signaling.post(
-            "/v1/calls", json={"callee": attempt.callee, "media": "audio"}, headers=headers
-        )
-        attempt.placed_status, attempt.placed_at = placed.status_code, time.monotonic()
-        if placed.status_code != 202:
-            return
-        attempt.call_id = str(placed.json()["call_id"])
-        # It rings once policy's verdict comes back over the broker; then the caller hangs up.
-        deadline = time.monotonic() + RING_WAIT_S
-        while time.monotonic() < deadline:
-            seen = await self.signaling.get(f"/v1/calls/{attempt.call_id}", headers=headers)
-            if seen.status_code == 200 and seen.json()["state"] != "requested":
-                attempt.rang_at = time.monotonic() if seen.json()["state"] == "ringing" else None
-                break
-            await asyncio.sleep(0.05)
-        hung_up = await self.signaling.post(f"/v1/calls/{attempt.call_id}/hangup", headers=headers)
-        attempt.hangup_status = hung_up.status_code
-
-
 async def test_the_services_carry_on_through_a_broker_crash_and_lose_no_call(
     broker: PrivateRabbit,
     spawn: Callable[..., ServiceProcess],
@@ -118,16 +64,11 @@ async def test_the_services_carry_on_through_a_broker_crash_and_lose_no_call(
     redis = shared_redis.connect(settings, name="test-broker-restart")
     http = httpx.AsyncClient(base_url=signaling.url, timeout=30)
     try:
-        await MediaRegistry(redis, settings).heartbeat(NODE, ttl_s=600)
-        async with httpx.AsyncClient(base_url=policy.url, timeout=15) as policy_http:
-            platform = token("platform-svc", scope="platform")
-            for i in range(PAIRS):
-                await allow_call(policy_http, platform, f"caller{i}", f"callee{i}")
-
-        load = Load(http, token)
+        await prepare(policy.url, token, redis, settings, NODE, PAIRS)
+        load = Load(http, token, ring_wait_s=RING_WAIT_S, pause_s=PAUSE_S)
         first = Attempt("caller0", "callee0", time.monotonic())
         await load.one_call(first)
-        assert first.rang_at is not None and first.hangup_status == 200, first
+        assert first.rang and first.hangup_status == 200, first
         workers = [asyncio.create_task(load.caller(i)) for i in range(PAIRS)]
         try:
             await asyncio.sleep(BEFORE_KILL_S)
@@ -155,26 +96,26 @@ async def test_the_services_carry_on_through_a_broker_crash_and_lose_no_call(
         for proc in (policy, signaling):
             assert proc.proc is not None and proc.proc.poll() is None, f"{proc.service} died"
 
-        placed = [a for a in load.attempts if a.placed_status == 202]
+        placed = [a for a in load.attempts if a.placed]
         during = [a for a in placed if killed_at <= a.placed_at < ready_at]
         assert len(placed) > PAIRS * 3 and during, "the load did not span the crash"
         # Nothing acknowledged is lost: every call answered 202 rang, those placed while
         # the broker was away included, and each hung up cleanly.
-        unrung = [a for a in placed if a.rang_at is None]
+        unrung = [a for a in placed if not a.rang]
         assert not unrung, f"{len(unrung)} placed calls never rang: {unrung[:3]}"
         assert {a.hangup_status for a in placed} == {200}
         # and placing works as before
         check = Attempt("caller0", "callee0", time.monotonic())
         await load.one_call(check)
-        assert check.placed_status == 202 and check.rang_at is not None, check
+        assert check.placed and check.rang, check
     finally:
         await http.aclose()
         await redis.aclose()
 
 
 def _report(attempts: list[Attempt], killed_at: float, back_at: float, ready_at: float) -> str:
-    refused = [a for a in attempts if a.placed_at >= killed_at and a.placed_status != 202]
-    placed = [a for a in attempts if a.placed_status == 202 and a.rang_at is not None]
+    refused = [a for a in attempts if a.placed_at >= killed_at and not a.placed]
+    placed = [a for a in attempts if a.placed and a.rang]
     during = [a for a in placed if killed_at <= a.placed_at < ready_at]
     before = sorted(a.rang_at - a.sent_at for a in placed if a.placed_at < killed_at)  # type: ignore[operator]
     late = sorted(a.rang_at - a.placed_at for a in during)  # type: ignore[operator]
@@ -183,7 +124,7 @@ def _report(attempts: list[Attempt], killed_at: float, back_at: float, ready_at:
         "",
         f"Broker crash under load ({PAIRS} callers: place, wait for the ring, hang up):",
         f"  calls attempted {len(attempts)}, placed (202) "
-        f"{sum(a.placed_status == 202 for a in attempts)}, rang {len(placed)}",
+        f"{sum(a.placed for a in attempts)}, rang {len(placed)}",
         f"  broker SIGKILLed, started again {back_at - killed_at:.1f} s later (it was "
         f"dead {DOWN_S:.0f} s, then booting); both services ready "
         f"{ready_at - killed_at:.1f} s after the kill",

@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,12 +26,12 @@ from redis.exceptions import RedisError
 from starlette.routing import Route
 
 from shared import redis as shared_redis
-from shared.media_registry import MediaNode, MediaRegistry
+from shared.media_registry import MediaNode
 from shared.service import create_service_app
 from shared.settings import CommonSettings
 from tests.conftest import auth
+from tests.support.call_load import Attempt, Load, prepare
 from tests.support.redis_server import PrivateRedis, PrivateSentinel
-from tests.support.signaling import allow_call
 from tests.support.waiting import eventually
 from tools.stack import ServiceProcess, free_port, remove_keys
 
@@ -40,6 +40,7 @@ pytestmark = pytest.mark.e2e
 MASTER = "dmcall"
 PAIRS = 16  # callers, each calling its own callee: no rate limit, no busy callee
 PAUSE_S = 0.25  # between one caller's calls: ~40 calls/s in all
+RING_WAIT_S = 2.0  # then the caller cancels
 BEFORE_KILL_S = 3.0
 AFTER_RECOVERY_S = 3.0
 RECOVERY_BOUND_S = 25.0  # generous: Sentinel needs ~1 s to see it down and ~1 s to promote
@@ -91,65 +92,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
             server.stop()
 
 
-@dataclass
-class Attempt:
-    """One call placed by one caller, and what the API told the users about it."""
-
-    caller: str
-    callee: str
-    sent_at: float
-    placed_at: float = 0.0  # when the answer to the placement came
-    placed_status: int | None = None  # None: the request itself failed
-    call_id: str | None = None
-    rang: bool = False
-    cancel_status: int | None = None
-    error: str = ""
-
-
-@dataclass
-class Load:
-    signaling: httpx.AsyncClient
-    token: Callable[..., str]
-    attempts: list[Attempt] = field(default_factory=list)
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def caller(self, index: int) -> None:
-        caller, callee = f"caller{index}", f"callee{index}"
-        while not self.stop.is_set():
-            attempt = Attempt(caller, callee, time.monotonic())
-            self.attempts.append(attempt)
-            try:
-                await self._one_call(attempt)
-            except httpx.HTTPError as exc:
-                attempt.error = type(exc).__name__
-            attempt.placed_at = attempt.placed_at or time.monotonic()
-            await asyncio.sleep(PAUSE_S)
-
-    async def _one_call(self, attempt: Attempt) -> None:
-        placed = await self.signaling.post(
-            "/v1/calls",
-            json={"callee": attempt.callee, "media": "audio"},
-            headers=auth(self.token(attempt.caller)),
-        )
-        attempt.placed_status, attempt.placed_at = placed.status_code, time.monotonic()
-        if placed.status_code != 202:
-            return
-        attempt.call_id = str(placed.json()["call_id"])
-        # Policy's verdict makes it ring; then the caller gives up (a cancel).
-        for _ in range(40):
-            seen = await self.signaling.get(
-                f"/v1/calls/{attempt.call_id}", headers=auth(self.token(attempt.caller))
-            )
-            if seen.status_code == 200 and seen.json()["state"] == "ringing":
-                attempt.rang = True
-                break
-            await asyncio.sleep(0.05)
-        cancelled = await self.signaling.post(
-            f"/v1/calls/{attempt.call_id}/hangup", headers=auth(self.token(attempt.caller))
-        )
-        attempt.cancel_status = cancelled.status_code
-
-
 async def _watch_primary(sentinel: PrivateSentinel, first: int, into: dict[str, float]) -> None:
     """Records when this Sentinel first names a primary other than ``first``."""
     client = Redis(port=sentinel.port)
@@ -186,15 +128,10 @@ async def test_services_carry_on_through_a_sentinel_failover(
     redis = shared_redis.connect(settings, name="test-failover")
     http = httpx.AsyncClient(base_url=signaling.url, timeout=15)
     try:
-        await MediaRegistry(redis, settings).heartbeat(NODE, ttl_s=600)
-        async with httpx.AsyncClient(base_url=policy.url, timeout=15) as policy_http:
-            platform = token("platform-svc", scope="platform")
-            for i in range(PAIRS):
-                await allow_call(policy_http, platform, f"caller{i}", f"callee{i}")
-
-        load = Load(http, token)
+        await prepare(policy.url, token, redis, settings, NODE, PAIRS)
+        load = Load(http, token, ring_wait_s=RING_WAIT_S, pause_s=PAUSE_S)
         first = Attempt("caller0", "callee0", time.monotonic())
-        await load._one_call(first)
+        await load.one_call(first)
         # Policy's verdict needs policy's Redis: a client of its own that went to REDIS_URL
         # instead of through the Sentinels would leave the call unrung here.
         assert (first.placed_status, first.rang) == (202, True), first
@@ -238,8 +175,8 @@ async def test_services_carry_on_through_a_sentinel_failover(
             async with httpx.AsyncClient(base_url=proc.url, timeout=5) as client:
                 assert (await client.get("/readyz")).status_code == 200
         check = Attempt("caller0", "callee0", time.monotonic())
-        await load._one_call(check)
-        assert (check.placed_status, check.rang, check.cancel_status) == (202, True, 200), check
+        await load.one_call(check)
+        assert (check.placed_status, check.rang, check.hangup_status) == (202, True, 200), check
 
         # The harness's clean-up (tools.stack.remove_keys) finds the promoted primary
         # through the Sentinels too: REDIS_URL leads nowhere.
@@ -262,20 +199,16 @@ async def test_services_carry_on_through_a_sentinel_failover(
         await redis.aclose()
 
 
-def _placed(attempt: Attempt) -> bool:
-    return attempt.placed_status == 202
-
-
 def _failed_after(attempts: list[Attempt], killed_at: float) -> list[Attempt]:
     """Placements answered after the kill with anything but 202 (or no answer at all)."""
-    return [a for a in attempts if a.placed_at >= killed_at and not _placed(a)]
+    return [a for a in attempts if a.placed_at >= killed_at and not a.placed]
 
 
 def _recovered_at(attempts: list[Attempt], killed_at: float) -> float | None:
     """When the first call sent after the kill (and after the last failure) was placed."""
     failed = _failed_after(attempts, killed_at)
     since = max((a.placed_at for a in failed), default=killed_at)
-    placed = [a.placed_at for a in attempts if _placed(a) and a.sent_at >= since]
+    placed = [a.placed_at for a in attempts if a.placed and a.sent_at >= since]
     return min(placed, default=None)
 
 
@@ -310,13 +243,13 @@ async def _what_was_lost(
     outcomes: Counter[str] = Counter()
     lost: list[str] = []
     for a in attempts:
-        if not _placed(a) or a.call_id is None:
+        if not a.placed or a.call_id is None:
             continue
         now = await http.get(f"/v1/calls/{a.call_id}", headers=auth(token(a.caller)))
         state = now.json()["state"] if now.status_code == 200 else f"http {now.status_code}"
         # What the users were told, against what the store says now.
         rang = "rang" if a.rang else "never rang"
-        told = "cancelled" if a.cancel_status == 200 else f"cancel got {a.cancel_status}"
+        told = "cancelled" if a.hangup_status == 200 else f"cancel got {a.hangup_status}"
         when = "before the kill" if a.placed_at < killed_at else "after the kill"
         outcomes[f"placed {when}, {rang}, {told} -> now {state}"] += 1
         if now.status_code == 404:
@@ -331,7 +264,7 @@ async def _what_was_lost(
         "",
         f"Redis failover under load ({PAIRS} callers, each: place, wait for the ring, cancel, "
         f"pause {PAUSE_S} s):",
-        f"  calls attempted {len(attempts)}, placed (202) {sum(map(_placed, attempts))}; "
+        f"  calls attempted {len(attempts)}, placed (202) {sum(a.placed for a in attempts)}; "
         f"placement p50 before the kill {before[len(before) // 2] * 1000:.0f} ms",
         "  Sentinel named the replica primary "
         + (f"{promoted - killed_at:.2f} s after the kill" if promoted else "(not seen)"),
