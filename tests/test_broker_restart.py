@@ -34,9 +34,9 @@ pytestmark = pytest.mark.e2e
 
 PAIRS = 8  # callers, each calling its own callee
 PAUSE_S = 0.2  # between one caller's calls
-BEFORE_KILL_S = 3.0
-DOWN_S = 2.0  # the broker stays dead this long, then starts (~5-10 s to take connections)
-AFTER_BACK_S = 3.0
+BEFORE_KILL_S = 2.0
+DOWN_S = 1.0  # the broker stays dead this long, then starts (~5-10 s to take connections)
+AFTER_BACK_S = 2.0
 RING_WAIT_S = 60.0  # a call placed while the broker is away rings once it is back
 NODE = MediaNode(node_id="media-broker-1", url="http://127.0.0.1:9/", capacity=50, load=0)
 
