@@ -191,3 +191,25 @@ async def test_only_a_sampled_request_has_a_server_span_and_its_query_is_masked(
     assert span.attributes is not None
     assert span.attributes["http.response.status_code"] == 404
     assert span.attributes["url.query"] == "token=<redacted>"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "call c-1 alice -> bob ringing on 2 devices device_id=d1",
+        "GET /v1/ws?TOKEN=abc.def&device_id=d1",
+        "x-Auth: Bearer opaque",
+        "basic dXNlcjpwYXNz in a header",
+        '{"Credential": "q83kXYZ"}',
+        "PassWord=hunter2",
+        "p256DH: BNcRdreALRFXTkOOUHK1EtK2wtaz5Ry4YfYCA",
+        "a jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln at the end",
+        # non-ASCII letters that (?i) matches to ASCII ones: always scanned
+        "\u017fecret=hunter2",
+        "to\u212aen=abc.def",
+        "credent\u0131al=xyz",
+        "caf\u00e9 opened for bob, nothing secret here",
+    ],
+)
+def test_the_quick_check_never_skips_a_line_the_scans_would_change(line: str) -> None:
+    assert redact(line) == telemetry._redact_scan(line)
