@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -105,6 +107,8 @@ def create_service_app(
         app.state.runtime = runtime
         app.state.settings = settings
         app.state.token_verifier = TokenVerifier(settings)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR1, log_tasks)
         try:
             async with setup(app, runtime):
                 runtime.tasks.spawn(bus.start(), name=f"{service}-bus-start")
@@ -158,6 +162,15 @@ def create_service_app(
     return app
 
 
+def log_tasks() -> None:
+    """``kill -USR1 <pid>``, in every service: log each asyncio task and where it waits.
+    For a process that does not stop (tools/stack.py sends it before a SIGKILL)."""
+    for task in asyncio.all_tasks():
+        stack = io.StringIO()
+        task.print_stack(limit=8, file=stack)
+        log.warning("task %s:\n%s", task.get_name(), stack.getvalue())
+
+
 def server_config(app: FastAPI, settings: CommonSettings, port: int) -> uvicorn.Config:
     """How every service is served: uvloop, httptools, a 20 s graceful drain on SIGTERM."""
     telemetry.setup_logging(str(getattr(app.state, "service", app.title)), settings.log_level)
@@ -178,6 +191,7 @@ def server_config(app: FastAPI, settings: CommonSettings, port: int) -> uvicorn.
         ws="websockets-sansio",
         ws_per_message_deflate=False,
         lifespan="on",
+        timeout_keep_alive=settings.http_keep_alive_s,
         access_log=False,
         # no logging config of uvicorn's own: its loggers go through the root handler of
         # telemetry.setup_logging (one format, credentials redacted)

@@ -183,6 +183,16 @@ class CommonSettings(BaseSettings):
         description="Open connections (HTTP and WebSocket) per process; past it a new one gets "
         "503 and is closed.",
     )
+    http_keep_alive_s: int = Field(
+        75,
+        ge=1,
+        le=3600,
+        validation_alias=_env("HTTP_KEEP_ALIVE_S"),
+        description="How long an idle keep-alive HTTP connection stays open. Longer than the "
+        "clients' and load balancers' own idle timeouts (httpx 5 s, nginx and cloud load "
+        "balancers 60 s), so that they close first: a server that closes a connection as a "
+        "client reuses it fails that request.",
+    )
     host: str = Field("127.0.0.1", validation_alias=_env("DMCALL_HOST"))
     tls_cert_file: str | None = Field(
         None,

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 
+from shared.settings import CommonSettings
 from tests.conftest import auth
 from tests.support.redis_server import PrivateRedis
 from tools.stack import ServiceProcess
@@ -107,6 +109,41 @@ def test_f4_ordinary_requests_and_keep_alive_still_work(
         )
     )
     assert status == 431
+
+
+def test_an_idle_keep_alive_connection_stays_open_for_http_keep_alive_s(
+    spawn: Callable[..., ServiceProcess],
+) -> None:
+    """uvicorn's 5 s would close a connection just as a client (httpx: 5 s) reuses it."""
+    assert CommonSettings().http_keep_alive_s == 75  # longer than clients' and LBs' own
+    proc = spawn("notifications", HTTP_KEEP_ALIVE_S="3")
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as sock:
+        sock.sendall(request)
+        assert _one_response(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(1.5)  # idle, within the keep-alive: the same connection answers
+        sock.sendall(request)
+        assert _one_response(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(3.8)  # idle past it (and short of uvicorn's own 5 s): closed by the server
+        sock.settimeout(0.5)
+        closed = sock.recv(65536)  # b"" at once; still open, it would time out
+    assert closed == b""
+
+
+def _one_response(sock: socket.socket) -> bytes:
+    """One whole HTTP/1.1 response (head and its Content-Length body) off a kept-alive socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed mid-response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed mid-body: {data!r}"
+        body += chunk
+    return head + b"\r\n\r\n" + body
 
 
 def test_f4_connections_past_the_cap_get_503(spawn: Callable[..., ServiceProcess]) -> None:

@@ -3,6 +3,7 @@ OpenAPI, answer bad requests with JSON errors, and ride out a Redis restart."""
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 
@@ -57,6 +58,21 @@ def test_service_starts_and_serves_the_operational_endpoints(
     assert f'dmcall_http_requests_total{{method="GET",route="/healthz",service="{service}"' in (
         metrics.text
     )
+    # SIGUSR1 logs its asyncio tasks and where each waits (for one that will not stop);
+    # without the handler the signal's default would end the process
+    assert proc.log_path is not None
+    proc.proc.send_signal(signal.SIGUSR1)
+
+    def tasks_logged() -> bool:
+        text = proc.log_path.read_text(errors="replace") if proc.log_path else ""
+        return "shared.service" in text and "task Task-" in text
+
+    deadline = time.monotonic() + 10
+    while not tasks_logged():
+        assert time.monotonic() < deadline, "no task listing in the log after SIGUSR1"
+        time.sleep(0.05)
+    assert proc.proc.poll() is None
+    assert httpx.get(f"{proc.url}/healthz").status_code == 200
 
 
 def test_a_huge_body_is_refused_with_413(spawn: Callable[..., ServiceProcess]) -> None:

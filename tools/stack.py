@@ -189,6 +189,10 @@ class ServiceProcess:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            # it did not stop: its asyncio tasks, and where each waits, go to its log first
+            # (shared/service.py's SIGUSR1 handler), then it is killed
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
             self.proc.kill()
             self.proc.wait(5)
 

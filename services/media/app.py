@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
-import signal
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -66,9 +64,7 @@ def create_app(settings: MediaSettings | None = None) -> FastAPI:
             settings.base_url,
             settings.capacity,
         )
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
-        drain.attach(loop, rooms.start_drain)
+        drain.attach(asyncio.get_running_loop(), rooms.start_drain)
         try:
             yield
         finally:
@@ -102,11 +98,3 @@ def create_app(settings: MediaSettings | None = None) -> FastAPI:
     )
     app.state.drain = drain
     return app
-
-
-def _log_tasks() -> None:
-    """``kill -USR1 <pid>``: log every asyncio task and where it waits (a stuck node)."""
-    for task in asyncio.all_tasks():
-        stack = io.StringIO()
-        task.print_stack(limit=8, file=stack)
-        log.warning("task %s:\n%s", task.get_name(), stack.getvalue())
