@@ -108,7 +108,11 @@ def create_service_app(
         app.state.settings = settings
         app.state.token_verifier = TokenVerifier(settings)
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGUSR1, log_tasks)
+        # (not where the loop cannot: a worker thread, as Starlette's TestClient runs apps)
+        listening = False
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(signal.SIGUSR1, log_tasks)
+            listening = True
         try:
             async with setup(app, runtime):
                 runtime.tasks.spawn(bus.start(), name=f"{service}-bus-start")
@@ -121,6 +125,8 @@ def create_service_app(
             await redis.aclose()
             # the spans of the last seconds would wait for a batch that never comes
             await asyncio.to_thread(provider.force_flush, 2000)
+            if listening:  # last: a shutdown that hangs above can still be asked why
+                loop.remove_signal_handler(signal.SIGUSR1)
 
     provider = telemetry.setup_tracing(
         service,
