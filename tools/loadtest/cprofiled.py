@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-# Real-time signals nothing else in a service handles (media logs its tasks on SIGUSR1);
+# Real-time signals nothing else in a service handles (every service logs its tasks on SIGUSR1);
 # where there are none (macOS), SIGUSR2 and SIGWINCH, which no service handles either.
 _RT = getattr(signal, "SIGRTMIN", None)
 START_SIGNAL: int = _RT + 3 if _RT is not None else signal.SIGUSR2
